@@ -1,0 +1,21 @@
+"""``lungsam`` command line. Each layer defines its commands in ``<layer>/commands.py``, whose
+module level imports only click, so ``lungsam predict`` never loads torch."""
+from __future__ import annotations
+
+import click
+
+from .benchmarks.commands import bench
+from .export.commands import export
+from .runtime.commands import predict
+from .reproduce.commands import reproduce
+from .train.commands import eval_cmd, train, weights
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lungsam")
+def main() -> None:
+    """Segment Anything for lung segmentation in chest X-rays: train, export, predict, bench."""
+
+
+for _cmd in (train, eval_cmd, weights, reproduce, export, predict, bench):
+    main.add_command(_cmd)

@@ -1,0 +1,117 @@
+"""Reading training runs (shared by eval, export, benchmarks; never imports :mod:`lungsam.train`).
+
+Layout written by ``lungsam train``::
+
+    RUN/
+      run.json                 config, backbone, weights sha256, data, versions, timings
+      metrics.json, report.md  aggregate over folds
+      folds/fold_<i>/
+        split.json             {"train": [...ids], "val": [...], "test": [...]}
+        prompt.json            LearnedPrompt.to_dict()
+        decoder_best.safetensors, decoder_last.safetensors   mask_decoder state dict
+        train_state.pt         optimizer + history, for --resume
+        metrics.json           threshold sweep, val/test scores, per-image results
+        history.csv, learning_curve.png, overlays.png
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from segment_anything.modeling import Sam
+
+from .artifacts import read_json, sha256_file
+from .backbones import build_backbone, get_backbone
+from .preprocess import PreprocessSpec
+from .prompts import LearnedPrompt
+
+
+class RunError(ValueError):
+    pass
+
+
+@dataclass
+class RunModel:
+    """A tuned model ready to predict.
+
+    Attributes:
+        sam: backbone with the tuned mask decoder loaded (eval mode, CPU).
+        spec: preprocessing of the backbone.
+        prompt: the fold's learned prompt.
+        threshold: probability threshold chosen on validation.
+        working_size: S of the working frame.
+        run: contents of ``run.json``.
+        fold: fold index; ``fold_dir`` its folder; ``split`` its split lists; ``metrics`` its metrics.json.
+    """
+
+    sam: Sam
+    spec: PreprocessSpec
+    prompt: LearnedPrompt
+    threshold: float
+    working_size: int
+    run: dict
+    fold: int
+    fold_dir: Path
+    split: dict
+    metrics: dict
+
+    @property
+    def backbone(self) -> str:
+        return self.run["config"]["backbone"]
+
+
+def fold_dirs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "folds").glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def pick_fold(run_dir: Path, fold: int | None) -> Path:
+    """The requested fold, or the only/complete fold with the best validation F1."""
+    dirs = [d for d in fold_dirs(run_dir) if (d / "metrics.json").exists()]
+    if not dirs:
+        raise RunError(f"{run_dir}: no finished fold (folds/fold_*/metrics.json); did training complete?")
+    if fold is not None:
+        d = run_dir / "folds" / f"fold_{fold}"
+        if d not in dirs:
+            raise RunError(f"{run_dir}: fold {fold} not found or unfinished; finished: {[x.name for x in dirs]}")
+        return d
+    return max(dirs, key=lambda d: read_json(d / "metrics.json")["val"]["f1"]["mean"])
+
+
+def resolve_checkpoint(run: dict) -> str | None:
+    """The backbone checkpoint recorded in ``run.json`` (verified by sha256), or the official cache copy."""
+    cfg = run["config"]
+    ckpt, want = cfg.get("checkpoint"), run.get("weights_sha256")
+    if cfg["backbone"] == "tiny" and ckpt is None:
+        return None
+    if ckpt and Path(ckpt).exists():
+        if want and sha256_file(ckpt) != want:
+            raise RunError(f"backbone checkpoint {ckpt} changed since training (sha256 differs from run.json)")
+        return ckpt
+    spec = get_backbone(cfg["backbone"])
+    if spec.weights:
+        from .weights import ensure_weights
+
+        p = ensure_weights(spec.weights)
+        if want and sha256_file(p) != want:
+            raise RunError(f"official {spec.weights} weights differ from the run's (sha256)")
+        return str(p)
+    raise RunError(f"backbone checkpoint {ckpt} not found; pass it with --checkpoint")
+
+
+def load_run(run_dir: str | Path, fold: int | None = None, checkpoint: str | None = None, which: str = "best") -> RunModel:
+    """Rebuild the tuned model of a run (``which`` = ``best`` or ``last`` decoder weights)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        raise RunError(f"{run_dir}: not a lungsam run (no run.json)")
+    run = read_json(run_dir / "run.json")
+    fd = pick_fold(run_dir, fold)
+    ckpt = checkpoint or resolve_checkpoint(run)
+    sam = build_backbone(run["config"]["backbone"], ckpt)
+    sam.mask_decoder.load_state_dict(load_file(str(fd / f"decoder_{which}.safetensors")), strict=True)
+    metrics = read_json(fd / "metrics.json")
+    return RunModel(sam=sam.eval(), spec=get_backbone(run["config"]["backbone"]).preprocess,
+                    prompt=LearnedPrompt.from_dict(read_json(fd / "prompt.json")), threshold=float(metrics["threshold"]),
+                    working_size=int(run["config"]["size"]), run=run, fold=int(fd.name.split("_")[1]), fold_dir=fd,
+                    split=read_json(fd / "split.json"), metrics=metrics)
