@@ -38,9 +38,22 @@ def decode(sam: Sam, embeddings: torch.Tensor, coords: torch.Tensor | None = Non
     Returns:
         ``(low_res_logits (B, 1, 4E, 4E), iou_pred (B, 1))`` in the padded model frame.
     """
+    sparse, dense = encode_prompts(sam, coords, labels, boxes, embeddings.shape[0])
+    return decode_embedded(sam, embeddings, sparse, dense)
+
+
+def decode_embedded(sam: Sam, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode` from prompt embeddings already computed (shared with the ONNX export).
+
+    Args:
+        embeddings: ``(B, C, E, E)`` image embeddings.
+        sparse: ``(B, T, C)`` sparse prompt embeddings; dense: ``(B, C, E, E)``.
+    Returns:
+        ``(low_res_logits (B, 1, 4E, 4E), iou_pred (B, 1))``.
+    """
     md = sam.mask_decoder
     b, c, e, _ = embeddings.shape
-    sparse, dense = encode_prompts(sam, coords, labels, boxes, b)
     output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse.to(output_tokens.dtype)], dim=1)
     src = embeddings + dense

@@ -1,0 +1,71 @@
+"""``lungsam bench``; module level imports only click (the work lives in :mod:`lungsam.benchmarks.bench`)."""
+from __future__ import annotations
+
+import click
+
+
+def _csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _ints(value: str | None) -> list[int] | None:
+    items = _csv(value)
+    if items is None:
+        return None
+    try:
+        return [int(v) for v in items]
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from exc
+
+
+@click.command("bench")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False), required=False)
+@click.option("--data", "data_dir", default=None,
+              help="Data set directory (images/ + masks/) or demo:NAME; default: the bundle run's test split.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory for results.json, results.md and latency.png.")
+@click.option("--backends", default="torch,onnxruntime,tensorrt", show_default=True,
+              help="Comma-separated: torch, onnxruntime, tensorrt.")
+@click.option("--precisions", default="fp32,fp16", show_default=True,
+              help="Comma-separated: fp32, fp16, bf16 (bf16: torch on GPU only).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", "batches", default="1", show_default=True,
+              help="Comma-separated batch sizes for the throughput measurement.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed passes over the images (per batch size).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Use at most N images.")
+@click.option("--compare", "compare_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="An earlier results.json: print ratios against it.")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="CPU threads for torch and onnxruntime (default: all cores).")
+@click.option("--sweep", is_flag=True, default=False,
+              help="Instead of the backend bench: accuracy/latency across encoder input size, precision and "
+                   "backbone (torch path).")
+@click.option("--sizes", default="1024,768,512,384,256", show_default=True,
+              help="--sweep: encoder input sizes.")
+@click.option("--backbones", "sweep_backbones", default=None,
+              help="--sweep: comma-separated backbones (default: the bundle's backbone).")
+@click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="The training run behind the torch reference (default: the run recorded in the bundle); "
+                   "with --sweep: the run whose tuned decoder and prompt are used (instead of BUNDLE).")
+def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warmup, repeats, limit, compare_path,
+          threads, sweep, sizes, sweep_backbones, run_dir) -> None:
+    """Parity and latency of a BUNDLE across backends and precisions (writes results.json/.md/latency.png)."""
+    if sweep:
+        from .sweep import run_sweep_cli
+
+        run_sweep_cli(bundle=bundle, run=run_dir, data_dir=data_dir, out_dir=out_dir,
+                      sizes=_ints(sizes), precisions=_csv(precisions), backbones=_csv(sweep_backbones),
+                      device=device, batches=_ints(batches), warmup=warmup, repeats=repeats, limit=limit,
+                      threads=threads)
+        return
+    if bundle is None:
+        raise click.UsageError("BUNDLE is required (or use --sweep --run RUN)")
+    from .bench import run_bench_cli
+
+    run_bench_cli(bundle=bundle, data_dir=data_dir, out_dir=out_dir, backends=_csv(backends),
+                  precisions=_csv(precisions), device=device, batches=_ints(batches), warmup=warmup,
+                  repeats=repeats, limit=limit, compare_path=compare_path, threads=threads, run_dir=run_dir)

@@ -1,0 +1,173 @@
+"""``results.md`` (one pasteable table), ``latency.png`` and ``--compare`` for ``lungsam bench``. Torch-free."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .machine import describe_machine
+from .stats import STAGES, ratio
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    try:
+        return f"{float(x):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _ms(x: Any) -> str:
+    if x is None:
+        return "–"
+    x = float(x)
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def label(r: dict) -> str:
+    return f"{r['backend']} {r['precision']}" + (f" ({r['mode']})" if r.get("mode") else "")
+
+
+def best_throughput(r: dict) -> dict | None:
+    tp = r.get("throughput") or []
+    return max(tp, key=lambda t: t["images_per_s"]) if tp else None
+
+
+def markdown_table(results: dict) -> str:
+    """The results table (one row per backend x precision; skipped ones say why)."""
+    ref = "torch fp32 eager"
+    head = ("| backend | precision | device | F1 mean ± std (min) | IoU mean ± std (min) | vs ref mask F1 mean / min "
+            "| max abs logit diff | changed masks | pre / enc / dec / post p50 ms | end-to-end p50 / p95 / p99 ms "
+            f"| e2e p50 vs {ref} | images/s (batch) | peak RSS MB | GPU peak MB |")
+    sep = "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"
+    rows = [head, sep]
+    for r in results["results"]:
+        mode = f" ({r['mode']})" if r.get("mode") else ""
+        if r["status"] != "ok":
+            rows.append(f"| {r['backend']}{mode} | {r['precision']} | {r['device']} | **{r['status']}**: {r['reason']} "
+                        + "| " * (head.count("|") - 5) + "|")
+            continue
+        acc, par, lat = r["accuracy"], r.get("parity"), r["latency_ms"]
+        f1 = f"{_f(acc['f1']['mean'])} ± {_f(acc['f1']['std'])} ({_f(acc['f1']['min'])})"
+        iou = f"{_f(acc['iou']['mean'])} ± {_f(acc['iou']['std'])} ({_f(acc['iou']['min'])})"
+        if par:
+            pf1 = f"{_f(par['mask_f1']['mean'], 4)} / {_f(par['mask_f1']['min'], 4)}"
+            dl = f"{par['max_abs_logit_diff']:.2e}"
+            ch = f"{par['changed_masks']} / {par['n']}"
+        else:
+            pf1 = dl = ch = "–"
+        stages = " / ".join(_ms(lat[s]["p50"]) for s in STAGES)
+        e2e = " / ".join(_ms(lat["end_to_end"][k]) for k in ("p50", "p95", "p99"))
+        vs = (r.get("vs_reference") or {}).get("end_to_end_p50")
+        vs_s = "reference" if (r["backend"], r["precision"], r.get("mode")) == ("torch", "fp32", "eager") else (
+            f"{vs:.2f}x" if vs is not None else "–")
+        tp = ", ".join(f"{t['images_per_s']:.1f} ({t['batch']})" for t in r.get("throughput", []))
+        mem = r.get("memory") or {}
+        rows.append(f"| {r['backend']}{mode} | {r['precision']} | {r['device']} | {f1} | {iou} | {pf1} | {dl} | {ch} "
+                    f"| {stages} | {e2e} | {vs_s} | {tp} | {_f(mem.get('peak_rss_mb'), 0)} "
+                    f"| {_f(mem.get('gpu_peak_mb'), 0)} |")
+    return "\n".join(rows)
+
+
+def markdown_report(results: dict, compare_lines: list[str] | None = None) -> str:
+    b, d, s = results["bundle"], results["data"], results["settings"]
+    v = results["versions"]
+    vers = ", ".join(f"{k} {v[k]}" for k in ("lungsam", "python", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+                     if k in v)
+    lines = [
+        f"## lungsam bench: {b['backbone']} ({Path(b['path']).name})",
+        "",
+        f"- machine: {describe_machine(results['machine'])}",
+        f"- versions: {vers}",
+        f"- data: {d['source']}, {d['n_images']} images at the working resolution {b['working_size']}x{b['working_size']}"
+        f" (encoder input {b['img_size']}), prompt `{b['prompt']}`, threshold {b['threshold']:.2f}",
+        f"- settings: device {s['device']}, batches {s['batches']}, warm-up {s['warmup']}, repeats {s['repeats']}, "
+        f"threads {s['threads'] if s['threads'] else 'default'}",
+        "- latency: per image at batch 1 after warm-up (device synchronised); images/s over timed batched passes; "
+        "accuracy at the working resolution against ground truth; parity against torch fp32 (eager) on the same images",
+        "",
+        markdown_table(results),
+        "",
+    ]
+    notes = [f"- {label(r)}: {n}" for r in results["results"] for n in r.get("notes", [])]
+    if notes:
+        lines += ["notes:", *notes, ""]
+    if compare_lines:
+        lines += ["### compared with an earlier result", "", *compare_lines, ""]
+    return "\n".join(lines)
+
+
+def latency_chart(results: dict, path: str | Path) -> Path | None:
+    """Stacked per-stage p50 bars (with end-to-end p95 ticks) and throughput vs batch; ``None`` when
+    no backend produced numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results["results"] if r["status"] == "ok"]
+    if not ok:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.6 * len(ok) + 2.5), gridspec_kw={"width_ratios": [3, 2]})
+    names = [label(r) for r in ok]
+    left = [0.0] * len(ok)
+    colors = {"preprocess": "#9ecae1", "encoder": "#3182bd", "decoder": "#fd8d3c", "postprocess": "#74c476"}
+    for stage in STAGES:
+        vals = [r["latency_ms"][stage]["p50"] for r in ok]
+        ax1.barh(names, vals, left=left, color=colors[stage], label=stage)
+        left = [a + b for a, b in zip(left, vals)]
+    e2e95 = [r["latency_ms"]["end_to_end"]["p95"] for r in ok]
+    ax1.scatter(e2e95, names, marker="|", s=200, color="k", label="end-to-end p95", zorder=3)
+    ax1.set_xlabel("ms per image (batch 1, p50 per stage)")
+    ax1.invert_yaxis()
+    ax1.legend(loc="lower right", fontsize=8)
+    ax1.grid(axis="x", alpha=0.3)
+    for r in ok:
+        tp = r.get("throughput") or []
+        if tp:
+            ax2.plot([t["batch"] for t in tp], [t["images_per_s"] for t in tp], marker="o", label=label(r))
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("batch size")
+    ax2.set_ylabel("images / s")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    b = results["bundle"]
+    fig.suptitle(f"lungsam bench: {b['backbone']} on {describe_machine(results['machine'])}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _key(r: dict) -> tuple:
+    return (r["backend"], r["precision"], r["device"], r.get("mode"))
+
+
+def compare(new: dict, old: dict) -> tuple[list[str], list[dict]]:
+    """Ratios new/old for results present (ok) in both: end-to-end p50, images/s at common batch sizes,
+    and the change of mean F1. Returns markdown lines and the same as records."""
+    olds = {_key(r): r for r in old.get("results", []) if r.get("status") == "ok"}
+    lines = ["| backend | precision | device | e2e p50 ms new / old (ratio) | images/s new / old (ratio) at batch "
+             "| F1 mean new − old |", "|---|---|---|---|---|---|"]
+    records = []
+    for r in new["results"]:
+        o = olds.get(_key(r))
+        if r["status"] != "ok" or o is None:
+            continue
+        n50, o50 = r["latency_ms"]["end_to_end"]["p50"], o["latency_ms"]["end_to_end"]["p50"]
+        otp = {t["batch"]: t["images_per_s"] for t in o.get("throughput", [])}
+        tps = [(t["batch"], t["images_per_s"], otp[t["batch"]]) for t in r.get("throughput", []) if t["batch"] in otp]
+        df1 = r["accuracy"]["f1"]["mean"] - o["accuracy"]["f1"]["mean"]
+        rec = {"backend": r["backend"], "precision": r["precision"], "device": r["device"], "mode": r.get("mode"),
+               "end_to_end_p50_ratio": ratio(n50, o50),
+               "throughput_ratio": {str(b): ratio(n, o_) for b, n, o_ in tps}, "f1_mean_delta": df1}
+        records.append(rec)
+        e2e_ratio = rec["end_to_end_p50_ratio"]
+        tp_s = ", ".join(f"{n:.1f} / {o_:.1f} ({ratio(n, o_):.2f}x) at {b}" for b, n, o_ in tps) or "–"
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['device']} | {_ms(n50)} / {_ms(o50)} "
+                     f"({e2e_ratio:.2f}x) | {tp_s} | {df1:+.4f} |")
+    if not records:
+        lines.append("| (no backend/precision in common) | | | | | |")
+    return lines, records

@@ -1,0 +1,219 @@
+"""The PyTorch side of ``lungsam bench``: the reference (torch FP32 eager, rebuilt from the run with
+:func:`lungsam.runs.load_run`) and the fast torch paths on GPU (FP16/BF16 autocast + CUDA graphs).
+
+Every backend in the bench has the same four stages, each taking and returning a batch:
+``preprocess(images, masks) -> x``, ``encode(x) -> emb``, ``decode(emb) -> low``,
+``postprocess(low) -> (B, S, S) bool masks`` and ``low_res(low) -> (B, L, L) float32`` (outside timing).
+Images are working-frame ``(S, S, 3)`` uint8; the masks argument is used only by ground-truth prompts.
+
+:func:`resize_encoder` runs a backbone at a smaller encoder input size (same weights) for the
+size sweep: TinyViT encoders change only their token-grid bookkeeping (attention biases depend on the
+window, not the image), SAM ViTs get their absolute position embedding resized bicubically
+(relative position tables are interpolated by segment-anything itself).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, Sam
+
+from ..modeling.decoder import decode
+from ..modeling.tiny_vit import PatchMerging, TinyViT, TinyViTBlock
+from ..preprocess import PreprocessSpec, encoder_input, preprocess_shape
+from ..prompts import LearnedPrompt, mask_box, model_prompt
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchUnavailable(RuntimeError):
+    """This torch precision/device combination cannot run here (reported as skipped)."""
+
+
+def check_torch_available(device: str, precision: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TorchUnavailable("torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if precision not in DTYPES:
+        raise TorchUnavailable(f"unknown precision {precision!r}")
+    if device == "cpu" and precision != "fp32":
+        raise TorchUnavailable(f"torch {precision} is benchmarked on GPU only (CPU autocast to {precision} is an "
+                               "emulation slower than fp32, not a deployment path)")
+    if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise TorchUnavailable("this GPU does not support bf16")
+
+
+# ---------------------------------------------------------------------------------------------
+# encoder input size
+# ---------------------------------------------------------------------------------------------
+
+def resize_encoder(sam: Sam, spec: PreprocessSpec, img_size: int) -> tuple[Sam, PreprocessSpec]:
+    """A copy of ``sam`` whose image encoder takes ``img_size x img_size`` input (same weights), with the
+    prompt encoder's frame and embedding grid adjusted, and the matching :class:`PreprocessSpec`.
+
+    Raises ``ValueError`` when ``img_size`` does not divide the encoder's token grids exactly.
+    """
+    if img_size == spec.img_size:
+        return sam, spec
+    sam2 = copy.deepcopy(sam)
+    enc = sam2.image_encoder
+    old = spec.img_size
+    if isinstance(enc, TinyViT):
+        def scaled(res: tuple[int, int]) -> tuple[int, int]:
+            if (res[0] * img_size) % old:
+                raise ValueError(f"encoder input {img_size} does not divide TinyViT's {res[0]}-token grid at {old}; "
+                                 "use a multiple of 64 (MobileSAM) or 4 (LiteMedSAM)")
+            return (res[0] * img_size // old, res[1] * img_size // old)
+
+        for m in enc.modules():
+            if isinstance(m, (PatchMerging, TinyViTBlock)):
+                m.resolution = scaled(m.resolution)
+        enc.out_resolution = scaled((enc.out_resolution, enc.out_resolution))[0]
+        enc.img_size = img_size
+        emb = enc.out_resolution
+    elif isinstance(enc, ImageEncoderViT):
+        patch = enc.patch_embed.proj.kernel_size[0]
+        if img_size % patch:
+            raise ValueError(f"encoder input {img_size} is not a multiple of the ViT patch size {patch}")
+        emb = img_size // patch
+        if enc.pos_embed is not None:
+            pe = enc.pos_embed.data.permute(0, 3, 1, 2)
+            pe = F.interpolate(pe, size=(emb, emb), mode="bicubic", align_corners=False)
+            enc.pos_embed = torch.nn.Parameter(pe.permute(0, 2, 3, 1).contiguous())
+        enc.img_size = img_size
+    else:
+        raise ValueError(f"cannot resize encoder {type(enc).__name__}")
+    pe = sam2.prompt_encoder
+    pe.image_embedding_size = (emb, emb)
+    pe.input_image_size = (img_size, img_size)
+    return sam2, replace(spec, img_size=img_size, embedding_size=emb)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend
+# ---------------------------------------------------------------------------------------------
+
+class TorchBackend:
+    """Torch inference in four stages (see module docstring).
+
+    Modes: ``eager`` (FP32, or autocast to FP16/BF16 on GPU) and ``cuda_graph`` (encoder and decoder
+    each captured once per batch size and replayed; GPU only). Postprocessing is SAM's own
+    ``Sam.postprocess_masks`` followed by ``sigmoid > threshold`` (what ``lungsam eval`` does).
+    """
+
+    backend = "torch"
+
+    def __init__(self, sam: Sam, spec: PreprocessSpec, prompt: LearnedPrompt, threshold: float, working_size: int,
+                 device: str = "cpu", precision: str = "fp32", mode: str = "eager", threads: int | None = None):
+        check_torch_available(device, precision)
+        if mode == "cuda_graph" and device != "cuda":
+            raise TorchUnavailable("CUDA graphs need --device cuda")
+        if threads is not None and device == "cpu":
+            torch.set_num_threads(int(threads))
+        self.device, self.precision, self.mode = device, precision, mode
+        self.sam = sam.to(device).eval()
+        self.spec, self.prompt, self.threshold, self.size = spec, prompt, float(threshold), int(working_size)
+        self.input_hw = preprocess_shape(self.size, self.size, spec.img_size)
+        self.providers = [f"torch {torch.__version__} ({device})"]
+        self.notes: list[str] = []
+        self._prompt_cache: dict[int, tuple] = {}
+        self._graphs: dict[int, dict] = {}
+        self._h2d_stream = None
+
+    # -- helpers --------------------------------------------------------------------------------
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        # CUDA graphs replay the captured casts, so autocast's weight-cast cache must stay off (torch docs)
+        return torch.autocast(device_type="cuda", dtype=DTYPES[self.precision], cache_enabled=self.mode != "cuda_graph")
+
+    def _prompts(self, masks: list[np.ndarray] | None, batch: int):
+        """Model-frame prompt tensors; prompts that need no ground truth are built once per batch size."""
+        if not self.prompt.needs_ground_truth and batch in self._prompt_cache:
+            return self._prompt_cache[batch]
+        rows = []
+        for i in range(batch):
+            gt = mask_box(masks[i]) if self.prompt.needs_ground_truth else None
+            rows.append(model_prompt(self.prompt, self.spec, (self.size, self.size), gt_box=gt))
+        as_t = lambda k: None if rows[0][k] is None else torch.from_numpy(np.stack([r[k] for r in rows])).to(self.device)  # noqa: E731
+        out = (as_t(0), as_t(1), as_t(2))
+        if not self.prompt.needs_ground_truth:
+            self._prompt_cache[batch] = out
+        return out
+
+    # -- stages ---------------------------------------------------------------------------------
+    def preprocess(self, images: list[np.ndarray], masks: list[np.ndarray] | None = None):
+        x = torch.from_numpy(np.stack([encoder_input(im, self.spec) for im in images]))
+        if self.device == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return {"x": x, "prompts": self._prompts(masks, len(images))}
+
+    @torch.inference_mode()
+    def encode(self, pre):
+        if self.mode == "cuda_graph":
+            g = self._graph(pre)
+            g["x"].copy_(pre["x"])
+            g["enc"].replay()
+            return {"emb": g["emb"], "prompts": pre["prompts"], "graph": g}
+        with self._autocast():
+            emb = self.sam.image_encoder(pre["x"])
+        return {"emb": emb, "prompts": pre["prompts"]}
+
+    @torch.inference_mode()
+    def decode(self, enc):
+        if "graph" in enc:
+            g = enc["graph"]
+            if self.prompt.needs_ground_truth:  # boxes change per image: refresh the static prompt tensors
+                for static, new in zip(g["prompts"], enc["prompts"]):
+                    if static is not None:
+                        static.copy_(new)
+            g["dec"].replay()
+            return g["low"]
+        with self._autocast():
+            low, _ = decode(self.sam, enc["emb"], *enc["prompts"])
+        return low
+
+    @torch.inference_mode()
+    def postprocess(self, low) -> np.ndarray:
+        logits = self.sam.postprocess_masks(low.float(), self.input_hw, (self.size, self.size))
+        return (torch.sigmoid(logits) > self.threshold)[:, 0].cpu().numpy()
+
+    @torch.inference_mode()
+    def low_res(self, low) -> np.ndarray:
+        return low.float()[:, 0].cpu().numpy()
+
+    # -- CUDA graphs ----------------------------------------------------------------------------
+    def _graph(self, pre) -> dict:
+        b = pre["x"].shape[0]
+        if b in self._graphs:
+            return self._graphs[b]
+        x = pre["x"].clone()
+        prompts = tuple(None if p is None else p.clone() for p in pre["prompts"])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), self._autocast():
+            for _ in range(3):  # warm-up on a side stream, as torch.cuda.graphs requires
+                emb = self.sam.image_encoder(x)
+                decode(self.sam, emb, *prompts)
+        torch.cuda.current_stream().wait_stream(side)
+        g_enc, g_dec = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g_enc), self._autocast():
+            emb = self.sam.image_encoder(x)
+        with torch.cuda.graph(g_dec, pool=g_enc.pool()), self._autocast():
+            low, _ = decode(self.sam, emb, *prompts)
+        self._graphs[b] = {"x": x, "emb": emb, "low": low, "prompts": prompts, "enc": g_enc, "dec": g_dec}
+        return self._graphs[b]
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._prompt_cache.clear()
+        self.sam = None
+        if self.device == "cuda":
+            torch.cuda.empty_cache()

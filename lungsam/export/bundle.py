@@ -1,0 +1,262 @@
+"""``lungsam export``: build a bundle in a temporary folder, gate it on parity, then move it into place.
+
+Bundle layout and manifest keys: docs/DEVELOPING.md ("Bundle format"). The manifest is written last
+and lists the sha256 and size of every other file in the bundle.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..artifacts import package_versions, read_json, sha256_file, utc_now, write_json_atomic
+from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
+
+BUNDLE_FORMAT = "lungsam-bundle/1"
+
+Log = Callable[[str], None]
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class ParityGateError(ExportError):
+    """The exported models disagree with torch; ``table`` holds the figures, ``parity`` the summaries."""
+
+    def __init__(self, message: str, table: str, parity: dict):
+        super().__init__(message)
+        self.table = table
+        self.parity = parity
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict
+    table: str
+
+    def summary(self) -> str:
+        files = ", ".join(sorted(self.manifest["files"]))
+        return f"{self.table}\nbundle written to {self.out} ({files})"
+
+
+def model_filename(name: str, precision: str) -> str:
+    return f"{name}.onnx" if precision == "fp32" else f"{name}_{precision}.onnx"
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists and is not an empty folder; choose a new --out")
+
+
+def parity_samples(run_model, data_dir: str | None, limit: int | None) -> tuple[list, dict]:
+    """Held-out samples for the parity check, in the run's working frame.
+
+    Default: the run's data sets (``run.json`` ``config.data``) filtered to the fold's test split.
+    ``data_dir``: that folder's samples of the test split when it holds any, else all its samples.
+    Returns ``(samples, source record)``.
+    """
+    from ..data import load_dataset, pool
+
+    size = run_model.working_size
+    test_ids = list(run_model.split.get("test", []))
+    dirs = [data_dir] if data_dir else list(run_model.run["config"]["data"])
+    data = pool([load_dataset(d, size) for d in dirs])
+    wanted = set(test_ids)
+    samples = [s for s in data.samples if s.id in wanted]
+    selection = "fold test split"
+    if not samples:
+        if not data_dir:
+            raise ExportError(f"none of the fold's {len(test_ids)} test images was found in {', '.join(map(str, dirs))}; "
+                              "pass --data DIR with held-out images")
+        samples, selection = data.samples, f"all images of {data_dir} (none of the fold's test ids)"
+    if limit:
+        samples = samples[:limit]
+    return samples, {"data": [str(d) for d in dirs], "selection": selection, "n": len(samples),
+                     "ids": [s.id for s in samples]}
+
+
+def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log) -> tuple[dict, dict]:
+    """Write the ONNX models into ``tmp``. Returns ``(models, skipped)``: ``models[name][precision] =
+    [files]`` and ``skipped[name] = reason``."""
+    from .graphs import fixed_prompt_points
+    from .onnx_export import convert_fp16, export_decoder, export_encoder, export_fixed_decoder
+
+    sam, spec = run_model.sam, run_model.spec
+    models: dict[str, dict[str, list[Path]]] = {}
+    skipped: dict[str, str] = {}
+    t = time.perf_counter()
+    models["encoder"] = {"fp32": export_encoder(sam, spec, tmp / model_filename("encoder", "fp32"), opset)}
+    models["decoder"] = {"fp32": export_decoder(sam, tmp / model_filename("decoder", "fp32"), opset)}
+    if run_model.prompt.needs_ground_truth:
+        skipped["decoder_fixed"] = (f"prompt mode {run_model.prompt.mode!r} needs each image's ground-truth box, "
+                                    "so no prompt can be baked in; use decoder.onnx with the box as points 2/3")
+    else:
+        coords, labels = fixed_prompt_points(run_model.prompt, spec, run_model.working_size)
+        models["decoder_fixed"] = {"fp32": export_fixed_decoder(sam, coords, labels,
+                                                                tmp / model_filename("decoder_fixed", "fp32"), opset)}
+    log(f"exported FP32 ONNX models in {time.perf_counter() - t:.1f} s")
+    if fp16:
+        t = time.perf_counter()
+        for name in list(models):
+            models[name]["fp16"] = convert_fp16(models[name]["fp32"][0], tmp / model_filename(name, "fp16"))
+        log(f"converted to FP16 in {time.perf_counter() - t:.1f} s")
+    return models, skipped
+
+
+def build_engines(run_model, tmp: Path, models: dict, max_batch: int, log: Log) -> dict:
+    """TensorRT engines for every exported model; ``{name: record}`` (see :func:`lungsam.export.trt.build_engine`)."""
+    from .graphs import fixed_prompt_points
+    from .trt import build_engine, bundle_profiles, has_weak_typing
+
+    trt = require_tensorrt()
+    source = "fp32" if has_weak_typing(trt) else "fp16"
+    sam, spec = run_model.sam, run_model.spec
+    n_fixed = 0 if "decoder_fixed" not in models else len(fixed_prompt_points(run_model.prompt, spec,
+                                                                                run_model.working_size)[0])
+    profiles = bundle_profiles(spec.img_size, sam.prompt_encoder.embed_dim, spec.embedding_size, n_fixed, max_batch)
+    engines = {}
+    for name in models:
+        t = time.perf_counter()
+        engines[name] = build_engine(models[name][source][0], tmp / f"{name}.engine", profiles[name],
+                                     tmp / "timing.cache")
+        log(f"built TensorRT engine {name}.engine in {time.perf_counter() - t:.1f} s")
+    return engines
+
+
+def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, log: Log) -> dict:
+    """:class:`lungsam.export.parity.ParityResult` per pipeline ``"<precision>/<decoder>"``."""
+    from .parity import compare, onnx_pipeline
+
+    pipelines = {}
+    for precision in models["encoder"]:
+        for dec in ("decoder", "decoder_fixed"):
+            if dec in models:
+                pipelines[f"onnx-{precision}/{dec}"] = onnx_pipeline(models["encoder"][precision][0],
+                                                                     models[dec][precision][0], dec == "decoder_fixed")
+    if engines:
+        from .trt import engine_pipeline
+
+        for dec in ("decoder", "decoder_fixed"):
+            if dec in engines:
+                pipelines[f"trt-fp16/{dec}"] = engine_pipeline(tmp / engines["encoder"]["file"],
+                                                               tmp / engines[dec]["file"], dec == "decoder_fixed")
+    return compare(pipelines, run_model.sam, run_model.spec, cases, run_model.threshold, log=log)
+
+
+def file_records(root: Path) -> dict[str, dict]:
+    """``{relative posix path: {sha256, bytes}}`` of every file under ``root`` except ``manifest.json``."""
+    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def _run_record(run_model, run_dir: Path) -> dict:
+    fold_metrics = {k: v for k, v in run_model.metrics.items() if k not in ("per_image", "threshold_sweep")}
+    run_metrics = run_dir / "metrics.json"
+    return {"source": str(run_dir.resolve()), "fold": run_model.fold, "decoder_weights": "decoder_best.safetensors",
+            "decoder_sha256": sha256_file(run_model.fold_dir / "decoder_best.safetensors"),
+            "config": run_model.run.get("config"), "fold_metrics": fold_metrics,
+            "metrics": read_json(run_metrics) if run_metrics.exists() else None}
+
+
+def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: dict, engines: dict,
+                   parity: dict, opset: int) -> dict:
+    """The manifest (docs/DEVELOPING.md); ``files`` covers everything already in ``tmp``."""
+    from .onnx_export import io_signature
+
+    return {
+        "format": BUNDLE_FORMAT,
+        "created": utc_now(),
+        "backbone": run_model.backbone,
+        "preprocess": run_model.spec.to_dict(),
+        "working_size": run_model.working_size,
+        "prompt": run_model.prompt.to_dict(),
+        "threshold": run_model.threshold,
+        "opset": opset,
+        "precisions": sorted({p for m in models.values() for p in m}),
+        "models": {name: {prec: {"file": files[0].name, "files": [f.name for f in files], **io_signature(files[0])}
+                          for prec, files in precs.items()} for name, precs in models.items()},
+        "skipped": skipped,
+        "engines": engines,
+        "timing_cache": "timing.cache" if engines else None,
+        "parity": parity,
+        "run": _run_record(run_model, run_dir),
+        "versions": package_versions(),
+        "files": file_records(tmp),
+    }
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp/mkstemp create 0700/0600 entries; give the bundle the usual umask permissions."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt: bool = False, opset: int = 17,
+                  fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
+                  parity_images: int | None = None, data_dir: str | None = None, max_batch: int = 8,
+                  log: Log = print) -> ExportResult:
+    """Export a trained run to a bundle at ``out``.
+
+    Steps: load the run (:func:`lungsam.runs.load_run`); write ONNX FP32 (+FP16 with ``fp16`` or ``trt``)
+    and TensorRT engines (``trt``) into a temporary folder beside ``out``; compare every exported pipeline
+    with torch on held-out images; if each one's mean mask agreement reaches ``min_agreement``, write
+    ``manifest.json`` and rename the folder to ``out``. Otherwise nothing is left behind and
+    :class:`ParityGateError` carries the figures.
+    """
+    from ..runs import RunError, load_run
+
+    if trt:
+        try:
+            require_tensorrt()
+            gpu_record()
+        except TensorRTUnavailable as e:
+            raise ExportError(str(e)) from None
+        fp16 = True  # TensorRT 11 builds from the FP16 ONNX; the FP16 models are useful to the runtime anyway
+    run_dir, out = Path(run_dir), Path(out)
+    _check_out(out)
+    try:
+        run_model = load_run(run_dir, fold, checkpoint)
+    except RunError as e:
+        raise ExportError(str(e)) from None
+    from .parity import format_table, gate, make_cases
+
+    samples, source = parity_samples(run_model, data_dir, parity_images)
+    cases = make_cases(samples, run_model.prompt, run_model.spec)
+    log(f"exporting {run_dir} fold {run_model.fold} ({run_model.backbone}, prompt {run_model.prompt.mode}); "
+        f"parity on {len(cases)} held-out images")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        models, skipped = export_models(run_model, tmp, fp16=fp16, opset=opset, log=log)
+        engines = build_engines(run_model, tmp, models, max_batch, log) if trt else {}
+        results = run_parity(run_model, tmp, models, engines, cases, log)
+        table = format_table(results, min_agreement)
+        parity = {"min_agreement": min_agreement, "threshold": run_model.threshold, "source": source,
+                  "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold); "
+                            "max_abs_logit_diff over low-res logits; torch = SAM preprocess + encoder + decode",
+                  "onnxruntime": "CPUExecutionProvider, ORT_ENABLE_ALL",
+                  "results": {name: r.summary() for name, r in results.items()}}
+        failed = gate(results, min_agreement)
+        if failed:
+            raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement below "
+                                  f"{min_agreement}; nothing was written to {out}", table, parity)
+        manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opset)
+        write_json_atomic(tmp / "manifest.json", manifest)
+        _make_readable(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(out=out, manifest=manifest, table=table)

@@ -1,0 +1,181 @@
+"""Parity of exported models against the torch model, end to end on held-out images.
+
+For each image: torch (``preprocess.encoder_input`` -> ``sam.image_encoder`` -> :func:`decode`) and each
+exported pipeline (raw ``preprocess.model_input`` -> encoder -> decoder) give low-res logits; both are
+postprocessed with :func:`lungsam.preprocess.postprocess_logits` to the working frame and thresholded
+(``sigmoid(logits) > threshold``, as training does). Figures: max |logit difference| (low-res), mask
+agreement (F1 between the two binary masks) mean/min, F1 against ground truth for both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..metrics import f1_score, summarize
+from ..preprocess import PreprocessSpec, encoder_input, model_input, postprocess_logits, sigmoid
+from ..prompts import LearnedPrompt, labelled_points, mask_box, model_prompt
+
+# (raw images (B, 3, img, img) float32, point_coords (B, N, 2), point_labels (B, N)) -> low-res logits (B, 1, L, L)
+Pipeline = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass
+class ParityCase:
+    """One held-out image with its prompt.
+
+    Attributes:
+        id: sample id.
+        image: ``(S, S, 3)`` uint8 working image; mask: ``(S, S)`` bool ground truth.
+        raw: ``(3, img, img)`` float32 raw model input; input_hw: resized size before padding.
+        coords, labels, box: model-frame prompt as :func:`lungsam.prompts.model_prompt` returns it.
+        points, point_labels: the same in ONNX form ``(N, 2)`` / ``(N,)`` float32 (:func:`labelled_points`).
+    """
+
+    id: str
+    image: np.ndarray
+    mask: np.ndarray
+    raw: np.ndarray
+    input_hw: tuple[int, int]
+    coords: np.ndarray | None
+    labels: np.ndarray | None
+    box: np.ndarray | None
+    points: np.ndarray
+    point_labels: np.ndarray
+
+
+def make_cases(samples, prompt: LearnedPrompt, spec: PreprocessSpec) -> list[ParityCase]:
+    """:class:`ParityCase` per :class:`lungsam.data.Sample` (box prompts use the exact GT box, unperturbed)."""
+    cases = []
+    for s in samples:
+        hw = s.image.shape[:2]
+        gt_box = mask_box(s.mask) if prompt.needs_ground_truth else None
+        coords, labels, box = model_prompt(prompt, spec, hw, gt_box)
+        pts, pl = labelled_points(coords, labels, box)
+        raw, input_hw = model_input(s.image, spec)
+        cases.append(ParityCase(s.id, s.image, s.mask, raw, input_hw, coords, labels, box, pts, pl))
+    return cases
+
+
+def torch_low_res(sam, spec: PreprocessSpec, cases: list[ParityCase]) -> np.ndarray:
+    """The reference: SAM's own preprocessing, image encoder and :func:`lungsam.modeling.decoder.decode`.
+
+    Returns ``(B, 1, L, L)`` float32 low-res logits for ``cases`` (one batch).
+    """
+    import torch
+
+    from ..modeling.decoder import decode
+
+    x = torch.from_numpy(np.stack([encoder_input(c.image, spec) for c in cases]))
+    opt = lambda a: None if a is None else torch.from_numpy(np.stack(a).astype(np.float32))  # noqa: E731
+    with torch.no_grad():
+        emb = sam.image_encoder(x)
+        first = cases[0]
+        coords = opt([c.coords for c in cases]) if first.coords is not None else None
+        labels = opt([c.labels for c in cases]) if first.labels is not None else None
+        boxes = opt([c.box for c in cases]) if first.box is not None else None
+        low, _ = decode(sam, emb, coords, labels, boxes)
+    return low.numpy().astype(np.float32)
+
+
+def working_logits(low_res: np.ndarray, case: ParityCase, spec: PreprocessSpec) -> np.ndarray:
+    """``(1, L, L)`` or ``(L, L)`` low-res logits -> ``(S, S)`` float32 logits in the working frame."""
+    low = np.asarray(low_res, np.float32).reshape(low_res.shape[-2:])
+    return postprocess_logits(low, spec, case.input_hw, case.mask.shape)
+
+
+@dataclass
+class ParityResult:
+    """Figures of one exported pipeline against torch.
+
+    Attributes:
+        name: e.g. ``"fp32/decoder"``.
+        max_abs_logit_diff: max |exported - torch| over all low-res logits.
+        agreement: per-image F1 between exported and torch binary masks (working frame).
+        f1_gt: per-image F1 of the exported masks against ground truth; f1_gt_torch: same for torch.
+    """
+
+    name: str
+    max_abs_logit_diff: float = 0.0
+    agreement: list[float] = field(default_factory=list)
+    f1_gt: list[float] = field(default_factory=list)
+    f1_gt_torch: list[float] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        a = summarize(self.agreement)
+        return {"n": a["n"], "max_abs_logit_diff": self.max_abs_logit_diff,
+                "agreement_mean": a["mean"], "agreement_min": a["min"],
+                "f1_gt_mean": summarize(self.f1_gt)["mean"], "f1_gt_torch_mean": summarize(self.f1_gt_torch)["mean"],
+                "worst_image": self.ids[int(np.argmin(self.agreement))] if self.agreement else None}
+
+
+def compare(pipelines: dict[str, Pipeline], sam, spec: PreprocessSpec, cases: list[ParityCase], threshold: float,
+            batch_size: int = 2, log=None) -> dict[str, ParityResult]:
+    """Run torch and every pipeline over ``cases`` in batches; return a :class:`ParityResult` per pipeline.
+
+    Pipelines get batches of ``batch_size`` images (exercising the dynamic batch axis).
+    """
+    results = {name: ParityResult(name) for name in pipelines}
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start:start + batch_size]
+        ref = torch_low_res(sam, spec, batch)
+        raw = np.stack([c.raw for c in batch])
+        pts = np.stack([c.points for c in batch])
+        pl = np.stack([c.point_labels for c in batch])
+        ref_masks = [sigmoid(working_logits(ref[i], c, spec)) > threshold for i, c in enumerate(batch)]
+        for name, run in pipelines.items():
+            out = run(raw, pts, pl)
+            r = results[name]
+            r.max_abs_logit_diff = max(r.max_abs_logit_diff, float(np.abs(out - ref).max()))
+            for i, c in enumerate(batch):
+                m = sigmoid(working_logits(out[i], c, spec)) > threshold
+                r.agreement.append(f1_score(m, ref_masks[i]))
+                r.f1_gt.append(f1_score(m, c.mask))
+                r.f1_gt_torch.append(f1_score(ref_masks[i], c.mask))
+                r.ids.append(c.id)
+        if log:
+            log(f"parity: {min(start + batch_size, len(cases))}/{len(cases)} images")
+    return results
+
+
+def ort_session(path: str | Path):
+    """onnxruntime CPU session with full graph optimisation (ORT_ENABLE_ALL)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # constant-folding notes about FP16 kernels are not errors
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def onnx_pipeline(encoder_path: str | Path, decoder_path: str | Path, fixed: bool) -> Pipeline:
+    """An exported encoder + decoder (``fixed``: ``decoder_fixed``, which ignores the given points)."""
+    enc, dec = ort_session(encoder_path), ort_session(decoder_path)
+
+    def run(raw: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        emb = enc.run(["embeddings"], {"image": raw.astype(np.float32)})[0]
+        feeds = {"embeddings": emb} if fixed else {"embeddings": emb, "point_coords": points.astype(np.float32),
+                                                  "point_labels": labels.astype(np.float32)}
+        return dec.run(["low_res_logits"], feeds)[0]
+
+    return run
+
+
+def gate(results: dict[str, ParityResult], min_agreement: float) -> list[str]:
+    """Names of the pipelines whose mean agreement is below ``min_agreement`` (empty: the gate passes)."""
+    return [n for n, r in results.items() if not r.summary()["agreement_mean"] >= min_agreement]
+
+
+def format_table(results: dict[str, ParityResult], min_agreement: float) -> str:
+    """Plain-text table of the parity figures."""
+    lines = [f"{'model':<28} {'n':>4} {'max|dlogit|':>12} {'agree mean':>11} {'agree min':>10} "
+             f"{'F1 gt':>7} {'F1 gt torch':>12}  gate (>= {min_agreement})"]
+    for name, r in results.items():
+        s = r.summary()
+        ok = "ok" if s["agreement_mean"] >= min_agreement else "FAIL"
+        lines.append(f"{name:<28} {s['n']:>4} {s['max_abs_logit_diff']:>12.3g} {s['agreement_mean']:>11.5f} "
+                     f"{s['agreement_min']:>10.5f} {s['f1_gt_mean']:>7.4f} {s['f1_gt_torch_mean']:>12.4f}  {ok}")
+    return "\n".join(lines)

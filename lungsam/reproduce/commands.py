@@ -1,0 +1,48 @@
+"""``lungsam reproduce`` (module level imports only click)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command()
+@click.option("--data-root", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder holding montgomery/ and shenzhen/ (each with images/ and masks/).")
+@click.option("--backbone", required=True, help="mobile_sam, lite_medsam, vit_b (with --checkpoint), tiny (tests).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True),
+              help="Backbone weights (required for vit_b/vit_l/vit_h; default: official weights from the cache).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--quick", is_flag=True,
+              help="Reduced protocol: one 60/20/20 split, 5 epochs, 2-cell grid, 60 images per set (see tables.md).")
+@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Results folder; everything goes to OUT/<backbone>/.")
+@click.option("--epochs", type=int, help="Maximum epochs per training run (default: 100, --quick: 5).")
+@click.option("--subset", type=int,
+              help="Use at most N images of each set, a seeded random subset (default: all; --quick: 60).")
+@click.option("--size", default=256, show_default=True, help="Working resolution (images and masks resized to SxS).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subset, size, quiet):
+    """Run the paper's protocol (zero-shot, thresholds, lr x wd grid, 5-fold per prompt, cross-dataset)
+    as resumable steps and write OUT/<backbone>/tables.md, results.json and figures."""
+    from ..backbones import UnknownBackboneError
+    from ..data import DataError
+    from ..runs import RunError
+    from .protocol import ProtocolError, protocol_settings, run_protocol
+
+    try:
+        settings = protocol_settings(data_root=data_root, backbone=backbone, checkpoint=checkpoint, device=device,
+                                     quick=quick, epochs=epochs, subset=subset, size=size)
+        command = " ".join(["lungsam reproduce", f"--data-root {data_root}", f"--backbone {backbone}"]
+                           + ([f"--checkpoint {checkpoint}"] if checkpoint else [])
+                           + ([f"--device {device}"] if device != "auto" else []) + (["--quick"] if quick else [])
+                           + [f"--out {out}"] + ([f"--epochs {epochs}"] if epochs else [])
+                           + ([f"--subset {subset}"] if subset else []) + ([f"--size {size}"] if size != 256 else []))
+        res = run_protocol(settings, out, command=command, log=lambda m: click.echo(m, err=True),
+                           progress=not quiet)
+    except (ProtocolError, UnknownBackboneError, DataError, RunError, FileNotFoundError, ValueError, RuntimeError) as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    ran = sum(1 for s in res["steps"] if s["status"] == "ran")
+    click.echo(f"{len(res['steps'])} steps ({ran} ran, {len(res['steps']) - ran} reused) in {res['wall_time_s']:.0f} s; "
+               f"tables: {res['paths']['tables']}")

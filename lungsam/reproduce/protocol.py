@@ -1,0 +1,354 @@
+"""The paper's experimental protocol as resumable steps (``lungsam reproduce``).
+
+Layout of ``OUT/<backbone>/``::
+
+    tables.md, results.json         the paper's Tables 1-9 with our numbers beside them
+    figures/                        copies of the figures the tables cite
+    runs/                           (git-ignored) one folder per step, each with step.json once finished
+      _data/                        symlinked subsets (zero-shot prompt sources, --subset/--quick sets)
+      <set>/encode/                 encoder pass over the set (fills the embedding cache)
+      <set>/zeroshot_<prompt>/      lungsam.train.run.evaluate(...) of the untuned backbone
+      <set>/train/<prompt>_lr.._wd.._k.._e../   lungsam.train.run.train_run(...) runs (grid and k-fold)
+      cross/<A>_to_<B>/             evaluate(...) of A's point-prompt run on B
+
+A step is skipped when its ``step.json`` holds the same settings; a killed training step is continued with
+``train_run(..., resume=True)``; a step whose folder holds different settings is an error (never overwritten).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..artifacts import machine_record, package_versions, read_json, utc_now, write_json_atomic
+from ..data import DataError, _shuffled, kfold_splits, load_dataset
+from . import paper
+
+Log = Callable[[str], None]
+SETS = ("montgomery", "shenzhen")
+PROMPTS = ("points", "box", "both", "auto-box")
+ZERO_SHOT_PROMPTS = ("box", "points", "both", "auto-box")
+QUICK_EPOCHS = 5
+QUICK_SUBSET = 60  # images per set in --quick (seeded random subset; each set is encoded only for these)
+QUICK_GRID = ((1e-4, 0.0), (1e-3, 0.0))
+
+
+class ProtocolError(RuntimeError):
+    pass
+
+
+@dataclass
+class Settings:
+    """Everything that defines a reproduction (recorded in results.json).
+
+    Attributes:
+        data_root: folder with ``montgomery/`` and ``shenzhen/``.
+        backbone, checkpoint: backbone name and resolved weights path (``None`` for ``tiny``).
+        quick: the reduced protocol.
+        folds: 5 (paper) or 1 (one 60/20/20 split, ``--quick``).
+        epochs, patience: per training run.
+        grid: ``[(lr, weight_decay)]`` cells tried on one 60/20/20 split per set (prompt ``points``).
+        subset: per set, at most this many images (``None``: all), drawn with a seeded permutation.
+    """
+
+    data_root: str
+    backbone: str
+    checkpoint: str | None
+    device: str = "auto"
+    quick: bool = False
+    folds: int = 5
+    epochs: int = 100
+    patience: int = 15
+    grid: list[tuple[float, float]] = field(default_factory=lambda: [(lr, wd) for lr in paper.LR_GRID
+                                                                     for wd in paper.WD_GRID])
+    subset: dict[str, int | None] = field(default_factory=lambda: {s: None for s in SETS})
+    prompts: tuple[str, ...] = PROMPTS
+    zero_shot_prompts: tuple[str, ...] = ZERO_SHOT_PROMPTS
+    points_per_lung: int = 3
+    size: int = 256
+    batch_size: int = 8
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    def command(self) -> str:
+        parts = ["lungsam reproduce", f"--data-root {self.data_root}", f"--backbone {self.backbone}"]
+        if self.checkpoint:
+            parts.append(f"--checkpoint {self.checkpoint}")
+        if self.device != "auto":
+            parts.append(f"--device {self.device}")
+        if self.quick:
+            parts.append("--quick")
+        return " ".join(parts)
+
+
+def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None = None, device: str = "auto",
+                      quick: bool = False, epochs: int | None = None, subset: int | None = None,
+                      size: int = 256) -> Settings:
+    """The full protocol, or the ``--quick`` one: one 60/20/20 split, ``QUICK_EPOCHS`` epochs without early stop,
+    the 2-cell grid ``QUICK_GRID`` and ``QUICK_SUBSET`` images per set (``epochs``/``subset`` override)."""
+    from ..backbones import get_backbone
+    from ..train.config import TrainConfig
+    from ..train.run import checkpoint_for
+
+    get_backbone(backbone)
+    root = Path(data_root).resolve()
+    for s in SETS:
+        if not (root / s / "images").is_dir() or not (root / s / "masks").is_dir():
+            raise ProtocolError(f"{root}: expected {s}/images and {s}/masks")
+    ckpt = checkpoint_for(TrainConfig(backbone=backbone, checkpoint=checkpoint))
+    st = Settings(data_root=str(root), backbone=backbone, checkpoint=ckpt, device=device, quick=quick, size=size)
+    if quick:
+        st.folds, st.epochs = 1, QUICK_EPOCHS
+        st.grid = list(QUICK_GRID)
+        st.subset = {s: QUICK_SUBSET for s in SETS}
+    if epochs is not None:
+        if epochs < 1:
+            raise ProtocolError("--epochs must be at least 1")
+        st.epochs = epochs
+    if quick:
+        st.patience = st.epochs  # no early stop in a short run
+    if subset is not None:
+        if subset < 5:
+            raise ProtocolError("--subset must be at least 5")
+        st.subset = {s: subset for s in SETS}
+    return st
+
+
+# ---------------------------------------------------------------------------------------------
+# data folders
+# ---------------------------------------------------------------------------------------------
+
+def _link_pairs(dest: Path, name: str, pairs: list[tuple[Path, Path]]) -> Path:
+    """``dest/<name>/{images,masks}`` holding symlinks (copies where links fail) to ``pairs``; returns the set folder."""
+    folder = dest / name
+    want = sorted(p[0].name for p in pairs)
+    if (folder / "images").is_dir() and sorted(p.name for p in (folder / "images").iterdir()) == want:
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp = dest / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for sub in ("images", "masks"):
+        (tmp / sub).mkdir(parents=True)
+    for img, msk in pairs:
+        for src, sub in ((img, "images"), (msk, "masks")):
+            try:
+                os.symlink(src.resolve(), tmp / sub / src.name)
+            except OSError:
+                shutil.copy2(src, tmp / sub / src.name)
+    tmp.rename(folder)
+    return folder
+
+
+@dataclass
+class DataSet:
+    name: str            # montgomery | shenzhen
+    tag: str             # folder tag under runs/: name, or name-n<N> for a subset
+    path: Path           # folder passed to train_run/evaluate
+    source: Path         # the user's folder
+    ids: list[str]
+    n_source: int
+    skipped: list[dict]
+    splits: list[dict]   # kfold_splits(ids, folds, seed) as train_run computes them
+    prompt_source: Path  # folder holding the reference split's training pairs (zero-shot prompt)
+
+
+def prepare_data(st: Settings, runs: Path, log: Log) -> dict[str, DataSet]:
+    """Load each set once (working frame), apply the subset, compute the splits train_run will use."""
+    out = {}
+    for name in SETS:
+        src = Path(st.data_root) / name
+        ds = load_dataset(src, st.size, log=log)
+        pairs = {s.id: (s.image_path, s.mask_path) for s in ds.samples}
+        ids = sorted(pairs)
+        cap = st.subset.get(name)
+        path, tag = src, name
+        if cap is not None and cap < len(ids):
+            ids = sorted(_shuffled(ids, st.seed)[:cap])
+            tag = f"{name}-n{cap}"
+            path = _link_pairs(runs / "_data" / tag, name, [pairs[i] for i in ids])
+        splits = kfold_splits(ids, st.folds, st.seed)
+        ref_train = splits[0]["train"]
+        psrc = _link_pairs(runs / "_data" / f"{tag}-k{st.folds}-split0-train", name, [pairs[i] for i in ref_train])
+        out[name] = DataSet(name=name, tag=tag, path=path, source=src, ids=ids, n_source=len(ds.samples),
+                            skipped=ds.skipped, splits=splits, prompt_source=psrc)
+        log(f"{name}: {len(ids)} of {len(ds.samples)} usable pairs ({len(ds.skipped)} skipped); "
+            f"{st.folds} fold(s); zero-shot prompt from split 0's {len(ref_train)} training masks")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+# ---------------------------------------------------------------------------------------------
+
+class Steps:
+    """Runs steps once: ``step.json`` (settings, seconds, finish time) marks a finished step."""
+
+    def __init__(self, root: Path, log: Log):
+        self.root, self.log = root, log
+        self.records: list[dict] = []
+
+    def run(self, name: str, kind: str, out: Path, settings: dict, fn: Callable[[], dict | None]) -> dict:
+        settings = json.loads(json.dumps(settings))
+        sj = out / "step.json"
+        if sj.exists():
+            old = read_json(sj)
+            if old.get("settings") == settings:
+                earlier = next((r for r in self.records if r["out"] == old["out"]), None)
+                if earlier is not None:  # the same run serves two parts of the protocol (e.g. a grid cell)
+                    self.log(f"[{name}] same settings as [{earlier['name']}], sharing {out}")
+                    rec = {**old, "name": name, "kind": kind, "status": f"shared with: {earlier['name']}"}
+                else:
+                    self.log(f"[{name}] finished earlier ({old['seconds']:.0f} s), reusing {out}")
+                    rec = {**old, "name": name, "kind": kind, "status": "reused"}
+                self.records.append(rec)
+                return rec
+            raise ProtocolError(f"{out} holds step {old.get('name')!r} with different settings; remove that folder "
+                                f"or choose another --out")
+        self.log(f"[{name}] running -> {out}")
+        started = utc_now()
+        t0 = time.perf_counter()
+        info = fn() or {}
+        rec = {"name": name, "kind": kind, "out": str(out.relative_to(self.root)), "settings": settings,
+               "started": started, "finished": utc_now(), "seconds": time.perf_counter() - t0, "info": info}
+        write_json_atomic(sj, rec)
+        self.log(f"[{name}] done in {rec['seconds']:.0f} s")
+        self.records.append({**rec, "status": "ran"})
+        return self.records[-1]
+
+
+def _quiet(log: Log) -> Log:
+    return lambda m: None if m.startswith("skipping pair") else log(m)
+
+
+def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, log: Log = print,
+                 progress: bool = True) -> dict:
+    """Run (or resume) every step of the protocol and write tables.md, results.json and figures."""
+    from ..embeddings import weights_fingerprint
+    from ..train.config import TrainConfig
+    from ..train.engine import pick_device
+    from ..train.run import embed_samples, evaluate, load_data, train_run
+    from . import tables
+
+    root = Path(out) / st.backbone
+    runs = root / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    t0, started = time.perf_counter(), utc_now()
+    device = pick_device(st.device)
+    wsha = weights_fingerprint(st.backbone, st.checkpoint)
+    data = prepare_data(st, runs, log)
+    steps = Steps(root, log)
+    qlog = _quiet(log)
+
+    # 1. encoder pass per set (fills the shared embedding cache; all later steps hit it)
+    for name, ds in data.items():
+        def encode(ds=ds):
+            from ..backbones import build_backbone
+
+            cfg = TrainConfig(backbone=st.backbone, checkpoint=st.checkpoint, size=st.size)
+            d = load_data([str(ds.path)], st.size, qlog)
+            sam = build_backbone(st.backbone, st.checkpoint)
+            t = time.perf_counter()
+            _, cache = embed_samples(sam, cfg, st.checkpoint, d.samples, device, progress)
+            return {"n": len(d.samples), "computed": cache.misses, "cache_hits": cache.hits,
+                    "encode_seconds": time.perf_counter() - t, "device": device, "cache_dir": str(cache.directory)}
+        steps.run(f"encode {ds.tag}", "encode", runs / ds.tag / "encode",
+                  {"backbone": st.backbone, "weights_sha256": wsha, "data": str(ds.path), "n": len(ds.ids),
+                   "size": st.size}, encode)
+
+    # 2. zero-shot (Tables 1-2): prompts from the mean mask of split 0's training part
+    zero = {}
+    for name, ds in data.items():
+        for mode in st.zero_shot_prompts:
+            o = runs / ds.tag / f"zeroshot_{mode}"
+            sets = {"backbone": st.backbone, "weights_sha256": wsha, "data": str(ds.path), "prompt": mode,
+                    "prompt_from": str(ds.prompt_source), "points_per_lung": st.points_per_lung, "size": st.size,
+                    "threshold": 0.5}
+            steps.run(f"zero-shot {ds.tag} {mode}", "zero-shot", o, sets, lambda o=o, ds=ds, mode=mode: _brief(evaluate(
+                out=o, data_paths=[str(ds.path)], backbone=st.backbone, checkpoint=st.checkpoint, prompt_mode=mode,
+                points_per_lung=st.points_per_lung, prompt_from=[str(ds.prompt_source)], threshold=None, size=st.size,
+                device=device, log=qlog, progress=progress)))
+            zero[(name, mode)] = o
+
+    def cfg_for(ds: DataSet, prompt: str, lr: float, wd: float, folds: int) -> TrainConfig:
+        return TrainConfig(data=[str(ds.path)], backbone=st.backbone, checkpoint=st.checkpoint, prompt=prompt,
+                           points_per_lung=st.points_per_lung, size=st.size, folds=folds, epochs=st.epochs,
+                           patience=st.patience, lr=lr, weight_decay=wd, batch_size=st.batch_size, seed=st.seed,
+                           device=st.device)
+
+    def train(ds: DataSet, prompt: str, lr: float, wd: float, folds: int, kind: str) -> Path:
+        cfg = cfg_for(ds, prompt, lr, wd, folds)
+        o = runs / ds.tag / "train" / f"{prompt}_lr{lr:g}_wd{wd:g}_k{folds}_e{st.epochs}"
+
+        def fn():
+            resume = (o / "run.json").exists()
+            if resume:
+                log(f"continuing the killed run in {o}")
+            try:
+                s = train_run(cfg, o, resume=resume, log=qlog, progress=progress)
+            except ValueError as e:
+                raise ProtocolError(f"{o}: {e}") from e
+            return {"test_f1": s["aggregate"]["test_f1_across_folds"], "folds": len(s["folds"])}
+        steps.run(f"{kind} {ds.tag} {prompt} lr={lr:g} wd={wd:g} k={folds}", kind, o, cfg.comparable(), fn)
+        return o
+
+    # 3. lr x weight-decay grid on one 60/20/20 split per set (points)
+    grid, best_hp = {}, {}
+    for name, ds in data.items():
+        for lr, wd in st.grid:
+            grid[(name, lr, wd)] = train(ds, "points", lr, wd, 1, "grid")
+        scores = {(lr, wd): read_json(grid[(name, lr, wd)] / "metrics.json")["folds"][0]["val"]["f1"]["mean"]
+                  for lr, wd in st.grid}
+        best_hp[name] = max(st.grid, key=lambda c: (scores[c], -st.grid.index(c)))
+        log(f"{name}: best grid cell lr={best_hp[name][0]:g} wd={best_hp[name][1]:g} "
+            f"(val F1 {scores[best_hp[name]]:.4f})")
+
+    # 4. k-fold per prompt with the set's best grid cell (Tables 3-4, 7-8)
+    kfold = {}
+    for name, ds in data.items():
+        lr, wd = best_hp[name]
+        for prompt in st.prompts:
+            kfold[(name, prompt)] = train(ds, prompt, lr, wd, st.folds, "k-fold")
+
+    # 5. cross-dataset (Tables 5-6): A's point-prompt run (fold with the best validation F1) on all of B
+    cross = {}
+    for a, b in (("shenzhen", "montgomery"), ("montgomery", "shenzhen")):
+        run_dir, ds_b = kfold[(a, "points")], data[b]
+        o = runs / "cross" / f"{data[a].tag}_to_{ds_b.tag}"
+        sets = {"run": str(run_dir.relative_to(root)), "run_settings": read_json(run_dir / "step.json")["settings"],
+                "data": str(ds_b.path), "size": st.size}
+        steps.run(f"cross {data[a].tag} -> {ds_b.tag}", "cross", o, sets, lambda o=o, r=run_dir, d=ds_b: _brief(evaluate(
+            out=o, data_paths=[str(d.path)], run_dir=str(r), checkpoint=st.checkpoint, device=device, log=qlog,
+            progress=progress)))
+        cross[(a, b)] = o
+
+    res = tables.collect(st, root, data, steps.records, zero, grid, best_hp, kfold, cross)
+    res.update({
+        "format": "lungsam-reproduce/1", "command": command or st.command(), "settings": st.to_dict(),
+        "weights_sha256": wsha, "device": device, "machine": {**machine_record(), "loadavg_at_end": _loadavg()},
+        "versions": package_versions(), "started": started, "finished": utc_now(),
+        "wall_time_s": time.perf_counter() - t0,
+    })
+    tables.write(res, root)
+    return res
+
+
+def _brief(result: dict) -> dict:
+    return {"f1": result["f1"], "iou": result["iou"], "n": result["n"], "threshold": result["threshold"]}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+__all__ = ["DataError", "ProtocolError", "Settings", "protocol_settings", "run_protocol"]

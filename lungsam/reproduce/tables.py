@@ -1,0 +1,401 @@
+"""results.json and tables.md of ``lungsam reproduce``: the paper's Tables 1-9 with our numbers beside them."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import read_json, write_json_atomic, write_text_atomic
+from ..metrics import fmt_mean_std, summarize
+from . import paper
+
+SHORT = {"montgomery": "MC", "shenzhen": "SZ"}
+GT_PROMPTS = ("box", "both")
+
+
+def _f(x: float | None, d: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{d}f}"
+
+
+def _ms(s: dict | None) -> str:
+    return "n/a" if not s or s.get("n", 0) == 0 else fmt_mean_std(s)
+
+
+def _prompt_label(p: str) -> str:
+    return f"{p} (GT box)" if p in GT_PROMPTS else p
+
+
+# ---------------------------------------------------------------------------------------------
+# collect: read the steps' artifacts into one JSON-friendly dict
+# ---------------------------------------------------------------------------------------------
+
+def _set_of(rec: dict, data: dict) -> str | None:
+    for name, ds in data.items():
+        if rec["out"].startswith(f"runs/{ds.tag}/"):
+            return name
+    return None
+
+
+def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: dict, best_hp: dict, kfold: dict,
+            cross: dict) -> dict:
+    rel = lambda p: str(Path(p).relative_to(root))  # noqa: E731
+    steps = [{"name": r["name"], "kind": r["kind"], "set": _set_of(r, data), "out": r["out"], "status": r["status"],
+              "seconds": r["seconds"], "started": r["started"], "finished": r["finished"], "info": r.get("info", {})}
+             for r in records]
+
+    zs = {}
+    for (name, mode), o in zero.items():
+        m = read_json(o / "metrics.json")
+        test_ids = set(data[name].splits[0]["test"])
+        sub = [r for r in m["per_image"] if r["id"] in test_ids]
+        zs.setdefault(name, {})[mode] = {
+            "f1": m["f1"], "iou": m["iou"], "n": m["n"], "threshold": m["threshold"],
+            "split0_test_f1": summarize([r["f1"] for r in sub]), "split0_test_iou": summarize([r["iou"] for r in sub]),
+            "prompt_uses_ground_truth": m["prompt_uses_ground_truth"], "learned_prompt": m["learned_prompt"],
+            "out": rel(o), "paper_f1": paper.get(paper.ZERO_SHOT, name, mode)}
+
+    gr = {}
+    for (name, lr, wd), o in grid.items():
+        f = read_json(o / "metrics.json")["folds"][0]
+        gr.setdefault(name, []).append({
+            "lr": lr, "weight_decay": wd, "val_f1": f["val"]["f1"]["mean"], "test_f1": f["test"]["f1"],
+            "threshold": f["threshold"], "best_epoch": f["best_epoch"], "epochs_run": f["epochs_run"],
+            "fold_wall_s": f["fold_wall_s"], "out": rel(o),
+            "chosen": (lr, wd) == tuple(best_hp[name])})
+
+    kf, sweeps = {}, {}
+    for (name, prompt), o in kfold.items():
+        m = read_json(o / "metrics.json")
+        a = m["aggregate"]
+        folds = m["folds"]
+        kf.setdefault(name, {})[prompt] = {
+            "test_f1_across_folds": a["test_f1_across_folds"], "test_iou_across_folds": a["test_iou_across_folds"],
+            "test_f1_pooled": a["test_f1_pooled"], "thresholds": a["thresholds"],
+            "best_epochs": [f["best_epoch"] for f in folds], "epochs_run": [f["epochs_run"] for f in folds],
+            "val_f1": [f["val"]["f1"]["mean"] for f in folds], "n": folds[0]["n"],
+            "lr": best_hp[name][0], "weight_decay": best_hp[name][1],
+            "prompt_uses_ground_truth": a["prompt_uses_ground_truth"], "out": rel(o),
+            "paper_f1": paper.get(paper.KFOLD, name, prompt)}
+        ths = [r["threshold"] for r in folds[0]["threshold_sweep"]]
+        sweeps.setdefault(name, {})[prompt] = [
+            {"threshold": t, "val_f1": summarize([f["threshold_sweep"][i]["f1"] for f in folds]),
+             "val_iou": summarize([f["threshold_sweep"][i]["iou"] for f in folds])} for i, t in enumerate(ths)]
+
+    cr = {}
+    for (a, b), o in cross.items():
+        m = read_json(o / "metrics.json")
+        secs = sum(s["seconds"] for s in steps if s["out"] == rel(o))
+        cr[f"{a}->{b}"] = {"seconds": secs, "train": a, "test": b, "f1": m["f1"], "iou": m["iou"], "n": m["n"], "threshold": m["threshold"],
+                           "model": m["model"], "in_domain_test_f1": kf[b]["points"]["test_f1_across_folds"],
+                           "out": rel(o), "paper_f1": paper.CROSS.get((a, b), paper.NA)}
+
+    unet = {}
+    for name in data:
+        no_gt = {p: v for p, v in kf[name].items() if not v["prompt_uses_ground_truth"]}
+        best_no_gt = max(no_gt, key=lambda p: no_gt[p]["test_f1_across_folds"]["mean"]) if no_gt else None
+        best_any = max(kf[name], key=lambda p: kf[name][p]["test_f1_across_folds"]["mean"])
+        unet[name] = {"paper_unet_f1": paper.UNET[name], "paper_sam_points_f1": paper.get(paper.KFOLD, name, "points"),
+                      "ours_points": kf[name]["points"]["test_f1_across_folds"] if "points" in kf[name] else None,
+                      "ours_best_without_gt": {"prompt": best_no_gt,
+                                               "test_f1": no_gt[best_no_gt]["test_f1_across_folds"]} if best_no_gt else None,
+                      "ours_best_any": {"prompt": best_any, "test_f1": kf[name][best_any]["test_f1_across_folds"]},
+                      "ours_unet": None}
+
+    dsets = {name: {"source": str(ds.source), "used": str(ds.path), "n_source": ds.n_source, "n_used": len(ds.ids),
+                    "subset": ds.tag != name, "skipped": ds.skipped, "folds": len(ds.splits),
+                    "split0": {k: len(v) for k, v in ds.splits[0].items()},
+                    "zero_shot_prompt_source": f"split 0 training part ({len(ds.splits[0]['train'])} masks)"}
+             for name, ds in data.items()}
+    res = {"backbone": st.backbone, "checkpoint": st.checkpoint, "profile": "quick" if st.quick else "full",
+           "data": dsets, "steps": steps, "paper": paper.as_dict(),
+           "tables": {"zero_shot": zs, "threshold_sweep": sweeps, "grid": gr,
+                      "best_hyperparameters": {k: {"lr": v[0], "weight_decay": v[1]} for k, v in best_hp.items()},
+                      "kfold": kf, "cross_dataset": cr, "unet": unet}}
+    res["estimate"] = estimate(res, st, root)
+    res["paths"] = {"tables": str(root / "tables.md"), "results": str(root / "results.json"),
+                    "figures": figures(res, root, kfold, zero, cross, sweeps)}
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# cost estimate from measured step times
+# ---------------------------------------------------------------------------------------------
+
+FULL_SET_SIZES = {"montgomery": 138, "shenzhen": 566}
+
+
+def estimate(res: dict, st, root: Path) -> dict:
+    """Per-image encode cost and per-(image x epoch) training cost measured in this invocation's artifacts, and
+    the full protocol's cost extrapolated from them (upper bound: every run goes to 100 epochs)."""
+    enc = [s["info"] for s in res["steps"] if s["kind"] == "encode" and s["info"].get("computed", 0) > 0]
+    enc_rate = (sum(i["encode_seconds"] for i in enc) / sum(i["computed"] for i in enc)) if enc else None
+    wall, units = 0.0, 0
+    for run in dict.fromkeys(s["out"] for s in res["steps"] if s["kind"] in ("grid", "k-fold")):
+        for f in read_json(root / run / "metrics.json")["folds"]:
+            wall += f["fold_wall_s"]
+            units += f["epochs_run"] * (f["n"]["train"] + f["n"]["val"])
+    rate = wall / units if units else None
+    out = {"encode_s_per_image": enc_rate, "train_s_per_image_epoch": rate,
+           "note": "measured on this machine in this invocation's steps (reused steps keep their original timings)"}
+    if rate is not None:
+        n_grid, n_prompts, k, ep = len(paper.LR_GRID) * len(paper.WD_GRID), len(st.prompts), 5, 100
+        train_units = sum(ep * 0.8 * n * (n_grid + n_prompts * k) for n in FULL_SET_SIZES.values())
+        out["full_protocol_training_s_upper_bound"] = train_units * rate
+        out["full_protocol_encode_s"] = None if enc_rate is None else enc_rate * sum(FULL_SET_SIZES.values())
+        out["full_protocol_runs"] = {"per_set": n_grid + n_prompts * k, "epochs_max": ep,
+                                     "fold_trainings": 2 * (n_grid + n_prompts * k)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------------------------
+
+def _best_fold_dir(run_dir: Path) -> Path:
+    from ..runs import pick_fold
+
+    return pick_fold(run_dir, None)
+
+
+def figures(res: dict, root: Path, kfold: dict, zero: dict, cross: dict, sweeps: dict) -> list[str]:
+    from ..train.report import _plt, save_figure
+
+    fig_dir = root / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def copy(src: Path, name: str):
+        if src.exists():
+            shutil.copy2(src, fig_dir / name)
+            written.append(f"figures/{name}")
+
+    for (name, prompt), run_dir in kfold.items():
+        if prompt != "points":
+            continue
+        fd = _best_fold_dir(run_dir)
+        for fig in ("learning_curve", "threshold_curve", "overlays"):
+            copy(fd / f"{fig}.png", f"{name}_points_{fd.name}_{fig}.png")
+    for (name, mode), o in zero.items():
+        if mode == "points":
+            copy(o / "overlays.png", f"{name}_zeroshot_points_overlays.png")
+    for (a, b), o in cross.items():
+        copy(o / "overlays.png", f"cross_{a}_to_{b}_overlays.png")
+
+    plt = _plt()
+    for name, by_prompt in sweeps.items():
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for prompt, rows in by_prompt.items():
+            ax.errorbar([r["threshold"] for r in rows], [r["val_f1"]["mean"] for r in rows],
+                        yerr=[r["val_f1"]["std"] for r in rows], marker="o", capsize=3, label=_prompt_label(prompt))
+        ax.set_xlabel("probability threshold")
+        ax.set_ylabel("validation F1 (mean over folds)")
+        ax.set_title(f"{res['backbone']}: threshold sweep, {name}", fontsize=9)
+        ax.legend(fontsize=7)
+        save_figure(fig, fig_dir / f"{name}_threshold_sweep.png")
+        written.append(f"figures/{name}_threshold_sweep.png")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# tables.md
+# ---------------------------------------------------------------------------------------------
+
+def _machine(m: dict) -> str:
+    s = f"{m.get('cpu') or 'CPU'}, {m.get('affinity_cpus')} of {m.get('cpu_count')} cores usable, {m.get('platform')}"
+    if m.get("loadavg_at_end"):
+        s += f", load average at end {m['loadavg_at_end'][0]:.1f} (shared machine)"
+    return s
+
+
+def _seconds(res: dict, kinds: tuple[str, ...], sets: tuple[str | None, ...]) -> float:
+    """Recorded time of the steps of ``kinds`` on ``sets``, each step folder counted once."""
+    seen = {}
+    for s in res["steps"]:
+        if s["kind"] in kinds and s["set"] in sets:
+            seen[s["out"]] = s["seconds"]
+    return sum(seen.values())
+
+
+def _total_seconds(res: dict) -> float:
+    return sum({s["out"]: s["seconds"] for s in res["steps"]}.values())
+
+
+def _prov(res: dict, secs: float, what: str) -> str:
+    return (f"_Command: `{res['command']}` · device {res['device']} · machine: {_machine(res['machine'])} · "
+            f"date: {res['finished']} · time taken: {secs:.0f} s ({what})._")
+
+
+def render(res: dict) -> str:
+    t = res["tables"]
+    st = res["settings"]
+    bb = res["backbone"]
+    quick = res["profile"] == "quick"
+    sets = list(res["data"])
+    L = [f"# Reproducing {paper.CITATION} with `{bb}`", ""]
+    L += [
+        f"Profile: **{res['profile']}**{' (reduced protocol; NOT the paper protocol: see below)' if quick else ''}. "
+        f"Backbone `{bb}` (weights sha256 `{res['weights_sha256'][:16]}…`); the paper used SAM ViT-B, so the paper's "
+        "numbers are a reference, not the same model. F1 = Dice, mean ± population std. Images and masks are scored "
+        f"at {st['size']}x{st['size']}. All our numbers below were measured by this command; \"n/a\" marks a value "
+        "the paper reports that we have not transcribed, or one we did not measure.",
+        "",
+        "Protocol as run:",
+        "",
+    ]
+    for name, d in res["data"].items():
+        L.append(f"- {name}: {d['n_used']} of {d['n_source']} pairs"
+                 + (f" (a seeded random subset)" if d["subset"] else "")
+                 + f"; {'one 60/20/20 split' if d['folds'] == 1 else str(d['folds']) + '-fold cross-validation (60/20/20 per fold)'};"
+                 f" split 0 train/val/test = {d['split0']['train']}/{d['split0']['val']}/{d['split0']['test']}.")
+    L += [
+        f"- Zero-shot (Tables 1-2): the untuned backbone; point prompts ({st['points_per_lung']} per lung) and the "
+        "`auto-box` come from the mean mask of **split 0's training part** of the same set; box prompts are the "
+        "ground-truth mask's bounding box; threshold 0.5 (logit 0). Scored on every image of the set and, "
+        "leak-free, on split 0's test part.",
+        f"- Grid: lr x weight decay on one 60/20/20 split per set, prompt `points`, {st['epochs']} epochs max "
+        f"(patience {st['patience']}); cells {', '.join(f'({lr:g}, {wd:g})' for lr, wd in st['grid'])}. The cell with "
+        "the best validation F1 is used for every k-fold run of that set.",
+        f"- k-fold per prompt (Tables 3-4, 7-8): prompts {', '.join(st['prompts'])}; decoder only (encoders frozen), "
+        f"Adam, DiceFocal loss, batch {st['batch_size']}, box jitter 5 %; the threshold is chosen on each fold's "
+        "validation split from 0.50-0.70.",
+        "- Cross-dataset (Tables 5-6): the point-prompt k-fold run of the training set, its fold with the best "
+        "validation F1 (trained on that fold's 60 % training split, threshold from its validation split), "
+        "scored on **every image** of the other set.",
+        "- U-Net (Table 9): not trained here; the paper's numbers only.",
+    ]
+    if quick:
+        L += [f"- **--quick**: one split instead of 5 folds, {st['epochs']} epochs without early stopping, a "
+              f"{len(st['grid'])}-cell grid, subsets as listed. Numbers are indicative only."]
+    L.append("")
+
+    # Tables 1-2
+    for i, name in enumerate(sets, start=1):
+        z = t["zero_shot"][name]
+        L += [f"## Table {i}: zero-shot F1, {name} ({SHORT[name]})", "",
+              _prov(res, _seconds(res, ("encode", "zero-shot"), (name,)), "encoder pass + zero-shot evaluations"), "",
+              "| prompt | paper F1 (ViT-B) | ours F1, all images | ours IoU | ours F1, split-0 test | n |",
+              "|---|---|---|---|---|---|"]
+        for mode, r in z.items():
+            L.append(f"| {_prompt_label(mode)} | {r['paper_f1']} | {_ms(r['f1'])} | {_ms(r['iou'])} | "
+                     f"{_ms(r['split0_test_f1'])} | {r['n']} |")
+        L.append("")
+
+    # Tables 3-4
+    for i, name in enumerate(sets, start=3):
+        sw = t["threshold_sweep"][name]
+        prompts = list(sw)
+        ths = [r["threshold"] for r in sw[prompts[0]]]
+        L += [f"## Table {i}: validation F1 by threshold, {name} ({SHORT[name]})", "",
+              _prov(res, _seconds(res, ("k-fold",), (name,)), "the k-fold runs whose validation sweeps these are"), "",
+              "Mean ± std over folds of the validation F1 of each fold's best checkpoint. Paper values: n/a "
+              "(not transcribed). **Bold**: best per prompt.", "",
+              "| threshold | paper | " + " | ".join(_prompt_label(p) for p in prompts) + " |",
+              "|---|---|" + "---|" * len(prompts)]
+        best = {p: max(r["val_f1"]["mean"] for r in sw[p]) for p in prompts}
+        for j, th in enumerate(ths):
+            cells = []
+            for p in prompts:
+                s = _ms(sw[p][j]["val_f1"])
+                cells.append(f"**{s}**" if sw[p][j]["val_f1"]["mean"] == best[p] else s)
+            L.append(f"| {th:.2f} | n/a | " + " | ".join(cells) + " |")
+        L.append("")
+
+    # grid (no number in the paper's table list)
+    L += ["## Hyper-parameter grid (lr x weight decay, prompt `points`, one split per set)", "",
+          _prov(res, _seconds(res, ("grid",), tuple(sets)), "the grid's training runs"), "",
+          f"Paper: best lr {paper.GRID_BEST['lr']:g}, weight decay {paper.GRID_BEST['weight_decay']:g} (cell values "
+          "n/a). Ours: validation F1 at the run's chosen threshold; test F1 of the same split for reference.", "",
+          "| set | lr | weight decay | val F1 | test F1 | threshold | best epoch / run | time (s) | chosen |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for name in sets:
+        for c in t["grid"][name]:
+            L.append(f"| {SHORT[name]} | {c['lr']:g} | {c['weight_decay']:g} | {_f(c['val_f1'])} | {_ms(c['test_f1'])} | "
+                     f"{c['threshold']:.2f} | {c['best_epoch']} / {c['epochs_run']} | {c['fold_wall_s']:.0f} | "
+                     f"{'yes' if c['chosen'] else ''} |")
+    L.append("")
+
+    # Tables 5-6
+    for i, key in enumerate(("shenzhen->montgomery", "montgomery->shenzhen"), start=5):
+        c = t["cross_dataset"][key]
+        L += [f"## Table {i}: cross-dataset, train {c['train']} ({SHORT[c['train']]}) → test {c['test']} "
+              f"({SHORT[c['test']]})", "",
+              _prov(res, c["seconds"], "this evaluation; training time is in Table "
+                    f"{7 if c['train'] == 'montgomery' else 8}"), "",
+              "| | paper F1 (ViT-B) | ours F1 | ours IoU | n | threshold | ours in-domain k-fold F1 on the test set |",
+              "|---|---|---|---|---|---|---|",
+              f"| points | {c['paper_f1']} | {_ms(c['f1'])} | {_ms(c['iou'])} | {c['n']} | {c['threshold']:.2f} | "
+              f"{_ms(c['in_domain_test_f1'])} |", "", f"Model: {c['model']}.", ""]
+
+    # Tables 7-8
+    for i, name in enumerate(sets, start=7):
+        k = t["kfold"][name]
+        any_ = next(iter(k.values()))
+        L += [f"## Table {i}: {'5-fold' if not quick else 'one-split'} test F1 per prompt, {name} ({SHORT[name]})", "",
+              _prov(res, _seconds(res, ("k-fold",), (name,)), "the runs of this table"), "",
+              f"lr {any_['lr']:g}, weight decay {any_['weight_decay']:g} (the grid's choice); F1 is the mean ± std of "
+              "the fold means; pooled = over all test images.", "",
+              "| prompt | paper F1 (ViT-B) | ours F1 | ours IoU | pooled F1 (min) | thresholds | best epochs |",
+              "|---|---|---|---|---|---|---|"]
+        for p, r in k.items():
+            L.append(f"| {_prompt_label(p)} | {r['paper_f1']} | {_ms(r['test_f1_across_folds'])} | "
+                     f"{_ms(r['test_iou_across_folds'])} | {_ms(r['test_f1_pooled'])} ({_f(r['test_f1_pooled']['min'])}) | "
+                     f"{', '.join(f'{x:.2f}' for x in r['thresholds'])} | {', '.join(map(str, r['best_epochs']))} |")
+        L.append("")
+
+    # Table 9
+    L += ["## Table 9: comparison with U-Net", "",
+          _prov(res, _total_seconds(res), "all steps of the protocol"), "",
+          "| model | " + " | ".join(f"{n} ({SHORT[n]})" for n in sets) + " |", "|---|" + "---|" * len(sets),
+          "| U-Net (paper) | " + " | ".join(t["unet"][n]["paper_unet_f1"] for n in sets) + " |",
+          "| SAM ViT-B, points (paper) | " + " | ".join(t["unet"][n]["paper_sam_points_f1"] for n in sets) + " |",
+          f"| U-Net (ours) | " + " | ".join("n/a (not trained)" for _ in sets) + " |",
+          f"| {bb}, points (ours) | " + " | ".join(_ms(t["unet"][n]["ours_points"]) for n in sets) + " |"]
+    row = []
+    for n in sets:
+        b = t["unet"][n]["ours_best_without_gt"]
+        row.append(f"{_ms(b['test_f1'])} ({b['prompt']})" if b else "n/a")
+    L.append(f"| {bb}, best prompt without ground truth (ours) | " + " | ".join(row) + " |")
+    row = [f"{_ms(t['unet'][n]['ours_best_any']['test_f1'])} ({_prompt_label(t['unet'][n]['ours_best_any']['prompt'])})"
+           for n in sets]
+    L += [f"| {bb}, best prompt incl. ground-truth box (ours) | " + " | ".join(row) + " |", ""]
+
+    # figures
+    L += ["## Figures", ""] + [f"- [{p}]({p})" for p in res["paths"]["figures"]] + [""]
+
+    # steps and cost
+    L += ["## Steps and time taken", "",
+          f"Started {res['started']}, finished {res['finished']}, wall time {res['wall_time_s']:.0f} s for this "
+          "invocation (reused steps cost ~0 s now; their recorded time is from the run that made them).", "",
+          "| step | status | time (s) | result |", "|---|---|---|---|"]
+    for s in res["steps"]:
+        info = s["info"]
+        if s["kind"] == "encode":
+            r = f"{info.get('computed', 0)} encoded, {info.get('cache_hits', 0)} from cache"
+        elif "f1" in info:
+            r = f"F1 {_ms(info['f1'])}"
+        elif "test_f1" in info:
+            r = f"test F1 {_ms(info['test_f1'])} ({info['folds']} fold(s))"
+        else:
+            r = ""
+        L.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {r} |")
+    e = res["estimate"]
+    L += ["", "### Cost of the full protocol (extrapolated from the measurements above)", ""]
+    enc = e.get("encode_s_per_image")
+    L.append(f"- encoder: {_f(enc, 2)} s per image" + (" (all embeddings came from the cache in this invocation)"
+                                                       if enc is None else ""))
+    if e.get("train_s_per_image_epoch") is not None:
+        L.append(f"- decoder training + validation: {e['train_s_per_image_epoch'] * 1000:.1f} ms per image per epoch")
+        fr = e["full_protocol_runs"]
+        enc_full = e.get("full_protocol_encode_s")
+        L.append(f"- full protocol: {fr['fold_trainings']} fold trainings ({fr['per_set']} per set) of at most "
+                 f"{fr['epochs_max']} epochs: at most {e['full_protocol_training_s_upper_bound'] / 3600:.1f} h of "
+                 "training on this machine" + (f", plus {enc_full / 60:.0f} min of encoding (704 images)" if enc_full
+                                                else "") + "; early stopping (patience 15) shortens it.")
+    L += ["- GPU: not measured (no GPU on the machine that ran this).", ""]
+    return "\n".join(L) + "\n"
+
+
+def write(res: dict, root: Path) -> None:
+    write_json_atomic(root / "results.json", res)
+    write_text_atomic(root / "tables.md", render(res))

@@ -1,0 +1,321 @@
+"""Inference backends: onnxruntime (CPU / CUDA) and TensorRT (optional). Torch-free.
+
+Nothing falls back silently. Asking for what this machine cannot give (CUDA without
+``CUDAExecutionProvider``, TensorRT without the package, an engine built for another GPU or TensorRT
+version) raises :class:`BackendUnavailableError` saying what is missing, unless ``allow_fallback`` is set,
+in which case :func:`resolve_backend` downgrades with a :class:`RuntimeWarning` and records why.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+DEVICES = ("cpu", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend/device/precision is not available here (and no fallback was allowed)."""
+
+
+class Model(Protocol):
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class BackendChoice:
+    """What :func:`resolve_backend` settled on.
+
+    Attributes:
+        backend: ``onnxruntime`` or ``tensorrt``.
+        device: ``cpu`` or ``cuda``.
+        precision: ``fp32`` or ``fp16``.
+        requested: the caller's ``(backend, device, precision)``.
+        fallbacks: one line per downgrade taken (empty when the request was met).
+    """
+
+    backend: str
+    device: str
+    precision: str
+    requested: tuple[str, str, str]
+    fallbacks: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime
+# ---------------------------------------------------------------------------------------------
+
+def ort_available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def ort_providers(device: str) -> list[str]:
+    """Execution providers for ``device``; raises :class:`BackendUnavailableError` when CUDA is missing."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    available = ort_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise BackendUnavailableError(
+            "device 'cuda' needs onnxruntime's CUDAExecutionProvider, which this onnxruntime does not have "
+            f"(available: {', '.join(available)}); install the GPU build: pip install 'lungsam[gpu]' "
+            "(onnxruntime-gpu, with a matching CUDA/cuDNN), or use --device cpu / --allow-fallback")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OrtModel:
+    """One ONNX model in an onnxruntime session (graph optimisation ORT_ENABLE_ALL)."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        providers = ort_providers(device)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendUnavailableError(f"{self.path}: onnxruntime cannot load the model ({e})") from e
+        active = self.session.get_providers()
+        if device == "cuda" and (not active or active[0] != "CUDAExecutionProvider"):
+            # onnxruntime-gpu lists CUDA as available but silently uses CPU when CUDA/cuDNN fail to load.
+            raise BackendUnavailableError(
+                f"{self.path}: onnxruntime could not start CUDAExecutionProvider (session providers: {active}); "
+                "check that the CUDA and cuDNN versions match the installed onnxruntime-gpu")
+        self.providers = active
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(list(self.output_names), feeds)
+        return dict(zip(self.output_names, outs))
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT (optional: pip install 'lungsam[trt]'; device buffers through cuda-python's cuda.bindings)
+# ---------------------------------------------------------------------------------------------
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendUnavailableError(
+            "backend 'tensorrt' needs the tensorrt package, which is not installed: pip install 'lungsam[trt]' "
+            "(tensorrt and cuda-python), or use --backend onnxruntime / --allow-fallback") from e
+    return trt
+
+
+def _import_cudart():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6 layout
+        except ImportError as e:
+            raise BackendUnavailableError(
+                "backend 'tensorrt' needs cuda-python for device buffers: pip install 'lungsam[trt]' "
+                "(or pip install cuda-python)") from e
+    return cudart
+
+
+def _check(result: Any) -> Any:
+    """Unwrap a cuda-python ``(err, *values)`` tuple, raising on error."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+def local_gpu() -> dict[str, str]:
+    """``{"gpu", "compute_capability"}`` of CUDA device 0 (via cuda-python)."""
+    cudart = _import_cudart()
+    try:
+        prop = _check(cudart.cudaGetDeviceProperties(0))
+    except RuntimeError as e:
+        raise BackendUnavailableError(f"backend 'tensorrt' needs a CUDA GPU; none is usable here ({e})") from e
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return {"gpu": name.strip("\x00 "), "compute_capability": f"{prop.major}.{prop.minor}"}
+
+
+def check_engine_compatible(entry: dict[str, Any], engine_path: Path) -> None:
+    """Refuse an engine built for another GPU architecture or TensorRT version."""
+    trt = _import_tensorrt()
+    here = local_gpu()
+    here["tensorrt"] = trt.__version__
+    rebuild = "rebuild it on this machine with `lungsam export RUN --trt`"
+    problems = []
+    if str(entry.get("compute_capability")) != here["compute_capability"]:
+        problems.append(f"compute capability {entry.get('compute_capability')} (this GPU: {here['compute_capability']})")
+    if str(entry.get("tensorrt")) != here["tensorrt"]:
+        problems.append(f"TensorRT {entry.get('tensorrt')} (installed: {here['tensorrt']})")
+    if not problems and entry.get("gpu") and str(entry["gpu"]) != here["gpu"]:
+        warnings.warn(f"{engine_path.name} was built on {entry['gpu']!r}, this GPU is {here['gpu']!r} (same compute "
+                      f"capability, so it runs, but its kernels were tuned for the other GPU); {rebuild}",
+                      RuntimeWarning, stacklevel=3)
+    if problems:
+        raise BackendUnavailableError(
+            f"{engine_path.name} was built on {entry.get('gpu')!r} for " + " and ".join(problems)
+            + f"; this machine has {here['gpu']!r}; {rebuild}")
+
+
+class TrtModel:
+    """A serialized TensorRT engine run with ``execute_async_v3`` on device buffers from cuda-python.
+
+    Inputs/outputs are host numpy arrays (float32 at the boundary, as in the ONNX models); dynamic
+    shapes are set per call with ``set_input_shape``.
+    """
+
+    def __init__(self, path: str | Path):
+        trt = _import_tensorrt()
+        self._trt = trt
+        self._cudart = _import_cudart()
+        self.path = Path(path)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise BackendUnavailableError(f"{self.path}: TensorRT could not deserialize the engine (built for another "
+                                          "GPU or TensorRT version?); rebuild with `lungsam export RUN --trt` here")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self._stream = _check(self._cudart.cudaStreamCreate())
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+        self.providers = ["TensorRT"]
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                _check(self._cudart.cudaFree(ptr))
+            ptr = int(_check(self._cudart.cudaMalloc(max(nbytes, 1))))
+            self._buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cudart = self._cudart
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        hosts = {}
+        for name in self.input_names:
+            arr = np.ascontiguousarray(feeds[name], dtype=self._dtypes[name])
+            hosts[name] = arr
+            if not self.context.set_input_shape(name, arr.shape):
+                raise ValueError(f"{self.path.name}: input {name} shape {arr.shape} is outside the engine's profile")
+            ptr = self._buffer(name, arr.nbytes)
+            _check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self._stream))
+            self.context.set_tensor_address(name, ptr)
+        outs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            out = np.empty(shape, self._dtypes[name])
+            outs[name] = out
+            self.context.set_tensor_address(name, self._buffer(name, out.nbytes))
+        if not self.context.execute_async_v3(int(self._stream)):
+            raise RuntimeError(f"{self.path.name}: TensorRT execution failed")
+        for name, out in outs.items():
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[name][0], out.nbytes, d2h, self._stream))
+        _check(cudart.cudaStreamSynchronize(self._stream))
+        del hosts
+        return {n: o.astype(np.float32, copy=False) for n, o in outs.items()}
+
+    def __del__(self) -> None:  # free device memory
+        try:
+            for ptr, _ in self._buffers.values():
+                self._cudart.cudaFree(ptr)
+            self._cudart.cudaStreamDestroy(self._stream)
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing
+# ---------------------------------------------------------------------------------------------
+
+def _downgrade(choice: BackendChoice, allow_fallback: bool, error: BackendUnavailableError, to: str) -> None:
+    if not allow_fallback:
+        raise error
+    line = f"{error}; falling back to {to} (--allow-fallback)"
+    warnings.warn(line, RuntimeWarning, stacklevel=3)
+    choice.fallbacks.append(line)
+
+
+def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
+                    allow_fallback: bool = False, models: tuple[str, ...] = ("encoder", "decoder")) -> BackendChoice:
+    """Decide backend, device and precision for ``bundle`` (a :class:`~lungsam.runtime.bundle.Bundle`).
+
+    ``auto`` means TensorRT when ``device == "cuda"`` and the bundle carries engines usable here,
+    else onnxruntime. Explicit requests that cannot be met raise unless ``allow_fallback``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}; choose from fp32, fp16")
+    choice = BackendChoice(backend="onnxruntime", device=device, precision=precision,
+                           requested=(backend, device, precision))
+
+    if backend == "tensorrt" or (backend == "auto" and device == "cuda"):
+        try:
+            if device != "cuda":
+                raise BackendUnavailableError("backend 'tensorrt' runs on a GPU only; use --device cuda")
+            _import_tensorrt()
+            for name in models:
+                entry = bundle.engine_entry(name, precision)
+                if entry is None:
+                    have = [p for p in ("fp32", "fp16") if bundle.engine_entry(name, p) is not None]
+                    hint = (f"it has {', '.join(have)} engines: use --precision {have[0]}" if have else
+                            "build engines on this machine with `lungsam export RUN --trt`")
+                    raise BackendUnavailableError(
+                        f"bundle {bundle.root} has no {precision} TensorRT engine for {name!r}; {hint}")
+                check_engine_compatible(entry, bundle.engine_path(entry))
+            choice.backend = "tensorrt"
+            return choice
+        except BackendUnavailableError as e:
+            if backend == "auto":  # auto only prefers TensorRT; onnxruntime on the same device is the plain choice
+                choice.fallbacks.append(f"auto: not using TensorRT ({e})")
+            else:
+                _downgrade(choice, allow_fallback, e, f"onnxruntime on {device}")
+
+    # onnxruntime
+    if choice.device == "cuda":
+        try:
+            ort_providers("cuda")
+        except BackendUnavailableError as e:
+            _downgrade(choice, allow_fallback, e, "onnxruntime on cpu")
+            choice.device = "cpu"
+    missing = [n for n in models if not bundle.has_model(n, choice.precision)]
+    if missing:
+        e = BackendUnavailableError(f"bundle {bundle.root} has no {choice.precision} ONNX model for "
+                                    f"{', '.join(missing)} (export with --fp16 to add FP16 models)")
+        _downgrade(choice, allow_fallback, e, "fp32")
+        choice.precision = "fp32"
+    return choice
+
+
+def open_model(bundle, name: str, choice: BackendChoice, threads: int | None = None) -> Model:
+    """Open one bundle model with the chosen backend."""
+    if choice.backend == "tensorrt":
+        return TrtModel(bundle.engine_path(bundle.engine_entry(name, choice.precision)))
+    return OrtModel(bundle.model_path(name, choice.precision), device=choice.device, threads=threads)

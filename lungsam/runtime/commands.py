@@ -1,0 +1,69 @@
+"""``lungsam predict``; module level imports only click (the work lives in :mod:`lungsam.runtime.predict`)."""
+from __future__ import annotations
+
+import click
+
+
+@click.command("predict")
+@click.argument("bundle", type=click.Path(exists=True, path_type=str))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Output folder: <stem>_mask.png, <stem>_overlay.png, predictions.jsonl.")
+@click.option("--overlay", is_flag=True, help="Also write <stem>_overlay.png (mask over the image).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: TensorRT on --device cuda when the bundle has engines usable here, else onnxruntime.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--allow-fallback", is_flag=True,
+              help="Downgrade (with a warning) when the backend/device/precision is unavailable, instead of failing.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per model call.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, backend: str, device: str,
+            precision: str, allow_fallback: bool, threads: int | None, batch_size: int, no_progress: bool) -> None:
+    """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
+
+    INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
+    in predictions.jsonl with its reason; the batch goes on).
+    """
+    import warnings
+
+    from tqdm import tqdm
+
+    from ..imageio import list_inputs
+    from .backends import BackendUnavailableError
+    from .bundle import BundleError
+    from .predict import predict_files
+    from .segmenter import LungSegmenter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            seg = LungSegmenter.load(bundle, backend=backend, device=device, precision=precision,
+                                     allow_fallback=allow_fallback, threads=threads)
+        except (BundleError, BackendUnavailableError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    if seg.needs_box:
+        raise click.ClickException(
+            f"bundle {bundle} was trained with prompt mode {seg.prompt.mode!r}, which needs a ground-truth lung box "
+            "for every image; `lungsam predict` has no boxes: use a bundle trained with --prompt points or auto-box, "
+            "or the Python API (LungSegmenter.segment(image, box=...))")
+    n = len(list_inputs(list(inputs)))
+    if n == 0:
+        raise click.ClickException("no input images found (PNG/JPEG/TIFF/BMP/DICOM files or folders of them)")
+    d = seg.describe()
+    click.echo(f"{n} inputs; {d['backend']} on {d['device']} ({d['precision']}), prompt {d['prompt_mode']}, "
+               f"threshold {d['threshold']:.3f}", err=True)
+
+    def progress(it):
+        return tqdm(it, total=n, unit="img", desc="predict", disable=no_progress)
+
+    summary = predict_files(seg, inputs, out_dir, overlay=overlay, batch_size=batch_size, progress=progress)
+    for rec in summary.records:
+        if rec["status"] != "ok":
+            click.echo(f"failed: {rec['error']}", err=True)
+    click.echo(f"{summary.line} ({summary.seconds:.1f} s); results in {summary.jsonl}")
+    if summary.failed:
+        raise SystemExit(1)

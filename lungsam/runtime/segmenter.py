@@ -1,0 +1,505 @@
+"""``LungSegmenter``: an exported bundle run torch-free, stage by stage.
+
+Pipeline (the same code path training used, :mod:`lungsam.preprocess`)::
+
+    read (imageio.read_image) -> preprocess.to_working(pixels, S) -> preprocess.model_input(working, spec)
+    -> encoder (normalisation in-graph) -> decoder -> low-res logits (4E x 4E)
+    -> SAM postprocess to the working frame (preprocess.postprocess_matrices) composed with bilinear
+       resizing to the original size (preprocess.bilinear_matrix) -> sigmoid -> probability > threshold
+
+Each stage is a public method (:meth:`~LungSegmenter.preprocess`, :meth:`~LungSegmenter.encode`,
+:meth:`~LungSegmenter.decode`, :meth:`~LungSegmenter.postprocess`) so benchmarks can time them.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
+
+import numpy as np
+
+from .. import preprocess as pp
+from ..imageio import ImageReadError, LoadedImage, read_image
+from ..prompts import labelled_points, model_prompt
+from .backends import BackendChoice, Model, open_model, resolve_backend
+from .bundle import ONNX_IO, Bundle, BundleError
+
+ImageSource = Union[str, Path, LoadedImage, np.ndarray]
+
+
+class PromptRequiredError(ValueError):
+    """The bundle's prompt mode needs a ground-truth box, and none was given."""
+
+
+@dataclass
+class Prepared:
+    """One image read and preprocessed, ready for :meth:`LungSegmenter.encode`.
+
+    Attributes:
+        model_input: ``(3, img, img)`` float32 raw model input (0..255, padded with
+            :func:`lungsam.preprocess.pad_fill_value`; the encoder normalises in-graph).
+        input_hw: resized size before padding, ``(h', w')`` (for postprocessing).
+        original_hw: ``(H0, W0)``.
+        working_size: S.
+        pixel_spacing_mm: ``(row, col)`` mm per pixel when known.
+        source: path of the input (``None`` for arrays).
+        pixels: the original pixels (kept for overlays).
+        timings: ``read_s``, ``preprocess_s``.
+    """
+
+    model_input: np.ndarray
+    input_hw: tuple[int, int]
+    original_hw: tuple[int, int]
+    working_size: int
+    pixel_spacing_mm: tuple[float, float] | None = None
+    source: Path | None = None
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SegmentationResult:
+    """Lungs of one image, in its original frame.
+
+    Attributes:
+        mask: ``(H0, W0)`` bool.
+        probability: ``(H0, W0)`` float32 lung probability.
+        score: the decoder's predicted IoU.
+        area_px: lung pixels in ``mask``.
+        area_mm2: lung area in mm² when the pixel spacing is known, else ``None``.
+        threshold: probability threshold used.
+        original_hw: ``(H0, W0)``.
+        pixel_spacing_mm: ``(row, col)`` or ``None``.
+        source: input path (``None`` for arrays).
+        timings: seconds per stage: ``read_s``, ``preprocess_s``, ``encode_s``, ``decode_s``,
+            ``postprocess_s``, ``total_s`` (encode/decode are the batch's time divided by its size).
+        prompt: ``"learned"`` (baked-in prompt) or ``"interactive"``.
+    """
+
+    mask: np.ndarray
+    probability: np.ndarray
+    score: float
+    area_px: int
+    area_mm2: float | None
+    threshold: float
+    original_hw: tuple[int, int]
+    pixel_spacing_mm: tuple[float, float] | None
+    source: Path | None
+    timings: dict[str, float]
+    prompt: str = "learned"
+    pixels: np.ndarray | None = field(default=None, repr=False)
+
+    ok = True
+
+
+@dataclass
+class SegmentationFailure:
+    """One input of :meth:`LungSegmenter.segment_many` that failed; the batch goes on."""
+
+    source: Path | None
+    error: str
+    stage: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    ok = False
+
+
+Prompt = tuple[np.ndarray, np.ndarray]  # model-frame (N, 2) coords and (N,) labels (SAM ONNX convention)
+
+
+def _as_prompt_dict(p: Any) -> dict:
+    return dict(p) if p else {}
+
+
+class LungSegmenter:
+    """Segments lungs with an exported bundle; no torch.
+
+    Create with :meth:`load`. Thread-safety: one segmenter per thread for inference; reading and
+    :meth:`preprocess` are safe to run in other threads (``segment_many`` does).
+    """
+
+    def __init__(self, bundle: Bundle, models: dict[str, Model], choice: BackendChoice, threads: int | None = None):
+        self.bundle = bundle
+        self.spec = bundle.spec
+        self.working_size = bundle.working_size
+        self.prompt = bundle.prompt
+        self.threshold = bundle.threshold
+        self.choice = choice
+        self.threads = threads
+        self._models = models
+        self._matrices: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    # -----------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
+             allow_fallback: bool = False, threads: int | None = None) -> "LungSegmenter":
+        """Open a bundle (verifying every file's sha256) with the requested backend.
+
+        Args:
+            bundle: bundle folder (or its manifest.json), or a loaded :class:`Bundle`.
+            backend: ``auto`` (TensorRT when ``device="cuda"`` and usable engines exist, else
+                onnxruntime), ``onnxruntime`` or ``tensorrt``.
+            device: ``cpu`` or ``cuda``.
+            precision: ``fp32`` or ``fp16`` (FP16 models/engines must be in the bundle).
+            allow_fallback: downgrade (with a warning) instead of raising when the request cannot be met.
+            threads: onnxruntime intra-op threads (``None``: onnxruntime's default).
+        Raises:
+            BundleError / BundleIntegrityError: not a bundle, or a listed file missing or changed.
+            BackendUnavailableError: the backend/device/precision is not available and no fallback allowed.
+        """
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=True)
+        if not b.verified:
+            b.verify()
+        names = tuple(n for n in ("encoder", "decoder", "decoder_fixed") if b.manifest["models"].get(n))
+        if "encoder" not in names or not ({"decoder", "decoder_fixed"} & set(names)):
+            raise BundleError(f"bundle {b.root} needs an encoder and a decoder (has: {', '.join(names) or 'none'})")
+        choice = resolve_backend(b, backend, device, precision, allow_fallback, models=names)
+        models = {n: open_model(b, n, choice, threads) for n in names}
+        for n, m in models.items():
+            want_in, want_out = ONNX_IO[n]
+            if set(m.input_names) != set(want_in) or not set(want_out) <= set(m.output_names):
+                raise BundleError(f"bundle {b.root}: {n} has inputs {m.input_names} / outputs {m.output_names}, "
+                                  f"expected {want_in} / {want_out}")
+        return cls(b, models, choice, threads)
+
+    @property
+    def backend(self) -> str:
+        return self.choice.backend
+
+    @property
+    def device(self) -> str:
+        return self.choice.device
+
+    @property
+    def precision(self) -> str:
+        return self.choice.precision
+
+    @property
+    def needs_box(self) -> bool:
+        """True when the bundle's prompt mode (``box``/``both``) needs a box from the caller."""
+        return self.prompt.needs_ground_truth
+
+    @property
+    def uses_fixed_decoder(self) -> bool:
+        """True when :meth:`decode` without prompts runs ``decoder_fixed`` (the learned prompt baked in)."""
+        return "decoder_fixed" in self._models and not self.needs_box
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for logs/reports: backend, device, precision, providers, prompt mode, fallbacks."""
+        return {"bundle": str(self.bundle.root), "backbone": self.bundle.manifest.get("backbone"),
+                "backend": self.backend, "device": self.device, "precision": self.precision,
+                "providers": {n: list(getattr(m, "providers", [])) for n, m in self._models.items()},
+                "prompt_mode": self.prompt.mode, "threshold": self.threshold, "working_size": self.working_size,
+                "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks)}
+
+    # -----------------------------------------------------------------------------------------
+    # stages
+    # -----------------------------------------------------------------------------------------
+    @staticmethod
+    def read(source: ImageSource, pixel_spacing_mm: tuple[float, float] | None = None) -> LoadedImage:
+        """Path / LoadedImage / array -> :class:`LoadedImage` (raises :class:`ImageReadError`)."""
+        if isinstance(source, LoadedImage):
+            return source
+        if isinstance(source, np.ndarray):
+            if source.ndim < 2 or source.shape[0] == 0 or source.shape[1] == 0:
+                raise ImageReadError(f"array input has unusable shape {source.shape}")
+            return LoadedImage(pixels=source, path=Path("<array>"), pixel_spacing_mm=pixel_spacing_mm)
+        if isinstance(source, (str, Path)):
+            return read_image(source)
+        raise TypeError(f"expected a path, LoadedImage or numpy array, got {type(source).__name__}")
+
+    def preprocess(self, image: ImageSource, pixel_spacing_mm: tuple[float, float] | None = None) -> Prepared:
+        """Read (if needed) and map original -> working -> raw model input."""
+        t0 = time.perf_counter()
+        img = self.read(image, pixel_spacing_mm)
+        t1 = time.perf_counter()
+        try:
+            working = pp.to_working(img.pixels, self.working_size)
+        except ValueError as e:
+            raise ImageReadError(f"{img.path}: {e}") from e
+        raw, input_hw = pp.model_input(working, self.spec)
+        t2 = time.perf_counter()
+        spacing = img.pixel_spacing_mm if img.pixel_spacing_mm is not None else pixel_spacing_mm
+        src = None if str(img.path) == "<array>" else img.path
+        return Prepared(model_input=raw, input_hw=input_hw, original_hw=img.hw, working_size=self.working_size,
+                        pixel_spacing_mm=spacing, source=src, pixels=img.pixels,
+                        timings={"read_s": t1 - t0, "preprocess_s": t2 - t1})
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, 3, img, img)`` (or ``(3, img, img)``) raw model inputs -> ``(B, C, E, E)`` embeddings."""
+        x = np.asarray(batch, np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        n = self.spec.img_size
+        if x.ndim != 4 or x.shape[1:] != (3, n, n):
+            raise ValueError(f"encoder input must be (B, 3, {n}, {n}), got {x.shape}")
+        return self._models["encoder"].run({"image": np.ascontiguousarray(x)})["embeddings"]
+
+    def decode(self, embeddings: np.ndarray, prompts: Prompt | list[Prompt | None] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings -> ``(low_res_logits (B, 1, 4E, 4E), iou (B, 1))``.
+
+        Args:
+            embeddings: ``(B, C, E, E)``.
+            prompts: ``None`` for the learned prompt baked into ``decoder_fixed``; one model-frame
+                ``(coords (N, 2), labels (N,))`` pair (from :meth:`model_prompts`) for all images, or a
+                list with one pair per image (``None`` entries use the learned prompt).
+        """
+        e = np.ascontiguousarray(np.asarray(embeddings, np.float32))
+        if e.ndim == 3:
+            e = e[None]
+        b = e.shape[0]
+        if prompts is None:
+            return self._decode_fixed(e)
+        if isinstance(prompts, tuple):
+            prompts = [prompts] * b
+        if len(prompts) != b:
+            raise ValueError(f"{len(prompts)} prompts for {b} embeddings")
+        low = np.empty((b, 1, self.spec.low_res_size, self.spec.low_res_size), np.float32)
+        iou = np.empty((b, 1), np.float32)
+        groups: dict[Any, list[int]] = {}
+        for i, p in enumerate(prompts):  # equal point counts share a decoder call (SAM pads with one -1 point only)
+            groups.setdefault(None if p is None else len(p[1]), []).append(i)
+        for n, idx in groups.items():
+            if n is None:
+                lo, io = self._decode_fixed(e[idx])
+            else:
+                coords = np.stack([np.asarray(prompts[i][0], np.float32).reshape(n, 2) for i in idx])
+                labels = np.stack([np.asarray(prompts[i][1], np.float32).reshape(n) for i in idx])
+                out = self._models["decoder"].run({"embeddings": np.ascontiguousarray(e[idx]),
+                                                   "point_coords": coords, "point_labels": labels})
+                lo, io = out["low_res_logits"], out["iou_predictions"]
+            low[idx] = np.asarray(lo, np.float32)[:, :1]
+            iou[idx] = np.asarray(io, np.float32).reshape(len(idx), -1)[:, :1]
+        return low, iou
+
+    def _box_required(self) -> PromptRequiredError:
+        return PromptRequiredError(
+            f"this bundle's prompt mode is {self.prompt.mode!r}, which needs a lung bounding box per image "
+            "(x0, y0, x1, y1 in original pixels): pass box=...; a bundle trained with --prompt points or "
+            "auto-box needs none")
+
+    def _decode_fixed(self, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.needs_box:
+            raise self._box_required()
+        if "decoder_fixed" in self._models:
+            out = self._models["decoder_fixed"].run({"embeddings": e})
+            return np.asarray(out["low_res_logits"], np.float32), np.asarray(out["iou_predictions"], np.float32)
+        coords, labels, box = model_prompt(self.prompt, self.spec, (self.working_size,) * 2)
+        c, lab = labelled_points(coords, labels, box)
+        b = e.shape[0]
+        out = self._models["decoder"].run({"embeddings": e, "point_coords": np.repeat(c[None], b, 0),
+                                           "point_labels": np.repeat(lab[None], b, 0)})
+        return np.asarray(out["low_res_logits"], np.float32), np.asarray(out["iou_predictions"], np.float32)
+
+    def model_prompts(self, original_hw: tuple[int, int], points: np.ndarray | None = None,
+                      labels: np.ndarray | None = None, box: np.ndarray | None = None) -> Prompt | None:
+        """Interactive prompts in ORIGINAL image pixels -> model-frame ``(coords, labels)`` for :meth:`decode`.
+
+        ``points`` ``(N, 2)`` ``(x, y)`` with ``labels`` ``(N,)`` (1 lung, 0 background; default all 1),
+        ``box`` ``(4,)`` ``x0, y0, x1, y1``. Coordinates go original -> working (S, S) -> model frame.
+        The caller's prompt replaces the learned one, except that a box alone in a ``both`` bundle is
+        combined with the learned points (its training prompt). Returns ``None`` when neither is given
+        (the learned prompt; :class:`PromptRequiredError` for ``box``/``both`` bundles).
+        """
+        if points is None and box is None:
+            if self.needs_box:
+                raise self._box_required()
+            return None
+        s = (self.working_size, self.working_size)
+        h0, w0 = original_hw
+        coords = labs = b = None
+        if box is not None:
+            bx = np.asarray(box, np.float32).reshape(-1)
+            if bx.shape != (4,) or not np.all(np.isfinite(bx)) or bx[2] < bx[0] or bx[3] < bx[1]:
+                raise ValueError(f"box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1, got {box!r}")
+            b = pp.scale_coords(bx.reshape(2, 2), (h0, w0), s).reshape(4)
+        if points is not None:
+            pts = np.asarray(points, np.float32)
+            if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0 or not np.all(np.isfinite(pts)):
+                raise ValueError(f"points must be a non-empty (N, 2) array of (x, y), got shape {pts.shape}")
+            labs = np.ones(len(pts), np.float32) if labels is None else np.asarray(labels, np.float32).reshape(-1)
+            if labs.shape != (len(pts),) or not np.all(np.isin(labs, (0.0, 1.0))):
+                raise ValueError(f"labels must be ({len(pts)},) of 1 (lung) / 0 (background), got {labels!r}")
+            coords = pp.coords_to_model(pp.scale_coords(pts, (h0, w0), s), s, self.spec)
+        elif labels is not None:
+            raise ValueError("labels given without points")
+        if coords is None and self.prompt.mode == "both":
+            coords, labs, mb = model_prompt(self.prompt, self.spec, s, gt_box=b)
+            return labelled_points(coords, labs, mb)
+        return labelled_points(coords, labs, None if b is None else pp.boxes_to_model(b, s, self.spec))
+
+    def output_matrices(self, input_hw: tuple[int, int], original_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(M_y (H0, L), M_x (W0, L))``: SAM postprocess to the working frame composed with bilinear
+        resizing to the original size, so logits = ``M_y @ low_res @ M_x.T`` (cached per size)."""
+        key = (tuple(input_hw), tuple(original_hw))
+        m = self._matrices.get(key)
+        if m is None:
+            s = self.working_size
+            ay, ax = pp.postprocess_matrices(self.spec, tuple(input_hw), (s, s))
+            my = (pp.bilinear_matrix(s, original_hw[0]) @ ay.astype(np.float64)).astype(np.float32)
+            mx = (pp.bilinear_matrix(s, original_hw[1]) @ ax.astype(np.float64)).astype(np.float32)
+            m = self._matrices[key] = (my, mx)
+            if len(self._matrices) > 16:
+                self._matrices.popitem(last=False)
+        else:
+            self._matrices.move_to_end(key)
+        return m
+
+    def postprocess_logits(self, low_res: np.ndarray, prepared: Prepared) -> np.ndarray:
+        """Low-res logits ``(L, L)`` (or ``(1, L, L)``, ``(1, 1, L, L)``) -> ``(H0, W0)`` float32 logits."""
+        lr = np.asarray(low_res, np.float32)
+        while lr.ndim > 2:
+            if lr.shape[0] != 1:
+                raise ValueError(f"postprocess takes one image's logits, got shape {np.shape(low_res)}")
+            lr = lr[0]
+        my, mx = self.output_matrices(prepared.input_hw, prepared.original_hw)
+        return (my @ lr @ mx.T).astype(np.float32)
+
+    def postprocess(self, low_res: np.ndarray, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        """Low-res logits of one image -> ``(mask (H0, W0) bool, probability (H0, W0) float32)``."""
+        prob = pp.sigmoid(self.postprocess_logits(low_res, prepared))
+        return prob > self.threshold, prob
+
+    # -----------------------------------------------------------------------------------------
+    # whole pipeline
+    # -----------------------------------------------------------------------------------------
+    def _finish(self, prepared: Prepared, low: np.ndarray, iou: np.ndarray, timings: dict[str, float],
+                interactive: bool) -> SegmentationResult:
+        t0 = time.perf_counter()
+        mask, prob = self.postprocess(low, prepared)
+        timings["postprocess_s"] = time.perf_counter() - t0
+        timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
+        area = int(np.count_nonzero(mask))
+        sp = prepared.pixel_spacing_mm
+        return SegmentationResult(
+            mask=mask, probability=prob, score=float(np.asarray(iou).reshape(-1)[0]), area_px=area,
+            area_mm2=None if sp is None else float(area * sp[0] * sp[1]), threshold=self.threshold,
+            original_hw=prepared.original_hw, pixel_spacing_mm=sp, source=prepared.source, timings=timings,
+            prompt="interactive" if interactive else "learned", pixels=prepared.pixels)
+
+    def segment(self, image: ImageSource, points: np.ndarray | None = None, labels: np.ndarray | None = None,
+                box: np.ndarray | None = None, pixel_spacing_mm: tuple[float, float] | None = None
+                ) -> SegmentationResult:
+        """Segment one image (path, :class:`LoadedImage` or array).
+
+        Args:
+            points, labels, box: optional interactive prompts in ORIGINAL pixels (see :meth:`model_prompts`).
+            pixel_spacing_mm: ``(row, col)`` for array inputs (files carry their own where they state it).
+        """
+        prepared = self.preprocess(image, pixel_spacing_mm)
+        prompt = self.model_prompts(prepared.original_hw, points, labels, box)
+        return self._run([prepared], [prompt])[0]
+
+    def _run(self, batch: list[Prepared], prompts: list[Prompt | None]) -> list[SegmentationResult]:
+        b = len(batch)
+        t0 = time.perf_counter()
+        emb = self.encode(np.stack([p.model_input for p in batch]))
+        t1 = time.perf_counter()
+        low, iou = self.decode(emb, None if all(p is None for p in prompts) else prompts)
+        t2 = time.perf_counter()
+        out = []
+        for i, p in enumerate(batch):
+            timings = dict(p.timings, encode_s=(t1 - t0) / b, decode_s=(t2 - t1) / b)
+            out.append(self._finish(p, low[i], iou[i], timings, prompts[i] is not None))
+        return out
+
+    def segment_many(self, sources: Iterable[ImageSource], *, batch_size: int = 1, prefetch: int = 2,
+                     prompts: Mapping[str, Mapping[str, Any]] | Callable[[Any], Mapping[str, Any] | None] | None = None
+                     ) -> Iterator[SegmentationResult | SegmentationFailure]:
+        """Stream results in input order; a background thread reads and preprocesses the next images
+        while the current ones run. Every input yields one :class:`SegmentationResult` or one
+        :class:`SegmentationFailure` (``.ok`` tells which); a bad input never stops the batch.
+
+        Args:
+            sources: paths, :class:`LoadedImage` or arrays.
+            batch_size: images per encoder/decoder call.
+            prefetch: how many prepared images may wait in the queue.
+            prompts: optional per-input interactive prompts, ``{"points", "labels", "box"}`` in original
+                pixels: a mapping keyed by ``str(path)`` or a callable ``source -> dict | None``.
+        """
+        if batch_size < 1 or prefetch < 1:
+            raise ValueError("batch_size and prefetch must be >= 1")
+        q: queue.Queue = queue.Queue(maxsize=max(prefetch, batch_size))
+        stop = threading.Event()
+        end = object()
+
+        def lookup(src: Any) -> Mapping[str, Any] | None:
+            if prompts is None:
+                return None
+            if callable(prompts):
+                return prompts(src)
+            return prompts.get(str(src)) if isinstance(src, (str, Path)) else None
+
+        def producer() -> None:
+            try:
+                for src in sources:
+                    if stop.is_set():
+                        return
+                    path = Path(src) if isinstance(src, (str, Path)) else getattr(src, "path", None)
+                    try:
+                        prepared = self.preprocess(src)
+                        p = _as_prompt_dict(lookup(src))
+                        prompt = self.model_prompts(prepared.original_hw, p.get("points"), p.get("labels"), p.get("box"))
+                        item: Any = (prepared, prompt)
+                    except Exception as e:  # one bad input never stops the batch
+                        stage = "prompt" if isinstance(e, PromptRequiredError) else "read"
+                        msg = str(e) if isinstance(e, (ImageReadError, ValueError)) and str(e) else f"{type(e).__name__}: {e}"
+                        if path is not None and str(path) not in msg:
+                            msg = f"{path}: {msg}"
+                        item = SegmentationFailure(path, msg, stage)
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+            except Exception as e:  # the iterable itself failed
+                q.put(SegmentationFailure(None, f"input listing failed: {type(e).__name__}: {e}", "list"))
+            finally:
+                while not stop.is_set():
+                    try:
+                        q.put(end, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+
+        thread = threading.Thread(target=producer, name="lungsam-prefetch", daemon=True)
+        thread.start()
+        try:
+            done = False
+            while not done:
+                items: list[Any] = []
+                while len(items) < batch_size:
+                    item = q.get()
+                    if item is end:
+                        done = True
+                        break
+                    items.append(item)
+                # keep input order: failures are yielded in place, images are run in runs of consecutive ones
+                run: list[tuple[Prepared, Prompt | None]] = []
+                for item in items + [None]:
+                    if isinstance(item, tuple):
+                        run.append(item)
+                        continue
+                    if run:
+                        yield from self._run_safe(run)
+                        run = []
+                    if item is not None:
+                        yield item
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def _run_safe(self, run: list[tuple[Prepared, Prompt | None]]) -> list[SegmentationResult | SegmentationFailure]:
+        try:
+            return self._run([p for p, _ in run], [pr for _, pr in run])
+        except Exception as e:
+            if len(run) > 1:  # isolate the failing image
+                return [r for one in run for r in self._run_safe([one])]
+            p = run[0][0]
+            return [SegmentationFailure(p.source, f"{type(e).__name__}: {e}", "inference", dict(p.timings))]

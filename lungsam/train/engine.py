@@ -1,0 +1,191 @@
+"""Decoder-only fine-tuning and batched prediction on cached embeddings.
+
+Frames: embeddings are the frozen encoder's output for the working image; prompts are built in
+the model frame; logits are brought back to the working frame (S x S) with SAM's own
+``Sam.postprocess_masks`` (the numpy twin lives in :mod:`lungsam.preprocess` and is pinned to it in
+tests); loss and metrics are computed there.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+
+from ..metrics import f1_score, iou_score
+from ..modeling.decoder import decode
+from ..preprocess import PreprocessSpec, preprocess_shape
+from ..prompts import LearnedPrompt, mask_box, model_prompt, perturb_box
+
+
+def pick_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu; an explicit ``cuda`` without CUDA is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return device
+
+
+def freeze_all_but_decoder(sam: Sam) -> list[torch.nn.Parameter]:
+    """Freeze image and prompt encoders; return the mask decoder's parameters (the only trainable ones)."""
+    for p in sam.parameters():
+        p.requires_grad_(False)
+    for p in sam.mask_decoder.parameters():
+        p.requires_grad_(True)
+    sam.image_encoder.eval()
+    sam.prompt_encoder.eval()
+    return list(sam.mask_decoder.parameters())
+
+
+@dataclass
+class PromptTensors:
+    """Model-frame prompts for a batch: ``coords (B, N, 2)``, ``labels (B, N)``, ``boxes (B, 4)`` or ``None``."""
+
+    coords: torch.Tensor | None
+    labels: torch.Tensor | None
+    boxes: torch.Tensor | None
+
+
+def batch_prompts(prompt: LearnedPrompt, spec: PreprocessSpec, masks: list[np.ndarray], size: int, device: str,
+                  rng: np.random.Generator | None = None, box_jitter: float = 0.0) -> PromptTensors:
+    """Prompts for images whose working-frame masks are ``masks`` (``(S, S)`` bool, used only for
+    ground-truth boxes). ``rng`` enables the training-time box perturbation."""
+    coords, labels, boxes = [], [], []
+    for m in masks:
+        gt = None
+        if prompt.needs_ground_truth:
+            gt = mask_box(m)
+            if rng is not None and box_jitter > 0:
+                gt = perturb_box(gt, (size, size), rng, box_jitter)
+        c, lab, b = model_prompt(prompt, spec, (size, size), gt_box=gt)
+        coords.append(c)
+        labels.append(lab)
+        boxes.append(b)
+    as_t = lambda xs: None if xs[0] is None else torch.from_numpy(np.stack(xs)).to(device)  # noqa: E731
+    return PromptTensors(as_t(coords), as_t(labels), as_t(boxes))
+
+
+def logits_at_working(sam: Sam, embeddings: torch.Tensor, prompts: PromptTensors, spec: PreprocessSpec,
+                      size: int) -> torch.Tensor:
+    """Decode and bring logits to the working frame: ``(B, C, E, E)`` -> ``(B, 1, S, S)`` float."""
+    low_res, _ = decode(sam, embeddings, prompts.coords, prompts.labels, prompts.boxes)
+    input_hw = preprocess_shape(size, size, spec.img_size)
+    return sam.postprocess_masks(low_res.float(), input_hw, (size, size))
+
+
+def autocast(device: str, enabled: bool):
+    if enabled and device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_probabilities(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarray], prompt: LearnedPrompt,
+                          spec: PreprocessSpec, size: int, device: str, batch_size: int = 8,
+                          amp: bool = False) -> np.ndarray:
+    """``(N, S, S)`` float32 probabilities for cached ``(N, C, E, E)`` embeddings (no box jitter)."""
+    sam.eval()
+    out = []
+    for s in range(0, len(embeddings), batch_size):
+        emb = torch.from_numpy(embeddings[s:s + batch_size].astype(np.float32)).to(device)
+        pt = batch_prompts(prompt, spec, masks[s:s + batch_size], size, device)
+        with autocast(device, amp):
+            logits = logits_at_working(sam, emb, pt, spec, size)
+        out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def score(probs: np.ndarray, masks: list[np.ndarray], threshold: float) -> tuple[list[float], list[float]]:
+    """Per-image F1 and IoU of ``probs > threshold`` against ``masks``."""
+    f1 = [f1_score(p > threshold, m) for p, m in zip(probs, masks)]
+    iou = [iou_score(p > threshold, m) for p, m in zip(probs, masks)]
+    return f1, iou
+
+
+def sweep_thresholds(probs: np.ndarray, masks: list[np.ndarray], thresholds: tuple[float, ...]) -> list[dict]:
+    """Mean F1/IoU at each threshold: ``[{"threshold", "f1", "iou"}]``."""
+    rows = []
+    for t in thresholds:
+        f1, iou = score(probs, masks, t)
+        rows.append({"threshold": float(t), "f1": float(np.mean(f1)), "iou": float(np.mean(iou))})
+    return rows
+
+
+def choose_threshold(sweep: list[dict]) -> float:
+    """The threshold with the best mean validation F1 (the lowest on ties)."""
+    best = max(r["f1"] for r in sweep)
+    return min(r["threshold"] for r in sweep if r["f1"] == best)
+
+
+class DecoderTrainer:
+    """One fold's optimisation state: Adam on the mask decoder, MONAI DiceFocalLoss.
+
+    Args:
+        sam: backbone (encoders frozen here).
+        spec, size, prompt: preprocessing, working resolution, learned prompt.
+        lr, weight_decay, batch_size, box_jitter, device, amp: see :class:`~lungsam.train.config.TrainConfig`.
+        seed: seeds torch and the numpy generator used for shuffling and box jitter.
+    """
+
+    def __init__(self, sam: Sam, spec: PreprocessSpec, size: int, prompt: LearnedPrompt, *, lr: float,
+                 weight_decay: float, batch_size: int, box_jitter: float, device: str, amp: bool, seed: int):
+        from monai.losses import DiceFocalLoss
+
+        torch.manual_seed(seed)
+        self.sam = sam.to(device)
+        self.spec, self.size, self.prompt = spec, size, prompt
+        self.batch_size, self.box_jitter, self.device = batch_size, box_jitter, device
+        self.amp = amp and device.startswith("cuda")
+        self.params = freeze_all_but_decoder(sam)
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, weight_decay=weight_decay)
+        self.loss_fn = DiceFocalLoss(sigmoid=True, squared_pred=True, reduction="mean")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not torch.cuda.is_bf16_supported()) \
+            if self.amp else None
+        self.rng = np.random.default_rng(seed)
+
+    def _loss(self, emb: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator | None) -> torch.Tensor:
+        x = torch.from_numpy(emb.astype(np.float32)).to(self.device)
+        target = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)).to(self.device)
+        pt = batch_prompts(self.prompt, self.spec, masks, self.size, self.device, rng, self.box_jitter)
+        with autocast(self.device, self.amp):
+            logits = logits_at_working(self.sam, x, pt, self.spec, self.size)
+        return self.loss_fn(logits.float(), target)
+
+    def train_epoch(self, embeddings: np.ndarray, masks: list[np.ndarray]) -> tuple[float, float]:
+        """One pass over shuffled training data; returns ``(mean loss, seconds)``."""
+        self.sam.mask_decoder.train()
+        t0 = time.perf_counter()
+        order = self.rng.permutation(len(embeddings))
+        total, n = 0.0, 0
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            loss = self._loss(embeddings[idx], [masks[i] for i in idx], self.rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            n += len(idx)
+        return total / max(n, 1), time.perf_counter() - t0
+
+    @torch.no_grad()
+    def validate(self, embeddings: np.ndarray, masks: list[np.ndarray], threshold: float = 0.5) -> dict:
+        """Validation loss and mean F1 at ``threshold`` (no box jitter)."""
+        self.sam.mask_decoder.eval()
+        losses = []
+        for s in range(0, len(embeddings), self.batch_size):
+            losses.append(float(self._loss(embeddings[s:s + self.batch_size], masks[s:s + self.batch_size], None))
+                          * len(masks[s:s + self.batch_size]))
+        probs = predict_probabilities(self.sam, embeddings, masks, self.prompt, self.spec, self.size, self.device,
+                                      self.batch_size, self.amp)
+        f1, iou = score(probs, masks, threshold)
+        return {"val_loss": sum(losses) / len(masks), "val_f1": float(np.mean(f1)), "val_iou": float(np.mean(iou))}

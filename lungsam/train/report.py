@@ -1,0 +1,143 @@
+"""Figures and markdown reports for runs and evaluations (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import atomic_path
+from ..metrics import fmt_mean_std
+
+PAPER = {  # Carvalho & Almeida, CIARP 2024 (SAM ViT-B, fine-tuned decoder, 5-fold, F1)
+    "points": {"montgomery": "0.943 ± 0.007", "shenzhen": "0.915 ± 0.011"},
+    "unet": {"montgomery": "0.973", "shenzhen": "0.941"},
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def learning_curve(history: list[dict], path: Path, title: str) -> None:
+    """Train loss, val loss and val F1 per epoch."""
+    plt = _plt()
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(ep, [h["train_loss"] for h in history], label="train loss")
+    ax.plot(ep, [h["val_loss"] for h in history], label="val loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("DiceFocal loss")
+    ax2 = ax.twinx()
+    ax2.plot(ep, [h["val_f1"] for h in history], color="tab:green", label="val F1 (t=0.5)")
+    ax2.set_ylabel("val F1")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def threshold_curve(sweep: list[dict], chosen: float, path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["threshold"] for r in sweep], [r["f1"] for r in sweep], marker="o", label="val F1")
+    ax.axvline(chosen, color="gray", ls="--", label=f"chosen {chosen:.2f}")
+    ax.set_xlabel("probability threshold")
+    ax.set_ylabel("mean F1")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def overlays(items: list[dict], path: Path, title: str) -> None:
+    """Grid of images with ground truth (green) and prediction (red) contours.
+
+    ``items``: ``[{"label", "image" (S,S,3) uint8, "gt" (S,S) bool, "pred" (S,S) bool}]``.
+    """
+    plt = _plt()
+    n = len(items)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.5))
+    for ax, it in zip(np.atleast_1d(axes), items):
+        ax.imshow(it["image"], cmap="gray")
+        ax.contour(it["gt"].astype(float), levels=[0.5], colors="lime", linewidths=1)
+        ax.contour(it["pred"].astype(float), levels=[0.5], colors="red", linewidths=1)
+        ax.set_title(it["label"], fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{title}  (green: ground truth, red: prediction)", fontsize=9)
+    save_figure(fig, path)
+
+
+def gt_note(prompt: str) -> str:
+    if prompt in ("box", "both"):
+        return "**Box prompts are taken from the ground-truth masks** (an upper bound, not usable without annotation)."
+    return "Prompts need no ground truth (learned from the training split's mean mask)."
+
+
+def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
+    """``report.md`` of a training run: per-fold table and the k-fold aggregate, paper beside ours."""
+    cfg = run["config"]
+    lines = [
+        f"# lungsam run: {cfg['backbone']} / prompt `{cfg['prompt']}`",
+        "",
+        f"- data: {', '.join(cfg['data'])} ({run['n_samples']} pairs used, {run['n_skipped']} skipped)",
+        f"- working size {cfg['size']}x{cfg['size']}; folds {cfg['folds']}; epochs ≤ {cfg['epochs']} "
+        f"(patience {cfg['patience']}); Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}; batch {cfg['batch_size']}",
+        f"- device {run['device']}; started {run['started']}; finished {run.get('finished', '?')}; "
+        f"wall time {run.get('wall_time_s', 0):.0f} s",
+        f"- {gt_note(cfg['prompt'])}",
+        "",
+        "| fold | train/val/test | best epoch | threshold | val F1 | test F1 | test IoU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in folds:
+        n = f["n"]
+        lines.append(f"| {f['fold']} | {n['train']}/{n['val']}/{n['test']} | {f['best_epoch']} | {f['threshold']:.2f} | "
+                     f"{f['val']['f1']['mean']:.3f} | {fmt_mean_std(f['test']['f1'])} | {fmt_mean_std(f['test']['iou'])} |")
+    a = aggregate
+    lines += [
+        "",
+        f"**Test F1 {fmt_mean_std(a['test_f1_across_folds'])}**, IoU {fmt_mean_std(a['test_iou_across_folds'])} "
+        f"(mean ± std of the fold means, population std; {len(folds)} fold(s)).",
+        f"Pooled over all test images: F1 {fmt_mean_std(a['test_f1_pooled'])}, IoU {fmt_mean_std(a['test_iou_pooled'])}, "
+        f"min F1 {a['test_f1_pooled']['min']:.3f}.",
+        "",
+        "Paper (Carvalho & Almeida, CIARP 2024, SAM ViT-B, points, 5-fold F1): Montgomery "
+        f"{PAPER['points']['montgomery']}, Shenzhen {PAPER['points']['shenzhen']}; U-Net {PAPER['unet']['montgomery']} / "
+        f"{PAPER['unet']['shenzhen']}.",
+        "",
+        "Figures: `folds/fold_*/learning_curve.png`, `folds/fold_*/threshold_curve.png`, `folds/fold_*/overlays.png`.",
+    ]
+    if run.get("skipped"):
+        lines += ["", "## Skipped pairs", ""] + [f"- {s['reason']}" for s in run["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def eval_report(result: dict) -> str:
+    """``report.md`` of ``lungsam eval``."""
+    lines = [
+        f"# lungsam eval: {result['model']}",
+        "",
+        f"- data: {', '.join(result['data'])} ({result['n']} pairs, {result['n_skipped']} skipped); "
+        f"working size {result['size']}",
+        f"- prompt `{result['prompt']}`; threshold {result['threshold']:.2f} ({result['threshold_source']})",
+        f"- {gt_note(result['prompt'])}",
+        "",
+        "| metric | mean ± std | min | max |",
+        "|---|---|---|---|",
+    ]
+    for k in ("f1", "iou"):
+        s = result[k]
+        lines.append(f"| {k.upper()} | {fmt_mean_std(s)} | {s['min']:.3f} | {s['max']:.3f} |")
+    if result.get("skipped"):
+        lines += ["", "## Skipped pairs", ""] + [f"- {s['reason']}" for s in result["skipped"]]
+    return "\n".join(lines) + "\n"

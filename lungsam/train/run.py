@@ -1,0 +1,278 @@
+"""Training runs (k folds) and evaluations, writing self-describing artifacts (see :mod:`lungsam.runs`)."""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..artifacts import atomic_path, package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
+from ..backbones import build_backbone, get_backbone
+from ..data import Dataset, Sample, kfold_splits, load_dataset, pool
+from ..embeddings import EmbeddingCache, weights_fingerprint
+from ..metrics import summarize
+from ..prompts import LearnedPrompt, learn_prompt
+from . import report
+from .config import TrainConfig
+from .engine import DecoderTrainer, choose_threshold, pick_device, predict_probabilities, score, sweep_thresholds
+
+Log = Callable[[str], None]
+
+
+def load_data(paths: list[str], size: int, log: Log) -> Dataset:
+    """Load and pool data sets at working resolution ``size`` (bad pairs are logged and skipped)."""
+    return pool([load_dataset(p, size, log=log) for p in paths])
+
+
+def checkpoint_for(cfg: TrainConfig) -> str | None:
+    """The weights file a run uses: the user's path, the official cache copy, or ``None`` for ``tiny``."""
+    if cfg.checkpoint:
+        if not Path(cfg.checkpoint).exists():
+            raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file")
+        return str(Path(cfg.checkpoint).resolve())
+    spec = get_backbone(cfg.backbone)
+    if spec.weights is None:
+        if cfg.backbone == "tiny":
+            return None
+        raise ValueError(f"backbone {cfg.backbone!r} has no downloadable weights: pass --checkpoint PATH")
+    from ..weights import ensure_weights
+
+    return str(ensure_weights(spec.weights))
+
+
+def embed_samples(sam, cfg: TrainConfig, ckpt: str | None, samples: list[Sample], device: str,
+                  progress: bool = True) -> tuple[np.ndarray, EmbeddingCache]:
+    """Cached ``(N, C, E, E)`` float16 embeddings of ``samples``."""
+    spec = get_backbone(cfg.backbone).preprocess
+    cache = EmbeddingCache(cfg.backbone, weights_fingerprint(cfg.backbone, ckpt), spec)
+    emb = cache.embed(sam.image_encoder, samples, device=device, batch_size=cfg.embed_batch_size, progress=progress)
+    return emb, cache
+
+
+def _save_decoder(sam, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in sam.mask_decoder.state_dict().items()}, str(tmp))
+
+
+def _load_decoder(sam, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    sam.mask_decoder.load_state_dict(load_file(str(path)), strict=True)
+
+
+def _save_state(path: Path, trainer: DecoderTrainer, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save({"optimizer": trainer.optimizer.state_dict(), **state}, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    s = io.StringIO()
+    w = csv.DictWriter(s, fieldnames=["epoch", "train_loss", "val_loss", "val_f1", "val_iou", "epoch_s"])
+    w.writeheader()
+    for h in history:
+        w.writerow({k: h[k] for k in w.fieldnames})
+    write_text_atomic(path, s.getvalue())
+
+
+def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Sample], emb: dict[str, np.ndarray],
+               sam, device: str, fold_dir: Path, log: Log, progress: bool = True) -> dict:
+    """Train, select threshold and test one fold; resumable from ``train_state.pt``."""
+    spec = get_backbone(cfg.backbone).preprocess
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(fold_dir / "split.json", split)
+    part = {k: [samples[i] for i in split[k]] for k in ("train", "val", "test")}
+    prompt = learn_prompt([s.mask for s in part["train"]], cfg.prompt, cfg.points_per_lung)
+    write_json_atomic(fold_dir / "prompt.json", prompt.to_dict())
+    E = {k: np.stack([emb[s.id] for s in v]) for k, v in part.items()}
+    M = {k: [s.mask for s in v] for k, v in part.items()}
+
+    initial = {k: v.clone() for k, v in sam.mask_decoder.state_dict().items()}
+    sam.mask_decoder.load_state_dict(initial)
+    trainer = DecoderTrainer(sam, spec, cfg.size, prompt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             batch_size=cfg.batch_size, box_jitter=cfg.box_jitter, device=device, amp=cfg.amp,
+                             seed=cfg.seed + fold)
+    state_path = fold_dir / "train_state.pt"
+    history: list[dict] = []
+    best_f1, best_epoch, start = -1.0, 0, 1
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        _load_decoder(sam, fold_dir / "decoder_last.safetensors")
+        trainer.optimizer.load_state_dict(st["optimizer"])
+        trainer.rng.bit_generator.state = st["rng"]
+        history, best_f1, best_epoch, start = st["history"], st["best_f1"], st["best_epoch"], st["epoch"] + 1
+        log(f"fold {fold}: resuming after epoch {st['epoch']} (best val F1 {best_f1:.4f} at epoch {best_epoch})")
+
+    t_fold = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, cfg.epochs + 1), desc=f"fold {fold}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        if epoch - best_epoch > cfg.patience and best_epoch > 0:
+            log(f"fold {fold}: early stop at epoch {epoch - 1} (no val F1 gain for {cfg.patience} epochs)")
+            break
+        train_loss, secs = trainer.train_epoch(E["train"], M["train"])
+        val = trainer.validate(E["val"], M["val"])
+        history.append({"epoch": epoch, "train_loss": train_loss, "epoch_s": secs, **val})
+        if val["val_f1"] > best_f1:
+            best_f1, best_epoch = val["val_f1"], epoch
+            _save_decoder(sam, fold_dir / "decoder_best.safetensors")
+        _save_decoder(sam, fold_dir / "decoder_last.safetensors")
+        _save_state(state_path, trainer, {"epoch": epoch, "history": history, "best_f1": best_f1,
+                                          "best_epoch": best_epoch, "rng": trainer.rng.bit_generator.state})
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{val['val_f1']:.4f}", best=best_epoch)
+    bar.close()
+    _write_history(fold_dir / "history.csv", history)
+    title = f"{cfg.backbone} / {cfg.prompt} / fold {fold}"
+    report.learning_curve(history, fold_dir / "learning_curve.png", title)
+
+    _load_decoder(sam, fold_dir / "decoder_best.safetensors")
+    val_probs = predict_probabilities(sam, E["val"], M["val"], prompt, spec, cfg.size, device, cfg.batch_size)
+    sweep = sweep_thresholds(val_probs, M["val"], cfg.thresholds)
+    thr = choose_threshold(sweep)
+    report.threshold_curve(sweep, thr, fold_dir / "threshold_curve.png", title)
+    vf1, viou = score(val_probs, M["val"], thr)
+    test_probs = predict_probabilities(sam, E["test"], M["test"], prompt, spec, cfg.size, device, cfg.batch_size)
+    tf1, tiou = score(test_probs, M["test"], thr)
+    per_image = [{"id": s.id, "f1": a, "iou": b} for s, a, b in zip(part["test"], tf1, tiou)]
+    order = np.argsort(tf1)
+    report.overlays([{"label": f"{lab}: {part['test'][i].id.split('/')[-1]} F1 {tf1[i]:.3f}",
+                      "image": part["test"][i].image, "gt": M["test"][i], "pred": test_probs[i] > thr}
+                     for lab, i in (("best", order[-1]), ("worst", order[0]))], fold_dir / "overlays.png", title)
+    metrics = {
+        "fold": fold, "threshold": thr, "threshold_sweep": sweep,
+        "n": {k: len(v) for k, v in part.items()},
+        "best_epoch": best_epoch, "epochs_run": len(history),
+        "train_time_s": sum(h["epoch_s"] for h in history), "fold_wall_s": time.perf_counter() - t_fold,
+        "val": {"f1": summarize(vf1), "iou": summarize(viou)},
+        "test": {"f1": summarize(tf1), "iou": summarize(tiou)},
+        "prompt_uses_ground_truth": prompt.needs_ground_truth,
+        "per_image": per_image,
+    }
+    write_json_atomic(fold_dir / "metrics.json", metrics)
+    sam.mask_decoder.load_state_dict(initial)  # next fold starts from the pretrained decoder
+    log(f"fold {fold}: threshold {thr:.2f}, val F1 {np.mean(vf1):.4f}, test F1 {np.mean(tf1):.4f} ± {np.std(tf1):.4f}, "
+        f"IoU {np.mean(tiou):.4f}")
+    return metrics
+
+
+def aggregate_folds(folds: list[dict]) -> dict:
+    """k-fold summary: mean ± std of fold means, and pooled per-image statistics."""
+    pooled_f1 = [r["f1"] for f in folds for r in f["per_image"]]
+    pooled_iou = [r["iou"] for f in folds for r in f["per_image"]]
+    return {
+        "test_f1_across_folds": summarize([f["test"]["f1"]["mean"] for f in folds]),
+        "test_iou_across_folds": summarize([f["test"]["iou"]["mean"] for f in folds]),
+        "test_f1_pooled": summarize(pooled_f1),
+        "test_iou_pooled": summarize(pooled_iou),
+        "thresholds": [f["threshold"] for f in folds],
+        "prompt_uses_ground_truth": folds[0]["prompt_uses_ground_truth"],
+    }
+
+
+def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, log: Log = print, progress: bool = True) -> dict:
+    """Train all folds of a run into ``out``; returns the run's aggregate metrics."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    if (out / "run.json").exists():
+        if not resume:
+            raise FileExistsError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+        old = read_json(out / "run.json")
+        if TrainConfig.from_dict(old["config"]).comparable() != cfg.comparable():
+            raise ValueError(f"--resume: the settings differ from the run in {out}; start a new --out instead")
+    device = pick_device(cfg.device)
+    ckpt = checkpoint_for(cfg)
+    data = load_data(cfg.data, cfg.size, log)
+    log(f"data: {len(data.samples)} pairs from {', '.join(cfg.data)} ({len(data.skipped)} skipped)")
+    splits = kfold_splits([s.id for s in data.samples], cfg.folds, cfg.seed)
+    run = {
+        "format": "lungsam-run/1", "config": {**cfg.to_dict(), "checkpoint": ckpt},
+        "weights_sha256": weights_fingerprint(cfg.backbone, ckpt), "device": device,
+        "n_samples": len(data.samples), "n_skipped": len(data.skipped), "skipped": data.skipped,
+        "started": utc_now(), "versions": package_versions(),
+    }
+    write_json_atomic(out / "run.json", run)
+    write_json_atomic(out / "splits.json", splits)
+    sam = build_backbone(cfg.backbone, ckpt)
+    t_emb = time.perf_counter()
+    emb_arr, cache = embed_samples(sam, cfg, ckpt, data.samples, device, progress)
+    emb = {s.id: e for s, e in zip(data.samples, emb_arr)}
+    run["embedding"] = {"cache_dir": str(cache.directory), "hits": cache.hits, "computed": cache.misses,
+                        "seconds": time.perf_counter() - t_emb}
+    sam.image_encoder.to("cpu")  # the decoder trains on cached embeddings only
+    samples = data.by_id()
+    folds = []
+    for i, split in enumerate(splits):
+        fd = out / "folds" / f"fold_{i}"
+        if (fd / "metrics.json").exists():
+            log(f"fold {i}: already finished, reusing")
+            folds.append(read_json(fd / "metrics.json"))
+            continue
+        folds.append(train_fold(cfg, i, split, samples, emb, sam, device, fd, log, progress))
+    agg = aggregate_folds(folds)
+    run.update({"finished": utc_now(), "wall_time_s": time.perf_counter() - t0})
+    write_json_atomic(out / "run.json", run)
+    summary = {"aggregate": agg, "folds": [{k: v for k, v in f.items() if k != "per_image"} for f in folds]}
+    write_json_atomic(out / "metrics.json", summary)
+    write_text_atomic(out / "report.md", report.run_report(run, folds, agg))
+    return summary
+
+
+def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = None, fold: int | None = None,
+             backbone: str | None = None, checkpoint: str | None = None, prompt_mode: str = "points",
+             points_per_lung: int = 3, prompt_from: list[str] | None = None, threshold: float | None = None,
+             size: int = 256, device: str = "auto", log: Log = print, progress: bool = True) -> dict:
+    """Score a run (its chosen fold) or a zero-shot backbone on data sets; writes metrics.json and report.md.
+
+    Zero-shot prompts come from the mean mask of ``prompt_from`` data sets (default: the evaluated
+    data itself, which the report states, since it uses the evaluated set's annotations).
+    """
+    from ..runs import load_run
+
+    device = pick_device(device)
+    if run_dir:
+        rm = load_run(run_dir, fold, checkpoint)
+        sam, spec, prompt, size = rm.sam, rm.spec, rm.prompt, rm.working_size
+        thr, thr_src = (threshold, "given") if threshold is not None else (rm.threshold, "chosen on the run's validation split")
+        name = f"run {run_dir} fold {rm.fold} ({rm.backbone}, {prompt.mode})"
+        ckpt = rm.run["config"].get("checkpoint")
+        cfg = TrainConfig(backbone=rm.backbone, checkpoint=ckpt, size=size)
+    else:
+        if backbone is None:
+            raise ValueError("give a RUN or --backbone for zero-shot evaluation")
+        cfg = TrainConfig(backbone=backbone, checkpoint=checkpoint, size=size)
+        ckpt = checkpoint_for(cfg)
+        sam = build_backbone(backbone, ckpt)
+        spec = get_backbone(backbone).preprocess
+        src = load_data(prompt_from or data_paths, size, log)
+        prompt = learn_prompt([s.mask for s in src.samples], prompt_mode, points_per_lung)
+        thr, thr_src = (threshold, "given") if threshold is not None else (0.5, "SAM default (logit 0)")
+        name = f"zero-shot {backbone} ({prompt_mode}; prompt from {', '.join(prompt_from or data_paths)})"
+    data = load_data(data_paths, size, log)
+    emb, _ = embed_samples(sam, cfg, ckpt, data.samples, device, progress)
+    masks = [s.mask for s in data.samples]
+    probs = predict_probabilities(sam.to(device), emb, masks, prompt, spec, size, device)
+    f1, iou = score(probs, masks, thr)
+    result = {
+        "model": name, "data": data_paths, "n": len(masks), "n_skipped": len(data.skipped), "skipped": data.skipped,
+        "size": size, "prompt": prompt.mode, "prompt_uses_ground_truth": prompt.needs_ground_truth,
+        "learned_prompt": prompt.to_dict(), "threshold": thr, "threshold_source": thr_src,
+        "f1": summarize(f1), "iou": summarize(iou),
+        "per_image": [{"id": s.id, "f1": a, "iou": b} for s, a, b in zip(data.samples, f1, iou)],
+        "created": utc_now(), "versions": package_versions(),
+    }
+    out = Path(out)
+    write_json_atomic(out / "metrics.json", result)
+    write_text_atomic(out / "report.md", report.eval_report(result))
+    order = np.argsort(f1)
+    report.overlays([{"label": f"{lab}: {data.samples[i].id.split('/')[-1]} F1 {f1[i]:.3f}", "image": data.samples[i].image,
+                      "gt": masks[i], "pred": probs[i] > thr} for lab, i in (("best", order[-1]), ("worst", order[0]))],
+                    out / "overlays.png", name)
+    return result

@@ -1,0 +1,58 @@
+"""Shared fixtures. Real data and weights live beside the repo in ../shared (skipped when absent)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MONTGOMERY = SHARED / "data" / "montgomery"
+SHENZHEN = SHARED / "data" / "shenzhen"
+MOBILE_SAM = SHARED / "weights" / "mobile_sam.pt"
+LITE_MEDSAM = SHARED / "weights" / "lite_medsam.pth"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Every test session gets its own LUNGSAM_CACHE (weights + embeddings), never the user's."""
+    old = os.environ.get("LUNGSAM_CACHE")
+    os.environ["LUNGSAM_CACHE"] = str(tmp_path_factory.mktemp("lungsam_cache"))
+    yield Path(os.environ["LUNGSAM_CACHE"])
+    if old is None:
+        os.environ.pop("LUNGSAM_CACHE", None)
+    else:
+        os.environ["LUNGSAM_CACHE"] = old
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A real (short) training run of the tiny backbone on the packaged demo data, one 60/20/20 split."""
+    from lungsam.train.config import TrainConfig
+    from lungsam.train.run import train_run
+
+    out = tmp_path_factory.mktemp("runs") / "tiny_points"
+    train_run(TrainConfig(backbone="tiny", prompt="points", folds=1, epochs=3, lr=1e-3, batch_size=4), out,
+              log=lambda m: None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(request, tmp_path_factory) -> Path:
+    """``tiny_run`` exported by the real ``lungsam export`` code (FP32 ONNX; parity gate on 4 held-out images)."""
+    if not (REPO / "lungsam" / "export" / "bundle.py").exists():
+        pytest.skip("lungsam.export.bundle (export_bundle) is not written yet")
+    from lungsam.export.bundle import export_bundle
+
+    tiny_run = request.getfixturevalue("tiny_run")
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny_points"
+    export_bundle(tiny_run, out, fp16=False, trt=False, parity_images=4, log=lambda m: None)
+    return out

@@ -1,0 +1,135 @@
+"""``lungsam reproduce`` end to end on the tiny backbone: tables, results.json schema, resumability."""
+import json
+import re
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from lungsam.cli import main
+from lungsam.data import demo_data_dir
+from lungsam.reproduce import paper
+from lungsam.reproduce.protocol import ProtocolError, protocol_settings
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cxr")
+    for name in ("montgomery", "shenzhen"):
+        shutil.copytree(demo_data_dir(), root / name, ignore=shutil.ignore_patterns("README*"))
+    return root
+
+
+def _invoke(args):
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def reproduced(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    args = ["reproduce", "--data-root", str(data_root), "--backbone", "tiny", "--quick", "--epochs", "1",
+            "--subset", "10", "--size", "64", "--out", str(out), "--quiet", "--device", "cpu"]
+    first = _invoke(args)
+    return out / "tiny", args, first
+
+
+def test_tables_md_has_tables_1_to_9_with_paper_numbers(reproduced):
+    root, _, _ = reproduced
+    md = (root / "tables.md").read_text()
+    for i in range(1, 10):
+        assert re.search(rf"^## Table {i}:", md, re.M), f"Table {i} missing"
+    for v in ("0.718", "0.860", "0.848", "0.782", "0.726", "0.863", "0.924", "0.933", "0.943 ± 0.007",
+              "0.915 ± 0.011", "0.973", "0.941"):
+        assert v in md, v
+    assert "n/a" in md  # box/both k-fold rows and the threshold tables have no transcribed paper values
+    assert md.count("_Command: `lungsam reproduce --data-root") >= 10  # every table states its provenance
+    assert "machine:" in md and "time taken:" in md
+    assert "split 0's training part" in md  # the zero-shot prompt source is stated
+
+
+def test_results_json_schema(reproduced):
+    root, _, _ = reproduced
+    res = json.loads((root / "results.json").read_text())
+    assert res["format"] == "lungsam-reproduce/1" and res["backbone"] == "tiny" and res["profile"] == "quick"
+    for k in ("command", "machine", "versions", "started", "finished", "wall_time_s", "settings", "data", "steps",
+              "tables", "paper", "estimate", "paths"):
+        assert k in res, k
+    t = res["tables"]
+    assert set(t) == {"zero_shot", "threshold_sweep", "grid", "best_hyperparameters", "kfold", "cross_dataset", "unet"}
+    for s in ("montgomery", "shenzhen"):
+        assert res["data"][s]["n_used"] == 10 and res["data"][s]["n_source"] == 16
+        assert set(t["zero_shot"][s]) == {"box", "points", "both", "auto-box"}
+        assert t["zero_shot"][s]["box"]["paper_f1"] == paper.ZERO_SHOT[s]["box"]
+        assert t["zero_shot"][s]["auto-box"]["paper_f1"] == "n/a"
+        assert 0.0 <= t["zero_shot"][s]["points"]["f1"]["mean"] <= 1.0
+        assert set(t["kfold"][s]) == {"points", "box", "both", "auto-box"}
+        assert t["kfold"][s]["points"]["paper_f1"] == paper.KFOLD[s]["points"] and t["kfold"][s]["box"]["paper_f1"] == "n/a"
+        assert [r["threshold"] for r in t["threshold_sweep"][s]["points"]] == [0.5, 0.55, 0.6, 0.65, 0.7]
+        assert len(t["grid"][s]) == 2 and sum(c["chosen"] for c in t["grid"][s]) == 1
+    assert set(t["cross_dataset"]) == {"shenzhen->montgomery", "montgomery->shenzhen"}
+    assert t["cross_dataset"]["shenzhen->montgomery"]["paper_f1"] == "0.924"
+    kinds = [s["kind"] for s in res["steps"]]
+    # 2 encodes + 2x4 zero-shot + 2x2 grid + 2x4 prompts (points reuses its grid cell: same settings) + 2 cross
+    assert kinds.count("encode") == 2 and kinds.count("zero-shot") == 8 and kinds.count("cross") == 2
+    assert kinds.count("grid") == 4 and kinds.count("k-fold") == 8
+    assert all(s["seconds"] >= 0 for s in res["steps"])
+    shared = [s for s in res["steps"] if s["status"] != "ran"]
+    assert [(s["kind"], s["status"].split(":")[0]) for s in shared] == [("k-fold", "shared with")] * 2
+    for f in res["paths"]["figures"]:
+        assert (root / f).exists(), f
+    assert any("learning_curve" in f for f in res["paths"]["figures"])
+    assert any("overlays" in f for f in res["paths"]["figures"])
+    assert res["estimate"]["train_s_per_image_epoch"] > 0
+
+
+def test_second_invocation_reuses_every_step(reproduced):
+    root, args, _ = reproduced
+    before = json.loads((root / "results.json").read_text())
+    r = _invoke(args)
+    assert "0 ran" in r.output
+    res = json.loads((root / "results.json").read_text())
+    assert all(s["status"] == "reused" or s["status"].startswith("shared with") for s in res["steps"])
+    assert res["tables"]["kfold"] == before["tables"]["kfold"]
+    assert res["tables"]["zero_shot"] == before["tables"]["zero_shot"]
+
+
+def test_killed_training_step_resumes(reproduced):
+    """A training step without step.json (killed) is continued with train_run(resume=True) and then recorded."""
+    root, args, _ = reproduced
+    step = next(p for p in (root / "runs").glob("montgomery-n10/train/box_*") if p.is_dir())
+    for f in (step / "step.json", step / "metrics.json", step / "folds" / "fold_0" / "metrics.json"):
+        f.unlink()
+    r = _invoke(args)
+    assert "continuing the killed run" in r.output and "1 ran" in r.output
+    res = json.loads((root / "results.json").read_text())
+    ran = [s["name"] for s in res["steps"] if s["status"] == "ran"]
+    assert len(ran) == 1 and "box" in ran[0]
+    assert json.loads((step / "run.json").read_text())["finished"] and (step / "step.json").exists()
+
+
+def test_changed_settings_in_a_step_folder_is_an_error(reproduced):
+    root, args, _ = reproduced
+    sj = root / "runs" / "montgomery-n10" / "zeroshot_box" / "step.json"
+    text = sj.read_text()
+    rec = json.loads(text)
+    rec["settings"]["threshold"] = 0.6
+    sj.write_text(json.dumps(rec))
+    try:
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and "different settings" in r.output
+    finally:
+        sj.write_text(text)
+
+
+def test_full_and_quick_settings(data_root):
+    full = protocol_settings(data_root=str(data_root), backbone="tiny")
+    assert full.folds == 5 and full.epochs == 100 and len(full.grid) == 9 and full.subset["shenzhen"] is None
+    assert (1e-5, 0.0) in full.grid
+    quick = protocol_settings(data_root=str(data_root), backbone="tiny", quick=True)
+    assert quick.folds == 1 and quick.epochs < full.epochs and len(quick.grid) < 9 and quick.subset["shenzhen"]
+    with pytest.raises(ProtocolError):
+        protocol_settings(data_root=str(data_root / "montgomery"), backbone="tiny")
+    with pytest.raises(ValueError):
+        protocol_settings(data_root=str(data_root), backbone="vit_b")  # no weights without --checkpoint

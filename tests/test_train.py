@@ -1,0 +1,176 @@
+"""Decoder fine-tuning: frozen parameters, batching, cache reuse, end-to-end runs, resume, eval."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lungsam.backbones import build_backbone, get_backbone
+from lungsam.cli import main
+from lungsam.data import DEMO_DATA, load_dataset
+from lungsam.embeddings import EmbeddingCache, weights_fingerprint
+from lungsam.modeling.decoder import decode
+from lungsam.prompts import learn_prompt
+from lungsam.train.config import TrainConfig
+from lungsam.train.engine import DecoderTrainer
+from lungsam.train.run import train_run
+
+from .conftest import MOBILE_SAM, MONTGOMERY, need
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_dataset(DEMO_DATA, 64)
+
+
+def test_only_the_mask_decoder_changes(demo):
+    sam = build_backbone("tiny")
+    spec = get_backbone("tiny").preprocess
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    masks = [s.mask for s in demo.samples[:6]]
+    prompt = learn_prompt(masks, "both", 2)
+    emb = np.random.default_rng(0).standard_normal((6, 32, 8, 8)).astype(np.float16)
+    tr = DecoderTrainer(sam, spec, 64, prompt, lr=1e-2, weight_decay=0.0, batch_size=3, box_jitter=0.05,
+                        device="cpu", amp=False, seed=0)
+    assert {id(p) for p in tr.params} == {id(p) for p in sam.mask_decoder.parameters()}
+    tr.train_epoch(emb, masks)
+    after = sam.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mask_decoder.") for k in changed)
+    assert not any(p.requires_grad for p in sam.image_encoder.parameters())
+    assert not any(p.requires_grad for p in sam.prompt_encoder.parameters())
+
+
+@pytest.mark.parametrize("kind", ["points", "box", "both"])
+def test_batched_decode_equals_sam_per_image(kind):
+    sam = build_backbone("tiny")
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(4, 32, 8, 8, generator=g)
+    coords = torch.rand(4, 3, 2, generator=g) * 128
+    labels = torch.tensor([[1.0, 1.0, 0.0]] * 4)
+    boxes = torch.tensor([[5.0, 6.0, 90.0, 100.0], [0, 0, 127, 127], [30, 10, 60, 70], [1, 2, 3, 4]])
+    pts = (coords, labels) if kind in ("points", "both") else (None, None)
+    bx = boxes if kind in ("box", "both") else None
+    with torch.no_grad():
+        masks, iou = decode(sam, emb, pts[0], pts[1], bx)
+        for i in range(4):
+            sp, de = sam.prompt_encoder(points=(coords[i:i + 1], labels[i:i + 1]) if pts[0] is not None else None,
+                                        boxes=bx[i:i + 1] if bx is not None else None, masks=None)
+            ref, ref_iou = sam.mask_decoder(emb[i:i + 1], sam.prompt_encoder.get_dense_pe(), sp, de, multimask_output=False)
+            torch.testing.assert_close(masks[i:i + 1], ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(iou[i:i + 1], ref_iou, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_cache_reuse(demo, isolated_cache):
+    sam = build_backbone("tiny")
+    spec = get_backbone("tiny").preprocess
+    calls = []
+    sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    cache = EmbeddingCache("tiny", weights_fingerprint("tiny", None), spec)
+    a = cache.embed(sam.image_encoder, demo.samples[:5], progress=False)
+    assert sum(calls) == 5 and cache.misses == 5 and a.dtype == np.float16
+    b = cache.embed(sam.image_encoder, demo.samples[:7], progress=False)
+    assert sum(calls) == 7 and cache.hits == 5  # only the two new images ran through the encoder
+    np.testing.assert_array_equal(a, b[:5])
+    with torch.no_grad():
+        from lungsam.preprocess import encoder_input
+
+        direct = sam.image_encoder(torch.from_numpy(encoder_input(demo.samples[0].image, spec))[None])[0].numpy()
+    np.testing.assert_allclose(a[0].astype(np.float32), direct, atol=2e-3, rtol=2e-3)
+    other = EmbeddingCache("tiny", "0" * 64, spec)  # other weights -> other key
+    assert other.directory != cache.directory
+
+
+def test_tiny_run_writes_every_artifact(tiny_run):
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert run["config"]["backbone"] == "tiny" and run["versions"]["torch"]
+    fold = tiny_run / "folds" / "fold_0"
+    for f in ("split.json", "prompt.json", "decoder_best.safetensors", "decoder_last.safetensors", "history.csv",
+              "learning_curve.png", "threshold_curve.png", "overlays.png", "metrics.json", "train_state.pt"):
+        assert (fold / f).exists(), f
+    m = json.loads((fold / "metrics.json").read_text())
+    assert 0.5 <= m["threshold"] <= 0.7 and len(m["threshold_sweep"]) == 5
+    assert m["n"] == {"train": 10, "val": 3, "test": 3} and len(m["per_image"]) == 3
+    assert "Test F1" in (tiny_run / "report.md").read_text()
+    prompt = json.loads((fold / "prompt.json").read_text())
+    assert len(prompt["points"]) == 6  # 3 per lung
+
+
+def test_resume_continues_a_killed_run(tmp_path, monkeypatch):
+    cfg = TrainConfig(backbone="tiny", folds=1, epochs=4, lr=1e-3, batch_size=4)
+    calls = {"n": 0}
+    orig = DecoderTrainer.validate
+
+    def dying_validate(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed during epoch 3
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(DecoderTrainer, "validate", dying_validate)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "r", log=lambda m: None, progress=False)
+    monkeypatch.setattr(DecoderTrainer, "validate", orig)
+    assert not (tmp_path / "r" / "folds" / "fold_0" / "metrics.json").exists()
+    with pytest.raises(FileExistsError):
+        train_run(cfg, tmp_path / "r", log=lambda m: None, progress=False)
+    logs = []
+    train_run(cfg, tmp_path / "r", resume=True, log=logs.append, progress=False)
+    assert any("resuming after epoch 2" in m for m in logs)
+    hist = (tmp_path / "r" / "folds" / "fold_0" / "history.csv").read_text().strip().splitlines()
+    assert [int(r.split(",")[0]) for r in hist[1:]] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="settings differ"):
+        train_run(TrainConfig(backbone="tiny", folds=1, epochs=4, lr=1e-2), tmp_path / "r", resume=True,
+                  log=lambda m: None, progress=False)
+
+
+def test_cli_train_and_eval_end_to_end(tmp_path):
+    r = CliRunner().invoke(main, ["train", "--backbone", "tiny", "--prompt", "auto-box", "--folds", "3", "--epochs", "2",
+                                  "--lr", "1e-3", "--size", "64", "--out", str(tmp_path / "run"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "test F1" in r.output and "(3 fold(s))" in r.output
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(summary["folds"]) == 3
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data", DEMO_DATA, "--out", str(tmp_path / "ev"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["n"] == 16 and ev["size"] == 64 and len(ev["per_image"]) == 16
+    assert (tmp_path / "ev" / "report.md").exists() and (tmp_path / "ev" / "overlays.png").exists()
+    r = CliRunner().invoke(main, ["eval", "--backbone", "tiny", "--prompt", "box", "--data", DEMO_DATA, "--size", "64",
+                                  "--out", str(tmp_path / "zs"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "box from ground truth" in r.output
+    assert "ground-truth masks" in (tmp_path / "zs" / "report.md").read_text()
+
+
+def test_cli_errors_are_clear(tmp_path):
+    r = CliRunner().invoke(main, ["train", "--backbone", "nope", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "known backbones" in r.output
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "masks").mkdir()
+    r = CliRunner().invoke(main, ["train", "--backbone", "tiny", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "no usable" in r.output
+    r = CliRunner().invoke(main, ["train", "--backbone", "vit_b", "--out", str(tmp_path / "z")])
+    assert r.exit_code == 2 and "--checkpoint" in r.output
+
+
+@pytest.mark.integration
+def test_mobile_sam_train_and_eval_on_real_montgomery(tmp_path):
+    """Real weights, real X-rays: 12 Montgomery pairs, 3 epochs at a high learning rate."""
+    src = need(MONTGOMERY)
+    sub = tmp_path / "mc12"
+    for d in ("images", "masks"):
+        (sub / d).mkdir(parents=True)
+        for p in sorted((src / d).iterdir())[:12]:
+            shutil.copy(p, sub / d / p.name)
+    cfg = TrainConfig(data=[str(sub)], backbone="mobile_sam", checkpoint=str(need(MOBILE_SAM)), folds=1, epochs=3,
+                      lr=1e-4, batch_size=4)
+    summary = train_run(cfg, tmp_path / "run", log=lambda m: None, progress=False)
+    f1 = summary["aggregate"]["test_f1_across_folds"]["mean"]
+    assert f1 > 0.8, f1  # MobileSAM with learned points already segments lungs well
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data", str(sub), "--out", str(tmp_path / "ev"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["embedding"]["computed"] == 12
