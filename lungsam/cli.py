@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .benchmarks.commands import bench
+from .benchmarks.commands import bench, bench_train
 from .export.commands import export
 from .runtime.commands import predict
 from .reproduce.commands import reproduce
@@ -17,5 +17,5 @@ def main() -> None:
     """Segment Anything for lung segmentation in chest X-rays: train, export, predict, bench."""
 
 
-for _cmd in (train, eval_cmd, weights, reproduce, export, predict, bench):
+for _cmd in (train, eval_cmd, weights, reproduce, export, predict, bench, bench_train):
     main.add_command(_cmd)

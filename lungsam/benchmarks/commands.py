@@ -69,3 +69,25 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
     run_bench_cli(bundle=bundle, data_dir=data_dir, out_dir=out_dir, backends=_csv(backends),
                   precisions=_csv(precisions), device=device, batches=_ints(batches), warmup=warmup,
                   repeats=repeats, limit=limit, compare_path=compare_path, threads=threads, run_dir=run_dir)
+
+
+@click.command("bench-train")
+@click.option("--data", "data", multiple=True, default=["demo:montgomery"], show_default=True)
+@click.option("--backbone", default="mobile_sam", show_default=True)
+@click.option("--checkpoint", type=click.Path(dir_okay=False))
+@click.option("--prompt", default="points", show_default=True)
+@click.option("--images", "n_images", default=16, show_default=True, help="Images per timed epoch.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--size", default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def bench_train(data, backbone, checkpoint, prompt, n_images, batch_size, size, device, out) -> None:
+    """Training speed: epoch time with the embedding cache vs recomputing the encoder, and decoder time per sample."""
+    from ..train.config import TrainConfig
+    from .train_speed import run_train_speed
+
+    cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt, batch_size=batch_size,
+                      size=size, device=device)
+    r = run_train_speed(cfg, n_images, out, log=lambda m: click.echo(m, err=True))
+    click.echo(f"epoch with cache {r['epoch_cached_s']:.2f} s, recomputing the encoder {r['epoch_recompute_s']:.2f} s "
+               f"({r['speedup_cached_vs_recompute']:.1f}x); report: {out}/train_speed.md")

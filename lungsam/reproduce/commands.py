@@ -43,6 +43,6 @@ def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subse
     except (ProtocolError, UnknownBackboneError, DataError, RunError, FileNotFoundError, ValueError, RuntimeError) as e:
         click.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
-    ran = sum(1 for s in res["steps"] if s["status"] == "ran")
-    click.echo(f"{len(res['steps'])} steps ({ran} ran, {len(res['steps']) - ran} reused) in {res['wall_time_s']:.0f} s; "
-               f"tables: {res['paths']['tables']}")
+    n = {k: sum(1 for s in res["steps"] if s["status"].startswith(k)) for k in ("ran", "reused", "shared")}
+    click.echo(f"{len(res['steps'])} steps ({n['ran']} ran, {n['reused']} reused, {n['shared']} shared) in "
+               f"{res['wall_time_s']:.0f} s; tables: {res['paths']['tables']}")

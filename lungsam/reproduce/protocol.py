@@ -263,8 +263,20 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
                   {"backbone": st.backbone, "weights_sha256": wsha, "data": str(ds.path), "n": len(ds.ids),
                    "size": st.size}, encode)
 
+    zero, grid, best_hp, kfold, cross = {}, {}, {}, {}, {}
+
+    def write_tables(complete: bool) -> dict:
+        res = tables.collect(st, root, data, steps.records, zero, grid, best_hp, kfold, cross)
+        res.update({
+            "format": "lungsam-reproduce/1", "complete": complete, "command": command or st.command(),
+            "settings": st.to_dict(), "weights_sha256": wsha, "device": device,
+            "machine": {**machine_record(), "loadavg_at_end": _loadavg()}, "versions": package_versions(),
+            "started": started, "finished": utc_now(), "wall_time_s": time.perf_counter() - t0,
+        })
+        tables.write(res, root)
+        return res
+
     # 2. zero-shot (Tables 1-2): prompts from the mean mask of split 0's training part
-    zero = {}
     for name, ds in data.items():
         for mode in st.zero_shot_prompts:
             o = runs / ds.tag / f"zeroshot_{mode}"
@@ -276,6 +288,7 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
                 points_per_lung=st.points_per_lung, prompt_from=[str(ds.prompt_source)], threshold=None, size=st.size,
                 device=device, log=qlog, progress=progress)))
             zero[(name, mode)] = o
+    write_tables(False)
 
     def cfg_for(ds: DataSet, prompt: str, lr: float, wd: float, folds: int) -> TrainConfig:
         return TrainConfig(data=[str(ds.path)], backbone=st.backbone, checkpoint=st.checkpoint, prompt=prompt,
@@ -300,7 +313,6 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
         return o
 
     # 3. lr x weight-decay grid on one 60/20/20 split per set (points)
-    grid, best_hp = {}, {}
     for name, ds in data.items():
         for lr, wd in st.grid:
             grid[(name, lr, wd)] = train(ds, "points", lr, wd, 1, "grid")
@@ -309,16 +321,16 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
         best_hp[name] = max(st.grid, key=lambda c: (scores[c], -st.grid.index(c)))
         log(f"{name}: best grid cell lr={best_hp[name][0]:g} wd={best_hp[name][1]:g} "
             f"(val F1 {scores[best_hp[name]]:.4f})")
+        write_tables(False)
 
     # 4. k-fold per prompt with the set's best grid cell (Tables 3-4, 7-8)
-    kfold = {}
     for name, ds in data.items():
         lr, wd = best_hp[name]
         for prompt in st.prompts:
             kfold[(name, prompt)] = train(ds, prompt, lr, wd, st.folds, "k-fold")
+            write_tables(False)
 
     # 5. cross-dataset (Tables 5-6): A's point-prompt run (fold with the best validation F1) on all of B
-    cross = {}
     for a, b in (("shenzhen", "montgomery"), ("montgomery", "shenzhen")):
         run_dir, ds_b = kfold[(a, "points")], data[b]
         o = runs / "cross" / f"{data[a].tag}_to_{ds_b.tag}"
@@ -329,15 +341,7 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
             progress=progress)))
         cross[(a, b)] = o
 
-    res = tables.collect(st, root, data, steps.records, zero, grid, best_hp, kfold, cross)
-    res.update({
-        "format": "lungsam-reproduce/1", "command": command or st.command(), "settings": st.to_dict(),
-        "weights_sha256": wsha, "device": device, "machine": {**machine_record(), "loadavg_at_end": _loadavg()},
-        "versions": package_versions(), "started": started, "finished": utc_now(),
-        "wall_time_s": time.perf_counter() - t0,
-    })
-    tables.write(res, root)
-    return res
+    return write_tables(True)
 
 
 def _brief(result: dict) -> dict:

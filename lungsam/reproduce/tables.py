@@ -19,7 +19,10 @@ def _f(x: float | None, d: int = 3) -> str:
 
 
 def _ms(s: dict | None) -> str:
-    return "n/a" if not s or s.get("n", 0) == 0 else fmt_mean_std(s)
+    """``mean ± std``; a single value (one fold) is printed without a meaningless ``± 0.000``."""
+    if not s or s.get("n", 0) == 0:
+        return "n/a"
+    return f"{s['mean']:.3f}" if s["n"] == 1 else fmt_mean_std(s)
 
 
 def _prompt_label(p: str) -> str:
@@ -87,11 +90,17 @@ def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: d
         m = read_json(o / "metrics.json")
         secs = sum(s["seconds"] for s in steps if s["out"] == rel(o))
         cr[f"{a}->{b}"] = {"seconds": secs, "train": a, "test": b, "f1": m["f1"], "iou": m["iou"], "n": m["n"], "threshold": m["threshold"],
-                           "model": m["model"], "in_domain_test_f1": kf[b]["points"]["test_f1_across_folds"],
+                           "model": m["model"],
+                           "in_domain_test_f1": kf.get(b, {}).get("points", {}).get("test_f1_across_folds"),
                            "out": rel(o), "paper_f1": paper.CROSS.get((a, b), paper.NA)}
 
     unet = {}
     for name in data:
+        if name not in kf:
+            unet[name] = {"paper_unet_f1": paper.UNET[name], "ours_best_any": None, "ours_best_without_gt": None,
+                          "paper_sam_points_f1": paper.get(paper.KFOLD, name, "points"), "ours_points": None,
+                          "ours_unet": None}
+            continue
         no_gt = {p: v for p, v in kf[name].items() if not v["prompt_uses_ground_truth"]}
         best_no_gt = max(no_gt, key=lambda p: no_gt[p]["test_f1_across_folds"]["mean"]) if no_gt else None
         best_any = max(kf[name], key=lambda p: kf[name][p]["test_f1_across_folds"]["mean"])
@@ -226,6 +235,10 @@ def _prov(res: dict, secs: float, what: str) -> str:
             f"date: {res['finished']} · time taken: {secs:.0f} s ({what})._")
 
 
+PENDING = ("_Not run yet: the protocol stopped before these steps (rerun the same command; finished steps are "
+           "reused)._")
+
+
 def render(res: dict) -> str:
     t = res["tables"]
     st = res["settings"]
@@ -233,6 +246,9 @@ def render(res: dict) -> str:
     quick = res["profile"] == "quick"
     sets = list(res["data"])
     L = [f"# Reproducing {paper.CITATION} with `{bb}`", ""]
+    if not res.get("complete", True):
+        L += [f"**PARTIAL**: written after the step \"{res['steps'][-1]['name'] if res['steps'] else '-'}\"; "
+              "the remaining steps have not run yet.", ""]
     L += [
         f"Profile: **{res['profile']}**{' (reduced protocol; NOT the paper protocol: see below)' if quick else ''}. "
         f"Backbone `{bb}` (weights sha256 `{res['weights_sha256'][:16]}…`); the paper used SAM ViT-B, so the paper's "
@@ -271,8 +287,12 @@ def render(res: dict) -> str:
 
     # Tables 1-2
     for i, name in enumerate(sets, start=1):
-        z = t["zero_shot"][name]
-        L += [f"## Table {i}: zero-shot F1, {name} ({SHORT[name]})", "",
+        z = t["zero_shot"].get(name)
+        L += [f"## Table {i}: zero-shot F1, {name} ({SHORT[name]})", ""]
+        if not z:
+            L += [PENDING, ""]
+            continue
+        L += [
               _prov(res, _seconds(res, ("encode", "zero-shot"), (name,)), "encoder pass + zero-shot evaluations"), "",
               "| prompt | paper F1 (ViT-B) | ours F1, all images | ours IoU | ours F1, split-0 test | n |",
               "|---|---|---|---|---|---|"]
@@ -283,7 +303,10 @@ def render(res: dict) -> str:
 
     # Tables 3-4
     for i, name in enumerate(sets, start=3):
-        sw = t["threshold_sweep"][name]
+        sw = t["threshold_sweep"].get(name)
+        if not sw:
+            L += [f"## Table {i}: validation F1 by threshold, {name} ({SHORT[name]})", "", PENDING, ""]
+            continue
         prompts = list(sw)
         ths = [r["threshold"] for r in sw[prompts[0]]]
         L += [f"## Table {i}: validation F1 by threshold, {name} ({SHORT[name]})", "",
@@ -309,7 +332,7 @@ def render(res: dict) -> str:
           "| set | lr | weight decay | val F1 | test F1 | threshold | best epoch / run | time (s) | chosen |",
           "|---|---|---|---|---|---|---|---|---|"]
     for name in sets:
-        for c in t["grid"][name]:
+        for c in t["grid"].get(name, []):
             L.append(f"| {SHORT[name]} | {c['lr']:g} | {c['weight_decay']:g} | {_f(c['val_f1'])} | {_ms(c['test_f1'])} | "
                      f"{c['threshold']:.2f} | {c['best_epoch']} / {c['epochs_run']} | {c['fold_wall_s']:.0f} | "
                      f"{'yes' if c['chosen'] else ''} |")
@@ -317,7 +340,12 @@ def render(res: dict) -> str:
 
     # Tables 5-6
     for i, key in enumerate(("shenzhen->montgomery", "montgomery->shenzhen"), start=5):
-        c = t["cross_dataset"][key]
+        c = t["cross_dataset"].get(key)
+        if not c:
+            a, b = key.split("->")
+            L += [f"## Table {i}: cross-dataset, train {a} ({SHORT[a]}) → test {b} ({SHORT[b]})", "",
+                  f"Paper F1 (ViT-B): {paper.CROSS[(a, b)]}.", "", PENDING, ""]
+            continue
         L += [f"## Table {i}: cross-dataset, train {c['train']} ({SHORT[c['train']]}) → test {c['test']} "
               f"({SHORT[c['test']]})", "",
               _prov(res, c["seconds"], "this evaluation; training time is in Table "
@@ -329,12 +357,18 @@ def render(res: dict) -> str:
 
     # Tables 7-8
     for i, name in enumerate(sets, start=7):
-        k = t["kfold"][name]
+        k = t["kfold"].get(name)
+        if not k:
+            L += [f"## Table {i}: test F1 per prompt, {name} ({SHORT[name]})", "",
+                  f"Paper F1 (ViT-B), points: {paper.get(paper.KFOLD, name, 'points')}.", "", PENDING, ""]
+            continue
         any_ = next(iter(k.values()))
         L += [f"## Table {i}: {'5-fold' if not quick else 'one-split'} test F1 per prompt, {name} ({SHORT[name]})", "",
               _prov(res, _seconds(res, ("k-fold",), (name,)), "the runs of this table"), "",
-              f"lr {any_['lr']:g}, weight decay {any_['weight_decay']:g} (the grid's choice); F1 is the mean ± std of "
-              "the fold means; pooled = over all test images.", "",
+              f"lr {any_['lr']:g}, weight decay {any_['weight_decay']:g} (the grid's choice); "
+              + ("F1 is the mean ± std of the fold means; " if len(any_["thresholds"]) > 1 else
+                 "one split, so F1 is its test images' mean; ")
+              + "pooled = mean ± std over all test images.", "",
               "| prompt | paper F1 (ViT-B) | ours F1 | ours IoU | pooled F1 (min) | thresholds | best epochs |",
               "|---|---|---|---|---|---|---|"]
         for p, r in k.items():
@@ -350,14 +384,15 @@ def render(res: dict) -> str:
           "| U-Net (paper) | " + " | ".join(t["unet"][n]["paper_unet_f1"] for n in sets) + " |",
           "| SAM ViT-B, points (paper) | " + " | ".join(t["unet"][n]["paper_sam_points_f1"] for n in sets) + " |",
           f"| U-Net (ours) | " + " | ".join("n/a (not trained)" for _ in sets) + " |",
-          f"| {bb}, points (ours) | " + " | ".join(_ms(t["unet"][n]["ours_points"]) for n in sets) + " |"]
+          f"| {bb}, points (ours) | " + " | ".join(_ms(t["unet"][n]["ours_points"]) if t["unet"][n]["ours_points"]
+                                                        else "not run yet" for n in sets) + " |"]
     row = []
     for n in sets:
         b = t["unet"][n]["ours_best_without_gt"]
-        row.append(f"{_ms(b['test_f1'])} ({b['prompt']})" if b else "n/a")
+        row.append(f"{_ms(b['test_f1'])} ({b['prompt']})" if b else "not run yet")
     L.append(f"| {bb}, best prompt without ground truth (ours) | " + " | ".join(row) + " |")
     row = [f"{_ms(t['unet'][n]['ours_best_any']['test_f1'])} ({_prompt_label(t['unet'][n]['ours_best_any']['prompt'])})"
-           for n in sets]
+           if t["unet"][n]["ours_best_any"] else "not run yet" for n in sets]
     L += [f"| {bb}, best prompt incl. ground-truth box (ours) | " + " | ".join(row) + " |", ""]
 
     # figures
@@ -392,6 +427,9 @@ def render(res: dict) -> str:
                  f"{fr['epochs_max']} epochs: at most {e['full_protocol_training_s_upper_bound'] / 3600:.1f} h of "
                  "training on this machine" + (f", plus {enc_full / 60:.0f} min of encoding (704 images)" if enc_full
                                                 else "") + "; early stopping (patience 15) shortens it.")
+        if e["full_protocol_training_s_upper_bound"] > 8 * 3600:
+            L.append("- That is more than a working day on this machine: on CPU run the full protocol with a smaller "
+                     "`--epochs` (cost scales linearly) or on a GPU.")
     L += ["- GPU: not measured (no GPU on the machine that ran this).", ""]
     return "\n".join(L) + "\n"
 

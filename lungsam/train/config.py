@@ -33,10 +33,10 @@ class TrainConfig:
     size: int = 256
     folds: int = 5
     epochs: int = 100
-    patience: int = 15
+    patience: int = 10
     lr: float = 1e-5
     weight_decay: float = 0.0
-    batch_size: int = 8
+    batch_size: int = 4
     box_jitter: float = 0.05
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     seed: int = 0

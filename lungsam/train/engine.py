@@ -148,13 +148,15 @@ class DecoderTrainer:
             if self.amp else None
         self.rng = np.random.default_rng(seed)
 
-    def _loss(self, emb: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator | None) -> torch.Tensor:
+    def _logits_and_loss(self, emb: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Working-frame logits ``(B, 1, S, S)`` and the DiceFocal loss against ``masks``."""
         x = torch.from_numpy(emb.astype(np.float32)).to(self.device)
         target = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)).to(self.device)
         pt = batch_prompts(self.prompt, self.spec, masks, self.size, self.device, rng, self.box_jitter)
         with autocast(self.device, self.amp):
-            logits = logits_at_working(self.sam, x, pt, self.spec, self.size)
-        return self.loss_fn(logits.float(), target)
+            logits = logits_at_working(self.sam, x, pt, self.spec, self.size).float()
+        return logits, self.loss_fn(logits, target)
 
     def train_epoch(self, embeddings: np.ndarray, masks: list[np.ndarray]) -> tuple[float, float]:
         """One pass over shuffled training data; returns ``(mean loss, seconds)``."""
@@ -164,28 +166,34 @@ class DecoderTrainer:
         total, n = 0.0, 0
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
-            loss = self._loss(embeddings[idx], [masks[i] for i in idx], self.rng)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            total += float(loss.detach()) * len(idx)
+            total += self.step(embeddings[idx], [masks[i] for i in idx]) * len(idx)
             n += len(idx)
         return total / max(n, 1), time.perf_counter() - t0
+
+    def step(self, embeddings: np.ndarray, masks: list[np.ndarray]) -> float:
+        """One optimisation step on a batch (``(B, C, E, E)`` embeddings, ``B`` masks); returns the loss."""
+        self.sam.mask_decoder.train()
+        _, loss = self._logits_and_loss(embeddings, masks, self.rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return float(loss.detach())
 
     @torch.no_grad()
     def validate(self, embeddings: np.ndarray, masks: list[np.ndarray], threshold: float = 0.5) -> dict:
         """Validation loss and mean F1 at ``threshold`` (no box jitter)."""
         self.sam.mask_decoder.eval()
-        losses = []
+        losses, f1, iou = [], [], []
         for s in range(0, len(embeddings), self.batch_size):
-            losses.append(float(self._loss(embeddings[s:s + self.batch_size], masks[s:s + self.batch_size], None))
-                          * len(masks[s:s + self.batch_size]))
-        probs = predict_probabilities(self.sam, embeddings, masks, self.prompt, self.spec, self.size, self.device,
-                                      self.batch_size, self.amp)
-        f1, iou = score(probs, masks, threshold)
+            m = masks[s:s + self.batch_size]
+            logits, loss = self._logits_and_loss(embeddings[s:s + self.batch_size], m, None)
+            losses.append(float(loss) * len(m))
+            a, b = score(torch.sigmoid(logits)[:, 0].cpu().numpy(), m, threshold)
+            f1 += a
+            iou += b
         return {"val_loss": sum(losses) / len(masks), "val_f1": float(np.mean(f1)), "val_iou": float(np.mean(iou))}
