@@ -254,6 +254,27 @@ def test_predict_all_good_exits_zero(tiny_bundle, tmp_path):
     assert "2 ok, 0 failed" in r.output
 
 
+def test_predict_scores_against_ground_truth(tiny_bundle, seg, tmp_path):
+    imgs = demo_images(3)
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for p in imgs[:2]:  # the third image has no reference mask
+        shutil.copy(DEMO.parent / "masks" / p.name, gt / p.name)
+    r = CliRunner().invoke(predict, [str(tiny_bundle), *map(str, imgs), "--out", str(tmp_path / "o"),
+                                     "--ground-truth", str(gt), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "vs ground truth (2 images)" in r.output
+    recs = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    for rec, p in zip(recs[:2], imgs):
+        ref = np.asarray(Image.open(DEMO.parent / "masks" / p.name)) > 0
+        pred = np.asarray(Image.open(tmp_path / "o" / rec["mask"])) > 0
+        assert rec["f1"] == pytest.approx(f1_score(pred, ref), abs=1e-6)
+    assert "no mask named" in recs[2]["score_error"]
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["n"] == 2 and m["f1"]["mean"] == pytest.approx(np.mean([r["f1"] for r in recs[:2]]), abs=1e-6)
+    assert m["unscored"] == [str(imgs[2])]
+
+
 def test_predict_dicom_spacing_and_monochrome1(tiny_bundle, tmp_path):
     src = demo_images(1)[0]
     gray = np.asarray(Image.open(src).convert("L"))

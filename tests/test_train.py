@@ -94,6 +94,11 @@ def test_tiny_run_writes_every_artifact(tiny_run):
     assert 0.5 <= m["threshold"] <= 0.7 and len(m["threshold_sweep"]) == 5
     assert m["n"] == {"train": 10, "val": 3, "test": 3} and len(m["per_image"]) == 3
     assert "Test F1" in (tiny_run / "report.md").read_text()
+    from safetensors import safe_open
+
+    with safe_open(str(fold / "decoder_best.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["config"])["backbone"] == "tiny" and int(meta["epoch"]) == m["best_epoch"]
     prompt = json.loads((fold / "prompt.json").read_text())
     assert len(prompt["points"]) == 6  # 3 per lung
 
@@ -130,7 +135,7 @@ def test_cli_train_and_eval_end_to_end(tmp_path):
     r = CliRunner().invoke(main, ["train", "--backbone", "tiny", "--prompt", "auto-box", "--folds", "3", "--epochs", "2",
                                   "--lr", "1e-3", "--size", "64", "--out", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 0, r.output
-    assert "test F1" in r.output and "(3 fold(s))" in r.output
+    assert "test F1" in r.output and "mean ± std of 3 folds" in r.output
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(summary["folds"]) == 3
     r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data", DEMO_DATA, "--out", str(tmp_path / "ev"), "--quiet"])

@@ -18,9 +18,12 @@ import click
               help="Downgrade (with a warning) when the backend/device/precision is unavailable, instead of failing.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per model call.")
+@click.option("--ground-truth", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+              help="Folder of reference masks named like the inputs: adds F1/IoU per image and metrics.json.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, backend: str, device: str,
-            precision: str, allow_fallback: bool, threads: int | None, batch_size: int, no_progress: bool) -> None:
+            precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
+            no_progress: bool) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -60,7 +63,8 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     def progress(it):
         return tqdm(it, total=n, unit="img", desc="predict", disable=no_progress)
 
-    summary = predict_files(seg, inputs, out_dir, overlay=overlay, batch_size=batch_size, progress=progress)
+    summary = predict_files(seg, inputs, out_dir, overlay=overlay, batch_size=batch_size, progress=progress,
+                            ground_truth=ground_truth)
     for rec in summary.records:
         if rec["status"] != "ok":
             click.echo(f"failed: {rec['error']}", err=True)

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from ..artifacts import atomic_path
-from ..imageio import list_inputs
+from ..imageio import IMAGE_SUFFIXES, ImageReadError, list_inputs, read_mask
+from ..metrics import f1_score, iou_score, summarize
 from ..preprocess import to_rgb_uint8
 from .segmenter import LungSegmenter, SegmentationFailure, SegmentationResult
 
@@ -30,10 +31,31 @@ class PredictSummary:
     records: list[dict] = field(default_factory=list)
     jsonl: Path | None = None
     seconds: float = 0.0
+    scores: dict | None = None  # with ground truth: {"f1": summary, "iou": summary, "n": scored images}
 
     @property
     def line(self) -> str:
-        return f"{self.ok} ok, {self.failed} failed"
+        s = f"{self.ok} ok, {self.failed} failed"
+        if self.scores and self.scores["n"]:
+            s += (f"; vs ground truth ({self.scores['n']} images): F1 {self.scores['f1']['mean']:.4f} ± "
+                  f"{self.scores['f1']['std']:.4f}, IoU {self.scores['iou']['mean']:.4f}")
+        return s
+
+
+def score_against(mask: np.ndarray, gt_dir: Path, stem: str) -> dict:
+    """F1/IoU of a predicted ``(H0, W0)`` mask against ``gt_dir/<stem>.*`` (same size), or the reason it
+    could not be scored."""
+    found = [p for p in sorted(gt_dir.glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not found:
+        return {"ground_truth": None, "score_error": f"no mask named {stem}.* in {gt_dir}"}
+    try:
+        gt = read_mask(found[0])
+    except ImageReadError as e:
+        return {"ground_truth": str(found[0]), "score_error": str(e)}
+    if gt.shape != mask.shape:
+        return {"ground_truth": str(found[0]),
+                "score_error": f"mask size {gt.shape[1]}x{gt.shape[0]} differs from the image's {mask.shape[1]}x{mask.shape[0]}"}
+    return {"ground_truth": str(found[0]), "f1": round(f1_score(mask, gt), 6), "iou": round(iou_score(mask, gt), 6)}
 
 
 def save_png(path: Path, array: np.ndarray) -> None:
@@ -79,9 +101,13 @@ def _round(d: dict[str, float]) -> dict[str, float]:
 
 
 def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_dir: str | Path, *, overlay: bool = False,
-                  batch_size: int = 1, progress: Callable[[Iterable], Iterable] | None = None) -> PredictSummary:
+                  batch_size: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
+                  ground_truth: str | Path | None = None) -> PredictSummary:
     """Segment files/folders into ``out_dir``: ``<stem>_mask.png`` (0/255, original size), optional
-    ``<stem>_overlay.png``, and ``predictions.jsonl`` (one JSON line per input, in input order)."""
+    ``<stem>_overlay.png``, and ``predictions.jsonl`` (one JSON line per input, in input order).
+
+    With ``ground_truth`` (a folder of masks named like the inputs), each line also carries F1/IoU at the
+    original size and ``metrics.json`` summarises them."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +128,8 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
                         ov = out / f"{stem}_overlay.png"
                         save_png(ov, overlay_image(r.pixels, r.mask))
                         rec["overlay"] = ov.name
+                    if ground_truth is not None:
+                        rec.update(score_against(r.mask, Path(ground_truth), path.stem))
                     rec.update(area_px=r.area_px, area_mm2=None if r.area_mm2 is None else round(r.area_mm2, 3),
                                pixel_spacing_mm=None if r.pixel_spacing_mm is None else list(r.pixel_spacing_mm),
                                score=round(r.score, 6), threshold=r.threshold, size=list(r.original_hw),
@@ -120,4 +148,12 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
             f.write(json.dumps(rec) + "\n")
             f.flush()
     summary.seconds = time.perf_counter() - t0
+    if ground_truth is not None:
+        scored = [r for r in summary.records if "f1" in r]
+        summary.scores = {"n": len(scored), "f1": summarize(r["f1"] for r in scored),
+                          "iou": summarize(r["iou"] for r in scored),
+                          "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
+        with atomic_path(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps({"ground_truth": str(ground_truth), "threshold": segmenter.threshold,
+                                       "frame": "original image size", **summary.scores}, indent=2) + "\n")
     return summary

@@ -22,7 +22,8 @@ def _fail(msg: str) -> None:
 @click.option("--points-per-lung", default=3, show_default=True)
 @click.option("--folds", default=5, show_default=True, help="1 = one 60/20/20 split; k>=3 = k-fold cross-validation.")
 @click.option("--epochs", default=100, show_default=True)
-@click.option("--patience", default=10, show_default=True, help="Early stopping: epochs without a better val F1.")
+@click.option("--patience", default=10, show_default=True, help="Early stopping: epochs allowed without a val F1 gain of --min-delta.")
+@click.option("--min-delta", default=1e-3, show_default=True, help="Smallest val F1 gain that counts for early stopping.")
 @click.option("--lr", default=1e-5, show_default=True)
 @click.option("--weight-decay", default=0.0, show_default=True)
 @click.option("--batch-size", default=4, show_default=True, help="Images per step (one prompt each).")
@@ -32,7 +33,7 @@ def _fail(msg: str) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, patience, lr, weight_decay, batch_size,
+def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, patience, min_delta, lr, weight_decay, batch_size,
           size, seed, device, out, resume, quiet):
     """Fine-tune SAM's mask decoder (encoders frozen) on chest X-rays."""
     from ..backbones import UnknownBackboneError
@@ -41,7 +42,7 @@ def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, pa
     from .run import train_run
 
     cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt,
-                      points_per_lung=points_per_lung, folds=folds, epochs=epochs, patience=patience, lr=lr,
+                      points_per_lung=points_per_lung, folds=folds, epochs=epochs, patience=patience, min_delta=min_delta, lr=lr,
                       weight_decay=weight_decay, batch_size=batch_size, size=size, seed=seed, device=device)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
@@ -49,8 +50,16 @@ def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, pa
     except (UnknownBackboneError, DataError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
         _fail(str(e))
     a = summary["aggregate"]
-    click.echo(f"test F1 {a['test_f1_across_folds']['mean']:.4f} ± {a['test_f1_across_folds']['std']:.4f} "
-               f"IoU {a['test_iou_across_folds']['mean']:.4f} ({len(summary['folds'])} fold(s)); report: {out}/report.md")
+    if len(summary["folds"]) == 1:  # one split: spread over test images
+        f1, iou, what = a["test_f1_pooled"], a["test_iou_pooled"], f"{f1_n(a)} test images, one 60/20/20 split"
+    else:  # k folds: spread of the fold means
+        f1, iou, what = a["test_f1_across_folds"], a["test_iou_across_folds"], f"mean ± std of {len(summary['folds'])} folds"
+    click.echo(f"test F1 {f1['mean']:.4f} ± {f1['std']:.4f}, IoU {iou['mean']:.4f} ± {iou['std']:.4f} ({what}); "
+               f"report: {out}/report.md")
+
+
+def f1_n(aggregate: dict) -> int:
+    return aggregate["test_f1_pooled"]["n"]
 
 
 @click.command("eval")

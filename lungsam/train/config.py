@@ -18,7 +18,8 @@ class TrainConfig:
         prompt: ``points`` | ``box`` | ``both`` | ``auto-box``; points_per_lung: k.
         size: working resolution S (images and masks are resized to S x S; metrics are computed there).
         folds: 1 = one 60/20/20 split; k >= 3 = k-fold cross-validation.
-        epochs, patience: maximum epochs and early-stopping patience (epochs without a better val F1).
+        epochs, patience, min_delta: maximum epochs; training stops once the best validation F1 has not
+            risen by at least ``min_delta`` for ``patience`` epochs.
         lr, weight_decay: Adam settings. batch_size: images per step (one prompt each).
         box_jitter: training-time box perturbation, as a fraction of the box side.
         thresholds: probability thresholds swept on validation.
@@ -34,6 +35,7 @@ class TrainConfig:
     folds: int = 5
     epochs: int = 100
     patience: int = 10
+    min_delta: float = 1e-3
     lr: float = 1e-5
     weight_decay: float = 0.0
     batch_size: int = 4

@@ -91,7 +91,7 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
         "",
         f"- data: {', '.join(cfg['data'])} ({run['n_samples']} pairs used, {run['n_skipped']} skipped)",
         f"- working size {cfg['size']}x{cfg['size']}; folds {cfg['folds']}; epochs ≤ {cfg['epochs']} "
-        f"(patience {cfg['patience']}); Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}; batch {cfg['batch_size']}",
+        f"(early stop: val F1 gain < {cfg.get('min_delta', 0):g} in {cfg['patience']} epochs); Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}; batch {cfg['batch_size']}",
         f"- device {run['device']}; started {run['started']}; finished {run.get('finished', '?')}; "
         f"wall time {run.get('wall_time_s', 0):.0f} s",
         f"- {gt_note(cfg['prompt'])}",
@@ -104,12 +104,18 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
         lines.append(f"| {f['fold']} | {n['train']}/{n['val']}/{n['test']} | {f['best_epoch']} | {f['threshold']:.2f} | "
                      f"{f['val']['f1']['mean']:.3f} | {fmt_mean_std(f['test']['f1'])} | {fmt_mean_std(f['test']['iou'])} |")
     a = aggregate
+    pooled = (f"F1 {fmt_mean_std(a['test_f1_pooled'])}, IoU {fmt_mean_std(a['test_iou_pooled'])}, "
+              f"min F1 {a['test_f1_pooled']['min']:.3f} ({a['test_f1_pooled']['n']} test images, population std)")
+    if len(folds) == 1:
+        lines += ["", f"**Test {pooled}**, one 60/20/20 split."]
+    else:
+        lines += [
+            "",
+            f"**Test F1 {fmt_mean_std(a['test_f1_across_folds'])}**, IoU {fmt_mean_std(a['test_iou_across_folds'])} "
+            f"(mean ± std of the {len(folds)} fold means, population std).",
+            f"Pooled over all test images: {pooled}.",
+        ]
     lines += [
-        "",
-        f"**Test F1 {fmt_mean_std(a['test_f1_across_folds'])}**, IoU {fmt_mean_std(a['test_iou_across_folds'])} "
-        f"(mean ± std of the fold means, population std; {len(folds)} fold(s)).",
-        f"Pooled over all test images: F1 {fmt_mean_std(a['test_f1_pooled'])}, IoU {fmt_mean_std(a['test_iou_pooled'])}, "
-        f"min F1 {a['test_f1_pooled']['min']:.3f}.",
         "",
         "Paper (Carvalho & Almeida, CIARP 2024, SAM ViT-B, points, 5-fold F1): Montgomery "
         f"{PAPER['points']['montgomery']}, Shenzhen {PAPER['points']['shenzhen']}; U-Net {PAPER['unet']['montgomery']} / "

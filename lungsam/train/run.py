@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -53,11 +54,13 @@ def embed_samples(sam, cfg: TrainConfig, ckpt: str | None, samples: list[Sample]
     return emb, cache
 
 
-def _save_decoder(sam, path: Path) -> None:
+def _save_decoder(sam, path: Path, meta: dict[str, str]) -> None:
+    """Mask-decoder state dict as safetensors, with the run config and epoch in its metadata."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in sam.mask_decoder.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in sam.mask_decoder.state_dict().items()}, str(tmp),
+                  metadata=meta)
 
 
 def _load_decoder(sam, path: Path) -> None:
@@ -102,12 +105,14 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     state_path = fold_dir / "train_state.pt"
     history: list[dict] = []
     best_f1, best_epoch, start = -1.0, 0, 1
+    mark_f1, mark_epoch = -1.0, 0  # early stopping: last epoch whose val F1 beat the mark by min_delta
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         _load_decoder(sam, fold_dir / "decoder_last.safetensors")
         trainer.optimizer.load_state_dict(st["optimizer"])
         trainer.rng.bit_generator.state = st["rng"]
         history, best_f1, best_epoch, start = st["history"], st["best_f1"], st["best_epoch"], st["epoch"] + 1
+        mark_f1, mark_epoch = st["mark_f1"], st["mark_epoch"]
         log(f"fold {fold}: resuming after epoch {st['epoch']} (best val F1 {best_f1:.4f} at epoch {best_epoch})")
 
     t_fold = time.perf_counter()
@@ -115,18 +120,24 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
 
     bar = tqdm(range(start, cfg.epochs + 1), desc=f"fold {fold}", unit="epoch", disable=not progress)
     for epoch in bar:
-        if epoch - best_epoch > cfg.patience and best_epoch > 0:
-            log(f"fold {fold}: early stop at epoch {epoch - 1} (no val F1 gain for {cfg.patience} epochs)")
+        if mark_epoch > 0 and epoch - mark_epoch > cfg.patience:
+            log(f"fold {fold}: early stop after epoch {epoch - 1} (val F1 rose less than {cfg.min_delta:g} "
+                f"in {cfg.patience} epochs; best {best_f1:.4f} at epoch {best_epoch})")
             break
         train_loss, secs = trainer.train_epoch(E["train"], M["train"])
         val = trainer.validate(E["val"], M["val"])
         history.append({"epoch": epoch, "train_loss": train_loss, "epoch_s": secs, **val})
+        meta = {"format": "lungsam-decoder/1", "config": json.dumps(cfg.to_dict()), "fold": str(fold),
+                "epoch": str(epoch), "val_f1": f"{val['val_f1']:.6f}", "backbone": cfg.backbone}
         if val["val_f1"] > best_f1:
             best_f1, best_epoch = val["val_f1"], epoch
-            _save_decoder(sam, fold_dir / "decoder_best.safetensors")
-        _save_decoder(sam, fold_dir / "decoder_last.safetensors")
+            _save_decoder(sam, fold_dir / "decoder_best.safetensors", meta)
+        if val["val_f1"] >= mark_f1 + cfg.min_delta:
+            mark_f1, mark_epoch = val["val_f1"], epoch
+        _save_decoder(sam, fold_dir / "decoder_last.safetensors", meta)
         _save_state(state_path, trainer, {"epoch": epoch, "history": history, "best_f1": best_f1,
-                                          "best_epoch": best_epoch, "rng": trainer.rng.bit_generator.state})
+                                          "best_epoch": best_epoch, "mark_f1": mark_f1, "mark_epoch": mark_epoch,
+                                          "rng": trainer.rng.bit_generator.state})
         bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{val['val_f1']:.4f}", best=best_epoch)
     bar.close()
     _write_history(fold_dir / "history.csv", history)
