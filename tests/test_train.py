@@ -63,12 +63,12 @@ def test_batched_decode_equals_sam_per_image(kind):
             torch.testing.assert_close(iou[i:i + 1], ref_iou, atol=1e-5, rtol=1e-5)
 
 
-def test_embedding_cache_reuse(demo, isolated_cache):
+def test_embedding_cache_reuse(demo, tmp_path):
     sam = build_backbone("tiny")
     spec = get_backbone("tiny").preprocess
     calls = []
     sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    cache = EmbeddingCache("tiny", weights_fingerprint("tiny", None), spec)
+    cache = EmbeddingCache("tiny", weights_fingerprint("tiny", None), spec, root=tmp_path)
     a = cache.embed(sam.image_encoder, demo.samples[:5], progress=False)
     assert sum(calls) == 5 and cache.misses == 5 and a.dtype == np.float16
     b = cache.embed(sam.image_encoder, demo.samples[:7], progress=False)
@@ -79,7 +79,7 @@ def test_embedding_cache_reuse(demo, isolated_cache):
 
         direct = sam.image_encoder(torch.from_numpy(encoder_input(demo.samples[0].image, spec))[None])[0].numpy()
     np.testing.assert_allclose(a[0].astype(np.float32), direct, atol=2e-3, rtol=2e-3)
-    other = EmbeddingCache("tiny", "0" * 64, spec)  # other weights -> other key
+    other = EmbeddingCache("tiny", "0" * 64, spec, root=tmp_path)  # other weights -> other key
     assert other.directory != cache.directory
 
 

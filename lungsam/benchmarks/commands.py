@@ -77,7 +77,7 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
 @click.option("--checkpoint", type=click.Path(dir_okay=False))
 @click.option("--prompt", default="points", show_default=True)
 @click.option("--images", "n_images", default=16, show_default=True, help="Images per timed epoch.")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
 @click.option("--size", default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
