@@ -288,20 +288,23 @@ class Outputs:
     low_res: list[np.ndarray] = field(default_factory=list)
 
 
-def run_pipeline(be, images, masks, timer: StageTimer | None = None):
-    """One call of the four stages on a batch; returns ``(masks, decoder output)``."""
+def run_pipeline(be, images, masks, timer: StageTimer | None = None, *, with_encoding: bool = False):
+    """One call of the four stages on a batch; returns ``(masks, decoder output)``, and the encoder
+    output too with ``with_encoding``."""
     if timer is None:
-        dec = be.decode(be.encode(be.preprocess(images, masks)))
-        return be.postprocess(dec), dec
-    with timer.stage("preprocess"):
-        pre = be.preprocess(images, masks)
-    with timer.stage("encoder"):
-        enc = be.encode(pre)
-    with timer.stage("decoder"):
+        enc = be.encode(be.preprocess(images, masks))
         dec = be.decode(enc)
-    with timer.stage("postprocess"):
         out = be.postprocess(dec)
-    return out, dec
+    else:
+        with timer.stage("preprocess"):
+            pre = be.preprocess(images, masks)
+        with timer.stage("encoder"):
+            enc = be.encode(pre)
+        with timer.stage("decoder"):
+            dec = be.decode(enc)
+        with timer.stage("postprocess"):
+            out = be.postprocess(dec)
+    return (out, dec, enc) if with_encoding else (out, dec)
 
 
 def measure(be, data: Images, batches: list[int], warmup: int, repeats: int, progress: bool = True,

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..artifacts import utc_now, write_json_atomic, write_text_atomic
 from ..metrics import f1_score, iou_score, summarize
-from .bench import BenchError, Images, bundle_run, load_images, time_batches
+from .bench import BenchError, Images, bundle_run, load_images, run_pipeline, time_batches
 from .machine import describe_machine, full_machine_record, versions
 from .schema import validate
 from .stats import LATENCY_KEYS, StageTimer, latency_summary, throughput_summary
@@ -110,7 +110,7 @@ def sweep_point(timed, extra, data: Images, batches: list[int], warmup: int, rep
     n = len(data.images)
     for i in range(warmup):
         j = i % n
-        timed.postprocess(timed.decode(timed.encode(timed.preprocess([data.images[j]], [data.masks[j]]))))
+        run_pipeline(timed, [data.images[j]], [data.masks[j]])
         tick(1)
     timer = StageTimer(sync=timed.sync)
     masks, extra_masks = [], ([] if extra is not None else None)
@@ -118,14 +118,7 @@ def sweep_point(timed, extra, data: Images, batches: list[int], warmup: int, rep
         for j in range(n):
             timed.sync()
             t0 = time.perf_counter()
-            with timer.stage("preprocess"):
-                pre = timed.preprocess([data.images[j]], [data.masks[j]])
-            with timer.stage("encoder"):
-                enc = timed.encode(pre)
-            with timer.stage("decoder"):
-                low = timed.decode(enc)
-            with timer.stage("postprocess"):
-                m = timed.postprocess(low)
+            m, _, enc = run_pipeline(timed, [data.images[j]], [data.masks[j]], timer, with_encoding=True)
             timed.sync()
             timer.add("end_to_end", time.perf_counter() - t0)
             if rep == 0:
