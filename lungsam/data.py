@@ -149,14 +149,15 @@ def pool(datasets: list[Dataset]) -> Dataset:
 # splits
 # ---------------------------------------------------------------------------------------------
 
-def _shuffled(ids: list[str], seed: int) -> list[str]:
-    order = np.random.default_rng(seed).permutation(len(ids))
-    return [sorted(ids)[i] for i in order]
+def shuffled_ids(ids: list[str], seed: int) -> list[str]:
+    """The ids sorted, then permuted by a seeded generator: the order every split and subset draws from."""
+    ordered = sorted(ids)
+    return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
 
 
 def holdout_split(ids: list[str], seed: int, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> dict[str, list[str]]:
     """Deterministic train/val/test split (60/20/20 by default) of sample ids."""
-    s = _shuffled(ids, seed)
+    s = shuffled_ids(ids, seed)
     n = len(s)
     n_test = int(round(n * fractions[2]))
     n_val = int(round(n * fractions[1]))
@@ -176,7 +177,7 @@ def kfold_splits(ids: list[str], k: int, seed: int) -> list[dict[str, list[str]]
         return [holdout_split(ids, seed)]
     if k < 3:
         raise DataError("--folds must be 1 (one 60/20/20 split) or at least 3")
-    s = _shuffled(ids, seed)
+    s = shuffled_ids(ids, seed)
     parts = [sorted(p.tolist()) for p in np.array_split(np.asarray(s, dtype=object), k)]
     if min(len(p) for p in parts) < 1:
         raise DataError(f"{len(ids)} samples are too few for {k} folds")

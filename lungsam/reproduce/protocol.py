@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts import machine_record, package_versions, read_json, utc_now, write_json_atomic
-from ..data import DataError, _shuffled, kfold_splits, load_dataset
+from ..data import DataError, shuffled_ids, kfold_splits, load_dataset
 from . import paper
 
 Log = Callable[[str], None]
@@ -171,7 +171,7 @@ def prepare_data(st: Settings, runs: Path, log: Log) -> dict[str, DataSet]:
         cap = st.subset.get(name)
         path, tag = src, name
         if cap is not None and cap < len(ids):
-            ids = sorted(_shuffled(ids, st.seed)[:cap])
+            ids = sorted(shuffled_ids(ids, st.seed)[:cap])
             tag = f"{name}-n{cap}"
             path = _link_pairs(runs / "_data" / tag, name, [pairs[i] for i in ids])
         splits = kfold_splits(ids, st.folds, st.seed)
