@@ -43,15 +43,6 @@ def summarize(values: Iterable[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
-def score_masks(preds: Iterable[np.ndarray], gts: Iterable[np.ndarray]) -> dict[str, list[float]]:
-    """Per-image ``{"f1": [...], "iou": [...]}``."""
-    f1, iou = [], []
-    for p, g in zip(preds, gts, strict=True):
-        f1.append(f1_score(p, g))
-        iou.append(iou_score(p, g))
-    return {"f1": f1, "iou": iou}
-
-
 def fmt_mean_std(s: dict[str, float], digits: int = 3) -> str:
     """``0.943 ± 0.007`` from a :func:`summarize` dict."""
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"

@@ -14,7 +14,7 @@ Prompt coordinates are ``(x, y)`` pixels, float32. Nothing here imports torch.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
@@ -240,22 +240,8 @@ def postprocess_logits(low_res: np.ndarray, spec: PreprocessSpec, input_hw: tupl
     return (ay @ np.asarray(low_res, np.float32) @ ax.T).astype(np.float32)
 
 
-def resize_logits(logits: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear (half-pixel) resize of ``(..., H, W)`` float logits to ``out_hw``."""
-    h, w = logits.shape[-2:]
-    if (h, w) == tuple(out_hw):
-        return np.asarray(logits, np.float32)
-    ay = bilinear_matrix(h, out_hw[0]).astype(np.float32)
-    ax = bilinear_matrix(w, out_hw[1]).astype(np.float32)
-    return (ay @ np.asarray(logits, np.float32) @ ax.T).astype(np.float32)
-
-
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """Numerically stable logistic function, float32."""
     x = np.asarray(x, np.float32)
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
 
-
-def probability_threshold_to_logit(p: float) -> float:
-    """Probability threshold in (0, 1) -> the equivalent logit threshold."""
-    return float(np.log(p / (1.0 - p)))

@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_THRESHOLDS = (0.50, 0.55, 0.60, 0.65, 0.70)
-PAPER_LR_GRID = (1e-5, 1e-4, 1e-3)
-PAPER_WD_GRID = (0.0, 1e-3, 1e-1)
 
 
 @dataclass

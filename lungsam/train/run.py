@@ -16,7 +16,7 @@ from ..backbones import build_backbone, get_backbone
 from ..data import Dataset, Sample, kfold_splits, load_dataset, pool
 from ..embeddings import EmbeddingCache, weights_fingerprint
 from ..metrics import summarize
-from ..prompts import LearnedPrompt, learn_prompt
+from ..prompts import learn_prompt
 from . import report
 from .config import TrainConfig
 from .engine import DecoderTrainer, choose_threshold, pick_device, predict_probabilities, score, sweep_thresholds
@@ -98,7 +98,6 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     M = {k: [s.mask for s in v] for k, v in part.items()}
 
     initial = {k: v.clone() for k, v in sam.mask_decoder.state_dict().items()}
-    sam.mask_decoder.load_state_dict(initial)
     trainer = DecoderTrainer(sam, spec, cfg.size, prompt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              batch_size=cfg.batch_size, box_jitter=cfg.box_jitter, device=device, amp=cfg.amp,
                              seed=cfg.seed + fold)
