@@ -9,6 +9,7 @@ Layout written by ``lungsam train``::
         split.json             {"train": [...ids], "val": [...], "test": [...]}
         prompt.json            LearnedPrompt.to_dict()
         decoder_best.safetensors, decoder_last.safetensors   mask_decoder state dict
+        encoder_lora_best/last.safetensors   encoder adapter weights (runs with --lora-rank only)
         train_state.pt         optimizer + history, for --resume
         metrics.json           threshold sweep, val/test scores, per-image results
         history.csv, learning_curve.png, overlays.png
@@ -42,6 +43,9 @@ class RunModel:
         working_size: S of the working frame.
         run: contents of ``run.json``.
         fold: fold index; ``fold_dir`` its folder; ``split`` its split lists; ``metrics`` its metrics.json.
+        encoder_fingerprint: key of the embedding cache for this model's encoder (the backbone weights'
+            sha256, combined with the adapter file's when the run trained LoRA adapters, which are
+            merged into ``sam.image_encoder``).
     """
 
     sam: Sam
@@ -54,6 +58,7 @@ class RunModel:
     fold_dir: Path
     split: dict
     metrics: dict
+    encoder_fingerprint: str = ""
 
     @property
     def backbone(self) -> str:
@@ -110,8 +115,30 @@ def load_run(run_dir: str | Path, fold: int | None = None, checkpoint: str | Non
     ckpt = checkpoint or resolve_checkpoint(run)
     sam = build_backbone(run["config"]["backbone"], ckpt)
     sam.mask_decoder.load_state_dict(load_file(str(fd / f"decoder_{which}.safetensors")), strict=True)
+    adapter = _merge_adapter(sam, run["config"], fd / f"encoder_lora_{which}.safetensors")
+    from .embeddings import weights_fingerprint
+    from .lora import encoder_fingerprint
+
+    fingerprint = encoder_fingerprint(run.get("weights_sha256") or weights_fingerprint(run["config"]["backbone"], ckpt),
+                                      adapter)
     metrics = read_json(fd / "metrics.json")
     return RunModel(sam=sam.eval(), spec=get_backbone(run["config"]["backbone"]).preprocess,
                     prompt=LearnedPrompt.from_dict(read_json(fd / "prompt.json")), threshold=float(metrics["threshold"]),
                     working_size=int(run["config"]["size"]), run=run, fold=int(fd.name.split("_")[1]), fold_dir=fd,
-                    split=read_json(fd / "split.json"), metrics=metrics)
+                    split=read_json(fd / "split.json"), metrics=metrics, encoder_fingerprint=fingerprint)
+
+
+def _merge_adapter(sam: Sam, cfg: dict, path: Path) -> Path | None:
+    """Load and merge the run's encoder adapter (runs trained with ``--lora-rank``); returns its file."""
+    if int(cfg.get("lora_rank") or 0) <= 0:
+        return None
+    from safetensors.torch import load_file
+
+    from .lora import LoraSpec, add_lora, load_lora_state, merge_lora
+
+    if not path.exists():
+        raise RunError(f"{path.parent}: the run trained LoRA adapters but {path.name} is missing")
+    add_lora(sam.image_encoder, LoraSpec(int(cfg["lora_rank"]), float(cfg["lora_alpha"]), tuple(cfg["lora_targets"])))
+    load_lora_state(sam.image_encoder, load_file(str(path)))
+    merge_lora(sam.image_encoder)
+    return path

@@ -3,7 +3,6 @@ tiny bundle on CPU (train -> export -> bench)."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import numpy as np

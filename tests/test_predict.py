@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,12 @@ from lungsam import preprocess as pp
 from lungsam.imageio import read_image
 from lungsam.metrics import f1_score
 from lungsam.prompts import labelled_points, model_prompt
-from lungsam.runtime import (BackendUnavailableError, BundleIntegrityError, LungSegmenter, SegmentationFailure,
+from lungsam.runtime import (BackendUnavailableError, BundleIntegrityError, LungSegmenter,
                              SegmentationResult)
 from lungsam.runtime.backends import ort_available_providers
 from lungsam.runtime.commands import predict
 
-from .conftest import MONTGOMERY, REPO
+from .conftest import REPO
 from .test_runtime import write_dicom
 
 DEMO = REPO / "lungsam" / "demo_data" / "montgomery" / "images"
@@ -291,6 +290,7 @@ def test_predict_dicom_spacing_and_monochrome1(tiny_bundle, tmp_path):
     assert m1["area_mm2"] == pytest.approx(m1["area_px"] * 0.2 * 0.15, rel=1e-4)
     assert m1["pixel_spacing_mm"] == [0.2, 0.15]
     assert m2["area_mm2"] is None and m2["pixel_spacing_mm"] is None
+    assert png["area_px"] > 0 and png["pixel_spacing_mm"] is None
     # MONOCHROME1 correctly inverted: the mask equals the one of the same image stored as MONOCHROME2 / PNG
     mask = lambda n: np.asarray(Image.open(out / f"{n}_mask.png")) > 0  # noqa: E731
     ref = mask(src.stem)

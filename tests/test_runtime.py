@@ -141,11 +141,10 @@ def test_cuda_request_without_cuda_provider_is_an_error(tmp_path):
 
 
 def test_tensorrt_request_without_tensorrt_is_an_error(tmp_path):
-    try:
-        import tensorrt  # noqa: F401
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
-    except ImportError:
-        pass
     b = Bundle.load(write_manifest_bundle(tmp_path / "b", {"encoder.onnx": b"e", "decoder.onnx": b"d"}))
     with pytest.raises(BackendUnavailableError, match=r"tensorrt package.*lungsam\[trt\]"):
         resolve_backend(b, "tensorrt", "cuda")

@@ -179,3 +179,26 @@ def test_mobile_sam_train_and_eval_on_real_montgomery(tmp_path):
     assert r.exit_code == 0, r.output
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["embedding"]["computed"] == 12
+
+
+def test_pooled_run_reports_each_data_set(tmp_path):
+    from lungsam.data import demo_data_dir
+
+    # two "hospitals": the demo pairs split into two folders with different names
+    src = demo_data_dir()
+    stems = sorted(p.stem for p in (src / "images").glob("*.png"))
+    for k, name in enumerate(("site_a", "site_b")):
+        for sub in ("images", "masks"):
+            (tmp_path / name / sub).mkdir(parents=True)
+        for s in stems[k::2]:
+            for sub in ("images", "masks"):
+                shutil.copy(src / sub / f"{s}.png", tmp_path / name / sub / f"{s}.png")
+    cfg = TrainConfig(data=[str(tmp_path / "site_a"), str(tmp_path / "site_b")], backbone="tiny", folds=3, epochs=1,
+                      lr=1e-3, size=64)
+    summary = train_run(cfg, tmp_path / "run", log=lambda m: None, progress=False)
+    by = summary["aggregate"]["test_by_dataset"]
+    assert set(by) == {"site_a", "site_b"} and by["site_a"]["f1"]["n"] + by["site_b"]["f1"]["n"] == 16
+    per = [r for k in range(3) for r in json.loads((tmp_path / "run" / "folds" / f"fold_{k}" / "metrics.json").read_text())["per_image"]]
+    a = [r["f1"] for r in per if r["id"].startswith("site_a/")]
+    assert by["site_a"]["f1"]["mean"] == pytest.approx(np.mean(a))
+    assert "| site_b |" in (tmp_path / "run" / "report.md").read_text()

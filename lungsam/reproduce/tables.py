@@ -261,7 +261,7 @@ def render(res: dict) -> str:
     ]
     for name, d in res["data"].items():
         L.append(f"- {name}: {d['n_used']} of {d['n_source']} pairs"
-                 + (f" (a seeded random subset)" if d["subset"] else "")
+                 + (" (a seeded random subset)" if d["subset"] else "")
                  + f"; {'one 60/20/20 split' if d['folds'] == 1 else str(d['folds']) + '-fold cross-validation (60/20/20 per fold)'};"
                  f" split 0 train/val/test = {d['split0']['train']}/{d['split0']['val']}/{d['split0']['test']}.")
     L += [
@@ -383,7 +383,7 @@ def render(res: dict) -> str:
           "| model | " + " | ".join(f"{n} ({SHORT[n]})" for n in sets) + " |", "|---|" + "---|" * len(sets),
           "| U-Net (paper) | " + " | ".join(t["unet"][n]["paper_unet_f1"] for n in sets) + " |",
           "| SAM ViT-B, points (paper) | " + " | ".join(t["unet"][n]["paper_sam_points_f1"] for n in sets) + " |",
-          f"| U-Net (ours) | " + " | ".join("n/a (not trained)" for _ in sets) + " |",
+          "| U-Net (ours) | " + " | ".join("n/a (not trained)" for _ in sets) + " |",
           f"| {bb}, points (ours) | " + " | ".join(_ms(t["unet"][n]["ours_points"]) if t["unet"][n]["ours_points"]
                                                         else "not run yet" for n in sets) + " |"]
     row = []

@@ -28,13 +28,21 @@ def _fail(msg: str) -> None:
 @click.option("--weight-decay", default=0.0, show_default=True)
 @click.option("--batch-size", default=4, show_default=True, help="Images per step (one prompt each).")
 @click.option("--size", default=256, show_default=True, help="Working resolution (images and masks resized to SxS).")
+@click.option("--augment", "augment_views", default=0, show_default=True,
+              help="Augmented copies per training image (affine + gamma, made once and cached; 0 = none).")
+@click.option("--lora-rank", default=0, show_default=True,
+              help="Also train LoRA adapters of this rank on the image encoder (0 = off, the paper's decoder-only "
+                   "recipe; needs pip install 'lungsam[lora]'; the encoder then runs every step).")
+@click.option("--lora-alpha", default=8.0, show_default=True, help="LoRA scale numerator (scale = alpha / rank).")
+@click.option("--lora-targets", default="qkv", show_default=True,
+              help="Comma-separated names of the encoder's linear layers to adapt (qkv, proj, fc1, fc2, ...).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (cuda: mixed precision).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, patience, min_delta, lr, weight_decay, batch_size,
-          size, seed, device, out, resume, quiet):
+          size, augment_views, lora_rank, lora_alpha, lora_targets, seed, device, out, resume, quiet):
     """Fine-tune SAM's mask decoder (encoders frozen) on chest X-rays."""
     from ..backbones import UnknownBackboneError
     from ..data import DataError
@@ -43,7 +51,10 @@ def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, pa
 
     cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt,
                       points_per_lung=points_per_lung, folds=folds, epochs=epochs, patience=patience, min_delta=min_delta, lr=lr,
-                      weight_decay=weight_decay, batch_size=batch_size, size=size, seed=seed, device=device)
+                      weight_decay=weight_decay, batch_size=batch_size, size=size, augment_views=augment_views,
+                      lora_rank=lora_rank, lora_alpha=lora_alpha,
+                      lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), seed=seed,
+                      device=device)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         summary = train_run(cfg, out, resume=resume, log=log, progress=not quiet)
@@ -125,3 +136,27 @@ def weights_download(name, force):
     except WeightsError as e:
         _fail(str(e))
     click.echo(str(p))
+
+
+@click.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the table (FILE.md) and figures (FILE.json).")
+def compare(runs, out):
+    """Paired comparison of RUNS (baseline first) on their common test images: F1, IoU, Δ F1, Wilcoxon p.
+
+    The runs must share --data, --folds, --seed and --size, so every test image is scored by each."""
+    from pathlib import Path
+
+    from ..artifacts import write_json_atomic, write_text_atomic
+    from .compare import CompareError, compare_runs, format_markdown
+
+    try:
+        result = compare_runs(list(runs))
+    except CompareError as e:
+        _fail(str(e))
+    md = format_markdown(result)
+    click.echo(md)
+    if out:
+        p = Path(out)
+        write_text_atomic(p.with_suffix(".md"), md)
+        write_json_atomic(p.with_suffix(".json"), result)

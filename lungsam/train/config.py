@@ -20,6 +20,11 @@ class TrainConfig:
             risen by at least ``min_delta`` for ``patience`` epochs.
         lr, weight_decay: Adam settings. batch_size: images per step (one prompt each).
         box_jitter: training-time box perturbation, as a fraction of the box side.
+        lora_rank, lora_alpha, lora_targets: low-rank adapters on the image encoder's linear layers named
+            ``lora_targets`` (0 = off: the paper's decoder-only recipe); scale ``lora_alpha / lora_rank``.
+            The encoder then runs in every step (no embedding cache for training) (:mod:`lungsam.lora`).
+        augment_views: augmented copies per training image (0: none), made once and encoded into the
+            embedding cache; each epoch draws the original or one copy per image (:mod:`lungsam.train.augment`).
         thresholds: probability thresholds swept on validation.
         device: ``auto`` | ``cpu`` | ``cuda``; amp: mixed precision on cuda.
     """
@@ -38,6 +43,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 4
     box_jitter: float = 0.05
+    augment_views: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    lora_targets: tuple[str, ...] = ("qkv",)
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     seed: int = 0
     device: str = "auto"
@@ -47,15 +56,25 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["thresholds"] = list(self.thresholds)
+        d["lora_targets"] = list(self.lora_targets)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        if "thresholds" in kw:
-            kw["thresholds"] = tuple(kw["thresholds"])
+        for k in ("thresholds", "lora_targets"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
         return cls(**kw)
+
+    def lora_spec(self):
+        """:class:`lungsam.lora.LoraSpec` of this run, or ``None`` when LoRA is off."""
+        if self.lora_rank <= 0:
+            return None
+        from ..lora import LoraSpec
+
+        return LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.lora_targets))
 
     def comparable(self) -> dict:
         """The settings that must match for ``--resume`` to continue a run."""

@@ -17,7 +17,7 @@ from segment_anything.modeling import Sam
 
 from ..metrics import f1_score, iou_score
 from ..modeling.decoder import decode
-from ..preprocess import PreprocessSpec, preprocess_shape
+from ..preprocess import PreprocessSpec, encoder_input, preprocess_shape
 from ..prompts import LearnedPrompt, mask_box, model_prompt, perturb_box
 
 
@@ -148,10 +148,15 @@ class DecoderTrainer:
             if self.amp else None
         self.rng = np.random.default_rng(seed)
 
+    def embed(self, batch: np.ndarray) -> torch.Tensor:
+        """Image embeddings ``(B, C, E, E)`` float32 on the device from a batch of training inputs: here
+        cached embeddings ``(B, C, E, E)``."""
+        return torch.from_numpy(batch.astype(np.float32)).to(self.device)
+
     def _logits_and_loss(self, emb: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator | None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Working-frame logits ``(B, 1, S, S)`` and the DiceFocal loss against ``masks``."""
-        x = torch.from_numpy(emb.astype(np.float32)).to(self.device)
+        x = self.embed(emb)
         target = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)).to(self.device)
         pt = batch_prompts(self.prompt, self.spec, masks, self.size, self.device, rng, self.box_jitter)
         with autocast(self.device, self.amp):
@@ -197,3 +202,39 @@ class DecoderTrainer:
             f1 += a
             iou += b
         return {"val_loss": sum(losses) / len(masks), "val_f1": float(np.mean(f1)), "val_iou": float(np.mean(iou))}
+
+
+class EncoderLoraTrainer(DecoderTrainer):
+    """Decoder fine-tuning plus low-rank adapters on the (otherwise frozen) image encoder.
+
+    Training inputs are working-frame images ``(B, S, S, 3)`` uint8 instead of cached embeddings: the
+    encoder runs in every step (in eval mode, so its batch-norm statistics stay fixed), and Adam
+    updates the decoder and the adapters together.
+    """
+
+    def __init__(self, sam: Sam, spec: PreprocessSpec, size: int, prompt: LearnedPrompt, *,
+                 lora_params: list[torch.nn.Parameter], **kw):
+        super().__init__(sam, spec, size, prompt, **kw)
+        self.lora_params = lora_params
+        for p in lora_params:
+            p.requires_grad_(True)
+        self.optimizer.add_param_group({"params": lora_params})
+
+    def embed(self, batch: np.ndarray) -> torch.Tensor:
+        """Embeddings of working images ``(B, S, S, 3)`` uint8 through the adapted encoder."""
+        x = torch.from_numpy(np.stack([encoder_input(im, self.spec) for im in batch])).to(self.device)
+        self.sam.image_encoder.eval()
+        with autocast(self.device, self.amp):
+            return self.sam.image_encoder(x).float()
+
+
+@torch.no_grad()
+def encode_images(sam: Sam, images: np.ndarray, spec: PreprocessSpec, device: str, batch_size: int = 4) -> np.ndarray:
+    """``(N, C, E, E)`` embeddings of working images ``(N, S, S, 3)`` uint8 (no cache), rounded through
+    float16 as the embedding cache stores them, so later evaluations through the cache score the same."""
+    sam.image_encoder.eval()
+    out = []
+    for s in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.stack([encoder_input(im, spec) for im in images[s:s + batch_size]])).to(device)
+        out.append(sam.image_encoder(x).float().cpu().numpy().astype(np.float16))
+    return np.concatenate(out)

@@ -115,6 +115,12 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
             f"(mean ± std of the {len(folds)} fold means, population std).",
             f"Pooled over all test images: {pooled}.",
         ]
+    by_set = a.get("test_by_dataset") or {}
+    if len(by_set) > 1:
+        lines += ["", "Test images by source data set (pooled over folds):", "",
+                  "| data set | test images | F1 mean ± std | min F1 | IoU mean ± std |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['f1']['n']} | {fmt_mean_std(v['f1'])} | {v['f1']['min']:.3f} | {fmt_mean_std(v['iou'])} |"
+                  for k, v in by_set.items()]
     lines += [
         "",
         "Paper (Carvalho & Almeida, CIARP 2024, SAM ViT-B, points, 5-fold F1): Montgomery "

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,8 @@ from ..metrics import summarize
 from ..prompts import learn_prompt
 from . import report
 from .config import TrainConfig
-from .engine import DecoderTrainer, choose_threshold, pick_device, predict_probabilities, score, sweep_thresholds
+from .engine import (DecoderTrainer, EncoderLoraTrainer, choose_threshold, encode_images, pick_device,
+                     predict_probabilities, score, sweep_thresholds)
 
 Log = Callable[[str], None]
 
@@ -46,12 +48,68 @@ def checkpoint_for(cfg: TrainConfig) -> str | None:
 
 
 def embed_samples(sam, cfg: TrainConfig, ckpt: str | None, samples: list[Sample], device: str,
-                  progress: bool = True) -> tuple[np.ndarray, EmbeddingCache]:
-    """Cached ``(N, C, E, E)`` float16 embeddings of ``samples``."""
+                  progress: bool = True, fingerprint: str | None = None) -> tuple[np.ndarray, EmbeddingCache]:
+    """Cached ``(N, C, E, E)`` float16 embeddings of ``samples``; ``fingerprint`` keys the cache (default:
+    the weights file's, see :func:`lungsam.embeddings.weights_fingerprint`; a run whose encoder carries a
+    merged adapter passes its own)."""
     spec = get_backbone(cfg.backbone).preprocess
-    cache = EmbeddingCache(cfg.backbone, weights_fingerprint(cfg.backbone, ckpt), spec)
+    cache = EmbeddingCache(cfg.backbone, fingerprint or weights_fingerprint(cfg.backbone, ckpt), spec)
     emb = cache.embed(sam.image_encoder, samples, device=device, batch_size=cfg.embed_batch_size, progress=progress)
     return emb, cache
+
+
+@dataclass
+class AugmentedViews:
+    """Cached augmented copies of training images (:mod:`lungsam.train.augment`).
+
+    Attributes:
+        embeddings: ``{sample id: (V, C, E, E) float16}``; masks: ``{sample id: [V x (S, S) bool]}``.
+        record: what ``run.json`` stores (views, transform ranges, seconds, cache use).
+    """
+
+    embeddings: dict[str, np.ndarray]
+    masks: dict[str, list[np.ndarray]]
+    record: dict
+
+
+def embed_augmented_views(sam, cfg: TrainConfig, ckpt: str | None, samples: list[Sample], splits: list[dict],
+                          device: str, log: Log, progress: bool = True) -> AugmentedViews | None:
+    """``cfg.augment_views`` augmented copies of every sample that some fold trains on, encoded through
+    the embedding cache (``None`` when augmentation is off)."""
+    if cfg.augment_views <= 0:
+        return None
+    from .augment import AugmentSpec, augmented_views
+
+    t0 = time.perf_counter()
+    train_ids = {i for split in splits for i in split["train"]}
+    todo = [s for s in samples if s.id in train_ids]
+    spec = AugmentSpec()
+    views = augmented_views(todo, cfg.augment_views, cfg.seed, spec)
+    t1 = time.perf_counter()
+    flat = [v for view in views for v in view]
+    emb, cache = embed_samples(sam, cfg, ckpt, flat, device, progress)
+    emb = emb.reshape(cfg.augment_views, len(todo), *emb.shape[1:])
+    record = {"views": cfg.augment_views, "transforms": spec.to_dict(), "images": len(todo),
+              "make_s": t1 - t0, "encode_s": time.perf_counter() - t1, "cache_hits": cache.hits,
+              "computed": cache.misses}
+    log(f"augmentation: {cfg.augment_views} views of {len(todo)} training images "
+        f"({cache.misses} encoded, {cache.hits} from the cache)")
+    return AugmentedViews(embeddings={s.id: emb[:, i] for i, s in enumerate(todo)},
+                          masks={s.id: [views[v][i].mask for v in range(cfg.augment_views)]
+                                 for i, s in enumerate(todo)},
+                          record=record)
+
+
+def epoch_views(rng: np.random.Generator, ids: list[str], E: np.ndarray, M: list[np.ndarray],
+                aug: AugmentedViews | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """This epoch's training data: per image the original (``E[i]``, ``M[i]``) or one augmented view,
+    drawn uniformly. Without ``aug`` returns ``(E, M)`` and draws nothing from ``rng``."""
+    if aug is None:
+        return E, M
+    pick = rng.integers(0, aug.record["views"] + 1, size=len(ids))
+    e = np.stack([E[i] if v == 0 else aug.embeddings[sid][v - 1] for i, (sid, v) in enumerate(zip(ids, pick))])
+    m = [M[i] if v == 0 else aug.masks[sid][v - 1] for i, (sid, v) in enumerate(zip(ids, pick))]
+    return e, m
 
 
 def _save_decoder(sam, path: Path, meta: dict[str, str]) -> None:
@@ -61,6 +119,24 @@ def _save_decoder(sam, path: Path, meta: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in sam.mask_decoder.state_dict().items()}, str(tmp),
                   metadata=meta)
+
+
+def _save_adapter(sam, path: Path, meta: dict[str, str]) -> None:
+    """The encoder's LoRA adapter weights as safetensors (same metadata as the decoder file)."""
+    from safetensors.torch import save_file
+
+    from ..lora import lora_state
+
+    with atomic_path(path) as tmp:
+        save_file(lora_state(sam.image_encoder), str(tmp), metadata=meta)
+
+
+def _load_adapter(sam, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from ..lora import load_lora_state
+
+    load_lora_state(sam.image_encoder, load_file(str(path)))
 
 
 def _load_decoder(sam, path: Path) -> None:
@@ -86,7 +162,8 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Sample], emb: dict[str, np.ndarray],
-               sam, device: str, fold_dir: Path, log: Log, progress: bool = True) -> dict:
+               sam, device: str, fold_dir: Path, log: Log, progress: bool = True,
+               aug: AugmentedViews | None = None) -> dict:
     """Train, select threshold and test one fold; resumable from ``train_state.pt``."""
     spec = get_backbone(cfg.backbone).preprocess
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -94,13 +171,22 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     part = {k: [samples[i] for i in split[k]] for k in ("train", "val", "test")}
     prompt = learn_prompt([s.mask for s in part["train"]], cfg.prompt, cfg.points_per_lung)
     write_json_atomic(fold_dir / "prompt.json", prompt.to_dict())
-    E = {k: np.stack([emb[s.id] for s in v]) for k, v in part.items()}
+    lora = cfg.lora_spec() is not None
+    # training inputs: cached embeddings, or (LoRA: the encoder changes) the working images themselves
+    X = {k: np.stack([s.image for s in v]) if lora else np.stack([emb[s.id] for s in v]) for k, v in part.items()}
     M = {k: [s.mask for s in v] for k, v in part.items()}
 
     initial = {k: v.clone() for k, v in sam.mask_decoder.state_dict().items()}
-    trainer = DecoderTrainer(sam, spec, cfg.size, prompt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             batch_size=cfg.batch_size, box_jitter=cfg.box_jitter, device=device, amp=cfg.amp,
-                             seed=cfg.seed + fold)
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, box_jitter=cfg.box_jitter,
+              device=device, amp=cfg.amp, seed=cfg.seed + fold)
+    if lora:
+        from ..lora import lora_state
+
+        initial_adapter = lora_state(sam.image_encoder)
+        trainer = EncoderLoraTrainer(sam, spec, cfg.size, prompt, **kw,
+                                     lora_params=[p for n, p in sam.image_encoder.named_parameters() if "lora_" in n])
+    else:
+        trainer = DecoderTrainer(sam, spec, cfg.size, prompt, **kw)
     state_path = fold_dir / "train_state.pt"
     history: list[dict] = []
     best_f1, best_epoch, start = -1.0, 0, 1
@@ -108,6 +194,8 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         _load_decoder(sam, fold_dir / "decoder_last.safetensors")
+        if lora:
+            _load_adapter(sam, fold_dir / "encoder_lora_last.safetensors")
         trainer.optimizer.load_state_dict(st["optimizer"])
         trainer.rng.bit_generator.state = st["rng"]
         history, best_f1, best_epoch, start = st["history"], st["best_f1"], st["best_epoch"], st["epoch"] + 1
@@ -123,17 +211,22 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
             log(f"fold {fold}: early stop after epoch {epoch - 1} (val F1 rose less than {cfg.min_delta:g} "
                 f"in {cfg.patience} epochs; best {best_f1:.4f} at epoch {best_epoch})")
             break
-        train_loss, secs = trainer.train_epoch(E["train"], M["train"])
-        val = trainer.validate(E["val"], M["val"])
+        e_train, m_train = epoch_views(trainer.rng, split["train"], X["train"], M["train"], aug)
+        train_loss, secs = trainer.train_epoch(e_train, m_train)
+        val = trainer.validate(X["val"], M["val"])
         history.append({"epoch": epoch, "train_loss": train_loss, "epoch_s": secs, **val})
         meta = {"format": "lungsam-decoder/1", "config": json.dumps(cfg.to_dict()), "fold": str(fold),
                 "epoch": str(epoch), "val_f1": f"{val['val_f1']:.6f}", "backbone": cfg.backbone}
         if val["val_f1"] > best_f1:
             best_f1, best_epoch = val["val_f1"], epoch
             _save_decoder(sam, fold_dir / "decoder_best.safetensors", meta)
+            if lora:
+                _save_adapter(sam, fold_dir / "encoder_lora_best.safetensors", meta)
         if val["val_f1"] >= mark_f1 + cfg.min_delta:
             mark_f1, mark_epoch = val["val_f1"], epoch
         _save_decoder(sam, fold_dir / "decoder_last.safetensors", meta)
+        if lora:
+            _save_adapter(sam, fold_dir / "encoder_lora_last.safetensors", meta)
         _save_state(state_path, trainer, {"epoch": epoch, "history": history, "best_f1": best_f1,
                                           "best_epoch": best_epoch, "mark_f1": mark_f1, "mark_epoch": mark_epoch,
                                           "rng": trainer.rng.bit_generator.state})
@@ -144,6 +237,11 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     report.learning_curve(history, fold_dir / "learning_curve.png", title)
 
     _load_decoder(sam, fold_dir / "decoder_best.safetensors")
+    if lora:  # embeddings of the adapted encoder for the threshold sweep and the test
+        _load_adapter(sam, fold_dir / "encoder_lora_best.safetensors")
+        E = {k: encode_images(sam, X[k], spec, device, cfg.embed_batch_size) for k in ("val", "test")}
+    else:
+        E = X
     val_probs = predict_probabilities(sam, E["val"], M["val"], prompt, spec, cfg.size, device, cfg.batch_size)
     sweep = sweep_thresholds(val_probs, M["val"], cfg.thresholds)
     thr = choose_threshold(sweep)
@@ -168,16 +266,37 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     }
     write_json_atomic(fold_dir / "metrics.json", metrics)
     sam.mask_decoder.load_state_dict(initial)  # next fold starts from the pretrained decoder
+    if lora:
+        from ..lora import load_lora_state
+
+        load_lora_state(sam.image_encoder, initial_adapter)
     log(f"fold {fold}: threshold {thr:.2f}, val F1 {np.mean(vf1):.4f}, test F1 {np.mean(tf1):.4f} ± {np.std(tf1):.4f}, "
         f"IoU {np.mean(tiou):.4f}")
     return metrics
 
 
+def dataset_of(sample_id: str) -> str:
+    """The data set part of a sample id (``<dataset>/<stem>``)."""
+    return sample_id.split("/", 1)[0]
+
+
+def per_dataset(folds: list[dict]) -> dict[str, dict]:
+    """Pooled test F1 / IoU per source data set (``{name: {"f1", "iou"}}``), for runs on pooled sets."""
+    groups: dict[str, list[dict]] = {}
+    for f in folds:
+        for r in f["per_image"]:
+            groups.setdefault(dataset_of(r["id"]), []).append(r)
+    return {k: {"f1": summarize([r["f1"] for r in v]), "iou": summarize([r["iou"] for r in v])}
+            for k, v in sorted(groups.items())}
+
+
 def aggregate_folds(folds: list[dict]) -> dict:
-    """k-fold summary: mean ± std of fold means, and pooled per-image statistics."""
+    """k-fold summary: mean ± std of fold means, pooled per-image statistics, and the pooled statistics
+    per source data set."""
     pooled_f1 = [r["f1"] for f in folds for r in f["per_image"]]
     pooled_iou = [r["iou"] for f in folds for r in f["per_image"]]
     return {
+        "test_by_dataset": per_dataset(folds),
         "test_f1_across_folds": summarize([f["test"]["f1"]["mean"] for f in folds]),
         "test_iou_across_folds": summarize([f["test"]["iou"]["mean"] for f in folds]),
         "test_f1_pooled": summarize(pooled_f1),
@@ -197,6 +316,8 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, log: L
         old = read_json(out / "run.json")
         if TrainConfig.from_dict(old["config"]).comparable() != cfg.comparable():
             raise ValueError(f"--resume: the settings differ from the run in {out}; start a new --out instead")
+    if cfg.lora_rank > 0 and cfg.augment_views > 0:
+        raise ValueError("--augment works on cached embeddings and --lora-rank trains the encoder; use one of them")
     device = pick_device(cfg.device)
     ckpt = checkpoint_for(cfg)
     data = load_data(cfg.data, cfg.size, log)
@@ -212,11 +333,24 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, log: L
     write_json_atomic(out / "splits.json", splits)
     sam = build_backbone(cfg.backbone, ckpt)
     t_emb = time.perf_counter()
-    emb_arr, cache = embed_samples(sam, cfg, ckpt, data.samples, device, progress)
-    emb = {s.id: e for s, e in zip(data.samples, emb_arr)}
-    run["embedding"] = {"cache_dir": str(cache.directory), "hits": cache.hits, "computed": cache.misses,
-                        "seconds": time.perf_counter() - t_emb}
-    sam.image_encoder.to("cpu")  # the decoder trains on cached embeddings only
+    lora = cfg.lora_spec()
+    if lora is not None:  # the encoder is trained: no cached embeddings
+        from ..lora import add_lora
+
+        n_params = sum(p.numel() for p in add_lora(sam.image_encoder, lora))
+        run["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "parameters": n_params}
+        log(f"LoRA: rank {lora.rank} on the encoder's {', '.join(lora.targets)} layers ({n_params} parameters)")
+        emb = {}
+    else:
+        emb_arr, cache = embed_samples(sam, cfg, ckpt, data.samples, device, progress)
+        emb = {s.id: e for s, e in zip(data.samples, emb_arr)}
+        run["embedding"] = {"cache_dir": str(cache.directory), "hits": cache.hits, "computed": cache.misses,
+                            "seconds": time.perf_counter() - t_emb}
+    aug = embed_augmented_views(sam, cfg, ckpt, data.samples, splits, device, log, progress)
+    if aug is not None:
+        run["augmentation"] = aug.record
+    if lora is None:
+        sam.image_encoder.to("cpu")  # the decoder trains on cached embeddings only
     samples = data.by_id()
     folds = []
     for i, split in enumerate(splits):
@@ -225,7 +359,7 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, log: L
             log(f"fold {i}: already finished, reusing")
             folds.append(read_json(fd / "metrics.json"))
             continue
-        folds.append(train_fold(cfg, i, split, samples, emb, sam, device, fd, log, progress))
+        folds.append(train_fold(cfg, i, split, samples, emb, sam, device, fd, log, progress, aug))
     agg = aggregate_folds(folds)
     run.update({"finished": utc_now(), "wall_time_s": time.perf_counter() - t0})
     write_json_atomic(out / "run.json", run)
@@ -254,11 +388,13 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         name = f"run {run_dir} fold {rm.fold} ({rm.backbone}, {prompt.mode})"
         ckpt = rm.run["config"].get("checkpoint")
         cfg = TrainConfig(backbone=rm.backbone, checkpoint=ckpt, size=size)
+        fingerprint = rm.encoder_fingerprint
     else:
         if backbone is None:
             raise ValueError("give a RUN or --backbone for zero-shot evaluation")
         cfg = TrainConfig(backbone=backbone, checkpoint=checkpoint, size=size)
         ckpt = checkpoint_for(cfg)
+        fingerprint = None
         sam = build_backbone(backbone, ckpt)
         spec = get_backbone(backbone).preprocess
         src = load_data(prompt_from or data_paths, size, log)
@@ -266,7 +402,7 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         thr, thr_src = (threshold, "given") if threshold is not None else (0.5, "SAM default (logit 0)")
         name = f"zero-shot {backbone} ({prompt_mode}; prompt from {', '.join(prompt_from or data_paths)})"
     data = load_data(data_paths, size, log)
-    emb, _ = embed_samples(sam, cfg, ckpt, data.samples, device, progress)
+    emb, _ = embed_samples(sam, cfg, ckpt, data.samples, device, progress, fingerprint=fingerprint)
     masks = [s.mask for s in data.samples]
     probs = predict_probabilities(sam.to(device), emb, masks, prompt, spec, size, device)
     f1, iou = score(probs, masks, thr)

@@ -1,0 +1,128 @@
+"""Paired comparison of training runs on the same test images (``lungsam compare``).
+
+An option's effect (augmentation, more points, another lr) is measured by training the same split
+twice and comparing per-image test F1: the runs must share data, folds and seed, so each test image
+is scored by both. Reported per run: test F1 / IoU over the pooled test images, and against the
+first run (the baseline) the paired mean difference with its standard error, how many images
+improved or worsened, and the Wilcoxon signed-rank p-value (scipy).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import read_json
+from ..metrics import summarize
+
+SPLIT_KEYS = ("data", "folds", "seed", "size")  # settings that fix which images are tested, and at what size
+
+
+class CompareError(ValueError):
+    """The runs cannot be compared image by image."""
+
+
+def per_image(run_dir: Path) -> dict[str, dict[str, float]]:
+    """``{sample id: {"f1", "iou"}}`` over every finished fold's test images."""
+    folds = sorted((run_dir / "folds").glob("fold_*/metrics.json"))
+    if not folds:
+        raise CompareError(f"{run_dir}: no finished fold (folds/fold_*/metrics.json)")
+    out: dict[str, dict[str, float]] = {}
+    for f in folds:
+        for r in read_json(f)["per_image"]:
+            out[r["id"]] = {"f1": float(r["f1"]), "iou": float(r["iou"])}
+    return out
+
+
+def _config(run_dir: Path) -> dict:
+    p = run_dir / "run.json"
+    if not p.exists():
+        raise CompareError(f"{run_dir}: not a run folder (no run.json)")
+    return read_json(p)["config"]
+
+
+def changed_settings(base: dict, other: dict) -> dict[str, tuple]:
+    """Settings whose values differ (``{key: (base, other)}``), ignoring device-only ones."""
+    skip = {"device", "embed_batch_size", "checkpoint"}
+    keys = sorted((set(base) | set(other)) - skip)
+    return {k: (base.get(k), other.get(k)) for k in keys if base.get(k) != other.get(k)}
+
+
+def paired(base: list[float], other: list[float]) -> dict:
+    """Paired difference ``other - base``: mean, standard error, improved / worse / equal counts, Wilcoxon p."""
+    d = np.asarray(other, np.float64) - np.asarray(base, np.float64)
+    n = len(d)
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    p = float("nan")
+    if n > 1 and np.any(d != 0):
+        from scipy.stats import wilcoxon
+
+        p = float(wilcoxon(d, zero_method="wilcox").pvalue)
+    return {"mean": float(d.mean()), "se": se, "improved": int((d > 0).sum()), "worse": int((d < 0).sum()),
+            "equal": int((d == 0).sum()), "wilcoxon_p": p, "n": n}
+
+
+def compare_runs(run_dirs: list[str | Path]) -> dict:
+    """Compare runs against the first one on their common test images.
+
+    Raises :class:`CompareError` when the runs tested different images (other data, folds, seed or size).
+    """
+    if len(run_dirs) < 2:
+        raise CompareError("give at least two runs: the baseline first")
+    from .config import TrainConfig
+
+    dirs = [Path(d) for d in run_dirs]
+    # settings an older run did not record take their defaults (what that run did)
+    cfgs = [{**TrainConfig.from_dict(c).to_dict(), **c} for c in map(_config, dirs)]
+    for d, c in zip(dirs[1:], cfgs[1:]):
+        diff = {k: (cfgs[0].get(k), c.get(k)) for k in SPLIT_KEYS if cfgs[0].get(k) != c.get(k)}
+        if diff:
+            raise CompareError(f"{d} tested other images than {dirs[0]} (different {', '.join(diff)}: {diff}); "
+                               "train both with the same --data, --folds, --seed and --size")
+    scores = [per_image(d) for d in dirs]
+    ids = sorted(set(scores[0]).intersection(*scores[1:]))
+    if not ids:
+        raise CompareError("the runs share no test image")
+    rows = []
+    for d, c, s in zip(dirs, cfgs, scores):
+        f1 = [s[i]["f1"] for i in ids]
+        row = {"run": str(d), "changed": {k: list(v) for k, v in changed_settings(cfgs[0], c).items()},
+               "f1": summarize(f1), "iou": summarize([s[i]["iou"] for i in ids])}
+        if d is not dirs[0]:
+            row["f1_vs_baseline"] = paired([scores[0][i]["f1"] for i in ids], f1)
+        metrics = d / "metrics.json"
+        if metrics.exists():
+            folds = read_json(metrics)["folds"]
+            row["best_epochs"] = [f["best_epoch"] for f in folds]
+            row["thresholds"] = [f["threshold"] for f in folds]
+            row["train_time_s"] = sum(f["train_time_s"] for f in folds)
+        rows.append(row)
+    return {"baseline": str(dirs[0]), "n_images": len(ids), "split_settings": {k: cfgs[0].get(k) for k in SPLIT_KEYS},
+            "runs": rows}
+
+
+def format_markdown(result: dict) -> str:
+    """One table: a row per run, the baseline first."""
+    lines = [f"Paired comparison on the same {result['n_images']} test images "
+             f"({', '.join(f'{k}={v}' for k, v in result['split_settings'].items())}); baseline `{result['baseline']}`. "
+             "Δ F1 = mean per-image difference to the baseline ± its standard error; p = Wilcoxon signed-rank.",
+             "",
+             "| run | changed | test F1 mean ± std (min) | IoU | Δ F1 vs baseline | better / worse | p | best epoch | "
+             "threshold | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        ch = ", ".join(f"{k}: {a} → {b}" for k, (a, b) in r["changed"].items()) or "(baseline)"
+        f1, iou = r["f1"], r["iou"]
+        if "f1_vs_baseline" in r:
+            p = r["f1_vs_baseline"]
+            delta = f"{p['mean']:+.4f} ± {p['se']:.4f}"
+            bw = f"{p['improved']} / {p['worse']}"
+            pv = "–" if np.isnan(p["wilcoxon_p"]) else f"{p['wilcoxon_p']:.3f}"
+        else:
+            delta, bw, pv = "–", "–", "–"
+        ep = ", ".join(str(e) for e in r.get("best_epochs", [])) or "?"
+        th = ", ".join(f"{t:.2f}" for t in r.get("thresholds", [])) or "?"
+        ts = f"{r['train_time_s']:.0f}" if "train_time_s" in r else "?"
+        lines.append(f"| `{Path(r['run']).name}` | {ch} | {f1['mean']:.4f} ± {f1['std']:.4f} ({f1['min']:.3f}) | "
+                     f"{iou['mean']:.4f} | {delta} | {bw} | {pv} | {ep} | {th} | {ts} |")
+    return "\n".join(lines) + "\n"
