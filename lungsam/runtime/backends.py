@@ -74,7 +74,13 @@ def ort_providers(device: str) -> list[str]:
 
 
 class OrtModel:
-    """One ONNX model in an onnxruntime session (graph optimisation ORT_ENABLE_ALL)."""
+    """One ONNX model in an onnxruntime session (graph optimisation ORT_ENABLE_ALL).
+
+    On CPU the intra-op threads do not spin-wait after a run (``session.intra_op.allow_spinning = 0``):
+    the pipeline runs two sessions (encoder, decoder) and numpy post-processing one after the other, and
+    an idle pool that keeps spinning takes the cores from the next stage (measured on the 2-core CPU:
+    decoder 102 -> 62 ms, post-processing 28 -> 1.3 ms per image; docs/benchmarks.md).
+    """
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
         import onnxruntime as ort
@@ -90,6 +96,8 @@ class OrtModel:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        if device == "cpu":
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types

@@ -117,7 +117,8 @@ def format_markdown(result: dict) -> str:
             p = r["f1_vs_baseline"]
             delta = f"{p['mean']:+.4f} ± {p['se']:.4f}"
             bw = f"{p['improved']} / {p['worse']}"
-            pv = "–" if np.isnan(p["wilcoxon_p"]) else f"{p['wilcoxon_p']:.3f}"
+            pv = ("–" if np.isnan(p["wilcoxon_p"]) else "< 0.001" if p["wilcoxon_p"] < 1e-3
+                  else f"{p['wilcoxon_p']:.3f}")
         else:
             delta, bw, pv = "–", "–", "–"
         ep = ", ".join(str(e) for e in r.get("best_epochs", [])) or "?"
