@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import sha256_file
+
 ADAPTER_NAME = "default"
 
 
@@ -46,11 +48,10 @@ def _peft():
 def add_lora(encoder: torch.nn.Module, spec: LoraSpec) -> list[torch.nn.Parameter]:
     """Inject adapters into ``encoder`` in place (base weights frozen); returns the adapter parameters."""
     peft = _peft()
-    names = [n for n, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)
-             and any(n == t or n.endswith("." + t) for t in spec.targets)]
-    if not names:
+    linear = [n for n, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not any(n == t or n.endswith("." + t) for n in linear for t in spec.targets):
         raise ValueError(f"no linear layer of the encoder is named {', '.join(spec.targets)}; "
-                         f"its linear layers end in: {', '.join(sorted({n.rsplit('.', 1)[-1] for n, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)}))}")
+                         f"its linear layers end in: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in linear}))}")
     cfg = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0,
                           bias="none")
     peft.inject_adapter_in_model(cfg, encoder, adapter_name=ADAPTER_NAME)
@@ -102,6 +103,4 @@ def encoder_fingerprint(base_fingerprint: str, adapter_file: Path | None) -> str
     sha256 when the encoder carries a merged adapter."""
     if adapter_file is None:
         return base_fingerprint
-    h = hashlib.sha256(base_fingerprint.encode())
-    h.update(Path(adapter_file).read_bytes())
-    return h.hexdigest()
+    return hashlib.sha256(f"{base_fingerprint}+lora:{sha256_file(adapter_file)}".encode()).hexdigest()

@@ -76,8 +76,8 @@ def test_lora_run_evaluates_and_exports(lora_run, tmp_path):
                  progress=False)
     fold = json.loads((lora_run / "folds" / "fold_0" / "metrics.json").read_text())
     by_id = {p["id"]: p["f1"] for p in r["per_image"]}
-    for p in fold["per_image"]:  # eval re-encodes with the adapted encoder: same test scores as training
-        assert by_id[p["id"]] == pytest.approx(p["f1"], abs=1e-3)
+    for p in fold["per_image"]:  # eval reads the adapted encoder's embeddings: same test scores as training
+        assert by_id[p["id"]] == p["f1"]  # the run's cached embeddings of the adapted encoder are reused
     res = export_bundle(lora_run, tmp_path / "bundle", parity_images=3, log=lambda m: None)
     parity = res.manifest["parity"]["results"]
     assert all(v["agreement_mean"] > 0.99 for v in parity.values())

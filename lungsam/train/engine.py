@@ -215,7 +215,6 @@ class EncoderLoraTrainer(DecoderTrainer):
     def __init__(self, sam: Sam, spec: PreprocessSpec, size: int, prompt: LearnedPrompt, *,
                  lora_params: list[torch.nn.Parameter], **kw):
         super().__init__(sam, spec, size, prompt, **kw)
-        self.lora_params = lora_params
         for p in lora_params:
             p.requires_grad_(True)
         self.optimizer.add_param_group({"params": lora_params})
@@ -226,15 +225,3 @@ class EncoderLoraTrainer(DecoderTrainer):
         self.sam.image_encoder.eval()
         with autocast(self.device, self.amp):
             return self.sam.image_encoder(x).float()
-
-
-@torch.no_grad()
-def encode_images(sam: Sam, images: np.ndarray, spec: PreprocessSpec, device: str, batch_size: int = 4) -> np.ndarray:
-    """``(N, C, E, E)`` embeddings of working images ``(N, S, S, 3)`` uint8 (no cache), rounded through
-    float16 as the embedding cache stores them, so later evaluations through the cache score the same."""
-    sam.image_encoder.eval()
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.stack([encoder_input(im, spec) for im in images[s:s + batch_size]])).to(device)
-        out.append(sam.image_encoder(x).float().cpu().numpy().astype(np.float16))
-    return np.concatenate(out)

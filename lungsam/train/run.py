@@ -20,8 +20,8 @@ from ..metrics import summarize
 from ..prompts import learn_prompt
 from . import report
 from .config import TrainConfig
-from .engine import (DecoderTrainer, EncoderLoraTrainer, choose_threshold, encode_images, pick_device,
-                     predict_probabilities, score, sweep_thresholds)
+from .engine import (DecoderTrainer, EncoderLoraTrainer, choose_threshold, pick_device, predict_probabilities, score,
+                     sweep_thresholds)
 
 Log = Callable[[str], None]
 
@@ -163,8 +163,11 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Sample], emb: dict[str, np.ndarray],
                sam, device: str, fold_dir: Path, log: Log, progress: bool = True,
-               aug: AugmentedViews | None = None) -> dict:
-    """Train, select threshold and test one fold; resumable from ``train_state.pt``."""
+               aug: AugmentedViews | None = None, weights_sha256: str = "") -> dict:
+    """Train, select threshold and test one fold; resumable from ``train_state.pt``.
+
+    ``weights_sha256`` (the backbone weights' fingerprint) keys the embedding cache of a LoRA run's
+    adapted encoder, combined with the best adapter file, as :func:`lungsam.runs.load_run` does."""
     spec = get_backbone(cfg.backbone).preprocess
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(fold_dir / "split.json", split)
@@ -237,9 +240,14 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     report.learning_curve(history, fold_dir / "learning_curve.png", title)
 
     _load_decoder(sam, fold_dir / "decoder_best.safetensors")
-    if lora:  # embeddings of the adapted encoder for the threshold sweep and the test
-        _load_adapter(sam, fold_dir / "encoder_lora_best.safetensors")
-        E = {k: encode_images(sam, X[k], spec, device, cfg.embed_batch_size) for k in ("val", "test")}
+    if lora:  # embeddings of the adapted encoder, through the cache a later eval of this run reads
+        from ..lora import encoder_fingerprint
+
+        best_adapter = fold_dir / "encoder_lora_best.safetensors"
+        _load_adapter(sam, best_adapter)
+        cache = EmbeddingCache(cfg.backbone, encoder_fingerprint(weights_sha256, best_adapter), spec)
+        E = {k: cache.embed(sam.image_encoder, part[k], device=device, batch_size=cfg.embed_batch_size,
+                            progress=False) for k in ("val", "test")}
     else:
         E = X
     val_probs = predict_probabilities(sam, E["val"], M["val"], prompt, spec, cfg.size, device, cfg.batch_size)
@@ -359,7 +367,8 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, log: L
             log(f"fold {i}: already finished, reusing")
             folds.append(read_json(fd / "metrics.json"))
             continue
-        folds.append(train_fold(cfg, i, split, samples, emb, sam, device, fd, log, progress, aug))
+        folds.append(train_fold(cfg, i, split, samples, emb, sam, device, fd, log, progress, aug,
+                                weights_sha256=run["weights_sha256"]))
     agg = aggregate_folds(folds)
     run.update({"finished": utc_now(), "wall_time_s": time.perf_counter() - t0})
     write_json_atomic(out / "run.json", run)
