@@ -7,7 +7,7 @@
 #   bash scripts/prepare_gpu_bundle.sh            # -> gpu_kit/
 #   KIT=/tmp/kit N_PAIRS=24 bash scripts/prepare_gpu_bundle.sh
 #
-# Environment: PYTHON (default .venv/bin/python), KIT (gpu_kit), N_PAIRS (24), SIZE (256),
+# Environment: PYTHON (default .venv/bin/python), KIT (gpu_kit), N_PAIRS (138: all of Montgomery), SIZE (256),
 # DATA (../shared/data/montgomery), WEIGHTS (../shared/weights/mobile_sam.pt), PYVER (3.12),
 # EXTRA_WHEELS (more requirement specs to download, space separated), MAX_MB (64).
 set -euo pipefail
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 KIT=${KIT:-$REPO/gpu_kit}
-N_PAIRS=${N_PAIRS:-24}
+N_PAIRS=${N_PAIRS:-138}
 SIZE=${SIZE:-256}
 DATA=${DATA:-$REPO/../shared/data/montgomery}
 WEIGHTS=${WEIGHTS:-$REPO/../shared/weights/mobile_sam.pt}

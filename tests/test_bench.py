@@ -51,6 +51,35 @@ def test_throughput_from_synthetic_timings():
     assert t["batch_latency_ms"]["p50"] == pytest.approx(250.0)
 
 
+def test_stage_breakdown_from_synthetic_timings():
+    # two timed calls of 4 images: preprocessing 0.2 s each, model stages 0.05 + 0.02 + 0.01 s each
+    t = stats.stage_breakdown(4, {"preprocess": [0.2, 0.2], "encoder": [0.05, 0.05], "decoder": [0.02, 0.02],
+                                  "postprocess": [0.01, 0.01], "end_to_end": [0.28, 0.28]})
+    assert t["stage_ms_per_image"]["preprocess"] == pytest.approx(50.0)
+    assert t["stage_ms_per_image"]["encoder"] == pytest.approx(12.5)
+    assert t["images_per_s_without_preprocess"] == pytest.approx(8 / 0.16)
+    assert stats.stage_breakdown(4, {"encoder": []})["images_per_s_without_preprocess"] is None
+
+
+def test_thread_map_keeps_order_runs_in_threads_and_raises():
+    import threading
+
+    m = stats.ThreadMap(4)
+    names = set()
+
+    def square(x):
+        names.add(threading.current_thread().name)
+        return x * x
+
+    assert m(square, list(range(50))) == [x * x for x in range(50)]
+    assert names and all(n.startswith("preprocess") for n in names)
+    assert m(square, [3]) == [9]  # a single item runs inline
+    with pytest.raises(ZeroDivisionError):
+        m(lambda x: 1 / x, [1, 0, 2])
+    m.close()
+    assert stats.ThreadMap(1)(square, [1, 2]) == [1, 4]
+
+
 def test_ratio_handles_missing_values():
     assert stats.ratio(1.0, 4.0) == 0.25
     assert stats.ratio(1.0, 0.0) is None
@@ -213,6 +242,13 @@ def test_plan_skips_what_cannot_run_here():
     assert by[("onnxruntime", "fp32")].skip is None
     with pytest.raises(ValueError):
         make_plan(["tflite"], ["fp32"], "cpu", _NoFp16Bundle())
+
+
+def test_cuda_plan_puts_eager_and_cuda_graph_rows_side_by_side():
+    plans = make_plan(["torch"], ["fp32", "fp16", "bf16"], "cuda", _NoFp16Bundle())
+    assert [(p.precision, p.mode) for p in plans] == [
+        ("fp32", "eager"), ("fp32", "cuda_graph"), ("fp16", "eager"), ("fp16", "cuda_graph"),
+        ("bf16", "eager"), ("bf16", "cuda_graph")]
 
 
 def test_torch_on_missing_cuda_is_skipped_with_reason(tiny_run):

@@ -46,6 +46,31 @@ def test_encoder_input_matches_sam_preprocess(real_image, hw):
     np.testing.assert_allclose(pp.normalize_model_input(raw, spec), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone", ["mobile_sam", "lite_medsam"])
+@pytest.mark.parametrize("hw", [(256, 256), (200, 256), (256, 120)])
+@pytest.mark.parametrize("colour", [False, True])
+def test_model_and_encoder_input_are_exact_for_grey_and_colour(real_image, backbone, hw, colour):
+    """The grey shortcut (one resize shared by three channels) and the in-place normalisation give
+    bit-identical arrays to resizing all channels with SAM's transform and normalising the raw input."""
+    spec = get_backbone(backbone).preprocess
+    img = pp.resize_image(pp.to_rgb_uint8(real_image), hw)
+    if colour:  # three different channels: the general path
+        img = np.ascontiguousarray(np.stack([img[..., 0], 255 - img[..., 1], img[..., 2] // 2], axis=-1))
+    resized = ResizeLongestSide(spec.img_size).apply_image(img)
+    h, w = resized.shape[:2]
+    raw, input_hw = pp.model_input(img, spec)
+    assert input_hw == (h, w) and raw.dtype == np.float32 and raw.shape == (3, spec.img_size, spec.img_size)
+    np.testing.assert_array_equal(raw[:, :h, :w], resized.transpose(2, 0, 1).astype(np.float32))
+    fill = pp.pad_fill_value(resized, spec)
+    assert np.all(raw[:, h:, :] == fill[:, None, None]) and np.all(raw[:, :, w:] == fill[:, None, None])
+    np.testing.assert_array_equal(pp.encoder_input(img, spec), pp.normalize_model_input(raw, spec))
+    buf = np.full((2, 3, spec.img_size, spec.img_size), np.nan, np.float32)  # a dirty batch buffer
+    row = buf[1]
+    assert pp.encoder_input(img, spec, out=row) is row
+    np.testing.assert_array_equal(buf[1], pp.normalize_model_input(raw, spec))
+    assert np.isnan(buf[0]).all()
+
+
 def test_minmax_normalisation_pads_with_image_minimum(real_image):
     spec = get_backbone("lite_medsam").preprocess
     img = pp.resize_image(pp.to_rgb_uint8(real_image), (128, 256))

@@ -36,7 +36,8 @@ from ..metrics import f1_score, iou_score, summarize
 from .machine import full_machine_record, versions
 from .report import compare, latency_chart, markdown_report
 from .schema import FORMAT, check_results
-from .stats import LATENCY_KEYS, StageTimer, latency_summary, ratio, throughput_summary
+from .stats import (LATENCY_KEYS, StageTimer, ThreadMap, default_preprocess_threads, latency_summary, ratio,
+                    stage_breakdown, throughput_summary)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -131,8 +132,12 @@ def make_plan(backends: list[str], precisions: list[str], device: str, bundle) -
     if "torch" in backends:
         plans.append(Plan("torch", "fp32", "eager"))
         for p in precisions:
-            if p != "fp32":
-                plans.append(Plan("torch", p, "cuda_graph" if device == "cuda" else "eager"))
+            if device == "cuda":  # eager autocast and CUDA graphs side by side, so the graphs' gain is visible
+                if p != "fp32":
+                    plans.append(Plan("torch", p, "eager"))
+                plans.append(Plan("torch", p, "cuda_graph"))
+            elif p != "fp32":
+                plans.append(Plan("torch", p, "eager"))
     for b in ("onnxruntime", "tensorrt"):
         if b not in backends:
             continue
@@ -168,12 +173,13 @@ class RuntimeBackend:
         self.providers = sorted({p for ps in d["providers"].values() for p in ps})
         self.mode = "fixed-prompt decoder" if "decoder_fixed" in self.seg._models and not self.seg.needs_box else None
         self.notes: list[str] = list(d["fallbacks"])
+        self._map = ThreadMap()
 
     def sync(self) -> None:  # the runtime returns host arrays: every stage is complete when it returns
         pass
 
     def preprocess(self, images, masks=None):
-        prepared = [self.seg.preprocess(im) for im in images]
+        prepared = self._map(self.seg.preprocess, images)
         prompts = None
         if self.seg.needs_box:
             from ..prompts import mask_box
@@ -198,6 +204,7 @@ class RuntimeBackend:
         return np.asarray(dec[1], np.float32)[:, 0]
 
     def close(self) -> None:
+        self._map.close()
         self.seg = None
 
 
@@ -335,7 +342,7 @@ def measure(be, data: Images, batches: list[int], warmup: int, repeats: int, pro
                 outputs.masks.append(np.asarray(out[0], bool))
                 outputs.low_res.append(be.low_res(dec)[0])
             bar.update(1)
-    tput = [throughput_summary(1, timer.samples["end_to_end"])]
+    tput = [throughput_summary(1, timer.samples["end_to_end"]) | stage_breakdown(1, timer.samples)]
     notes: list[str] = getattr(be, "notes", None) if isinstance(getattr(be, "notes", None), list) else []
     tput += time_batches(be, data.images, data.masks, big, repeats, bar.update, clock, notes)
     bar.close()
@@ -365,15 +372,16 @@ def time_batches(be, images: list[np.ndarray], masks: list[np.ndarray], batches:
             continue
         tick(1)
         walls = []
+        timer = StageTimer(sync=be.sync, clock=clock)
         for _ in range(repeats):
             for im, mk in zip(ims, mks):
                 be.sync()
                 t0 = clock()
-                run_pipeline(be, im, mk)
+                run_pipeline(be, im, mk, timer)
                 be.sync()
                 walls.append(clock() - t0)
                 tick(1)
-        out.append(throughput_summary(b, walls))
+        out.append(throughput_summary(b, walls) | stage_breakdown(b, timer.samples))
     return out
 
 
@@ -526,7 +534,8 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
                    "run": None if run_path is None else str(run_path), "fold": rec_fold},
         "data": {"source": data.source, "n_images": len(data.ids), "ids": data.ids},
         "settings": {"device": device, "backends": backends, "precisions": precisions, "batches": batches,
-                     "warmup": warmup, "repeats": repeats, "threads": threads},
+                     "warmup": warmup, "repeats": repeats, "threads": threads,
+                     "preprocess_threads": default_preprocess_threads()},
         "machine": machine,
         "versions": versions(),
         "reference": {"backend": "torch", "precision": "fp32", "mode": "eager",

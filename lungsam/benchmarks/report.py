@@ -38,7 +38,7 @@ def markdown_table(results: dict) -> str:
     ref = "torch fp32 eager"
     head = ("| backend | precision | device | F1 mean ± std (min) | IoU mean ± std (min) | vs ref mask F1 mean / min "
             "| max abs logit diff | changed masks | pre / enc / dec / post p50 ms | end-to-end p50 / p95 / p99 ms "
-            f"| e2e p50 vs {ref} | images/s (batch) | peak RSS MB | GPU peak MB |")
+            f"| e2e p50 vs {ref} | images/s (batch) | images/s w/o host preprocess (batch) | peak RSS MB | GPU peak MB |")
     sep = "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"
     rows = [head, sep]
     for r in results["results"]:
@@ -62,9 +62,11 @@ def markdown_table(results: dict) -> str:
         vs_s = "reference" if (r["backend"], r["precision"], r.get("mode")) == ("torch", "fp32", "eager") else (
             f"{vs:.2f}x" if vs is not None else "–")
         tp = ", ".join(f"{t['images_per_s']:.1f} ({t['batch']})" for t in r.get("throughput", []))
+        tpm = ", ".join(f"{t['images_per_s_without_preprocess']:.1f} ({t['batch']})" for t in r.get("throughput", [])
+                        if t.get("images_per_s_without_preprocess") is not None) or "–"
         mem = r.get("memory") or {}
         rows.append(f"| {r['backend']}{mode} | {r['precision']} | {r['device']} | {f1} | {iou} | {pf1} | {dl} | {ch} "
-                    f"| {stages} | {e2e} | {vs_s} | {tp} | {_f(mem.get('peak_rss_mb'), 0)} "
+                    f"| {stages} | {e2e} | {vs_s} | {tp} | {tpm} | {_f(mem.get('peak_rss_mb'), 0)} "
                     f"| {_f(mem.get('gpu_peak_mb'), 0)} |")
     return "\n".join(rows)
 
@@ -82,7 +84,8 @@ def markdown_report(results: dict, compare_lines: list[str] | None = None) -> st
         f"- data: {d['source']}, {d['n_images']} images at the working resolution {b['working_size']}x{b['working_size']}"
         f" (encoder input {b['img_size']}), prompt `{b['prompt']}`, threshold {b['threshold']:.2f}",
         f"- settings: device {s['device']}, batches {s['batches']}, warm-up {s['warmup']}, repeats {s['repeats']}, "
-        f"threads {s['threads'] if s['threads'] else 'default'}",
+        f"threads {s['threads'] if s['threads'] else 'default'}, batch preprocessing in "
+        f"{s.get('preprocess_threads', 1)} host threads",
         "- latency: per image at batch 1 after warm-up (device synchronised); images/s over timed batched passes; "
         "accuracy at the working resolution against ground truth; parity against torch fp32 (eager) on the same images",
         "",

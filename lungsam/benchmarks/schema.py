@@ -27,7 +27,12 @@ THROUGHPUT = {
     "type": "object", "required": ["batch", "images", "wall_s", "images_per_s", "ms_per_image", "batch_latency_ms"],
     "properties": {"batch": {"type": "integer", "minimum": 1}, "images": {"type": "integer", "minimum": 1},
                    "wall_s": {"type": "number", "minimum": 0}, "images_per_s": {"type": "number", "minimum": 0},
-                   "ms_per_image": {"type": "number", "minimum": 0}, "batch_latency_ms": LATENCY},
+                   "ms_per_image": {"type": "number", "minimum": 0}, "batch_latency_ms": LATENCY,
+                   "stage_ms_per_image": {"type": "object", "required": ["preprocess", "encoder", "decoder",
+                                                                         "postprocess"],
+                                          "properties": {k: NUM for k in ("preprocess", "encoder", "decoder",
+                                                                          "postprocess")}},
+                   "images_per_s_without_preprocess": NUM_OR_NULL},
 }
 RESULT = {
     "type": "object",
@@ -85,7 +90,8 @@ RESULTS_SCHEMA = {
                                     "batches": {"type": "array", "items": {"type": "integer", "minimum": 1}},
                                     "warmup": {"type": "integer", "minimum": 0},
                                     "repeats": {"type": "integer", "minimum": 1},
-                                    "threads": {"type": ["integer", "null"]}}},
+                                    "threads": {"type": ["integer", "null"]},
+                                    "preprocess_threads": {"type": "integer", "minimum": 1}}},
         "machine": {"type": "object", "required": ["cpu", "cpu_count", "gpu"],
                     "properties": {"cpu": {"type": "string"}, "cpu_count": {"type": ["integer", "null"]},
                                    "gpu": {"type": ["object", "null"]}}},

@@ -6,9 +6,11 @@ Throughput is images divided by the wall time of the timed passes that processed
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -56,6 +58,18 @@ def throughput_summary(batch: int, batch_wall_s: Sequence[float]) -> dict[str, f
             "ms_per_image": 1000.0 * total / n, "batch_latency_ms": lat}
 
 
+def stage_breakdown(batch: int, stage_s: dict[str, Sequence[float]]) -> dict:
+    """Per-stage seconds of timed batched calls (``batch`` images each) -> ``stage_ms_per_image`` (each
+    stage's total time divided by the images) and ``images_per_s_without_preprocess``: the rate of the
+    model stages alone (encoder + decoder + postprocess), i.e. with host preprocessing done elsewhere
+    (data-loader workers); ``None`` when those stages took no measurable time."""
+    n = batch * len(stage_s.get("encoder", []))
+    per_image = {k: (1000.0 * float(np.sum(stage_s.get(k, []))) / n if n else float("nan")) for k in STAGES}
+    model_s = sum(float(np.sum(stage_s.get(k, []))) for k in STAGES[1:])
+    return {"stage_ms_per_image": per_image,
+            "images_per_s_without_preprocess": throughput(n, model_s) if n and model_s > 0 else None}
+
+
 def ratio(a: float, b: float) -> float | None:
     """``a / b``, or ``None`` when either is missing/NaN or ``b`` is zero."""
     if a is None or b is None:
@@ -64,6 +78,37 @@ def ratio(a: float, b: float) -> float | None:
     if not np.isfinite(a) or not np.isfinite(b) or b == 0.0:
         return None
     return a / b
+
+
+def default_preprocess_threads() -> int:
+    """Threads for host preprocessing of a batch: the CPUs this process may use, at most 16."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(16, n))
+
+
+class ThreadMap:
+    """``[fn(x) for x in items]`` over a batch in up to ``threads`` threads (Pillow's resize and numpy's
+    large-array arithmetic release the GIL, so a batch's images are preprocessed in parallel); a single
+    item, or ``threads <= 1``, runs inline. Results keep the input order; the first error is raised."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = default_preprocess_threads() if threads is None else max(1, int(threads))
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __call__(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        if len(items) <= 1 or self.threads <= 1:
+            return [fn(x) for x in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="preprocess")
+        return list(self._pool.map(fn, items))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 class StageTimer:

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, Sam
 
-from ..modeling.decoder import decode
+from ..modeling.decoder import decode, decode_embedded, encode_prompts
 from ..modeling.tiny_vit import PatchMerging, TinyViT, TinyViTBlock
 from ..preprocess import PreprocessSpec, encoder_input, preprocess_shape
+from .stats import ThreadMap
 from ..prompts import LearnedPrompt, mask_box, model_prompt
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,7 +108,8 @@ class TorchBackend:
     backend = "torch"
 
     def __init__(self, sam: Sam, spec: PreprocessSpec, prompt: LearnedPrompt, threshold: float, working_size: int,
-                 device: str = "cpu", precision: str = "fp32", mode: str = "eager", threads: int | None = None):
+                 device: str = "cpu", precision: str = "fp32", mode: str = "eager", threads: int | None = None,
+                 preprocess_threads: int | None = None):
         check_torch_available(device, precision)
         if mode == "cuda_graph" and device != "cuda":
             raise TorchUnavailable("CUDA graphs need --device cuda")
@@ -121,7 +123,8 @@ class TorchBackend:
         self.notes: list[str] = []
         self._prompt_cache: dict[int, tuple] = {}
         self._graphs: dict[int, dict] = {}
-        self._h2d_stream = None
+        self._host: dict[int, tuple] = {}
+        self._map = ThreadMap(preprocess_threads)
 
     # -- helpers --------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -150,10 +153,29 @@ class TorchBackend:
 
     # -- stages ---------------------------------------------------------------------------------
     def preprocess(self, images: list[np.ndarray], masks: list[np.ndarray] | None = None):
-        x = torch.from_numpy(np.stack([encoder_input(im, self.spec) for im in images]))
+        """Working images -> the normalised batch on the device, written image by image (in parallel
+        threads: Pillow and numpy release the GIL) straight into a reused host batch, pinned on GPU."""
+        b = len(images)
+        host, copied = self._host_batch(b)
+        if copied is not None:
+            copied.synchronize()  # the previous copy out of this buffer has finished
+        rows = host.numpy()
+        self._map(lambda i: encoder_input(images[i], self.spec, out=rows[i]), range(b))
         if self.device == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        return {"x": x, "prompts": self._prompts(masks, len(images))}
+            x = host.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._host[b] = (host, done)
+        else:
+            x = host
+        return {"x": x, "prompts": self._prompts(masks, b)}
+
+    def _host_batch(self, b: int):
+        """``((b, 3, img, img) float32 host tensor, event of its last device copy or None)``."""
+        if b not in self._host:
+            n = self.spec.img_size
+            self._host[b] = (torch.empty((b, 3, n, n), dtype=torch.float32, pin_memory=self.device == "cuda"), None)
+        return self._host[b]
 
     @torch.inference_mode()
     def encode(self, pre):
@@ -170,15 +192,21 @@ class TorchBackend:
     def decode(self, enc):
         if "graph" in enc:
             g = enc["graph"]
-            if self.prompt.needs_ground_truth:  # boxes change per image: refresh the static prompt tensors
-                for static, new in zip(g["prompts"], enc["prompts"]):
-                    if static is not None:
-                        static.copy_(new)
+            if self.prompt.needs_ground_truth:  # boxes change per image: refresh the static prompt embeddings
+                sparse, dense = self._embed_prompts(enc["prompts"], g["sparse"].shape[0])
+                g["sparse"].copy_(sparse)
+                g["dense"].copy_(dense)
             g["dec"].replay()
             return g["low"]
         with self._autocast():
             low, _ = decode(self.sam, enc["emb"], *enc["prompts"])
         return low
+
+    def _embed_prompts(self, prompts, batch: int):
+        """Prompt embeddings, eagerly: SAM's point embedding indexes with boolean masks (a host sync),
+        which a CUDA graph cannot capture, so graphs take the embeddings as static inputs."""
+        with self._autocast():
+            return encode_prompts(self.sam, *prompts, batch)
 
     @torch.inference_mode()
     def postprocess(self, low) -> np.ndarray:
@@ -191,27 +219,31 @@ class TorchBackend:
 
     # -- CUDA graphs ----------------------------------------------------------------------------
     def _graph(self, pre) -> dict:
+        """Capture the encoder and the mask decoder (from prompt embeddings) for this batch size."""
         b = pre["x"].shape[0]
         if b in self._graphs:
             return self._graphs[b]
         x = pre["x"].clone()
-        prompts = tuple(None if p is None else p.clone() for p in pre["prompts"])
+        sparse, dense = (t.clone() for t in self._embed_prompts(pre["prompts"], b))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), self._autocast():
             for _ in range(3):  # warm-up on a side stream, as torch.cuda.graphs requires
                 emb = self.sam.image_encoder(x)
-                decode(self.sam, emb, *prompts)
+                decode_embedded(self.sam, emb, sparse, dense)
         torch.cuda.current_stream().wait_stream(side)
         g_enc, g_dec = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(g_enc), self._autocast():
             emb = self.sam.image_encoder(x)
         with torch.cuda.graph(g_dec, pool=g_enc.pool()), self._autocast():
-            low, _ = decode(self.sam, emb, *prompts)
-        self._graphs[b] = {"x": x, "emb": emb, "low": low, "prompts": prompts, "enc": g_enc, "dec": g_dec}
+            low, _ = decode_embedded(self.sam, emb, sparse, dense)
+        self._graphs[b] = {"x": x, "emb": emb, "low": low, "sparse": sparse, "dense": dense,
+                           "enc": g_enc, "dec": g_dec}
         return self._graphs[b]
 
     def close(self) -> None:
+        self._map.close()
+        self._host.clear()
         self._graphs.clear()
         self._prompt_cache.clear()
         self.sam = None
