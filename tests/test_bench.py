@@ -267,6 +267,25 @@ def test_torch_on_missing_cuda_is_skipped_with_reason(tiny_run):
         assert "latency_ms" not in rec
 
 
+def test_torch_batch_preprocess_in_threads_equals_image_by_image(tiny_run):
+    """The torch backend's batch (parallel threads writing into one reused host buffer) holds exactly each
+    image's encoder_input, in order, on every call."""
+    from lungsam.benchmarks.torch_backend import TorchBackend
+    from lungsam.preprocess import encoder_input
+    from lungsam.runs import load_run
+
+    rm = load_run(tiny_run)
+    be = TorchBackend(rm.sam, rm.spec, rm.prompt, rm.threshold, rm.working_size, preprocess_threads=3)
+    rng = np.random.default_rng(0)
+    s = rm.working_size
+    for _ in range(2):  # the second call rewrites the same buffer
+        images = [rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for _ in range(4)]
+        images[0] = np.repeat(images[0][..., :1], 3, axis=2)  # a grey one too
+        x = be.preprocess(images, None)["x"].numpy()
+        np.testing.assert_array_equal(x, np.stack([encoder_input(im, rm.spec) for im in images]))
+    be.close()
+
+
 def test_resize_encoder_equals_a_natively_built_encoder():
     import torch
 
