@@ -161,12 +161,26 @@ def resized_planes(working_image: np.ndarray, spec: PreprocessSpec) -> tuple[lis
     return [resized[..., c] for c in range(3)], hw
 
 
+def normalization_affine(planes: list[np.ndarray], spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float32 ``(offset (3,), divisor (3,))`` with ``normalised = (raw - offset) / divisor``,
+    the same float32 operands :func:`normalize_model_input` uses (``planes``: the resized uint8 channels).
+    ``offset`` is also the raw value that normalises to 0, i.e. :func:`pad_fill_value`."""
+    if spec.normalization == "mean_std":
+        return np.asarray(spec.pixel_mean, np.float32), np.asarray(spec.pixel_std, np.float32)
+    if spec.normalization != "minmax":
+        raise ValueError(f"unknown normalization {spec.normalization!r}")
+    distinct = {id(p): p for p in planes}.values()  # a grey image's three planes are one array
+    lo = np.float32(min(int(p.min()) for p in distinct))
+    hi = np.float32(max(int(p.max()) for p in distinct))
+    return np.full(3, lo, np.float32), np.full(3, np.maximum(hi - lo, np.float32(1e-8)), np.float32)
+
+
 def model_input(working_image: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, tuple[int, int]]:
     """Working image ``(S, S, 3)`` uint8 -> raw model input ``(3, img, img)`` float32 (0..255, padded
     with :func:`pad_fill_value`, not yet normalised) and the resized size ``(h', w')`` before padding.
     """
     planes, (h, w) = resized_planes(working_image, spec)
-    fill = pad_fill_value(np.stack([p.min(initial=255) for p in planes]), spec)
+    fill, _ = normalization_affine(planes, spec)  # the raw value that normalises to 0 (pad_fill_value)
     out = np.empty((3, spec.img_size, spec.img_size), np.float32)
     for c, plane in enumerate(planes):
         out[c, :h, :w] = plane
@@ -184,18 +198,6 @@ def normalize_model_input(raw: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     lo = raw.min(axis=(-3, -2, -1), keepdims=True)
     hi = raw.max(axis=(-3, -2, -1), keepdims=True)
     return ((raw - lo) / np.maximum(hi - lo, 1e-8)).astype(np.float32)
-
-
-def normalization_affine(planes: list[np.ndarray], spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel float32 ``(offset (3,), divisor (3,))`` with ``normalised = (raw - offset) / divisor``,
-    the same float32 operands :func:`normalize_model_input` uses (``planes``: the resized uint8 channels)."""
-    if spec.normalization == "mean_std":
-        return np.asarray(spec.pixel_mean, np.float32), np.asarray(spec.pixel_std, np.float32)
-    if spec.normalization != "minmax":
-        raise ValueError(f"unknown normalization {spec.normalization!r}")
-    lo = np.float32(min(int(p.min()) for p in planes))
-    hi = np.float32(max(int(p.max()) for p in planes))
-    return np.full(3, lo, np.float32), np.full(3, np.maximum(hi - lo, np.float32(1e-8)), np.float32)
 
 
 def encoder_input(working_image: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:

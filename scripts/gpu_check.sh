@@ -16,7 +16,7 @@
 #                                             # the same steps on CPU with the tiny backbone (a test here)
 #
 # Environment: KIT, OUT, WORK (run + bundle; default $OUT/work, or /tmp/lungsam_gpu_check when OUT is set), PYTHON (python3), DEVICE (cuda), BACKBONE (mobile_sam),
-# EPOCHS (20), LIMIT (bench images; default all of the test split), BATCHES (1,8,32), REPEATS (5), WARMUP (5),
+# EPOCHS (20), LIMIT (bench images; default all of the test split), BATCHES (1,8,32,128), REPEATS (5), WARMUP (5),
 # SWEEP_SIZES (1024,768,512,384,256), SWEEP_BATCHES (1,64), BUDGET_S (480), SKIP_INSTALL (0), SKIP_SWEEP (0),
 # LORA_RANK (4; 0 skips step 5).
 set -uo pipefail

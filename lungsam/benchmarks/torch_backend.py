@@ -25,8 +25,8 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 from ..modeling.decoder import decode, decode_embedded, encode_prompts
 from ..modeling.tiny_vit import PatchMerging, TinyViT, TinyViTBlock
 from ..preprocess import PreprocessSpec, encoder_input, preprocess_shape
-from .stats import ThreadMap
 from ..prompts import LearnedPrompt, mask_box, model_prompt
+from .stats import ThreadMap
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
