@@ -167,12 +167,34 @@ def holdout_split(ids: list[str], seed: int, fractions: tuple[float, float, floa
             "test": sorted(s[n - n_test:])}
 
 
+def dataset_of(sample_id: str) -> str:
+    """The data set part of a sample id (``<dataset>/<stem>``)."""
+    return sample_id.split("/", 1)[0]
+
+
 def kfold_splits(ids: list[str], k: int, seed: int) -> list[dict[str, list[str]]]:
     """k-fold cross-validation: fold i tests on part i, validates on part (i+1) mod k, trains on the rest.
 
     With k=5 every fold is a 60/20/20 split and each sample is tested exactly once. ``k == 1``
-    gives one :func:`holdout_split`.
+    gives one :func:`holdout_split`. Pooled data sets are split each on its own (stratified by
+    :func:`dataset_of`) and joined fold by fold, so a pooled run's test part of, say, Montgomery in
+    fold i is exactly fold i's test part of a Montgomery-only run with the same ``k`` and ``seed``.
     """
+    groups: dict[str, list[str]] = {}
+    for x in ids:
+        groups.setdefault(dataset_of(x), []).append(x)
+    per_set = []
+    for name, group in sorted(groups.items()):
+        try:
+            per_set.append(_single_set_splits(group, k, seed))
+        except DataError as e:
+            raise DataError(f"{name}: {e}" if len(groups) > 1 else str(e)) from None
+    return [{part: sorted(x for splits in per_set for x in splits[i][part]) for part in ("train", "val", "test")}
+            for i in range(len(per_set[0]))]
+
+
+def _single_set_splits(ids: list[str], k: int, seed: int) -> list[dict[str, list[str]]]:
+    """:func:`kfold_splits` of one data set's ids."""
     if k == 1:
         return [holdout_split(ids, seed)]
     if k < 3:

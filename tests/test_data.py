@@ -89,3 +89,23 @@ def test_splits_are_deterministic_and_partition():
         assert abs(len(f["test"]) - 138 / 5) < 1 and abs(len(f["val"]) - 138 / 5) < 1
     with pytest.raises(DataError):
         kfold_splits(ids, 2, 0)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_pooled_splits_are_each_sets_own_splits_joined(k):
+    mc = [f"montgomery/MCUCXR_{i:04d}" for i in range(138)]
+    sz = [f"shenzhen/CHNCXR_{i:04d}" for i in range(566)]
+    pooled = kfold_splits(sz + mc, k, seed=0)
+    alone = {name: kfold_splits(ids, k, seed=0) for name, ids in (("mc", mc), ("sz", sz))}
+    assert len(pooled) == k
+    for i, f in enumerate(pooled):
+        for part in ("train", "val", "test"):
+            assert f[part] == sorted(alone["mc"][i][part] + alone["sz"][i][part])
+        n_mc = sum(x.startswith("montgomery/") for x in f["test"])
+        assert abs(n_mc - 138 * 0.2) <= 1  # each set keeps its 20 % test share
+
+
+def test_pooled_split_names_the_set_that_is_too_small():
+    ids = [f"big/{i:03d}" for i in range(50)] + ["small/a", "small/b"]
+    with pytest.raises(DataError, match="small: 2 samples are too few for 5 folds"):
+        kfold_splits(ids, 5, 0)

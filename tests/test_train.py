@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from lungsam.backbones import build_backbone, get_backbone
 from lungsam.cli import main
-from lungsam.data import DEMO_DATA, load_dataset
+from lungsam.data import DEMO_DATA, kfold_splits, load_dataset
 from lungsam.embeddings import EmbeddingCache, weights_fingerprint
 from lungsam.modeling.decoder import decode
 from lungsam.prompts import learn_prompt
@@ -143,6 +143,28 @@ def test_cli_train_and_eval_end_to_end(tmp_path):
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["n"] == 16 and ev["size"] == 64 and len(ev["per_image"]) == 16
     assert (tmp_path / "ev" / "report.md").exists() and (tmp_path / "ev" / "overlays.png").exists()
+    # each fold on its own held-out test images: the training run's own test scores, image by image
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data", DEMO_DATA, "--split", "test",
+                                  "--out", str(tmp_path / "ev_test"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev_test" / "metrics.json").read_text())
+    assert ev["n"] == 16 and [p["fold"] for p in ev["parts"]] == [0, 1, 2] and ev["threshold"] is None
+    for k in range(3):
+        trained = json.loads((tmp_path / "run" / "folds" / f"fold_{k}" / "metrics.json").read_text())
+        mine = {x["id"]: x["f1"] for x in ev["per_image"] if x["fold"] == k}
+        assert mine == pytest.approx({x["id"]: x["f1"] for x in trained["per_image"]}, abs=1e-6)
+    assert "| 2 |" in (tmp_path / "ev_test" / "report.md").read_text()
+    # at twice the working size: masks scored at 128x128 against the 128x128 ground truth
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data", DEMO_DATA, "--split", "test", "--fold", "1",
+                                  "--size", "128", "--out", str(tmp_path / "ev128"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev128" / "metrics.json").read_text())
+    assert ev["size"] == 128 and ev["trained_size"] == 64 and [p["fold"] for p in ev["parts"]] == [1]
+    assert {x["id"] for x in ev["per_image"]} == set(json.loads((tmp_path / "run" / "splits.json").read_text())[1]["test"])
+    assert "trained at 64x64" in (tmp_path / "ev128" / "report.md").read_text()
+    r = CliRunner().invoke(main, ["eval", "--backbone", "tiny", "--split", "test", "--data", DEMO_DATA,
+                                  "--out", str(tmp_path / "zs_bad")])
+    assert r.exit_code == 2 and "needs a RUN" in r.output
     r = CliRunner().invoke(main, ["eval", "--backbone", "tiny", "--prompt", "box", "--data", DEMO_DATA, "--size", "64",
                                   "--out", str(tmp_path / "zs"), "--quiet"])
     assert r.exit_code == 0, r.output
@@ -202,3 +224,29 @@ def test_pooled_run_reports_each_data_set(tmp_path):
     a = [r["f1"] for r in per if r["id"].startswith("site_a/")]
     assert by["site_a"]["f1"]["mean"] == pytest.approx(np.mean(a))
     assert "| site_b |" in (tmp_path / "run" / "report.md").read_text()
+    # stratified: each fold's site_a test images are that fold's test images of a site_a-only run
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    alone = kfold_splits([f"site_a/{s}" for s in stems[0::2]], 3, 0)
+    assert [[x for x in f["test"] if x.startswith("site_a/")] for f in splits] == [f["test"] for f in alone]
+
+
+def test_only_fold_trains_part_of_a_cross_validation_and_resume_completes_it(tmp_path):
+    cfg = TrainConfig(backbone="tiny", folds=3, epochs=1, lr=1e-3, size=64)
+    with pytest.raises(ValueError, match="folds 0-2"):
+        train_run(cfg, tmp_path / "bad", only_folds=(3,), log=lambda m: None, progress=False)
+    summary = train_run(cfg, tmp_path / "r", only_folds=(1,), log=lambda m: None, progress=False)
+    assert [f["fold"] for f in summary["folds"]] == [1]
+    assert summary["partial"] == {"folds_finished": [1], "folds_pending": [0, 2]}
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["partial"]["folds_pending"] == [0, 2] and "finished" not in run
+    assert not (tmp_path / "r" / "folds" / "fold_0").exists()
+    assert "Partial run: folds 0, 2 of 3 not trained yet" in (tmp_path / "r" / "report.md").read_text()
+    fold1 = (tmp_path / "r" / "folds" / "fold_1" / "metrics.json").read_text()
+    logs = []
+    summary = train_run(cfg, tmp_path / "r", resume=True, log=logs.append, progress=False)
+    assert "fold 1: already finished, reusing" in logs and "partial" not in summary
+    assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
+    assert (tmp_path / "r" / "folds" / "fold_1" / "metrics.json").read_text() == fold1
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert "partial" not in run and run["finished"]
+    assert "Partial run" not in (tmp_path / "r" / "report.md").read_text()

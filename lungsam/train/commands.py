@@ -39,10 +39,12 @@ def _fail(msg: str) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (cuda: mixed precision).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--resume", is_flag=True, help="Continue a killed run in --out.")
+@click.option("--resume", is_flag=True, help="Continue a killed or partial run in --out.")
+@click.option("--only-fold", "only_folds", type=int, multiple=True,
+              help="Train just this fold now (repeatable); the rest follow later with --resume.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, patience, min_delta, lr, weight_decay, batch_size,
-          size, augment_views, lora_rank, lora_alpha, lora_targets, seed, device, out, resume, quiet):
+          size, augment_views, lora_rank, lora_alpha, lora_targets, seed, device, out, resume, only_folds, quiet):
     """Fine-tune SAM's mask decoder (encoders frozen) on chest X-rays."""
     from ..backbones import UnknownBackboneError
     from ..data import DataError
@@ -57,12 +59,13 @@ def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, pa
                       device=device)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
-        summary = train_run(cfg, out, resume=resume, log=log, progress=not quiet)
+        summary = train_run(cfg, out, resume=resume, only_folds=tuple(only_folds) or None, log=log, progress=not quiet)
     except (UnknownBackboneError, DataError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
         _fail(str(e))
     a = summary["aggregate"]
-    if len(summary["folds"]) == 1:  # one split: spread over test images
-        f1, iou, what = a["test_f1_pooled"], a["test_iou_pooled"], f"{f1_n(a)} test images, one 60/20/20 split"
+    if len(summary["folds"]) == 1:  # one split (or one fold so far): spread over test images
+        where = "one 60/20/20 split" if folds == 1 else f"fold {summary['folds'][0]['fold']} of {folds}"
+        f1, iou, what = a["test_f1_pooled"], a["test_iou_pooled"], f"{f1_n(a)} test images, {where}"
     else:  # k folds: spread of the fold means
         f1, iou, what = a["test_f1_across_folds"], a["test_iou_across_folds"], f"mean ± std of {len(summary['folds'])} folds"
     click.echo(f"test F1 {f1['mean']:.4f} ± {f1['std']:.4f}, IoU {iou['mean']:.4f} ± {iou['std']:.4f} ({what}); "
@@ -77,17 +80,20 @@ def f1_n(aggregate: dict) -> int:
 @click.argument("run", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--data", "data", multiple=True, required=True, help="Data set folder(s) to score.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--fold", type=int, help="Fold of RUN (default: the best on validation).")
+@click.option("--fold", type=int, help="Fold of RUN (default: the best on validation; with --split test, every fold).")
+@click.option("--split", type=click.Choice(["all", "test"]), default="all", show_default=True,
+              help="RUN: score every image of --data, or each fold on its own held-out test images only.")
 @click.option("--backbone", help="Zero-shot: evaluate a backbone without training.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False))
 @click.option("--prompt", type=PROMPTS, default="points", show_default=True, help="Zero-shot prompt.")
 @click.option("--points-per-lung", default=3, show_default=True)
 @click.option("--prompt-from", multiple=True, help="Zero-shot: data set(s) whose mean mask gives the prompt (default: --data).")
 @click.option("--threshold", type=float, help="Probability threshold (default: the run's, or 0.5 zero-shot).")
-@click.option("--size", default=256, show_default=True)
+@click.option("--size", type=int, help="Resolution S at which images are fed and masks scored (default: the run's "
+                                       "working size, or 256 zero-shot).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
-def eval_cmd(run, data, out, fold, backbone, checkpoint, prompt, points_per_lung, prompt_from, threshold, size, device, quiet):
+def eval_cmd(run, data, out, fold, split, backbone, checkpoint, prompt, points_per_lung, prompt_from, threshold, size, device, quiet):
     """Score a trained RUN, or a backbone zero-shot, on data sets (metrics.json + report.md)."""
     from ..backbones import UnknownBackboneError
     from ..data import DataError
@@ -97,7 +103,7 @@ def eval_cmd(run, data, out, fold, backbone, checkpoint, prompt, points_per_lung
     if bool(run) == bool(backbone):
         _fail("give either RUN or --backbone (zero-shot)")
     try:
-        r = evaluate(out=out, data_paths=list(data), run_dir=run, fold=fold, backbone=backbone, checkpoint=checkpoint,
+        r = evaluate(out=out, data_paths=list(data), run_dir=run, fold=fold, split=split, backbone=backbone, checkpoint=checkpoint,
                      prompt_mode=prompt, points_per_lung=points_per_lung, prompt_from=list(prompt_from) or None,
                      threshold=threshold, size=size, device=device, log=lambda m: click.echo(m, err=True),
                      progress=not quiet)

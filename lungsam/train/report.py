@@ -106,8 +106,15 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
     a = aggregate
     pooled = (f"F1 {fmt_mean_std(a['test_f1_pooled'])}, IoU {fmt_mean_std(a['test_iou_pooled'])}, "
               f"min F1 {a['test_f1_pooled']['min']:.3f} ({a['test_f1_pooled']['n']} test images, population std)")
-    if len(folds) == 1:
+    partial = run.get("partial")
+    if partial:
+        lines += ["", f"**Partial run: folds {', '.join(map(str, partial['folds_pending']))} of {cfg['folds']} not trained "
+                      f"yet** (`lungsam train ... --resume` trains them); the figures below cover folds "
+                      f"{', '.join(map(str, partial['folds_finished']))} only."]
+    if cfg["folds"] == 1:
         lines += ["", f"**Test {pooled}**, one 60/20/20 split."]
+    elif len(folds) == 1:
+        lines += ["", f"**Test {pooled}**, fold {folds[0]['fold']} of {cfg['folds']}."]
     else:
         lines += [
             "",
@@ -136,12 +143,21 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
 
 def eval_report(result: dict) -> str:
     """``report.md`` of ``lungsam eval``."""
+    size, trained = result["size"], result.get("trained_size")
+    at = f"images fed and masks scored at {size}x{size}"
+    if trained and trained != size:
+        at += f" (the run was trained at {trained}x{trained})"
+    parts = result.get("parts") or []
+    if result.get("threshold") is not None:
+        thr = f"threshold {result['threshold']:.2f} ({result['threshold_source']})"
+    else:
+        by_fold = ", ".join(f"{p['threshold']:.2f}" for p in parts)
+        thr = f"thresholds {by_fold} by fold ({result['threshold_source']})"
     lines = [
         f"# lungsam eval: {result['model']}",
         "",
-        f"- data: {', '.join(result['data'])} ({result['n']} pairs, {result['n_skipped']} skipped); "
-        f"working size {result['size']}",
-        f"- prompt `{result['prompt']}`; threshold {result['threshold']:.2f} ({result['threshold_source']})",
+        f"- data: {', '.join(result['data'])} ({result['n']} images scored, {result['n_skipped']} pairs skipped); {at}",
+        f"- prompt `{result['prompt']}`; {thr}",
         f"- {gt_note(result['prompt'])}",
         "",
         "| metric | mean ± std | min | max |",
@@ -150,6 +166,10 @@ def eval_report(result: dict) -> str:
     for k in ("f1", "iou"):
         s = result[k]
         lines.append(f"| {k.upper()} | {fmt_mean_std(s)} | {s['min']:.3f} | {s['max']:.3f} |")
+    if len(parts) > 1:
+        lines += ["", "| fold | images | threshold | F1 mean ± std | IoU mean ± std |", "|---|---|---|---|---|"]
+        lines += [f"| {p['fold']} | {p['n']} | {p['threshold']:.2f} | {fmt_mean_std(p['f1'])} | {fmt_mean_std(p['iou'])} |"
+                  for p in parts]
     if result.get("skipped"):
         lines += ["", "## Skipped pairs", ""] + [f"- {s['reason']}" for s in result["skipped"]]
     return "\n".join(lines) + "\n"

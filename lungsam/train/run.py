@@ -14,7 +14,7 @@ import torch
 
 from ..artifacts import atomic_path, package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
 from ..backbones import build_backbone, get_backbone
-from ..data import Dataset, Sample, kfold_splits, load_dataset, pool
+from ..data import Dataset, Sample, dataset_of, kfold_splits, load_dataset, pool
 from ..embeddings import EmbeddingCache, weights_fingerprint
 from ..metrics import summarize
 from ..prompts import learn_prompt
@@ -283,11 +283,6 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     return metrics
 
 
-def dataset_of(sample_id: str) -> str:
-    """The data set part of a sample id (``<dataset>/<stem>``)."""
-    return sample_id.split("/", 1)[0]
-
-
 def per_dataset(folds: list[dict]) -> dict[str, dict]:
     """Pooled test F1 / IoU per source data set (``{name: {"f1", "iou"}}``), for runs on pooled sets."""
     groups: dict[str, list[dict]] = {}
@@ -314,9 +309,19 @@ def aggregate_folds(folds: list[dict]) -> dict:
     }
 
 
-def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, log: Log = print, progress: bool = True) -> dict:
-    """Train all folds of a run into ``out``; returns the run's aggregate metrics."""
+def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_folds: tuple[int, ...] | None = None,
+              log: Log = print, progress: bool = True) -> dict:
+    """Train the folds of a run into ``out``; returns the run's aggregate metrics.
+
+    ``only_folds`` trains just those folds now (a long cross-validation done in sittings); folds
+    already finished are always reused. Until every fold is finished, ``metrics.json`` and
+    ``report.md`` summarise the finished ones and say so (``"partial"``); ``--resume`` completes them.
+    """
     out = Path(out)
+    if only_folds is not None:
+        bad = sorted(set(only_folds) - set(range(cfg.folds)))
+        if bad:
+            raise ValueError(f"--only-fold {bad[0]}: the run has folds 0-{cfg.folds - 1}")
     t0 = time.perf_counter()
     if (out / "run.json").exists():
         if not resume:
@@ -367,67 +372,159 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, log: L
             log(f"fold {i}: already finished, reusing")
             folds.append(read_json(fd / "metrics.json"))
             continue
+        if only_folds is not None and i not in only_folds:
+            continue
         folds.append(train_fold(cfg, i, split, samples, emb, sam, device, fd, log, progress, aug,
                                 weights_sha256=run["weights_sha256"]))
     agg = aggregate_folds(folds)
-    run.update({"finished": utc_now(), "wall_time_s": time.perf_counter() - t0})
+    pending = [i for i in range(len(splits)) if i not in {f["fold"] for f in folds}]
+    if pending:
+        run.update({"partial": {"folds_finished": [f["fold"] for f in folds], "folds_pending": pending},
+                    "wall_time_s": time.perf_counter() - t0})
+        log(f"folds {', '.join(map(str, pending))} not trained yet: --resume (without --only-fold) trains them")
+    else:
+        run.pop("partial", None)
+        run.update({"finished": utc_now(), "wall_time_s": time.perf_counter() - t0})
     write_json_atomic(out / "run.json", run)
     summary = {"aggregate": agg, "folds": [{k: v for k, v in f.items() if k != "per_image"} for f in folds]}
+    if pending:
+        summary["partial"] = run["partial"]
     write_json_atomic(out / "metrics.json", summary)
     write_text_atomic(out / "report.md", report.run_report(run, folds, agg))
     return summary
 
 
-def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = None, fold: int | None = None,
-             backbone: str | None = None, checkpoint: str | None = None, prompt_mode: str = "points",
-             points_per_lung: int = 3, prompt_from: list[str] | None = None, threshold: float | None = None,
-             size: int = 256, device: str = "auto", log: Log = print, progress: bool = True) -> dict:
-    """Score a run (its chosen fold) or a zero-shot backbone on data sets; writes metrics.json and report.md.
+EVAL_SPLITS = ("all", "test")
 
+
+@dataclass
+class ScoredPart:
+    """One model scored on some images: ``probs (n, S, S)`` float32, per-image F1/IoU, and its record."""
+
+    samples: list[Sample]
+    probs: np.ndarray
+    f1: list[float]
+    iou: list[float]
+    record: dict
+
+
+def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str | None, fingerprint: str | None,
+                samples: list[Sample], device: str, progress: bool) -> tuple[np.ndarray, list[float], list[float]]:
+    """Probabilities ``(n, S, S)`` (S = ``cfg.size``) and per-image F1/IoU of one model on ``samples``."""
+    emb, _ = embed_samples(sam, cfg, ckpt, samples, device, progress, fingerprint=fingerprint)
+    masks = [s.mask for s in samples]
+    probs = predict_probabilities(sam.to(device), emb, masks, prompt, spec, cfg.size, device)
+    f1, iou = score(probs, masks, threshold)
+    return probs, f1, iou
+
+
+def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: str, threshold: float | None,
+               size: int, data: Dataset, device: str, progress: bool) -> tuple[list[ScoredPart], str]:
+    """Score a run: its chosen fold on every image (``split="all"``), or each finished fold (or the
+    given one) on its own held-out test images (``split="test"``, each image scored once)."""
+    from ..runs import RunError, fold_dirs, load_run
+
+    if split == "test" and fold is None:
+        folds = [int(d.name.split("_")[1]) for d in fold_dirs(Path(run_dir)) if (d / "metrics.json").exists()]
+        if not folds:
+            raise RunError(f"{run_dir}: no finished fold (folds/fold_*/metrics.json); did training complete?")
+    else:
+        folds = [fold]
+    by_id = data.by_id()
+    parts = []
+    for f in folds:
+        rm = load_run(run_dir, f, checkpoint)
+        if split == "test":
+            samples = [by_id[i] for i in rm.split["test"] if i in by_id]
+            if len(samples) != len(rm.split["test"]):
+                raise RunError(f"{run_dir} fold {rm.fold}: {len(rm.split['test']) - len(samples)} of its "
+                               f"{len(rm.split['test'])} test images are not in --data (ids <data set>/<stem>)")
+        else:
+            samples = data.samples
+        cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"), size=size)
+        thr, thr_src = (threshold, "given") if threshold is not None else (rm.threshold, "chosen on the fold's validation split")
+        probs, f1, iou = score_model(rm.sam, rm.spec, rm.prompt, thr, cfg, cfg.checkpoint, rm.encoder_fingerprint,
+                                     samples, device, progress)
+        parts.append(ScoredPart(samples, probs, f1, iou, {
+            "fold": rm.fold, "n": len(samples), "threshold": thr, "threshold_source": thr_src,
+            "prompt": rm.prompt.mode, "prompt_uses_ground_truth": rm.prompt.needs_ground_truth,
+            "learned_prompt": rm.prompt.to_dict(), "f1": summarize(f1), "iou": summarize(iou)}))
+    what = "each on its own held-out test images" if split == "test" else "on every image"
+    name = (f"run {run_dir}, fold{'s' if len(parts) > 1 else ''} {', '.join(str(p.record['fold']) for p in parts)} "
+            f"({rm.backbone}, {rm.prompt.mode}) {what}")
+    return parts, name
+
+
+def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = None, fold: int | None = None,
+             split: str = "all", backbone: str | None = None, checkpoint: str | None = None, prompt_mode: str = "points",
+             points_per_lung: int = 3, prompt_from: list[str] | None = None, threshold: float | None = None,
+             size: int | None = None, device: str = "auto", log: Log = print, progress: bool = True) -> dict:
+    """Score a run or a zero-shot backbone on data sets; writes metrics.json, report.md and overlays.png.
+
+    Args:
+        split: for a run, ``all`` scores one fold (``fold``, default the best on validation) on every
+            image of ``data_paths``; ``test`` scores each finished fold (or ``fold``) on its own held-out
+            test images only (leak-free; with k folds every image once).
+        size: working resolution S at which images are fed and masks scored (default: the run's, or
+            256 zero-shot); larger than the run's, it measures the masks at a higher resolution.
     Zero-shot prompts come from the mean mask of ``prompt_from`` data sets (default: the evaluated
     data itself, which the report states, since it uses the evaluated set's annotations).
     """
-    from ..runs import load_run
-
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(EVAL_SPLITS)}")
     device = pick_device(device)
+    trained_size = None
     if run_dir:
-        rm = load_run(run_dir, fold, checkpoint)
-        sam, spec, prompt, size = rm.sam, rm.spec, rm.prompt, rm.working_size
-        thr, thr_src = (threshold, "given") if threshold is not None else (rm.threshold, "chosen on the run's validation split")
-        name = f"run {run_dir} fold {rm.fold} ({rm.backbone}, {prompt.mode})"
-        ckpt = rm.run["config"].get("checkpoint")
-        cfg = TrainConfig(backbone=rm.backbone, checkpoint=ckpt, size=size)
-        fingerprint = rm.encoder_fingerprint
+        from ..runs import RunError
+
+        run_json = Path(run_dir) / "run.json"
+        if not run_json.exists():
+            raise RunError(f"{run_dir}: not a lungsam run (no run.json)")
+        trained_size = int(read_json(run_json)["config"]["size"])
+        size = size or trained_size
+        data = load_data(data_paths, size, log)
+        parts, name = _run_parts(run_dir, fold, checkpoint, split, threshold, size, data, device, progress)
     else:
         if backbone is None:
             raise ValueError("give a RUN or --backbone for zero-shot evaluation")
+        if split != "all":
+            raise ValueError("--split test needs a RUN (zero-shot has no held-out split)")
+        size = size or 256
         cfg = TrainConfig(backbone=backbone, checkpoint=checkpoint, size=size)
         ckpt = checkpoint_for(cfg)
-        fingerprint = None
         sam = build_backbone(backbone, ckpt)
         spec = get_backbone(backbone).preprocess
         src = load_data(prompt_from or data_paths, size, log)
         prompt = learn_prompt([s.mask for s in src.samples], prompt_mode, points_per_lung)
         thr, thr_src = (threshold, "given") if threshold is not None else (0.5, "SAM default (logit 0)")
         name = f"zero-shot {backbone} ({prompt_mode}; prompt from {', '.join(prompt_from or data_paths)})"
-    data = load_data(data_paths, size, log)
-    emb, _ = embed_samples(sam, cfg, ckpt, data.samples, device, progress, fingerprint=fingerprint)
-    masks = [s.mask for s in data.samples]
-    probs = predict_probabilities(sam.to(device), emb, masks, prompt, spec, size, device)
-    f1, iou = score(probs, masks, thr)
+        data = load_data(data_paths, size, log)
+        probs, f1, iou = score_model(sam, spec, prompt, thr, cfg, ckpt, None, data.samples, device, progress)
+        parts = [ScoredPart(data.samples, probs, f1, iou, {
+            "fold": None, "n": len(data.samples), "threshold": thr, "threshold_source": thr_src, "prompt": prompt.mode,
+            "prompt_uses_ground_truth": prompt.needs_ground_truth, "learned_prompt": prompt.to_dict(),
+            "f1": summarize(f1), "iou": summarize(iou)})]
+    f1 = [x for p in parts for x in p.f1]
+    iou = [x for p in parts for x in p.iou]
+    first = parts[0].record
     result = {
-        "model": name, "data": data_paths, "n": len(masks), "n_skipped": len(data.skipped), "skipped": data.skipped,
-        "size": size, "prompt": prompt.mode, "prompt_uses_ground_truth": prompt.needs_ground_truth,
-        "learned_prompt": prompt.to_dict(), "threshold": thr, "threshold_source": thr_src,
-        "f1": summarize(f1), "iou": summarize(iou),
-        "per_image": [{"id": s.id, "f1": a, "iou": b} for s, a, b in zip(data.samples, f1, iou)],
+        "model": name, "data": data_paths, "split": split, "n": len(f1), "n_skipped": len(data.skipped),
+        "skipped": data.skipped, "size": size, "trained_size": trained_size, "prompt": first["prompt"],
+        "prompt_uses_ground_truth": first["prompt_uses_ground_truth"],
+        "threshold": first["threshold"] if len(parts) == 1 else None, "threshold_source": first["threshold_source"],
+        "learned_prompt": first["learned_prompt"] if len(parts) == 1 else None,
+        "parts": [p.record for p in parts], "f1": summarize(f1), "iou": summarize(iou),
+        "per_image": [{"id": s.id, "fold": p.record["fold"], "f1": a, "iou": b}
+                      for p in parts for s, a, b in zip(p.samples, p.f1, p.iou)],
         "created": utc_now(), "versions": package_versions(),
     }
     out = Path(out)
     write_json_atomic(out / "metrics.json", result)
     write_text_atomic(out / "report.md", report.eval_report(result))
+    flat = [(p, i) for p in parts for i in range(len(p.samples))]
     order = np.argsort(f1)
-    report.overlays([{"label": f"{lab}: {data.samples[i].id.split('/')[-1]} F1 {f1[i]:.3f}", "image": data.samples[i].image,
-                      "gt": masks[i], "pred": probs[i] > thr} for lab, i in (("best", order[-1]), ("worst", order[0]))],
+    report.overlays([{"label": f"{lab}: {p.samples[i].id.split('/')[-1]} F1 {p.f1[i]:.3f}", "image": p.samples[i].image,
+                      "gt": p.samples[i].mask, "pred": p.probs[i] > p.record["threshold"]}
+                     for lab, (p, i) in (("best", flat[order[-1]]), ("worst", flat[order[0]]))],
                     out / "overlays.png", name)
     return result
