@@ -38,7 +38,7 @@ def reproduced(data_root, tmp_path_factory):
 def test_tables_md_has_tables_1_to_9_with_paper_numbers(reproduced):
     root, _, _ = reproduced
     md = (root / "tables.md").read_text()
-    for i in range(1, 10):
+    for i in range(1, 11):
         assert re.search(rf"^## Table {i}:", md, re.M), f"Table {i} missing"
     for v in ("0.718", "0.860", "0.848", "0.782", "0.726", "0.863", "0.924", "0.933", "0.943 ± 0.007",
               "0.915 ± 0.011", "0.973", "0.941"):
@@ -57,7 +57,14 @@ def test_results_json_schema(reproduced):
               "tables", "paper", "estimate", "paths"):
         assert k in res, k
     t = res["tables"]
-    assert set(t) == {"zero_shot", "threshold_sweep", "grid", "best_hyperparameters", "kfold", "cross_dataset", "unet"}
+    assert set(t) == {"zero_shot", "threshold_sweep", "grid", "best_hyperparameters", "kfold", "cross_dataset", "unet",
+                      "pooled"}
+    po = t["pooled"]
+    assert po["out"].startswith("runs/pooled/points_") and po["folds"] == 1
+    for s in ("montgomery", "shenzhen"):
+        own = po["per_set"][s]["own_set_run"]
+        assert po["per_set"][s]["n"] == 2 and own is not None  # the same 2 test images as the set's own run
+        assert own["better"] + own["worse"] <= 2 and -1 <= own["delta_f1"] <= 1
     for s in ("montgomery", "shenzhen"):
         assert res["data"][s]["n_used"] == 10 and res["data"][s]["n_source"] == 16
         assert set(t["zero_shot"][s]) == {"box", "points", "both", "auto-box"}
@@ -73,7 +80,7 @@ def test_results_json_schema(reproduced):
     kinds = [s["kind"] for s in res["steps"]]
     # 2 encodes + 2x4 zero-shot + 2x2 grid + 2x4 prompts (points reuses its grid cell: same settings) + 2 cross
     assert kinds.count("encode") == 2 and kinds.count("zero-shot") == 8 and kinds.count("cross") == 2
-    assert kinds.count("grid") == 4 and kinds.count("k-fold") == 8
+    assert kinds.count("grid") == 4 and kinds.count("k-fold") == 8 and kinds.count("pooled") == 1
     assert all(s["seconds"] >= 0 for s in res["steps"])
     shared = [s for s in res["steps"] if s["status"] != "ran"]
     assert [(s["kind"], s["status"].split(":")[0]) for s in shared] == [("k-fold", "shared with")] * 2
@@ -143,11 +150,11 @@ def test_partial_tables_render_pending_sections(reproduced):
     res = json.loads((root / "results.json").read_text())
     res["complete"] = False
     t = res["tables"]
-    t["kfold"], t["threshold_sweep"], t["cross_dataset"] = {}, {}, {}
+    t["kfold"], t["threshold_sweep"], t["cross_dataset"], t["pooled"] = {}, {}, {}, None
     for u in t["unet"].values():
         u.update(ours_points=None, ours_best_without_gt=None, ours_best_any=None)
     md = render(res)
-    assert md.count(PENDING) == 6 and "**PARTIAL**" in md
-    for i in range(1, 10):
+    assert md.count(PENDING) == 7 and "**PARTIAL**" in md
+    for i in range(1, 11):
         assert f"## Table {i}:" in md
     assert "0.924" in md and "0.943 ± 0.007" in md

@@ -10,6 +10,7 @@ Layout of ``OUT/<backbone>/``::
       <set>/zeroshot_<prompt>/      lungsam.train.run.evaluate(...) of the untuned backbone
       <set>/train/<prompt>_lr.._wd.._k.._e../   lungsam.train.run.train_run(...) runs (grid and k-fold)
       cross/<A>_to_<B>/             evaluate(...) of A's point-prompt run on B
+      pooled/points_lr.._wd.._k.._e../   one point-prompt model for both sets (train_run on MC+SZ pooled)
 
 A step is skipped when its ``step.json`` holds the same settings; a killed training step is continued with
 ``train_run(..., resume=True)``; a step whose folder holds different settings is an error (never overwritten).
@@ -263,10 +264,10 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
                   {"backbone": st.backbone, "weights_sha256": wsha, "data": str(ds.path), "n": len(ds.ids),
                    "size": st.size}, encode)
 
-    zero, grid, best_hp, kfold, cross = {}, {}, {}, {}, {}
+    zero, grid, best_hp, kfold, cross, pooled = {}, {}, {}, {}, {}, {}
 
     def write_tables(complete: bool) -> dict:
-        res = tables.collect(st, root, data, steps.records, zero, grid, best_hp, kfold, cross)
+        res = tables.collect(st, root, data, steps.records, zero, grid, best_hp, kfold, cross, pooled)
         res.update({
             "format": "lungsam-reproduce/1", "complete": complete, "command": command or st.command(),
             "settings": st.to_dict(), "weights_sha256": wsha, "device": device,
@@ -296,9 +297,12 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
                            patience=st.patience, lr=lr, weight_decay=wd, batch_size=st.batch_size, seed=st.seed,
                            device=st.device)
 
-    def train(ds: DataSet, prompt: str, lr: float, wd: float, folds: int, kind: str) -> Path:
-        cfg = cfg_for(ds, prompt, lr, wd, folds)
-        o = runs / ds.tag / "train" / f"{prompt}_lr{lr:g}_wd{wd:g}_k{folds}_e{st.epochs}"
+    def train(ds: DataSet | list[DataSet], prompt: str, lr: float, wd: float, folds: int, kind: str) -> Path:
+        sets_ = ds if isinstance(ds, list) else [ds]
+        cfg = cfg_for(sets_[0], prompt, lr, wd, folds)
+        cfg.data = [str(d.path) for d in sets_]
+        where = runs / "pooled" if len(sets_) > 1 else runs / ds.tag / "train"
+        o = where / f"{prompt}_lr{lr:g}_wd{wd:g}_k{folds}_e{st.epochs}"
 
         def fn():
             resume = (o / "run.json").exists()
@@ -309,15 +313,18 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
             except ValueError as e:
                 raise ProtocolError(f"{o}: {e}") from e
             return {"test_f1": s["aggregate"]["test_f1_across_folds"], "folds": len(s["folds"])}
-        steps.run(f"{kind} {ds.tag} {prompt} lr={lr:g} wd={wd:g} k={folds}", kind, o, cfg.comparable(), fn)
+        label = "+".join(d.tag for d in sets_)
+        steps.run(f"{kind} {label} {prompt} lr={lr:g} wd={wd:g} k={folds}", kind, o, cfg.comparable(), fn)
         return o
 
     # 3. lr x weight-decay grid on one 60/20/20 split per set (points)
+    grid_val: dict[str, dict] = {}
     for name, ds in data.items():
         for lr, wd in st.grid:
             grid[(name, lr, wd)] = train(ds, "points", lr, wd, 1, "grid")
         scores = {(lr, wd): read_json(grid[(name, lr, wd)] / "metrics.json")["folds"][0]["val"]["f1"]["mean"]
                   for lr, wd in st.grid}
+        grid_val[name] = scores
         best_hp[name] = max(st.grid, key=lambda c: (scores[c], -st.grid.index(c)))
         log(f"{name}: best grid cell lr={best_hp[name][0]:g} wd={best_hp[name][1]:g} "
             f"(val F1 {scores[best_hp[name]]:.4f})")
@@ -340,8 +347,20 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
             out=o, data_paths=[str(d.path)], run_dir=str(r), checkpoint=st.checkpoint, device=device, log=qlog,
             progress=progress)))
         cross[(a, b)] = o
+    write_tables(False)
+
+    # 6. one model for both sets (Table 10): MC+SZ pooled, points. kfold_splits splits each set on its own, so a
+    #    set's test images in pooled fold i are those of its own k-fold run's fold i (paired comparison).
+    lr, wd = pooled_hyperparameters(grid_val, st.grid)
+    pooled["run"] = train(list(data.values()), "points", lr, wd, st.folds, "pooled")
+    pooled["hp"] = (lr, wd)
 
     return write_tables(True)
+
+
+def pooled_hyperparameters(grid_val: dict[str, dict], cells: list[tuple[float, float]]) -> tuple[float, float]:
+    """The grid cell with the best validation F1 averaged over the sets (ties: the earlier cell)."""
+    return max(cells, key=lambda c: (sum(v[c] for v in grid_val.values()) / len(grid_val), -cells.index(c)))
 
 
 def _brief(result: dict) -> dict:

@@ -41,7 +41,7 @@ def _set_of(rec: dict, data: dict) -> str | None:
 
 
 def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: dict, best_hp: dict, kfold: dict,
-            cross: dict) -> dict:
+            cross: dict, pooled: dict | None = None) -> dict:
     rel = lambda p: str(Path(p).relative_to(root))  # noqa: E731
     steps = [{"name": r["name"], "kind": r["kind"], "set": _set_of(r, data), "out": r["out"], "status": r["status"],
               "seconds": r["seconds"], "started": r["started"], "finished": r["finished"], "info": r.get("info", {})}
@@ -111,6 +111,8 @@ def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: d
                       "ours_best_any": {"prompt": best_any, "test_f1": kf[name][best_any]["test_f1_across_folds"]},
                       "ours_unet": None}
 
+    po = pooled_table(root, pooled or {}, kfold, steps)
+
     dsets = {name: {"source": str(ds.source), "used": str(ds.path), "n_source": ds.n_source, "n_used": len(ds.ids),
                     "subset": ds.tag != name, "skipped": ds.skipped, "folds": len(ds.splits),
                     "split0": {k: len(v) for k, v in ds.splits[0].items()},
@@ -120,11 +122,55 @@ def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: d
            "data": dsets, "steps": steps, "paper": paper.as_dict(),
            "tables": {"zero_shot": zs, "threshold_sweep": sweeps, "grid": gr,
                       "best_hyperparameters": {k: {"lr": v[0], "weight_decay": v[1]} for k, v in best_hp.items()},
-                      "kfold": kf, "cross_dataset": cr, "unet": unet}}
+                      "kfold": kf, "cross_dataset": cr, "unet": unet, "pooled": po}}
     res["estimate"] = estimate(res, st, root)
     res["paths"] = {"tables": str(root / "tables.md"), "results": str(root / "results.json"),
                     "figures": figures(res, root, kfold, zero, cross, sweeps)}
     return res
+
+
+def _per_image(run_dir: Path) -> dict[str, tuple[int, float, float]]:
+    """``{sample id: (fold, test F1, test IoU)}`` over the finished folds of a training run."""
+    from ..runs import fold_dirs
+
+    out = {}
+    for d in fold_dirs(run_dir):
+        if (d / "metrics.json").exists():
+            m = read_json(d / "metrics.json")
+            out.update({r["id"]: (m["fold"], r["f1"], r["iou"]) for r in m["per_image"]})
+    return out
+
+
+def pooled_table(root: Path, pooled: dict, kfold: dict, steps: list[dict]) -> dict | None:
+    """Table 10: the pooled (MC+SZ) point-prompt model per set, beside each set's own k-fold point-prompt run on
+    the same test images (paired: Δ F1 mean ± standard error, images better / worse)."""
+    if not pooled.get("run"):
+        return None
+    run_dir = Path(pooled["run"])
+    rel = str(run_dir.relative_to(root))
+    mine = _per_image(run_dir)
+    m = read_json(run_dir / "metrics.json")
+    per_set = {}
+    for name in sorted({i.split("/", 1)[0] for i in mine}):
+        ids = sorted(i for i in mine if i.startswith(name + "/"))
+        folds = sorted({mine[i][0] for i in ids})
+        row = {"n": len(ids), "f1_pooled": summarize([mine[i][1] for i in ids]),
+               "iou_pooled": summarize([mine[i][2] for i in ids]),
+               "f1_across_folds": summarize([float(np.mean([mine[i][1] for i in ids if mine[i][0] == f])) for f in folds]),
+               "own_set_run": None}
+        own_dir = kfold.get((name, "points"))
+        if own_dir is not None:
+            own = _per_image(Path(own_dir))
+            if set(ids) <= set(own):
+                d = np.array([mine[i][1] - own[i][1] for i in ids])
+                row["own_set_run"] = {
+                    "out": str(Path(own_dir).relative_to(root)), "f1_pooled": summarize([own[i][1] for i in ids]),
+                    "delta_f1": float(d.mean()), "delta_f1_se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None,
+                    "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
+        per_set[name] = row
+    return {"out": rel, "lr": pooled["hp"][0], "weight_decay": pooled["hp"][1], "folds": len(m["folds"]),
+            "thresholds": m["aggregate"]["thresholds"], "per_set": per_set,
+            "seconds": sum(s["seconds"] for s in steps if s["out"] == rel)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +186,7 @@ def estimate(res: dict, st, root: Path) -> dict:
     enc = [s["info"] for s in res["steps"] if s["kind"] == "encode" and s["info"].get("computed", 0) > 0]
     enc_rate = (sum(i["encode_seconds"] for i in enc) / sum(i["computed"] for i in enc)) if enc else None
     wall, units = 0.0, 0
-    for run in dict.fromkeys(s["out"] for s in res["steps"] if s["kind"] in ("grid", "k-fold")):
+    for run in dict.fromkeys(s["out"] for s in res["steps"] if s["kind"] in ("grid", "k-fold", "pooled")):
         for f in read_json(root / run / "metrics.json")["folds"]:
             wall += f["fold_wall_s"]
             units += f["epochs_run"] * (f["n"]["train"] + f["n"]["val"])
@@ -149,11 +195,11 @@ def estimate(res: dict, st, root: Path) -> dict:
            "note": "measured on this machine in this invocation's steps (reused steps keep their original timings)"}
     if rate is not None:
         n_grid, n_prompts, k, ep = len(paper.LR_GRID) * len(paper.WD_GRID), len(st.prompts), 5, 100
-        train_units = sum(ep * 0.8 * n * (n_grid + n_prompts * k) for n in FULL_SET_SIZES.values())
+        train_units = sum(ep * 0.8 * n * (n_grid + n_prompts * k + k) for n in FULL_SET_SIZES.values())  # + pooled
         out["full_protocol_training_s_upper_bound"] = train_units * rate
         out["full_protocol_encode_s"] = None if enc_rate is None else enc_rate * sum(FULL_SET_SIZES.values())
         out["full_protocol_runs"] = {"per_set": n_grid + n_prompts * k, "epochs_max": ep,
-                                     "fold_trainings": 2 * (n_grid + n_prompts * k)}
+                                     "fold_trainings": 2 * (n_grid + n_prompts * k), "pooled_fold_trainings": k}
     return out
 
 
@@ -279,6 +325,9 @@ def render(res: dict) -> str:
         "validation F1 (trained on that fold's 60 % training split, threshold from its validation split), "
         "scored on **every image** of the other set.",
         "- U-Net (Table 9): not trained here; the paper's numbers only.",
+        "- One model for both sets (Table 10, beyond the paper): the point-prompt recipe trained on Montgomery and "
+        "Shenzhen pooled, lr and weight decay from the grid (best validation F1 averaged over the two sets); each set "
+        "is split on its own, so the pooled model is tested on exactly the test images of each set's own run.",
     ]
     if quick:
         L += [f"- **--quick**: one split instead of 5 folds, {st['epochs']} epochs without early stopping, a "
@@ -395,6 +444,9 @@ def render(res: dict) -> str:
            if t["unet"][n]["ours_best_any"] else "not run yet" for n in sets]
     L += [f"| {bb}, best prompt incl. ground-truth box (ours) | " + " | ".join(row) + " |", ""]
 
+    # Table 10
+    L += render_pooled(res, t.get("pooled"), bb)
+
     # figures
     L += ["## Figures", ""] + [f"- [{p}]({p})" for p in res["paths"]["figures"]] + [""]
 
@@ -423,7 +475,8 @@ def render(res: dict) -> str:
         L.append(f"- decoder training + validation: {e['train_s_per_image_epoch'] * 1000:.1f} ms per image per epoch")
         fr = e["full_protocol_runs"]
         enc_full = e.get("full_protocol_encode_s")
-        L.append(f"- full protocol: {fr['fold_trainings']} fold trainings ({fr['per_set']} per set) of at most "
+        L.append(f"- full protocol: {fr['fold_trainings']} fold trainings ({fr['per_set']} per set) and "
+                 f"{fr.get('pooled_fold_trainings', 0)} on both sets pooled, each of at most "
                  f"{fr['epochs_max']} epochs: at most {e['full_protocol_training_s_upper_bound'] / 3600:.1f} h of "
                  "training on this machine" + (f", plus {enc_full / 60:.0f} min of encoding (704 images)" if enc_full
                                                 else "") + "; early stopping (patience 15) shortens it.")
@@ -432,6 +485,33 @@ def render(res: dict) -> str:
                      "`--epochs` (cost scales linearly) or on a GPU.")
     L += ["- GPU: not measured (no GPU on the machine that ran this).", ""]
     return "\n".join(L) + "\n"
+
+
+def render_pooled(res: dict, po: dict | None, bb: str) -> list[str]:
+    """Table 10 (ours only): the pooled MC+SZ model on each set's held-out test images."""
+    L = ["## Table 10: one model for both sets (Montgomery + Shenzhen pooled), points", ""]
+    if not po:
+        return L + ["The paper trains one model per set; this table has no paper column.", "", PENDING, ""]
+    k = po["folds"]
+    L += [_prov(res, po["seconds"], "the pooled run"), "",
+          f"lr {po['lr']:g}, weight decay {po['weight_decay']:g}; {k} fold(s); thresholds "
+          f"{', '.join(f'{x:.2f}' for x in po['thresholds'])} (chosen on the pooled validation split). F1 pooled = "
+          "mean ± std over the set's test images (each once); Δ = pooled model minus the set's own model on the same "
+          "images (mean ± standard error), better / worse = images.", "",
+          "| test set | test images | own-set model F1 (pooled) | pooled model F1 (pooled) | pooled model, "
+          f"{'fold means' if k > 1 else 'split'} | Δ F1 | better / worse |",
+          "|---|---|---|---|---|---|---|"]
+    for name, r in po["per_set"].items():
+        own = r["own_set_run"]
+        delta, counts = "n/a", "n/a"
+        if own:
+            counts = f"{own['better']} / {own['worse']}"
+            se = f" ± {own['delta_f1_se']:.4f}" if own["delta_f1_se"] is not None else ""
+            delta = f"{own['delta_f1']:+.4f}{se}"
+        L.append(f"| {name} ({SHORT.get(name, name)}) | {r['n']} | {_ms(own['f1_pooled']) if own else 'not run'} | "
+                 f"{_ms(r['f1_pooled'])} (min {_f(r['f1_pooled']['min'])}) | {_ms(r['f1_across_folds'])} | {delta} | "
+                 f"{counts} |")
+    return L + [""]
 
 
 def write(res: dict, root: Path) -> None:
