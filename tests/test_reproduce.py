@@ -130,6 +130,22 @@ def test_changed_settings_in_a_step_folder_is_an_error(reproduced):
         sj.write_text(text)
 
 
+def test_step_recorded_before_a_config_field_existed_is_reused(reproduced):
+    """A training step whose step.json lacks a field added to TrainConfig later (at its default) is the same run."""
+    root, args, _ = reproduced
+    sj = next(p for p in (root / "runs").glob("shenzhen-n10/train/points_*") if p.is_dir()) / "step.json"
+    text = sj.read_text()
+    rec = json.loads(text)
+    for k in ("augment_views", "min_delta", "lora_rank"):
+        rec["settings"].pop(k)
+    sj.write_text(json.dumps(rec))
+    try:
+        r = _invoke(args)
+        assert "(0 ran," in r.output
+    finally:
+        sj.write_text(text)
+
+
 def test_full_and_quick_settings(data_root):
     full = protocol_settings(data_root=str(data_root), backbone="tiny")
     assert full.folds == 5 and full.epochs == 100 and len(full.grid) == 9 and full.subset["shenzhen"] is None

@@ -196,12 +196,18 @@ class Steps:
         self.root, self.log = root, log
         self.records: list[dict] = []
 
-    def run(self, name: str, kind: str, out: Path, settings: dict, fn: Callable[[], dict | None]) -> dict:
+    def run(self, name: str, kind: str, out: Path, settings: dict, fn: Callable[[], dict | None],
+            normalize: Callable[[dict], dict] | None = None) -> dict:
+        """Run ``fn`` unless ``out`` holds a finished step with the same settings. ``normalize`` maps recorded
+        settings to today's form (a training step recorded before a config field existed gets its default)."""
         settings = json.loads(json.dumps(settings))
         sj = out / "step.json"
         if sj.exists():
             old = read_json(sj)
-            if old.get("settings") == settings:
+            recorded = old.get("settings")
+            if normalize is not None and isinstance(recorded, dict):
+                recorded = json.loads(json.dumps(normalize(recorded)))
+            if recorded == settings:
                 earlier = next((r for r in self.records if r["out"] == old["out"]), None)
                 if earlier is not None:  # the same run serves two parts of the protocol (e.g. a grid cell)
                     self.log(f"[{name}] same settings as [{earlier['name']}], sharing {out}")
@@ -314,7 +320,8 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
                 raise ProtocolError(f"{o}: {e}") from e
             return {"test_f1": s["aggregate"]["test_f1_across_folds"], "folds": len(s["folds"])}
         label = "+".join(d.tag for d in sets_)
-        steps.run(f"{kind} {label} {prompt} lr={lr:g} wd={wd:g} k={folds}", kind, o, cfg.comparable(), fn)
+        steps.run(f"{kind} {label} {prompt} lr={lr:g} wd={wd:g} k={folds}", kind, o, cfg.comparable(), fn,
+                  normalize=lambda d: TrainConfig.from_dict(d).comparable())
         return o
 
     # 3. lr x weight-decay grid on one 60/20/20 split per set (points)
