@@ -250,3 +250,15 @@ def test_only_fold_trains_part_of_a_cross_validation_and_resume_completes_it(tmp
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert "partial" not in run and run["finished"]
     assert "Partial run" not in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_held_out_samples_of_a_pooled_run_on_one_of_its_sets():
+    from lungsam.runs import RunError
+    from lungsam.train.run import held_out_samples
+
+    test = ["mc/a", "mc/b", "sz/c"]
+    assert held_out_samples(test, {"mc/a": 1, "mc/b": 2, "mc/z": 3}, "run") == [1, 2]  # sz not given: left out
+    with pytest.raises(RunError, match="1 of its test images are not in --data"):
+        held_out_samples(test, {"mc/a": 1, "sz/c": 3}, "run")  # mc given, mc/b missing
+    with pytest.raises(RunError, match="none of its test images"):
+        held_out_samples(test, {"other/x": 1}, "run")

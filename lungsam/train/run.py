@@ -418,6 +418,24 @@ def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str
     return probs, f1, iou
 
 
+def held_out_samples(test_ids: list[str], by_id: dict[str, Sample], what: str) -> list[Sample]:
+    """The samples of ``test_ids`` found in the loaded data. A run on pooled sets may be scored on some of
+    its sets (the test images of the sets not given are left out); an image missing from a set that *was*
+    given is an error (wrong folder or changed data)."""
+    from ..runs import RunError
+
+    given = {dataset_of(i) for i in by_id}
+    missing = [i for i in test_ids if i not in by_id and dataset_of(i) in given]
+    if missing:
+        raise RunError(f"{what}: {len(missing)} of its test images are not in --data (e.g. {missing[0]}; ids are "
+                       "<data set folder>/<stem>)")
+    samples = [by_id[i] for i in test_ids if i in by_id]
+    if not samples:
+        raise RunError(f"{what}: none of its test images is in --data (its sets: "
+                       f"{', '.join(sorted({dataset_of(i) for i in test_ids}))})")
+    return samples
+
+
 def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: str, threshold: float | None,
                size: int, data: Dataset, device: str, progress: bool) -> tuple[list[ScoredPart], str]:
     """Score a run: its chosen fold on every image (``split="all"``), or each finished fold (or the
@@ -435,10 +453,7 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
     for f in folds:
         rm = load_run(run_dir, f, checkpoint)
         if split == "test":
-            samples = [by_id[i] for i in rm.split["test"] if i in by_id]
-            if len(samples) != len(rm.split["test"]):
-                raise RunError(f"{run_dir} fold {rm.fold}: {len(rm.split['test']) - len(samples)} of its "
-                               f"{len(rm.split['test'])} test images are not in --data (ids <data set>/<stem>)")
+            samples = held_out_samples(rm.split["test"], by_id, f"{run_dir} fold {rm.fold}")
         else:
             samples = data.samples
         cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"), size=size)
