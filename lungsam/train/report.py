@@ -109,7 +109,8 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
     partial = run.get("partial")
     if partial:
         lines += ["", f"**Partial run: folds {', '.join(map(str, partial['folds_pending']))} of {cfg['folds']} not trained "
-                      f"yet** (`lungsam train ... --resume` trains them); the figures below cover folds "
+                      f"yet** (`lungsam train ... --resume` trains them); the figures below cover "
+                      f"fold{'s' if len(partial['folds_finished']) > 1 else ''} "
                       f"{', '.join(map(str, partial['folds_finished']))} only."]
     if cfg["folds"] == 1:
         lines += ["", f"**Test {pooled}**, one 60/20/20 split."]
