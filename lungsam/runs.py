@@ -69,9 +69,14 @@ def fold_dirs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "folds").glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
+def finished_fold_dirs(run_dir: Path) -> list[Path]:
+    """Fold folders of a run that hold their ``metrics.json`` (training finished), in fold order."""
+    return [d for d in fold_dirs(run_dir) if (d / "metrics.json").exists()]
+
+
 def pick_fold(run_dir: Path, fold: int | None) -> Path:
     """The requested fold, or the only/complete fold with the best validation F1."""
-    dirs = [d for d in fold_dirs(run_dir) if (d / "metrics.json").exists()]
+    dirs = finished_fold_dirs(run_dir)
     if not dirs:
         raise RunError(f"{run_dir}: no finished fold (folds/fold_*/metrics.json); did training complete?")
     if fold is not None:

@@ -297,16 +297,15 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
             zero[(name, mode)] = o
     write_tables(False)
 
-    def cfg_for(ds: DataSet, prompt: str, lr: float, wd: float, folds: int) -> TrainConfig:
-        return TrainConfig(data=[str(ds.path)], backbone=st.backbone, checkpoint=st.checkpoint, prompt=prompt,
+    def cfg_for(sets_: list[DataSet], prompt: str, lr: float, wd: float, folds: int) -> TrainConfig:
+        return TrainConfig(data=[str(d.path) for d in sets_], backbone=st.backbone, checkpoint=st.checkpoint, prompt=prompt,
                            points_per_lung=st.points_per_lung, size=st.size, folds=folds, epochs=st.epochs,
                            patience=st.patience, lr=lr, weight_decay=wd, batch_size=st.batch_size, seed=st.seed,
                            device=st.device)
 
     def train(ds: DataSet | list[DataSet], prompt: str, lr: float, wd: float, folds: int, kind: str) -> Path:
         sets_ = ds if isinstance(ds, list) else [ds]
-        cfg = cfg_for(sets_[0], prompt, lr, wd, folds)
-        cfg.data = [str(d.path) for d in sets_]
+        cfg = cfg_for(sets_, prompt, lr, wd, folds)
         where = runs / "pooled" if len(sets_) > 1 else runs / ds.tag / "train"
         o = where / f"{prompt}_lr{lr:g}_wd{wd:g}_k{folds}_e{st.epochs}"
 

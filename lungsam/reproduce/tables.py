@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import read_json, write_json_atomic, write_text_atomic
+from ..data import dataset_of
 from ..metrics import fmt_mean_std, summarize
 from . import paper
 
@@ -131,13 +132,12 @@ def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: d
 
 def _per_image(run_dir: Path) -> dict[str, tuple[int, float, float]]:
     """``{sample id: (fold, test F1, test IoU)}`` over the finished folds of a training run."""
-    from ..runs import fold_dirs
+    from ..runs import finished_fold_dirs
 
     out = {}
-    for d in fold_dirs(run_dir):
-        if (d / "metrics.json").exists():
-            m = read_json(d / "metrics.json")
-            out.update({r["id"]: (m["fold"], r["f1"], r["iou"]) for r in m["per_image"]})
+    for d in finished_fold_dirs(run_dir):
+        m = read_json(d / "metrics.json")
+        out.update({r["id"]: (m["fold"], r["f1"], r["iou"]) for r in m["per_image"]})
     return out
 
 
@@ -151,8 +151,8 @@ def pooled_table(root: Path, pooled: dict, kfold: dict, steps: list[dict]) -> di
     mine = _per_image(run_dir)
     m = read_json(run_dir / "metrics.json")
     per_set = {}
-    for name in sorted({i.split("/", 1)[0] for i in mine}):
-        ids = sorted(i for i in mine if i.startswith(name + "/"))
+    for name in sorted({dataset_of(i) for i in mine}):
+        ids = sorted(i for i in mine if dataset_of(i) == name)
         folds = sorted({mine[i][0] for i in ids})
         row = {"n": len(ids), "f1_pooled": summarize([mine[i][1] for i in ids]),
                "iou_pooled": summarize([mine[i][2] for i in ids]),

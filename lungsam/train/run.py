@@ -377,7 +377,8 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
         folds.append(train_fold(cfg, i, split, samples, emb, sam, device, fd, log, progress, aug,
                                 weights_sha256=run["weights_sha256"]))
     agg = aggregate_folds(folds)
-    pending = [i for i in range(len(splits)) if i not in {f["fold"] for f in folds}]
+    done = {f["fold"] for f in folds}
+    pending = [i for i in range(len(splits)) if i not in done]
     if pending:
         run.update({"partial": {"folds_finished": [f["fold"] for f in folds], "folds_pending": pending},
                     "wall_time_s": time.perf_counter() - t0})
@@ -440,10 +441,10 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
                size: int, data: Dataset, device: str, progress: bool) -> tuple[list[ScoredPart], str]:
     """Score a run: its chosen fold on every image (``split="all"``), or each finished fold (or the
     given one) on its own held-out test images (``split="test"``, each image scored once)."""
-    from ..runs import RunError, fold_dirs, load_run
+    from ..runs import RunError, finished_fold_dirs, load_run
 
     if split == "test" and fold is None:
-        folds = [int(d.name.split("_")[1]) for d in fold_dirs(Path(run_dir)) if (d / "metrics.json").exists()]
+        folds = [int(d.name.split("_")[1]) for d in finished_fold_dirs(Path(run_dir))]
         if not folds:
             raise RunError(f"{run_dir}: no finished fold (folds/fold_*/metrics.json); did training complete?")
     else:
