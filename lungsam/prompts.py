@@ -8,6 +8,8 @@ Modes:
   paper). Needs ground truth: reports label it as such.
 * ``both``: the learned points plus the ground-truth box.
 * ``auto-box``: the bounding box of the mean training mask; needs no ground truth.
+* ``auto-both``: the learned points plus the ``auto-box`` box, learned jointly by the decoder; needs no
+  ground truth (the deployable counterpart of ``both``).
 
 Point rule (documented in the README): threshold the mean training mask at 0.5 and keep the two
 largest connected components (the two lungs; if they touch, the mask is split at the column
@@ -26,8 +28,10 @@ import numpy as np
 
 from .preprocess import PreprocessSpec, boxes_to_model, coords_to_model, fractions_to_pixels
 
-PromptMode = Literal["points", "box", "both", "auto-box"]
-PROMPT_MODES: tuple[str, ...] = ("points", "box", "both", "auto-box")
+PromptMode = Literal["points", "box", "both", "auto-box", "auto-both"]
+PROMPT_MODES: tuple[str, ...] = ("points", "box", "both", "auto-box", "auto-both")
+POINT_PROMPT_MODES = ("points", "both", "auto-both")
+AUTO_BOX_PROMPT_MODES = ("auto-box", "auto-both")
 GT_PROMPT_MODES = ("box", "both")
 
 
@@ -51,7 +55,7 @@ class LearnedPrompt:
 
     @property
     def uses_points(self) -> bool:
-        return self.mode in ("points", "both")
+        return self.mode in POINT_PROMPT_MODES
 
     @property
     def needs_ground_truth(self) -> bool:
@@ -124,7 +128,7 @@ def learn_prompt(train_masks: list[np.ndarray], mode: str, points_per_lung: int 
     ys, xs = np.nonzero(binary)
     box = np.asarray([xs.min() / w, ys.min() / h, xs.max() / w, ys.max() / h], np.float32)
     points = labels = None
-    if mode in ("points", "both"):
+    if mode in POINT_PROMPT_MODES:
         pix = np.concatenate([interior_points(c, points_per_lung) for c in _lung_components(binary)])
         points = (pix / np.asarray([w, h])).astype(np.float32)
         labels = np.ones(len(points), np.int32)
@@ -168,7 +172,7 @@ def model_prompt(prompt: LearnedPrompt, spec: PreprocessSpec, image_hw: tuple[in
         if gt_box is None:
             raise ValueError(f"prompt {prompt.mode!r} needs a ground-truth box")
         box = boxes_to_model(gt_box, image_hw, spec)
-    elif prompt.mode == "auto-box":
+    elif prompt.mode in AUTO_BOX_PROMPT_MODES:
         box = boxes_to_model(fractions_to_pixels(prompt.box.reshape(2, 2), image_hw).reshape(4), image_hw, spec)
     return coords, labels, box
 

@@ -127,6 +127,18 @@ def test_fixed_decoder_bakes_the_learned_prompt(tiny, tmp_path):
     np.testing.assert_allclose(low, ref.numpy(), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="ground-truth box"):
         fixed_prompt_points(LearnedPrompt("box", None, None, prompt.box, 3), spec, 256)
+    # auto-both: learned points and the mean-mask box baked in together
+    both = LearnedPrompt("auto-both", np.asarray([[0.3, 0.5], [0.7, 0.5]], np.float32), np.ones(2, np.int32),
+                         prompt.box, 1)
+    coords, labels = fixed_prompt_points(both, spec, 256)
+    np.testing.assert_array_equal(labels, [1, 1, 2, 3])
+    export_fixed_decoder(sam, coords, labels, tmp_path / "fixed_both.onnx")
+    low = _session(tmp_path / "fixed_both.onnx").run(["low_res_logits"], {"embeddings": emb})[0]
+    pc, pl, box = model_prompt(both, spec, (256, 256))
+    with torch.no_grad():
+        ref, _ = decode(sam, torch.from_numpy(emb), torch.from_numpy(np.stack([pc, pc])),
+                        torch.from_numpy(np.stack([pl, pl])), torch.from_numpy(np.stack([box, box])))
+    np.testing.assert_allclose(low, ref.numpy(), atol=1e-5, rtol=0)
 
 
 def test_export_bundle_manifest_and_parity(fp16_bundle, tiny_run):

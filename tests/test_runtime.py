@@ -273,6 +273,27 @@ def test_box_prompt_mode_requires_a_box():
         seg.decode(np.zeros((1, 32, 8, 8), np.float32))
 
 
+def test_auto_both_bundle_needs_no_box_and_combines_a_given_box_with_its_points():
+    from lungsam.prompts import labelled_points, learn_prompt, model_prompt
+
+    seg = stage_segmenter(MOBILE, working_size=256)
+    masks = [np.zeros((256, 256), bool) for _ in range(3)]
+    for m in masks:
+        m[40:200, 30:110] = m[40:200, 150:230] = True
+    seg.prompt = learn_prompt(masks, "auto-both", 2)
+    assert not seg.needs_box and not seg.prompt.needs_ground_truth
+    coords, labels, box = model_prompt(seg.prompt, seg.spec, (256, 256))
+    assert coords.shape == (4, 2) and box is not None  # 2 points per lung + the mean-mask box
+    c, lab = labelled_points(coords, labels, box)
+    np.testing.assert_array_equal(lab, [1, 1, 1, 1, 2, 3])
+    assert seg.model_prompts((512, 512)) is None  # the learned prompt, points + box
+    # a caller's box replaces the learned box and keeps the learned points (original 512 -> working 256 -> 1024)
+    c2, lab2 = seg.model_prompts((512, 512), box=[20, 40, 480, 400])
+    np.testing.assert_array_equal(lab2, lab)
+    np.testing.assert_allclose(c2[:4], coords, atol=1e-5)
+    np.testing.assert_allclose(c2[4:], [[40, 80], [960, 800]], atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # DICOM reading (MONOCHROME1, 16-bit, rescale, spacing)
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Decoder fine-tuning: frozen parameters, batching, cache reuse, end-to-end runs, resume, eval."""
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -101,6 +102,39 @@ def test_tiny_run_writes_every_artifact(tiny_run):
     assert json.loads(meta["config"])["backbone"] == "tiny" and int(meta["epoch"]) == m["best_epoch"]
     prompt = json.loads((fold / "prompt.json").read_text())
     assert len(prompt["points"]) == 6  # 3 per lung
+
+
+def test_auto_both_trains_points_and_the_mean_mask_box_jointly(tmp_path):
+    run = tmp_path / "r"
+    m = train_run(TrainConfig(backbone="tiny", prompt="auto-both", points_per_lung=2, folds=1, epochs=1, lr=1e-3,
+                              size=64), run, log=lambda m: None, progress=False)
+    fold = run / "folds" / "fold_0"
+    prompt = json.loads((fold / "prompt.json").read_text())
+    assert prompt["mode"] == "auto-both" and len(prompt["points"]) == 4 and len(prompt["box"]) == 4
+    fm = json.loads((fold / "metrics.json").read_text())
+    assert fm["prompt_uses_ground_truth"] is False and 0 < fm["test"]["f1"]["mean"] <= 1, (m, fm)
+
+
+def test_resume_matches_weights_by_sha256_not_by_path(tmp_path, monkeypatch):
+    torch.save(build_backbone("tiny").state_dict(), tmp_path / "w.pt")
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(backbone="tiny", checkpoint="w.pt", folds=1, epochs=1, lr=1e-3, size=64)
+    train_run(cfg, tmp_path / "r", log=lambda m: None, progress=False)
+    started = json.loads((tmp_path / "r" / "run.json").read_text())["started"]
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "w.pt").rename(tmp_path / "moved" / "w.pt")
+    logs = []  # the same weights by another (absolute) path resume; the run keeps when it began
+    train_run(replace(cfg, checkpoint=str(tmp_path / "moved" / "w.pt")), tmp_path / "r", resume=True,
+              log=logs.append, progress=False)
+    assert any("fold 0: already finished" in m for m in logs)
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["started"] == started and len(run["resumed"]) == 1
+    other = build_backbone("tiny").state_dict()
+    other["mask_decoder.iou_token.weight"] += 1
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"lr: 0\.001 -> 0\.01; weights sha256"):
+        train_run(replace(cfg, checkpoint="other.pt", lr=1e-2), tmp_path / "r", resume=True,
+                  log=lambda m: None, progress=False)
 
 
 def test_resume_continues_a_killed_run(tmp_path, monkeypatch):

@@ -98,7 +98,7 @@ class DecoderGraph(torch.nn.Module):
 
 
 def fixed_prompt_points(prompt: LearnedPrompt, spec: PreprocessSpec, working_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The learned prompt of a points / auto-box run as labelled points in the model frame.
+    """The learned prompt of a points / auto-box / auto-both run as labelled points in the model frame.
 
     Returns:
         ``coords (N, 2)`` float32 and ``labels (N,)`` float32 (see :func:`lungsam.prompts.labelled_points`).

@@ -51,8 +51,8 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     if seg.needs_box:
         raise click.ClickException(
             f"bundle {bundle} was trained with prompt mode {seg.prompt.mode!r}, which needs a ground-truth lung box "
-            "for every image; `lungsam predict` has no boxes: use a bundle trained with --prompt points or auto-box, "
-            "or the Python API (LungSegmenter.segment(image, box=...))")
+            "for every image; `lungsam predict` has no boxes: use a bundle trained with --prompt points, auto-box or "
+            "auto-both, or the Python API (LungSegmenter.segment(image, box=...))")
     n = len(list_inputs(list(inputs)))
     if n == 0:
         raise click.ClickException("no input images found (PNG/JPEG/TIFF/BMP/DICOM files or folders of them)")

@@ -280,8 +280,8 @@ class LungSegmenter:
     def _box_required(self) -> PromptRequiredError:
         return PromptRequiredError(
             f"this bundle's prompt mode is {self.prompt.mode!r}, which needs a lung bounding box per image "
-            "(x0, y0, x1, y1 in original pixels): pass box=...; a bundle trained with --prompt points or "
-            "auto-box needs none")
+            "(x0, y0, x1, y1 in original pixels): pass box=...; a bundle trained with --prompt points, "
+            "auto-box or auto-both needs none")
 
     def _decode_fixed(self, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.needs_box:
@@ -302,8 +302,8 @@ class LungSegmenter:
 
         ``points`` ``(N, 2)`` ``(x, y)`` with ``labels`` ``(N,)`` (1 lung, 0 background; default all 1),
         ``box`` ``(4,)`` ``x0, y0, x1, y1``. Coordinates go original -> working (S, S) -> model frame.
-        The caller's prompt replaces the learned one, except that a box alone in a ``both`` bundle is
-        combined with the learned points (its training prompt). Returns ``None`` when neither is given
+        The caller's prompt replaces the learned one, except that a box alone in a ``both`` or ``auto-both``
+        bundle is combined with the learned points (its training prompt). Returns ``None`` when neither is given
         (the learned prompt; :class:`PromptRequiredError` for ``box``/``both`` bundles).
         """
         if points is None and box is None:
@@ -328,9 +328,8 @@ class LungSegmenter:
             coords = pp.coords_to_model(pp.scale_coords(pts, (h0, w0), s), s, self.spec)
         elif labels is not None:
             raise ValueError("labels given without points")
-        if coords is None and self.prompt.mode == "both":
-            coords, labs, mb = model_prompt(self.prompt, self.spec, s, gt_box=b)
-            return labelled_points(coords, labs, mb)
+        if coords is None and self.prompt.mode in ("both", "auto-both"):  # the caller's box + the learned points
+            coords, labs, _ = model_prompt(self.prompt, self.spec, s, gt_box=b)
         return labelled_points(coords, labs, None if b is None else pp.boxes_to_model(b, s, self.spec))
 
     def output_matrices(self, input_hw: tuple[int, int], original_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,13 @@
-"""``lungsam train``, ``lungsam eval``, ``lungsam weights`` (module level imports only click)."""
+"""``lungsam train``, ``lungsam eval``, ``lungsam weights`` (module level imports: click and the torch-free prompt modes)."""
 from __future__ import annotations
 
 import sys
 
 import click
 
-PROMPTS = click.Choice(["points", "box", "both", "auto-box"])
+from ..prompts import PROMPT_MODES
+
+PROMPTS = click.Choice(list(PROMPT_MODES))
 
 
 def _fail(msg: str) -> None:

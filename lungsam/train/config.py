@@ -13,7 +13,7 @@ class TrainConfig:
     Attributes:
         data: data set folders (pooled), or ``demo:montgomery`` for the packaged sample.
         backbone: registry name; checkpoint: weights path (``None``: official weights from the cache).
-        prompt: ``points`` | ``box`` | ``both`` | ``auto-box``; points_per_lung: k.
+        prompt: ``points`` | ``box`` | ``both`` | ``auto-box`` | ``auto-both``; points_per_lung: k.
         size: working resolution S (images and masks are resized to S x S; metrics are computed there).
         folds: 1 = one 60/20/20 split; k >= 3 = k-fold cross-validation.
         epochs, patience, min_delta: maximum epochs; training stops once the best validation F1 has not

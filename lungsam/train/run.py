@@ -309,6 +309,19 @@ def aggregate_folds(folds: list[dict]) -> dict:
     }
 
 
+def resume_differences(old_run: dict, cfg: TrainConfig, weights_sha256: str) -> list[str]:
+    """What stops ``cfg`` from continuing the run recorded in ``old_run`` (its ``run.json``), as
+    ``"name: old -> new"`` lines; empty when it may resume. The weights are compared by sha256, so the
+    same checkpoint given by another path (relative, moved, the download cache) resumes."""
+    before = TrainConfig.from_dict(old_run["config"]).comparable()
+    now = cfg.comparable()
+    differ = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+              if k != "checkpoint" and before.get(k) != now.get(k)]
+    if old_run.get("weights_sha256") != weights_sha256:
+        differ.append(f"weights sha256: {str(old_run.get('weights_sha256'))[:12]}… -> {weights_sha256[:12]}…")
+    return differ
+
+
 def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_folds: tuple[int, ...] | None = None,
               log: Log = print, progress: bool = True) -> dict:
     """Train the folds of a run into ``out``; returns the run's aggregate metrics.
@@ -323,25 +336,33 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
         if bad:
             raise ValueError(f"--only-fold {bad[0]}: the run has folds 0-{cfg.folds - 1}")
     t0 = time.perf_counter()
+    old = None
     if (out / "run.json").exists():
         if not resume:
             raise FileExistsError(f"{out} already holds a run; use --resume to continue it or choose another --out")
         old = read_json(out / "run.json")
-        if TrainConfig.from_dict(old["config"]).comparable() != cfg.comparable():
-            raise ValueError(f"--resume: the settings differ from the run in {out}; start a new --out instead")
     if cfg.lora_rank > 0 and cfg.augment_views > 0:
         raise ValueError("--augment works on cached embeddings and --lora-rank trains the encoder; use one of them")
-    device = pick_device(cfg.device)
     ckpt = checkpoint_for(cfg)
+    weights_sha256 = weights_fingerprint(cfg.backbone, ckpt)
+    if old is not None:
+        differ = resume_differences(old, cfg, weights_sha256)
+        if differ:
+            raise ValueError(f"--resume: the settings differ from the run in {out} ({'; '.join(differ)}); "
+                             "start a new --out instead")
+    device = pick_device(cfg.device)
     data = load_data(cfg.data, cfg.size, log)
     log(f"data: {len(data.samples)} pairs from {', '.join(cfg.data)} ({len(data.skipped)} skipped)")
     splits = kfold_splits([s.id for s in data.samples], cfg.folds, cfg.seed)
     run = {
         "format": "lungsam-run/1", "config": {**cfg.to_dict(), "checkpoint": ckpt},
-        "weights_sha256": weights_fingerprint(cfg.backbone, ckpt), "device": device,
+        "weights_sha256": weights_sha256, "device": device,
         "n_samples": len(data.samples), "n_skipped": len(data.skipped), "skipped": data.skipped,
         "started": utc_now(), "versions": package_versions(),
     }
+    if old is not None:  # keep when the run began; record each sitting
+        run["started"] = old.get("started", run["started"])
+        run["resumed"] = [*old.get("resumed", []), utc_now()]
     write_json_atomic(out / "run.json", run)
     write_json_atomic(out / "splits.json", splits)
     sam = build_backbone(cfg.backbone, ckpt)
