@@ -115,6 +115,44 @@ def test_auto_both_trains_points_and_the_mean_mask_box_jointly(tmp_path):
     assert fm["prompt_uses_ground_truth"] is False and 0 < fm["test"]["f1"]["mean"] <= 1, (m, fm)
 
 
+def test_box_from_first_pass_needs_no_ground_truth(demo, tmp_path):
+    from lungsam.train.engine import predict_probabilities, predict_with_first_pass_box
+
+    sam = build_backbone("tiny")
+    spec = get_backbone("tiny").preprocess
+    masks = [s.mask for s in demo.samples[:6]]
+    emb = np.random.default_rng(0).standard_normal((6, 32, 8, 8)).astype(np.float32)
+    prompt = learn_prompt(masks, "both", 2)
+    with pytest.raises(ValueError, match="prompted with a box"):
+        predict_with_first_pass_box(sam, emb, learn_prompt(masks, "points", 2), spec, 64, "cpu", 0.5)
+    # every first mask empty (threshold 1): each image keeps the mean-mask box = the auto-both prediction
+    probs, kept = predict_with_first_pass_box(sam, emb, prompt, spec, 64, "cpu", 1.0)
+    auto = predict_probabilities(sam, emb, [None] * 6, replace(prompt, mode="auto-both"), spec, 64, "cpu")
+    assert kept == 6
+    np.testing.assert_allclose(probs, auto, atol=1e-6)
+    # otherwise pass 2's box is the bounding box of pass 1's mask, image by image
+    thr = float(np.median(auto))
+    probs, kept = predict_with_first_pass_box(sam, emb, prompt, spec, 64, "cpu", thr)
+    first = [a > thr for a in auto]
+    assert kept == sum(not f.any() for f in first) < 6
+    np.testing.assert_allclose(probs, predict_probabilities(sam, emb, first, prompt, spec, 64, "cpu"), atol=1e-6)
+    assert not np.allclose(probs, auto)
+
+    run = tmp_path / "both"
+    train_run(TrainConfig(backbone="tiny", prompt="both", folds=1, epochs=1, lr=1e-3, size=64), run,
+              log=lambda m: None, progress=False)
+    r = CliRunner().invoke(main, ["eval", str(run), "--data", DEMO_DATA, "--split", "test", "--box-from-first-pass",
+                                  "--out", str(tmp_path / "ev"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "box from first pass" in r.output
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["prompt_uses_ground_truth"] is False and isinstance(ev["first_pass_empty"], int)
+    assert "no ground truth is used" in (tmp_path / "ev" / "report.md").read_text()
+    r = CliRunner().invoke(main, ["eval", str(run), "--data", DEMO_DATA, "--split", "test",
+                                  "--out", str(tmp_path / "ev_gt"), "--quiet"])
+    assert r.exit_code == 0 and "box from ground truth" in r.output, r.output
+
+
 def test_resume_matches_weights_by_sha256_not_by_path(tmp_path, monkeypatch):
     torch.save(build_backbone("tiny").state_dict(), tmp_path / "w.pt")
     monkeypatch.chdir(tmp_path)

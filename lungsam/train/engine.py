@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from segment_anything.modeling import Sam
 
 from ..metrics import f1_score, iou_score
 from ..modeling.decoder import decode
-from ..preprocess import PreprocessSpec, encoder_input, preprocess_shape
+from ..preprocess import PreprocessSpec, encoder_input, fractions_to_pixels, preprocess_shape
 from ..prompts import LearnedPrompt, mask_box, model_prompt, perturb_box
 
 
@@ -98,6 +98,45 @@ def predict_probabilities(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarr
             logits = logits_at_working(sam, emb, pt, spec, size)
         out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
     return np.concatenate(out).astype(np.float32)
+
+
+BOX_PROMPT_MODES = ("box", "both", "auto-box", "auto-both")
+
+
+@torch.no_grad()
+def predict_with_first_pass_box(sam: Sam, embeddings: np.ndarray, prompt: LearnedPrompt, spec: PreprocessSpec,
+                                size: int, device: str, threshold: float, batch_size: int = 8,
+                                amp: bool = False) -> tuple[np.ndarray, int]:
+    """Two passes and no ground truth: a per-image box predicted by the model itself.
+
+    Pass 1 prompts with the learned points (if the prompt has any) and the mean-mask box of the
+    training split; the bounding box of its mask (``probability > threshold``, working frame) is the
+    box of pass 2, again with the learned points. An image whose first mask is empty keeps the
+    mean-mask box. Meant for decoders trained with a box (``box``/``both`` learn from jittered
+    ground-truth boxes, ``auto-box``/``auto-both`` from the mean-mask box).
+
+    Args:
+        embeddings: ``(N, C, E, E)`` cached encoder output of the working images.
+    Returns:
+        ``(probs (N, S, S) float32 of pass 2, number of images that kept the mean-mask box)``.
+    """
+    if prompt.mode not in BOX_PROMPT_MODES or prompt.box is None:
+        raise ValueError(f"a box from a first pass needs a model prompted with a box (prompt {', '.join(BOX_PROMPT_MODES)}); "
+                         f"this one was trained with {prompt.mode!r}")
+    first_prompt = replace(prompt, mode="auto-both" if prompt.uses_points else "auto-box")
+    first = predict_probabilities(sam, embeddings, [None] * len(embeddings), first_prompt, spec, size, device,
+                                  batch_size, amp)
+    x0, y0, x1, y1 = np.round(fractions_to_pixels(prompt.box.reshape(2, 2), (size, size)).reshape(4)).astype(int)
+    mean_box = np.zeros((size, size), bool)
+    mean_box[y0:y1 + 1, x0:x1 + 1] = True
+    boxes_from = [p > threshold for p in first]
+    empty = [i for i, m in enumerate(boxes_from) if not m.any()]
+    for i in empty:
+        boxes_from[i] = mean_box
+    # the box modes take each image's box from the mask they are given: here the first pass's mask
+    second_prompt = replace(prompt, mode="both" if prompt.uses_points else "box")
+    probs = predict_probabilities(sam, embeddings, boxes_from, second_prompt, spec, size, device, batch_size, amp)
+    return probs, len(empty)
 
 
 def score(probs: np.ndarray, masks: list[np.ndarray], threshold: float) -> tuple[list[float], list[float]]:

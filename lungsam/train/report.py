@@ -83,6 +83,15 @@ def gt_note(prompt: str) -> str:
     return "Prompts need no ground truth (learned from the training split's mean mask)."
 
 
+def eval_prompt_note(result: dict) -> str:
+    """Where an eval's prompts came from; says so when the box came from the model's own first pass."""
+    if result.get("first_pass_empty") is not None:
+        return ("**Each image's box comes from the model's own first mask** (pass 1: the learned prompt with the "
+                "mean-mask box; pass 2: the bounding box of that mask); no ground truth is used. "
+                f"{result['first_pass_empty']} image(s) had an empty first mask and kept the mean-mask box.")
+    return gt_note(result["prompt"])
+
+
 def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
     """``report.md`` of a training run: per-fold table and the k-fold aggregate, paper beside ours."""
     cfg = run["config"]
@@ -159,7 +168,7 @@ def eval_report(result: dict) -> str:
         "",
         f"- data: {', '.join(result['data'])} ({result['n']} images scored, {result['n_skipped']} pairs skipped); {at}",
         f"- prompt `{result['prompt']}`; {thr}",
-        f"- {gt_note(result['prompt'])}",
+        f"- {eval_prompt_note(result)}",
         "",
         "| metric | mean ± std | min | max |",
         "|---|---|---|---|",

@@ -20,8 +20,8 @@ from ..metrics import summarize
 from ..prompts import learn_prompt
 from . import report
 from .config import TrainConfig
-from .engine import (DecoderTrainer, EncoderLoraTrainer, choose_threshold, pick_device, predict_probabilities, score,
-                     sweep_thresholds)
+from .engine import (DecoderTrainer, EncoderLoraTrainer, choose_threshold, pick_device, predict_probabilities,
+                     predict_with_first_pass_box, score, sweep_thresholds)
 
 Log = Callable[[str], None]
 
@@ -431,13 +431,26 @@ class ScoredPart:
 
 
 def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str | None, fingerprint: str | None,
-                samples: list[Sample], device: str, progress: bool) -> tuple[np.ndarray, list[float], list[float]]:
-    """Probabilities ``(n, S, S)`` (S = ``cfg.size``) and per-image F1/IoU of one model on ``samples``."""
+                samples: list[Sample], device: str, progress: bool, box_from_first_pass: bool = False
+                ) -> tuple[np.ndarray, list[float], list[float], dict]:
+    """Probabilities ``(n, S, S)`` (S = ``cfg.size``), per-image F1/IoU of one model on ``samples``, and
+    what the report should say about the prompt (``{"box_source": ...}``).
+
+    ``box_from_first_pass``: the box comes from the model's own first mask, not from the ground truth
+    (:func:`lungsam.train.engine.predict_with_first_pass_box`)."""
     emb, _ = embed_samples(sam, cfg, ckpt, samples, device, progress, fingerprint=fingerprint)
     masks = [s.mask for s in samples]
-    probs = predict_probabilities(sam.to(device), emb, masks, prompt, spec, cfg.size, device)
+    if box_from_first_pass:
+        probs, kept = predict_with_first_pass_box(sam.to(device), emb, prompt, spec, cfg.size, device, threshold)
+        notes = {"box_source": "first pass (learned prompt with the mean-mask box)", "uses_ground_truth": False,
+                 "first_pass_empty": kept}
+    else:
+        probs = predict_probabilities(sam.to(device), emb, masks, prompt, spec, cfg.size, device)
+        notes = {"box_source": ("ground truth" if prompt.needs_ground_truth else
+                                "mean training mask" if prompt.box is not None and prompt.mode.startswith("auto")
+                                else None), "uses_ground_truth": prompt.needs_ground_truth}
     f1, iou = score(probs, masks, threshold)
-    return probs, f1, iou
+    return probs, f1, iou, notes
 
 
 def held_out_samples(test_ids: list[str], by_id: dict[str, Sample], what: str) -> list[Sample]:
@@ -459,7 +472,8 @@ def held_out_samples(test_ids: list[str], by_id: dict[str, Sample], what: str) -
 
 
 def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: str, threshold: float | None,
-               size: int, data: Dataset, device: str, progress: bool) -> tuple[list[ScoredPart], str]:
+               size: int, data: Dataset, device: str, progress: bool,
+               box_from_first_pass: bool = False) -> tuple[list[ScoredPart], str]:
     """Score a run: its chosen fold on every image (``split="all"``), or each finished fold (or the
     given one) on its own held-out test images (``split="test"``, each image scored once)."""
     from ..runs import RunError, finished_fold_dirs, load_run
@@ -480,11 +494,12 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
             samples = data.samples
         cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"), size=size)
         thr, thr_src = (threshold, "given") if threshold is not None else (rm.threshold, "chosen on the fold's validation split")
-        probs, f1, iou = score_model(rm.sam, rm.spec, rm.prompt, thr, cfg, cfg.checkpoint, rm.encoder_fingerprint,
-                                     samples, device, progress)
+        probs, f1, iou, notes = score_model(rm.sam, rm.spec, rm.prompt, thr, cfg, cfg.checkpoint,
+                                            rm.encoder_fingerprint, samples, device, progress, box_from_first_pass)
         parts.append(ScoredPart(samples, probs, f1, iou, {
             "fold": rm.fold, "n": len(samples), "threshold": thr, "threshold_source": thr_src,
-            "prompt": rm.prompt.mode, "prompt_uses_ground_truth": rm.prompt.needs_ground_truth,
+            "prompt": rm.prompt.mode, "prompt_uses_ground_truth": notes["uses_ground_truth"],
+            "box_source": notes["box_source"], "first_pass_empty": notes.get("first_pass_empty"),
             "learned_prompt": rm.prompt.to_dict(), "f1": summarize(f1), "iou": summarize(iou)}))
     what = "each on its own held-out test images" if split == "test" else "on every image"
     name = (f"run {run_dir}, fold{'s' if len(parts) > 1 else ''} {', '.join(str(p.record['fold']) for p in parts)} "
@@ -495,7 +510,8 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
 def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = None, fold: int | None = None,
              split: str = "all", backbone: str | None = None, checkpoint: str | None = None, prompt_mode: str = "points",
              points_per_lung: int = 3, prompt_from: list[str] | None = None, threshold: float | None = None,
-             size: int | None = None, device: str = "auto", log: Log = print, progress: bool = True) -> dict:
+             size: int | None = None, box_from_first_pass: bool = False, device: str = "auto", log: Log = print,
+             progress: bool = True) -> dict:
     """Score a run or a zero-shot backbone on data sets; writes metrics.json, report.md and overlays.png.
 
     Args:
@@ -504,6 +520,8 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
             test images only (leak-free; with k folds every image once).
         size: working resolution S at which images are fed and masks scored (default: the run's, or
             256 zero-shot); larger than the run's, it measures the masks at a higher resolution.
+        box_from_first_pass: for a model prompted with a box, take each image's box from the model's own
+            first mask (learned prompt + mean-mask box) instead of the ground truth or the mean mask.
     Zero-shot prompts come from the mean mask of ``prompt_from`` data sets (default: the evaluated
     data itself, which the report states, since it uses the evaluated set's annotations).
     """
@@ -520,7 +538,8 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         trained_size = int(read_json(run_json)["config"]["size"])
         size = size or trained_size
         data = load_data(data_paths, size, log)
-        parts, name = _run_parts(run_dir, fold, checkpoint, split, threshold, size, data, device, progress)
+        parts, name = _run_parts(run_dir, fold, checkpoint, split, threshold, size, data, device, progress,
+                                 box_from_first_pass)
     else:
         if backbone is None:
             raise ValueError("give a RUN or --backbone for zero-shot evaluation")
@@ -536,10 +555,12 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         thr, thr_src = (threshold, "given") if threshold is not None else (0.5, "SAM default (logit 0)")
         name = f"zero-shot {backbone} ({prompt_mode}; prompt from {', '.join(prompt_from or data_paths)})"
         data = load_data(data_paths, size, log)
-        probs, f1, iou = score_model(sam, spec, prompt, thr, cfg, ckpt, None, data.samples, device, progress)
+        probs, f1, iou, notes = score_model(sam, spec, prompt, thr, cfg, ckpt, None, data.samples, device, progress,
+                                            box_from_first_pass)
         parts = [ScoredPart(data.samples, probs, f1, iou, {
             "fold": None, "n": len(data.samples), "threshold": thr, "threshold_source": thr_src, "prompt": prompt.mode,
-            "prompt_uses_ground_truth": prompt.needs_ground_truth, "learned_prompt": prompt.to_dict(),
+            "prompt_uses_ground_truth": notes["uses_ground_truth"], "box_source": notes["box_source"],
+            "first_pass_empty": notes.get("first_pass_empty"), "learned_prompt": prompt.to_dict(),
             "f1": summarize(f1), "iou": summarize(iou)})]
     f1 = [x for p in parts for x in p.f1]
     iou = [x for p in parts for x in p.iou]
@@ -547,7 +568,8 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
     result = {
         "model": name, "data": data_paths, "split": split, "n": len(f1), "n_skipped": len(data.skipped),
         "skipped": data.skipped, "size": size, "trained_size": trained_size, "prompt": first["prompt"],
-        "prompt_uses_ground_truth": first["prompt_uses_ground_truth"],
+        "prompt_uses_ground_truth": first["prompt_uses_ground_truth"], "box_source": first["box_source"],
+        "first_pass_empty": (sum(p.record["first_pass_empty"] for p in parts) if box_from_first_pass else None),
         "threshold": first["threshold"] if len(parts) == 1 else None, "threshold_source": first["threshold_source"],
         "learned_prompt": first["learned_prompt"] if len(parts) == 1 else None,
         "parts": [p.record for p in parts], "f1": summarize(f1), "iou": summarize(iou),
