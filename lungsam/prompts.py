@@ -32,6 +32,7 @@ PromptMode = Literal["points", "box", "both", "auto-box", "auto-both"]
 PROMPT_MODES: tuple[str, ...] = ("points", "box", "both", "auto-box", "auto-both")
 POINT_PROMPT_MODES = ("points", "both", "auto-both")
 AUTO_BOX_PROMPT_MODES = ("auto-box", "auto-both")
+BOX_PROMPT_MODES = ("box", "both", "auto-box", "auto-both")
 GT_PROMPT_MODES = ("box", "both")
 
 

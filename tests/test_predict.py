@@ -325,3 +325,42 @@ def test_predict_cli_runs_without_torch(tiny_bundle, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "1 ok, 0 failed" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# a box from the model's own first pass (a `both` bundle without annotations)
+# ---------------------------------------------------------------------------------------------
+
+def test_box_from_first_pass_matches_training_code_and_needs_no_box(tmp_path, tiny_bundle):
+    from lungsam.data import DEMO_DATA, load_dataset
+    from lungsam.export.bundle import export_bundle
+    from lungsam.runs import load_run
+    from lungsam.runtime import BundleError, PromptRequiredError
+    from lungsam.train.config import TrainConfig
+    from lungsam.train.run import score_model, train_run
+
+    run = tmp_path / "both"
+    train_run(TrainConfig(backbone="tiny", prompt="both", folds=1, epochs=2, lr=1e-3), run,
+              log=lambda m: None, progress=False)
+    export_bundle(run, tmp_path / "bundle", fp16=False, trt=False, parity_images=2, log=lambda m: None)
+    with pytest.raises(PromptRequiredError):
+        LungSegmenter.load(tmp_path / "bundle", threads=1).segment(demo_images(1)[0])
+    seg2 = LungSegmenter.load(tmp_path / "bundle", threads=1, box_from_first_pass=True)
+    assert not seg2.needs_box and not seg2.uses_fixed_decoder
+    samples = load_dataset(DEMO_DATA, 256).samples[:4]
+    rm = load_run(run, 0)
+    probs, *_ = score_model(rm.sam, rm.spec, rm.prompt, rm.threshold, TrainConfig(backbone="tiny", size=256), None,
+                            rm.encoder_fingerprint, samples, "cpu", False, box_from_first_pass=True)
+    for s, p in zip(samples, probs):  # demo images are 256x256: the original frame is the working frame
+        r = seg2.segment(DEMO / f"{s.id.split('/')[-1]}.png")
+        assert r.prompt == "first-pass box"
+        np.testing.assert_allclose(r.probability, p, atol=2e-3)
+        assert f1_score(r.mask, p > rm.threshold) > 0.99
+    out = CliRunner().invoke(predict, [str(tmp_path / "bundle"), *map(str, demo_images(2)), "--out",
+                                       str(tmp_path / "pred"), "--box-from-first-pass", "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert "box from the first pass" in out.output
+    out = CliRunner().invoke(predict, [str(tmp_path / "bundle"), str(demo_images(1)[0]), "--out", str(tmp_path / "p2")])
+    assert out.exit_code != 0 and "--box-from-first-pass" in out.output
+    with pytest.raises(BundleError, match="prompted with a box"):
+        LungSegmenter.load(tiny_bundle, box_from_first_pass=True)

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import preprocess as pp
 from ..imageio import ImageReadError, LoadedImage, read_image
-from ..prompts import labelled_points, model_prompt
+from ..prompts import BOX_PROMPT_MODES, labelled_points, mask_box, model_prompt
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError
 
@@ -77,7 +77,8 @@ class SegmentationResult:
         source: input path (``None`` for arrays).
         timings: seconds per stage: ``read_s``, ``preprocess_s``, ``encode_s``, ``decode_s``,
             ``postprocess_s``, ``total_s`` (encode/decode are the batch's time divided by its size).
-        prompt: ``"learned"`` (baked-in prompt) or ``"interactive"``.
+        prompt: ``"learned"`` (baked-in prompt), ``"interactive"`` or ``"first-pass box"`` (the learned
+            points with the box of the model's own first mask).
     """
 
     mask: np.ndarray
@@ -122,7 +123,13 @@ class LungSegmenter:
     :meth:`preprocess` are safe to run in other threads (``segment_many`` does).
     """
 
-    def __init__(self, bundle: Bundle, models: dict[str, Model], choice: BackendChoice, threads: int | None = None):
+    def __init__(self, bundle: Bundle, models: dict[str, Model], choice: BackendChoice, threads: int | None = None,
+                 box_from_first_pass: bool = False):
+        if box_from_first_pass and (bundle.prompt.mode not in BOX_PROMPT_MODES or "decoder" not in models):
+            raise BundleError(f"bundle {bundle.root}: a box from a first pass needs a model prompted with a box "
+                              f"(prompt {', '.join(BOX_PROMPT_MODES)}) and the prompted decoder; this one has prompt "
+                              f"{bundle.prompt.mode!r} and models {', '.join(models)}")
+        self.box_from_first_pass = box_from_first_pass
         self.bundle = bundle
         self.spec = bundle.spec
         self.working_size = bundle.working_size
@@ -136,7 +143,8 @@ class LungSegmenter:
     # -----------------------------------------------------------------------------------------
     @classmethod
     def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
-             allow_fallback: bool = False, threads: int | None = None) -> "LungSegmenter":
+             allow_fallback: bool = False, threads: int | None = None,
+             box_from_first_pass: bool = False) -> "LungSegmenter":
         """Open a bundle (verifying every file's sha256) with the requested backend.
 
         Args:
@@ -147,6 +155,9 @@ class LungSegmenter:
             precision: ``fp32`` or ``fp16`` (FP16 models/engines must be in the bundle).
             allow_fallback: downgrade (with a warning) instead of raising when the request cannot be met.
             threads: onnxruntime intra-op threads (``None``: onnxruntime's default).
+            box_from_first_pass: for a bundle prompted with a box (``box``, ``both``, ``auto-box``,
+                ``auto-both``), take each image's box from the model's own first mask (learned points +
+                the mean-mask box, then the box of that mask): a ``both`` bundle then needs no box.
         Raises:
             BundleError / BundleIntegrityError: not a bundle, or a listed file missing or changed.
             BackendUnavailableError: the backend/device/precision is not available and no fallback allowed.
@@ -164,7 +175,7 @@ class LungSegmenter:
             if set(m.input_names) != set(want_in) or not set(want_out) <= set(m.output_names):
                 raise BundleError(f"bundle {b.root}: {n} has inputs {m.input_names} / outputs {m.output_names}, "
                                   f"expected {want_in} / {want_out}")
-        return cls(b, models, choice, threads)
+        return cls(b, models, choice, threads, box_from_first_pass)
 
     @property
     def backend(self) -> str:
@@ -180,20 +191,22 @@ class LungSegmenter:
 
     @property
     def needs_box(self) -> bool:
-        """True when the bundle's prompt mode (``box``/``both``) needs a box from the caller."""
-        return self.prompt.needs_ground_truth
+        """True when the bundle's prompt mode (``box``/``both``) needs a box from the caller (not with
+        ``box_from_first_pass``)."""
+        return self.prompt.needs_ground_truth and not self.box_from_first_pass
 
     @property
     def uses_fixed_decoder(self) -> bool:
         """True when :meth:`decode` without prompts runs ``decoder_fixed`` (the learned prompt baked in)."""
-        return "decoder_fixed" in self._models and not self.needs_box
+        return "decoder_fixed" in self._models and not self.needs_box and not self.box_from_first_pass
 
     def describe(self) -> dict[str, Any]:
         """Facts for logs/reports: backend, device, precision, providers, prompt mode, fallbacks."""
         return {"bundle": str(self.bundle.root), "backbone": self.bundle.manifest.get("backbone"),
                 "backend": self.backend, "device": self.device, "precision": self.precision,
                 "providers": {n: list(getattr(m, "providers", [])) for n, m in self._models.items()},
-                "prompt_mode": self.prompt.mode, "threshold": self.threshold, "working_size": self.working_size,
+                "prompt_mode": self.prompt.mode, "box_from_first_pass": self.box_from_first_pass,
+                "threshold": self.threshold, "working_size": self.working_size,
                 "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks)}
 
     # -----------------------------------------------------------------------------------------
@@ -368,7 +381,7 @@ class LungSegmenter:
     # whole pipeline
     # -----------------------------------------------------------------------------------------
     def _finish(self, prepared: Prepared, low: np.ndarray, iou: np.ndarray, timings: dict[str, float],
-                interactive: bool) -> SegmentationResult:
+                prompt_kind: str) -> SegmentationResult:
         t0 = time.perf_counter()
         mask, prob = self.postprocess(low, prepared)
         timings["postprocess_s"] = time.perf_counter() - t0
@@ -379,7 +392,7 @@ class LungSegmenter:
             mask=mask, probability=prob, score=float(np.asarray(iou).reshape(-1)[0]), area_px=area,
             area_mm2=None if sp is None else float(area * sp[0] * sp[1]), threshold=self.threshold,
             original_hw=prepared.original_hw, pixel_spacing_mm=sp, source=prepared.source, timings=timings,
-            prompt="interactive" if interactive else "learned", pixels=prepared.pixels)
+            prompt=prompt_kind, pixels=prepared.pixels)
 
     def segment(self, image: ImageSource, points: np.ndarray | None = None, labels: np.ndarray | None = None,
                 box: np.ndarray | None = None, pixel_spacing_mm: tuple[float, float] | None = None
@@ -399,12 +412,38 @@ class LungSegmenter:
         t0 = time.perf_counter()
         emb = self.encode(np.stack([p.model_input for p in batch]))
         t1 = time.perf_counter()
+        kinds = ["learned" if p is None else "interactive" for p in prompts]
+        if self.box_from_first_pass and None in prompts:
+            prompts = self.first_pass_prompts(emb, batch, prompts)
+            kinds = ["first-pass box" if k == "learned" else k for k in kinds]
         low, iou = self.decode(emb, None if all(p is None for p in prompts) else prompts)
         t2 = time.perf_counter()
         out = []
         for i, p in enumerate(batch):
             timings = dict(p.timings, encode_s=(t1 - t0) / b, decode_s=(t2 - t1) / b)
-            out.append(self._finish(p, low[i], iou[i], timings, prompts[i] is not None))
+            out.append(self._finish(p, low[i], iou[i], timings, kinds[i]))
+        return out
+
+    def first_pass_prompts(self, embeddings: np.ndarray, batch: list[Prepared], prompts: list[Prompt | None]
+                           ) -> list[Prompt | None]:
+        """Replace each ``None`` (learned) prompt by the learned points plus the box of the model's own
+        first mask, as ``lungsam eval --box-from-first-pass`` does in training's code.
+
+        Pass 1 decodes with the learned points and the mean-mask box; its logits are brought to the
+        working frame (S x S), thresholded (``sigmoid > threshold``), and the mask's bounding box (the
+        mean-mask box when the mask is empty) goes to the model frame. Returns model-frame prompts.
+        """
+        s = (self.working_size, self.working_size)
+        first_mode = "auto-both" if self.prompt.uses_points else "auto-box"
+        coords, labels, mean_box = model_prompt(replace(self.prompt, mode=first_mode), self.spec, s)
+        todo = [i for i, p in enumerate(prompts) if p is None]
+        low, _ = self.decode(embeddings[todo], [labelled_points(coords, labels, mean_box)] * len(todo))
+        out = list(prompts)
+        for j, i in enumerate(todo):
+            ay, ax = pp.postprocess_matrices(self.spec, tuple(batch[i].input_hw), s)
+            mask = pp.sigmoid(ay @ low[j, 0] @ ax.T) > self.threshold
+            box = mean_box if not mask.any() else pp.boxes_to_model(mask_box(mask), s, self.spec)
+            out[i] = labelled_points(coords, labels, box)
         return out
 
     def segment_many(self, sources: Iterable[ImageSource], *, batch_size: int = 1, prefetch: int = 2,

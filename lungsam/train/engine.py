@@ -18,7 +18,7 @@ from segment_anything.modeling import Sam
 from ..metrics import f1_score, iou_score
 from ..modeling.decoder import decode
 from ..preprocess import PreprocessSpec, encoder_input, fractions_to_pixels, preprocess_shape
-from ..prompts import LearnedPrompt, mask_box, model_prompt, perturb_box
+from ..prompts import BOX_PROMPT_MODES, LearnedPrompt, mask_box, model_prompt, perturb_box
 
 
 def pick_device(device: str) -> str:
@@ -98,9 +98,6 @@ def predict_probabilities(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarr
             logits = logits_at_working(sam, emb, pt, spec, size)
         out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
     return np.concatenate(out).astype(np.float32)
-
-
-BOX_PROMPT_MODES = ("box", "both", "auto-box", "auto-both")
 
 
 @torch.no_grad()
