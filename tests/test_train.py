@@ -167,6 +167,7 @@ def test_resume_matches_weights_by_sha256_not_by_path(tmp_path, monkeypatch):
     assert any("fold 0: already finished" in m for m in logs)
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert run["started"] == started and len(run["resumed"]) == 1
+    assert "wall time of the last of 2 sittings" in (tmp_path / "r" / "report.md").read_text()
     other = build_backbone("tiny").state_dict()
     other["mask_decoder.iou_token.weight"] += 1
     torch.save(other, tmp_path / "other.pt")

@@ -92,6 +92,15 @@ def eval_prompt_note(result: dict) -> str:
     return gt_note(result["prompt"])
 
 
+def wall_time_note(run: dict, folds: list[dict]) -> str:
+    """Wall time of the run, or of its last sitting when it was resumed, and the folds' summed epoch time."""
+    sittings = 1 + len(run.get("resumed", []))
+    wall = run.get("wall_time_s", 0)
+    what = f"wall time {wall:.0f} s" if sittings == 1 else f"wall time of the last of {sittings} sittings {wall:.0f} s"
+    train_s = sum(f.get("train_time_s", 0) for f in folds)
+    return f"{what}; training epochs {train_s:.0f} s summed over the {len(folds)} fold(s)"
+
+
 def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
     """``report.md`` of a training run: per-fold table and the k-fold aggregate, paper beside ours."""
     cfg = run["config"]
@@ -102,7 +111,7 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
         f"- working size {cfg['size']}x{cfg['size']}; folds {cfg['folds']}; epochs ≤ {cfg['epochs']} "
         f"(early stop: val F1 gain < {cfg.get('min_delta', 0):g} in {cfg['patience']} epochs); Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}; batch {cfg['batch_size']}",
         f"- device {run['device']}; started {run['started']}; finished {run.get('finished', '?')}; "
-        f"wall time {run.get('wall_time_s', 0):.0f} s",
+        f"{wall_time_note(run, folds)}",
         f"- {gt_note(cfg['prompt'])}",
         "",
         "| fold | train/val/test | best epoch | threshold | val F1 | test F1 | test IoU |",
