@@ -1,4 +1,7 @@
-"""``lungsam train``, ``lungsam eval``, ``lungsam weights`` (module level imports: click and the torch-free prompt modes)."""
+"""``lungsam train``, ``lungsam eval``, ``lungsam weights``.
+
+Module level imports: click and the (torch-free) prompt modes; the work is imported inside each command.
+"""
 from __future__ import annotations
 
 import sys

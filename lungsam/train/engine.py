@@ -118,8 +118,8 @@ def predict_with_first_pass_box(sam: Sam, embeddings: np.ndarray, prompt: Learne
         ``(probs (N, S, S) float32 of pass 2, number of images that kept the mean-mask box)``.
     """
     if prompt.mode not in BOX_PROMPT_MODES or prompt.box is None:
-        raise ValueError(f"a box from a first pass needs a model prompted with a box (prompt {', '.join(BOX_PROMPT_MODES)}); "
-                         f"this one was trained with {prompt.mode!r}")
+        raise ValueError("a box from a first pass needs a model prompted with a box (prompt "
+                         f"{', '.join(BOX_PROMPT_MODES)}); this one was trained with {prompt.mode!r}")
     first_prompt = replace(prompt, mode="auto-both" if prompt.uses_points else "auto-box")
     first = predict_probabilities(sam, embeddings, [None] * len(embeddings), first_prompt, spec, size, device,
                                   batch_size, amp)
