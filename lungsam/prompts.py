@@ -21,7 +21,7 @@ Fraction convention: a pixel index ``x`` in a frame of width ``W`` is stored as 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -134,6 +134,16 @@ def learn_prompt(train_masks: list[np.ndarray], mode: str, points_per_lung: int 
         points = (pix / np.asarray([w, h])).astype(np.float32)
         labels = np.ones(len(points), np.int32)
     return LearnedPrompt(mode=mode, points=points, labels=labels, box=box, points_per_lung=points_per_lung)
+
+
+def first_pass_prompt(prompt: LearnedPrompt) -> LearnedPrompt:
+    """The prompt of pass 1 when a box-prompted model predicts its own box: the learned points (if
+    any) with the mean-mask box (``auto-both`` / ``auto-box``). Raises ``ValueError`` for a model
+    trained without a box."""
+    if prompt.mode not in BOX_PROMPT_MODES or prompt.box is None:
+        raise ValueError("a box from a first pass needs a model prompted with a box (prompt "
+                         f"{', '.join(BOX_PROMPT_MODES)}); this one was trained with {prompt.mode!r}")
+    return replace(prompt, mode="auto-both" if prompt.uses_points else "auto-box")
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:

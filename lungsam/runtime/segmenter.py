@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import preprocess as pp
 from ..imageio import ImageReadError, LoadedImage, read_image
-from ..prompts import BOX_PROMPT_MODES, labelled_points, mask_box, model_prompt
+from ..prompts import BOX_PROMPT_MODES, first_pass_prompt, labelled_points, mask_box, model_prompt
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError
 
@@ -434,13 +434,16 @@ class LungSegmenter:
         mean-mask box when the mask is empty) goes to the model frame. Returns model-frame prompts.
         """
         s = (self.working_size, self.working_size)
-        first_mode = "auto-both" if self.prompt.uses_points else "auto-box"
-        coords, labels, mean_box = model_prompt(replace(self.prompt, mode=first_mode), self.spec, s)
+        coords, labels, mean_box = model_prompt(first_pass_prompt(self.prompt), self.spec, s)
         todo = [i for i, p in enumerate(prompts) if p is None]
         low, _ = self.decode(embeddings[todo], [labelled_points(coords, labels, mean_box)] * len(todo))
         out = list(prompts)
+        to_working: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # one input size per batch in practice
         for j, i in enumerate(todo):
-            ay, ax = pp.postprocess_matrices(self.spec, tuple(batch[i].input_hw), s)
+            hw = tuple(batch[i].input_hw)
+            if hw not in to_working:
+                to_working[hw] = pp.postprocess_matrices(self.spec, hw, s)
+            ay, ax = to_working[hw]
             mask = pp.sigmoid(ay @ low[j, 0] @ ax.T) > self.threshold
             box = mean_box if not mask.any() else pp.boxes_to_model(mask_box(mask), s, self.spec)
             out[i] = labelled_points(coords, labels, box)

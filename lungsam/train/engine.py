@@ -18,7 +18,7 @@ from segment_anything.modeling import Sam
 from ..metrics import f1_score, iou_score
 from ..modeling.decoder import decode
 from ..preprocess import PreprocessSpec, encoder_input, fractions_to_pixels, preprocess_shape
-from ..prompts import BOX_PROMPT_MODES, LearnedPrompt, mask_box, model_prompt, perturb_box
+from ..prompts import LearnedPrompt, first_pass_prompt, mask_box, model_prompt, perturb_box
 
 
 def pick_device(device: str) -> str:
@@ -117,10 +117,7 @@ def predict_with_first_pass_box(sam: Sam, embeddings: np.ndarray, prompt: Learne
     Returns:
         ``(probs (N, S, S) float32 of pass 2, number of images that kept the mean-mask box)``.
     """
-    if prompt.mode not in BOX_PROMPT_MODES or prompt.box is None:
-        raise ValueError("a box from a first pass needs a model prompted with a box (prompt "
-                         f"{', '.join(BOX_PROMPT_MODES)}); this one was trained with {prompt.mode!r}")
-    first_prompt = replace(prompt, mode="auto-both" if prompt.uses_points else "auto-box")
+    first_prompt = first_pass_prompt(prompt)
     first = predict_probabilities(sam, embeddings, [None] * len(embeddings), first_prompt, spec, size, device,
                                   batch_size, amp)
     x0, y0, x1, y1 = np.round(fractions_to_pixels(prompt.box.reshape(2, 2), (size, size)).reshape(4)).astype(int)

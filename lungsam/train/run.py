@@ -17,7 +17,7 @@ from ..backbones import build_backbone, get_backbone
 from ..data import Dataset, Sample, dataset_of, kfold_splits, load_dataset, pool
 from ..embeddings import EmbeddingCache, weights_fingerprint
 from ..metrics import summarize
-from ..prompts import learn_prompt
+from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
 from . import report
 from .config import TrainConfig
 from .engine import (DecoderTrainer, EncoderLoraTrainer, choose_threshold, pick_device, predict_probabilities,
@@ -434,7 +434,7 @@ def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str
                 samples: list[Sample], device: str, progress: bool, box_from_first_pass: bool = False
                 ) -> tuple[np.ndarray, list[float], list[float], dict]:
     """Probabilities ``(n, S, S)`` (S = ``cfg.size``), per-image F1/IoU of one model on ``samples``, and
-    what the report should say about the prompt (``{"box_source": ...}``).
+    the record's prompt fields (``prompt_uses_ground_truth``, ``box_source``, ``first_pass_empty``).
 
     ``box_from_first_pass``: the box comes from the model's own first mask, not from the ground truth
     (:func:`lungsam.train.engine.predict_with_first_pass_box`)."""
@@ -442,13 +442,14 @@ def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str
     masks = [s.mask for s in samples]
     if box_from_first_pass:
         probs, kept = predict_with_first_pass_box(sam.to(device), emb, prompt, spec, cfg.size, device, threshold)
-        notes = {"box_source": "first pass (learned prompt with the mean-mask box)", "uses_ground_truth": False,
+        notes = {"prompt_uses_ground_truth": False, "box_source": "first pass (learned prompt with the mean-mask box)",
                  "first_pass_empty": kept}
     else:
         probs = predict_probabilities(sam.to(device), emb, masks, prompt, spec, cfg.size, device)
-        notes = {"box_source": ("ground truth" if prompt.needs_ground_truth else
-                                "mean training mask" if prompt.box is not None and prompt.mode.startswith("auto")
-                                else None), "uses_ground_truth": prompt.needs_ground_truth}
+        notes = {"prompt_uses_ground_truth": prompt.needs_ground_truth,
+                 "box_source": ("ground truth" if prompt.needs_ground_truth else
+                                "mean training mask" if prompt.mode in AUTO_BOX_PROMPT_MODES else None),
+                 "first_pass_empty": None}
     f1, iou = score(probs, masks, threshold)
     return probs, f1, iou, notes
 
@@ -498,9 +499,7 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
                                             rm.encoder_fingerprint, samples, device, progress, box_from_first_pass)
         parts.append(ScoredPart(samples, probs, f1, iou, {
             "fold": rm.fold, "n": len(samples), "threshold": thr, "threshold_source": thr_src,
-            "prompt": rm.prompt.mode, "prompt_uses_ground_truth": notes["uses_ground_truth"],
-            "box_source": notes["box_source"], "first_pass_empty": notes.get("first_pass_empty"),
-            "learned_prompt": rm.prompt.to_dict(), "f1": summarize(f1), "iou": summarize(iou)}))
+            "prompt": rm.prompt.mode, **notes, "learned_prompt": rm.prompt.to_dict(), "f1": summarize(f1), "iou": summarize(iou)}))
     what = "each on its own held-out test images" if split == "test" else "on every image"
     name = (f"run {run_dir}, fold{'s' if len(parts) > 1 else ''} {', '.join(str(p.record['fold']) for p in parts)} "
             f"({rm.backbone}, {rm.prompt.mode}) {what}")
@@ -559,8 +558,7 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
                                             box_from_first_pass)
         parts = [ScoredPart(data.samples, probs, f1, iou, {
             "fold": None, "n": len(data.samples), "threshold": thr, "threshold_source": thr_src, "prompt": prompt.mode,
-            "prompt_uses_ground_truth": notes["uses_ground_truth"], "box_source": notes["box_source"],
-            "first_pass_empty": notes.get("first_pass_empty"), "learned_prompt": prompt.to_dict(),
+            **notes, "learned_prompt": prompt.to_dict(),
             "f1": summarize(f1), "iou": summarize(iou)})]
     f1 = [x for p in parts for x in p.f1]
     iou = [x for p in parts for x in p.iou]
