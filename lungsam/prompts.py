@@ -152,6 +152,20 @@ def mask_box(mask: np.ndarray) -> np.ndarray:
     return np.asarray([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
 
 
+def first_pass_box(mask: np.ndarray, fallback: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Pass 2's box when a box-prompted model predicts its own box.
+
+    Args:
+        mask: ``(S, S)`` bool, pass 1's mask in the working frame.
+        fallback: ``(4,)`` float32 model-frame box used when ``mask`` is empty (the mean-mask box).
+    Returns:
+        ``(4,)`` float32 ``x0, y0, x1, y1`` in the model frame: the bounding box of ``mask``.
+    """
+    if not mask.any():
+        return fallback
+    return boxes_to_model(mask_box(mask), mask.shape, spec)
+
+
 def perturb_box(box: np.ndarray, hw: tuple[int, int], rng: np.random.Generator, max_frac: float = 0.05) -> np.ndarray:
     """Shift each side of a pixel box by up to ``max_frac`` of the box's width/height (uniform),
     clipped to the image."""

@@ -372,6 +372,27 @@ def test_bench_tiny_bundle_end_to_end(tiny_bench, tiny_run):
     assert "x torch fp32 eager" in stdout
 
 
+def test_bench_times_the_first_pass_box_on_every_backend(tiny_both_bundle, tmp_path):
+    """A ``both`` bundle exported with --box-from-first-pass: torch and onnxruntime both run two decoder calls
+    without ground truth, and agree with each other."""
+    from lungsam.benchmarks.bench import FIRST_PASS_MODE, run_bench
+
+    run, bundle = tiny_both_bundle
+    res = run_bench(bundle, tmp_path / "b", backends=["torch", "onnxruntime"], precisions=["fp32"], warmup=1,
+                    repeats=1, limit=3, batches=[1, 2], threads=1, progress=False, log=lambda m: None)
+    assert schema.validate_results(res) == []
+    assert res["bundle"]["box_source"].startswith("first pass")
+    by = {r["backend"]: r for r in res["results"]}
+    assert by["torch"]["status"] == "ok" and by["torch"]["mode"] == "eager"  # still the reference (ratios below)
+    assert by["onnxruntime"]["status"] == "ok" and by["onnxruntime"]["mode"] == FIRST_PASS_MODE
+    assert by["onnxruntime"]["vs_reference"]["end_to_end_p50"] > 0
+    assert by["onnxruntime"]["parity"]["mask_f1"]["min"] >= 0.98
+    assert "first pass" in (tmp_path / "b" / "results.md").read_text()
+    gt = run_bench(bundle, tmp_path / "g", backends=["onnxruntime"], precisions=["fp32"], warmup=0, repeats=1, limit=2,
+                   threads=1, progress=False, log=lambda m: None, box_from_first_pass=False, data_dir=None)
+    assert gt["bundle"]["box_source"] == "ground truth" and gt["results"][0]["mode"] != FIRST_PASS_MODE
+
+
 def test_bench_compare_prints_ratios(tiny_bench, tiny_bundle, tmp_path):
     from click.testing import CliRunner
 

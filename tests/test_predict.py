@@ -331,22 +331,23 @@ def test_predict_cli_runs_without_torch(tiny_bundle, tmp_path):
 # a box from the model's own first pass (a `both` bundle without annotations)
 # ---------------------------------------------------------------------------------------------
 
-def test_box_from_first_pass_matches_training_code_and_needs_no_box(tmp_path, tiny_bundle):
+def test_box_from_first_pass_matches_training_code_and_needs_no_box(tmp_path, tiny_both_bundle, tiny_bundle):
+    from lungsam.artifacts import read_json
     from lungsam.data import DEMO_DATA, load_dataset
-    from lungsam.export.bundle import export_bundle
     from lungsam.runs import load_run
     from lungsam.runtime import BundleError, PromptRequiredError
     from lungsam.train.config import TrainConfig
-    from lungsam.train.run import score_model, train_run
+    from lungsam.train.run import score_model
 
-    run = tmp_path / "both"
-    train_run(TrainConfig(backbone="tiny", prompt="both", folds=1, epochs=2, lr=1e-3), run,
-              log=lambda m: None, progress=False)
-    export_bundle(run, tmp_path / "bundle", fp16=False, trt=False, parity_images=2, log=lambda m: None)
-    with pytest.raises(PromptRequiredError):
-        LungSegmenter.load(tmp_path / "bundle", threads=1).segment(demo_images(1)[0])
-    seg2 = LungSegmenter.load(tmp_path / "bundle", threads=1, box_from_first_pass=True)
-    assert not seg2.needs_box and not seg2.uses_fixed_decoder
+    run, bundle = tiny_both_bundle
+    inference = read_json(bundle / "manifest.json")["inference"]
+    assert inference["box_from_first_pass"] is True  # exported with --box-from-first-pass: the bundle's default
+    check = inference["first_pass_check"]
+    assert check["n"] == 2 and 0.0 <= check["f1"]["min"] <= check["f1"]["mean"] <= 1.0
+    with pytest.raises(PromptRequiredError):  # the caller can still ask for ground-truth boxes
+        LungSegmenter.load(bundle, threads=1, box_from_first_pass=False).segment(demo_images(1)[0])
+    seg2 = LungSegmenter.load(bundle, threads=1)
+    assert seg2.box_from_first_pass and not seg2.needs_box and not seg2.uses_fixed_decoder
     samples = load_dataset(DEMO_DATA, 256).samples[:4]
     rm = load_run(run, 0)
     probs, *_ = score_model(rm.sam, rm.spec, rm.prompt, rm.threshold, TrainConfig(backbone="tiny", size=256), None,
@@ -356,11 +357,21 @@ def test_box_from_first_pass_matches_training_code_and_needs_no_box(tmp_path, ti
         assert r.prompt == "first-pass box"
         np.testing.assert_allclose(r.probability, p, atol=2e-3)
         assert f1_score(r.mask, p > rm.threshold) > 0.99
-    out = CliRunner().invoke(predict, [str(tmp_path / "bundle"), *map(str, demo_images(2)), "--out",
-                                       str(tmp_path / "pred"), "--box-from-first-pass", "--no-progress"])
+    out = CliRunner().invoke(predict, [str(bundle), *map(str, demo_images(2)), "--out", str(tmp_path / "pred"),
+                                       "--no-progress"])
     assert out.exit_code == 0, out.output
     assert "box from the first pass" in out.output
-    out = CliRunner().invoke(predict, [str(tmp_path / "bundle"), str(demo_images(1)[0]), "--out", str(tmp_path / "p2")])
+    out = CliRunner().invoke(predict, [str(bundle), str(demo_images(1)[0]), "--out", str(tmp_path / "p2"),
+                                       "--no-box-from-first-pass"])
     assert out.exit_code != 0 and "--box-from-first-pass" in out.output
     with pytest.raises(BundleError, match="prompted with a box"):
         LungSegmenter.load(tiny_bundle, box_from_first_pass=True)
+    assert read_json(tiny_bundle / "manifest.json")["inference"] == {"box_from_first_pass": False}
+
+
+def test_export_refuses_first_pass_for_a_points_run(tiny_run, tmp_path):
+    from lungsam.export.bundle import ExportError, export_bundle
+
+    with pytest.raises(ExportError, match="box prompt"):
+        export_bundle(tiny_run, tmp_path / "b", box_from_first_pass=True, parity_images=1, log=lambda m: None)
+    assert not (tmp_path / "b").exists()

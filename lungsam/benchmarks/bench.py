@@ -40,6 +40,7 @@ from .stats import (LATENCY_KEYS, StageTimer, ThreadMap, default_preprocess_thre
                     stage_breakdown, throughput_summary)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+FIRST_PASS_MODE = "first-pass box: two decoder calls"
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -160,18 +161,20 @@ def make_plan(backends: list[str], precisions: list[str], device: str, bundle) -
 class RuntimeBackend:
     """:class:`lungsam.runtime.LungSegmenter` in the bench's four-stage interface."""
 
-    def __init__(self, bundle, backend: str, device: str, precision: str, threads: int | None):
+    def __init__(self, bundle, backend: str, device: str, precision: str, threads: int | None,
+                 box_from_first_pass: bool = False):
         from ..runtime.backends import BackendUnavailableError
         from ..runtime.segmenter import LungSegmenter
 
         try:
             self.seg = LungSegmenter.load(bundle, backend=backend, device=device, precision=precision,
-                                          allow_fallback=False, threads=threads)
+                                          allow_fallback=False, threads=threads, box_from_first_pass=box_from_first_pass)
         except BackendUnavailableError as e:
             raise Skip(str(e)) from e
         d = self.seg.describe()
         self.providers = sorted({p for ps in d["providers"].values() for p in ps})
-        self.mode = "fixed-prompt decoder" if "decoder_fixed" in self.seg._models and not self.seg.needs_box else None
+        self.mode = (FIRST_PASS_MODE if box_from_first_pass else
+                     "fixed-prompt decoder" if self.seg.uses_fixed_decoder else None)
         self.notes: list[str] = list(d["fallbacks"])
         self._map = ThreadMap()
 
@@ -193,6 +196,8 @@ class RuntimeBackend:
 
     def decode(self, enc):
         prepared, emb, prompts = enc
+        if self.seg.box_from_first_pass:  # two decoder calls: the box of the model's own first mask
+            prompts = self.seg.first_pass_prompts(emb, prepared, [None] * len(prepared))
         low, _ = self.seg.decode(emb, prompts)
         return prepared, low
 
@@ -208,7 +213,7 @@ class RuntimeBackend:
         self.seg = None
 
 
-def open_backend(plan: Plan, bundle, run_model, device: str, threads: int | None):
+def open_backend(plan: Plan, bundle, run_model, device: str, threads: int | None, box_from_first_pass: bool = False):
     if plan.backend == "torch":
         from .torch_backend import TorchBackend, TorchUnavailable
 
@@ -217,10 +222,10 @@ def open_backend(plan: Plan, bundle, run_model, device: str, threads: int | None
         try:
             return TorchBackend(run_model.sam, run_model.spec, run_model.prompt, run_model.threshold,
                                 run_model.working_size, device=device, precision=plan.precision,
-                                mode=plan.mode or "eager", threads=threads)
+                                mode=plan.mode or "eager", threads=threads, first_pass=box_from_first_pass)
         except TorchUnavailable as e:
             raise Skip(str(e)) from e
-    return RuntimeBackend(bundle, plan.backend, device, plan.precision, threads)
+    return RuntimeBackend(bundle, plan.backend, device, plan.precision, threads, box_from_first_pass)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +405,7 @@ def parity(outputs: Outputs, ref: Outputs) -> dict:
 
 def bench_one(plan: Plan, bundle, run_model, data: Images, device: str, batches: list[int], warmup: int,
               repeats: int, threads: int | None, ref: Outputs | None, log: Callable[[str], None],
-              progress: bool = True) -> tuple[dict, Outputs | None]:
+              progress: bool = True, box_from_first_pass: bool = False) -> tuple[dict, Outputs | None]:
     rec: dict[str, Any] = {"backend": plan.backend, "precision": plan.precision, "device": device,
                            "status": "skipped", "reason": plan.skip, "mode": plan.mode}
     if plan.skip:
@@ -409,7 +414,7 @@ def bench_one(plan: Plan, bundle, run_model, data: Images, device: str, batches:
     try:
         with MemorySampler(device) as mem:
             t0 = time.perf_counter()
-            be = open_backend(plan, bundle, run_model, device, threads)
+            be = open_backend(plan, bundle, run_model, device, threads, box_from_first_pass)
             be.label = f"{plan.backend} {plan.precision}"
             rec["setup_s"] = time.perf_counter() - t0
             rec["mode"] = getattr(be, "mode", None) or plan.mode
@@ -471,9 +476,16 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
               backends: list[str] | None = None, precisions: list[str] | None = None, device: str = "cpu",
               batches: list[int] | None = None, warmup: int = 2, repeats: int = 3, limit: int | None = None,
               threads: int | None = None, compare_path: str | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict:
-    """Benchmark a bundle; writes ``results.json``, ``results.md`` and ``latency.png`` to ``out_dir``."""
+              box_from_first_pass: bool | None = None, log: Callable[[str], None] = print) -> dict:
+    """Benchmark a bundle; writes ``results.json``, ``results.md`` and ``latency.png`` to ``out_dir``.
+
+    ``box_from_first_pass`` (bundles prompted with a box): every backend takes each image's box from the
+    model's own first mask (two decoder calls, timed together in the decoder stage); ``None``: the bundle's
+    default (``manifest["inference"]``). Otherwise ``box``/``both`` bundles get the ground-truth box.
+    """
+    from ..prompts import BOX_PROMPT_MODES
     from ..runtime.bundle import Bundle
+    from ..runtime.segmenter import bundle_box_from_first_pass
 
     t_start = time.perf_counter()
     backends = backends or list(BACKENDS)
@@ -485,6 +497,11 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
         raise BenchError("batch sizes must be >= 1")
     bundle = Bundle.load(bundle_dir, verify=True)
     manifest = bundle.manifest
+    if box_from_first_pass is None:
+        box_from_first_pass = bundle_box_from_first_pass(bundle)
+    if box_from_first_pass and bundle.prompt.mode not in BOX_PROMPT_MODES:
+        raise BenchError(f"a box from a first pass needs a bundle prompted with a box ({', '.join(BOX_PROMPT_MODES)});"
+                         f" this one has prompt {bundle.prompt.mode!r}")
 
     rec_run, rec_fold = bundle_run(manifest)
     run_path = run_dir or rec_run
@@ -512,7 +529,7 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
     results, ref = [], None
     for plan in plans:
         r, outputs = bench_one(plan, bundle, run_model, data, device, batches, warmup, repeats, threads, ref, log,
-                               progress)
+                               progress, box_from_first_pass)
         if (plan.backend, plan.precision, plan.mode) == ("torch", "fp32", "eager") and outputs is not None:
             ref = outputs
             r["parity"] = parity(outputs, outputs)
@@ -531,6 +548,9 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
         "bundle": {"path": str(Path(bundle_dir).resolve()), "backbone": str(manifest.get("backbone")),
                    "working_size": bundle.working_size, "img_size": bundle.spec.img_size,
                    "prompt": bundle.prompt.mode, "threshold": bundle.threshold,
+                   "box_source": ("first pass (the model's own first mask)" if box_from_first_pass else
+                                  "ground truth" if bundle.prompt.needs_ground_truth else
+                                  "mean-mask box" if bundle.prompt.mode in BOX_PROMPT_MODES else None),
                    "run": None if run_path is None else str(run_path), "fold": rec_fold},
         "data": {"source": data.source, "n_images": len(data.ids), "ids": data.ids},
         "settings": {"device": device, "backends": backends, "precisions": precisions, "batches": batches,
@@ -583,7 +603,7 @@ def summary_line(r: dict) -> str:
 
 
 def run_bench_cli(*, bundle, data_dir, out_dir, backends, precisions, device, batches, warmup, repeats, limit,
-                  compare_path, threads, run_dir=None) -> None:
+                  compare_path, threads, run_dir=None, box_from_first_pass=None) -> None:
     import click
 
     from ..data import DataError
@@ -593,7 +613,8 @@ def run_bench_cli(*, bundle, data_dir, out_dir, backends, precisions, device, ba
     try:
         res = run_bench(bundle, out_dir, data_dir=data_dir, run_dir=run_dir, backends=backends, precisions=precisions,
                         device=device, batches=batches, warmup=warmup, repeats=repeats, limit=limit, threads=threads,
-                        compare_path=compare_path, log=lambda m: click.echo(m, err=True))
+                        compare_path=compare_path, box_from_first_pass=box_from_first_pass,
+                        log=lambda m: click.echo(m, err=True))
     except (BenchError, BundleError, RunError, DataError) as e:
         raise click.ClickException(str(e)) from e
     for r in res["results"]:

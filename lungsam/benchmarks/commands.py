@@ -51,8 +51,11 @@ def _ints(value: str | None) -> list[int] | None:
 @click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="The training run behind the torch reference (default: the run recorded in the bundle); "
                    "with --sweep: the run whose tuned decoder and prompt are used (instead of BUNDLE).")
+@click.option("--box-from-first-pass/--no-box-from-first-pass", default=None,
+              help="Bundles prompted with a box: every backend takes each image's box from the model's own first "
+                   "mask (two decoder calls, no ground truth). Default: what the bundle was exported with.")
 def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warmup, repeats, limit, compare_path,
-          threads, sweep, sizes, sweep_backbones, run_dir) -> None:
+          threads, sweep, sizes, sweep_backbones, run_dir, box_from_first_pass) -> None:
     """Parity and latency of a BUNDLE across backends and precisions (writes results.json/.md/latency.png)."""
     if sweep:
         from .sweep import run_sweep_cli
@@ -68,7 +71,8 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
 
     run_bench_cli(bundle=bundle, data_dir=data_dir, out_dir=out_dir, backends=_csv(backends),
                   precisions=_csv(precisions), device=device, batches=_ints(batches), warmup=warmup,
-                  repeats=repeats, limit=limit, compare_path=compare_path, threads=threads, run_dir=run_dir)
+                  repeats=repeats, limit=limit, compare_path=compare_path, threads=threads, run_dir=run_dir,
+                  box_from_first_pass=box_from_first_pass)
 
 
 @click.command("bench-train")

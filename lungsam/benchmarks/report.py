@@ -82,7 +82,8 @@ def markdown_report(results: dict, compare_lines: list[str] | None = None) -> st
         f"- machine: {describe_machine(results['machine'])}",
         f"- versions: {vers}",
         f"- data: {d['source']}, {d['n_images']} images at the working resolution {b['working_size']}x{b['working_size']}"
-        f" (encoder input {b['img_size']}), prompt `{b['prompt']}`, threshold {b['threshold']:.2f}",
+        f" (encoder input {b['img_size']}), prompt `{b['prompt']}`"
+        + (f" (box: {b['box_source']})" if b.get("box_source") else "") + f", threshold {b['threshold']:.2f}",
         f"- settings: device {s['device']}, batches {s['batches']}, warm-up {s['warmup']}, repeats {s['repeats']}, "
         f"threads {s['threads'] if s['threads'] else 'default'}, batch preprocessing in "
         f"{s.get('preprocess_threads', 1)} host threads",

@@ -78,6 +78,7 @@ RESULTS_SCHEMA = {
                                   "working_size": {"type": "integer", "minimum": 1},
                                   "img_size": {"type": "integer", "minimum": 1}, "prompt": {"type": "string"},
                                   "threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                                  "box_source": STR_OR_NULL,
                                   "run": STR_OR_NULL, "fold": {"type": ["integer", "null"]}}},
         "data": {"type": "object", "required": ["source", "n_images", "ids"],
                  "properties": {"source": {"type": "string"}, "n_images": {"type": "integer", "minimum": 1},

@@ -25,7 +25,7 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 from ..modeling.decoder import decode, decode_embedded, encode_prompts
 from ..modeling.tiny_vit import PatchMerging, TinyViT, TinyViTBlock
 from ..preprocess import PreprocessSpec, encoder_input, preprocess_shape
-from ..prompts import LearnedPrompt, mask_box, model_prompt
+from ..prompts import LearnedPrompt, first_pass_box, first_pass_prompt, mask_box, model_prompt
 from .stats import ThreadMap
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -103,13 +103,18 @@ class TorchBackend:
     Modes: ``eager`` (FP32, or autocast to FP16/BF16 on GPU) and ``cuda_graph`` (encoder and decoder
     each captured once per batch size and replayed; GPU only). Postprocessing is SAM's own
     ``Sam.postprocess_masks`` followed by ``sigmoid > threshold`` (what ``lungsam eval`` does).
+
+    ``first_pass`` (a model prompted with a box): the decoder stage runs twice, as
+    ``lungsam eval --box-from-first-pass`` and the runtime do: pass 1 with the learned points and the
+    mean-mask box, pass 2 with the bounding box of pass 1's working-frame mask (the mean-mask box when
+    that mask is empty). No ground truth is used.
     """
 
     backend = "torch"
 
     def __init__(self, sam: Sam, spec: PreprocessSpec, prompt: LearnedPrompt, threshold: float, working_size: int,
                  device: str = "cpu", precision: str = "fp32", mode: str = "eager", threads: int | None = None,
-                 preprocess_threads: int | None = None):
+                 preprocess_threads: int | None = None, first_pass: bool = False):
         check_torch_available(device, precision)
         if mode == "cuda_graph" and device != "cuda":
             raise TorchUnavailable("CUDA graphs need --device cuda")
@@ -117,7 +122,10 @@ class TorchBackend:
             torch.set_num_threads(int(threads))
         self.device, self.precision, self.mode = device, precision, mode
         self.sam = sam.to(device).eval()
-        self.spec, self.prompt, self.threshold, self.size = spec, prompt, float(threshold), int(working_size)
+        self.spec, self.threshold, self.size = spec, float(threshold), int(working_size)
+        self.first_pass = first_pass
+        # the prompt fed by the preprocess stage: pass 1's (learned points + mean-mask box) with first_pass
+        self.prompt = first_pass_prompt(prompt) if first_pass else prompt
         self.input_hw = preprocess_shape(self.size, self.size, spec.img_size)
         self.providers = [f"torch {torch.__version__} ({device})"]
         self.notes: list[str] = []
@@ -191,16 +199,38 @@ class TorchBackend:
     @torch.inference_mode()
     def decode(self, enc):
         if "graph" in enc:
-            g = enc["graph"]
-            if self.prompt.needs_ground_truth:  # boxes change per image: refresh the static prompt embeddings
-                sparse, dense = self._embed_prompts(enc["prompts"], g["sparse"].shape[0])
-                g["sparse"].copy_(sparse)
-                g["dense"].copy_(dense)
-            g["dec"].replay()
-            return g["low"]
+            return self._decode_graph(enc["graph"], enc["prompts"])
         with self._autocast():
             low, _ = decode(self.sam, enc["emb"], *enc["prompts"])
+            if self.first_pass:
+                coords, labels, _ = enc["prompts"]
+                low, _ = decode(self.sam, enc["emb"], coords, labels, self._first_pass_boxes(low, enc["prompts"]))
         return low
+
+    def _decode_graph(self, g: dict, prompts):
+        """Replay the captured decoder; boxes that change per image refresh its static prompt embeddings."""
+        b = g["sparse"].shape[0]
+        if self.prompt.needs_ground_truth or self.first_pass:
+            sparse, dense = self._embed_prompts(prompts, b)
+            g["sparse"].copy_(sparse)
+            g["dense"].copy_(dense)
+        g["dec"].replay()
+        if not self.first_pass:
+            return g["low"]
+        boxes = self._first_pass_boxes(g["low"], prompts)
+        sparse, dense = self._embed_prompts((prompts[0], prompts[1], boxes), b)
+        g["sparse"].copy_(sparse)
+        g["dense"].copy_(dense)
+        g["dec"].replay()
+        return g["low"]
+
+    def _first_pass_boxes(self, low: torch.Tensor, prompts) -> torch.Tensor:
+        """Pass 2's model-frame boxes ``(B, 4)`` from pass 1's low-res logits ``(B, 1, L, L)``: the bounding
+        box of each working-frame mask (``sigmoid > threshold``), or pass 1's mean-mask box when empty."""
+        masks = self.postprocess(low)
+        mean_box = prompts[2][0].cpu().numpy()
+        boxes = np.stack([first_pass_box(m, mean_box, self.spec) for m in masks])
+        return torch.from_numpy(boxes).to(self.device)
 
     def _embed_prompts(self, prompts, batch: int):
         """Prompt embeddings, eagerly: SAM's point embedding indexes with boolean masks (a host sync),

@@ -163,8 +163,34 @@ def _run_record(run_model, run_dir: Path) -> dict:
             "metrics": read_json(run_metrics) if run_metrics.exists() else None}
 
 
+def first_pass_check(bundle_dir: Path, cases: list, log: Log) -> dict:
+    """Score the bundle's two-pass path (box from its own first mask) on the parity images.
+
+    Runs :class:`lungsam.runtime.LungSegmenter` (onnxruntime CPU, FP32, ``box_from_first_pass=True``) on
+    each case's working image, so the figures are those of the code a deployment runs; the decoder graph
+    itself is already gated by the parity check. Returns F1/IoU summaries against ground truth.
+    """
+    from ..metrics import f1_score, iou_score, summarize
+    from ..runtime.segmenter import LungSegmenter
+
+    seg = LungSegmenter.load(bundle_dir, backend="onnxruntime", device="cpu", precision="fp32",
+                             box_from_first_pass=True)
+    f1, iou, t0 = [], [], time.perf_counter()
+    for c in cases:
+        r = seg.segment(c.image)
+        f1.append(f1_score(r.mask, c.mask))
+        iou.append(iou_score(r.mask, c.mask))
+    out = {"n": len(cases), "f1": summarize(f1), "iou": summarize(iou), "backend": "onnxruntime CPU fp32",
+           "seconds": time.perf_counter() - t0,
+           "what": "lungsam.runtime two-pass path: pass 1 learned points + mean-mask box, pass 2 the box of "
+                   "pass 1's mask (sigmoid > threshold, working frame); no ground truth given"}
+    log(f"first-pass box check (onnxruntime fp32, {len(cases)} images): F1 {out['f1']['mean']:.4f} "
+        f"(min {out['f1']['min']:.4f}), IoU {out['iou']['mean']:.4f}, no box given")
+    return out
+
+
 def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: dict, engines: dict,
-                   parity: dict, opset: int) -> dict:
+                   parity: dict, opset: int, box_from_first_pass: bool = False) -> dict:
     """The manifest (docs/DEVELOPING.md); ``files`` covers everything already in ``tmp``."""
     from .onnx_export import io_signature
 
@@ -176,6 +202,7 @@ def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: d
         "working_size": run_model.working_size,
         "prompt": run_model.prompt.to_dict(),
         "threshold": run_model.threshold,
+        "inference": {"box_from_first_pass": box_from_first_pass},
         "opset": opset,
         "precisions": sorted({p for m in models.values() for p in m}),
         "models": {name: {prec: {"file": files[0].name, "files": [f.name for f in files], **io_signature(files[0])}
@@ -204,7 +231,7 @@ def _make_readable(folder: Path) -> None:
 def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt: bool = False, opset: int = 17,
                   fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
                   parity_images: int | None = None, data_dir: str | None = None, max_batch: int = 8,
-                  log: Log = print) -> ExportResult:
+                  box_from_first_pass: bool = False, log: Log = print) -> ExportResult:
     """Export a trained run to a bundle at ``out``.
 
     Steps: load the run (:func:`lungsam.runs.load_run`); write ONNX FP32 (+FP16 with ``fp16`` or ``trt``)
@@ -212,6 +239,10 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, t
     with torch on held-out images; if each one's mean mask agreement reaches ``min_agreement``, write
     ``manifest.json`` and rename the folder to ``out``. Otherwise nothing is left behind and
     :class:`ParityGateError` carries the figures.
+
+    ``box_from_first_pass`` (models prompted with a box): the bundle's default inference takes each image's
+    box from the model's own first mask (``manifest["inference"]``); its accuracy on the parity images,
+    through the runtime, is measured and recorded in ``manifest["inference"]["first_pass_check"]``.
     """
     from ..runs import RunError, load_run
 
@@ -228,7 +259,12 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, t
         run_model = load_run(run_dir, fold, checkpoint)
     except RunError as e:
         raise ExportError(str(e)) from None
+    from ..prompts import BOX_PROMPT_MODES
     from .parity import format_table, gate, make_cases
+
+    if box_from_first_pass and run_model.prompt.mode not in BOX_PROMPT_MODES:
+        raise ExportError(f"--box-from-first-pass needs a run trained with a box prompt ({', '.join(BOX_PROMPT_MODES)});"
+                          f" {run_dir} was trained with {run_model.prompt.mode!r}")
 
     samples, source = parity_samples(run_model, data_dir, parity_images)
     cases = make_cases(samples, run_model.prompt, run_model.spec)
@@ -250,8 +286,12 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, t
         if failed:
             raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement below "
                                   f"{min_agreement}; nothing was written to {out}", table, parity)
-        manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opset)
+        manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opset,
+                                  box_from_first_pass)
         write_json_atomic(tmp / "manifest.json", manifest)
+        if box_from_first_pass:  # manifest.json is not among the files it hashes: rewriting it is safe
+            manifest["inference"]["first_pass_check"] = first_pass_check(tmp, cases, log)
+            write_json_atomic(tmp / "manifest.json", manifest)
         _make_readable(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -24,8 +24,13 @@ import click
               help="Data set folder for the parity check (default: the run's data, fold's test split).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Largest batch of the TensorRT optimisation profiles.")
+@click.option("--box-from-first-pass", is_flag=True,
+              help="Runs trained with a box prompt (box, both, auto-box, auto-both): make the bundle take each image's "
+                   "box from the model's own first mask by default (no annotation needed), and measure that path "
+                   "on the parity images.")
 def export(run_dir: str, out: str, fp16: bool, trt: bool, opset: int, fold: int | None, checkpoint: str | None,
-           min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int) -> None:
+           min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
+           box_from_first_pass: bool) -> None:
     """Export RUN's tuned model to a bundle checked against torch on held-out images.
 
     The bundle is built in a temporary folder and moved to --out only when the parity gate passes.
@@ -43,7 +48,8 @@ def export(run_dir: str, out: str, fp16: bool, trt: bool, opset: int, fold: int 
     try:
         result = export_bundle(run_dir, out, fp16=fp16, trt=trt, opset=opset, fold=fold, checkpoint=checkpoint,
                                min_agreement=min_agreement, parity_images=parity_images, data_dir=data_dir,
-                               max_batch=max_batch, log=lambda m: click.echo(m, err=True))
+                               max_batch=max_batch, box_from_first_pass=box_from_first_pass,
+                               log=lambda m: click.echo(m, err=True))
     except ParityGateError as e:
         click.echo(e.table, err=True)
         raise click.ClickException(str(e)) from None

@@ -20,13 +20,14 @@ import click
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per model call.")
 @click.option("--ground-truth", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
               help="Folder of reference masks named like the inputs: adds F1/IoU per image and metrics.json.")
-@click.option("--box-from-first-pass", is_flag=True,
+@click.option("--box-from-first-pass/--no-box-from-first-pass", default=None,
               help="Bundles prompted with a box: take each image's box from the model's own first mask "
-                   "(two decoder passes), so a `both` bundle needs no annotation.")
+                   "(two decoder passes), so a `both` bundle needs no annotation. Default: what the bundle was "
+                   "exported with (lungsam export --box-from-first-pass).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, backend: str, device: str,
             precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
-            box_from_first_pass: bool, no_progress: bool) -> None:
+            box_from_first_pass: bool | None, no_progress: bool) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -56,7 +57,8 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
         raise click.ClickException(
             f"bundle {bundle} was trained with prompt mode {seg.prompt.mode!r}, which needs a ground-truth lung box "
             "for every image; `lungsam predict` has no boxes: add --box-from-first-pass (the model's own first mask "
-            "gives the box), use a bundle trained with --prompt points, auto-box or auto-both, or the Python API "
+            "gives the box; `lungsam export --box-from-first-pass` makes it the bundle's default), use a bundle "
+            "trained with --prompt points, auto-box or auto-both, or the Python API "
             "(LungSegmenter.segment(image, box=...))")
     n = len(list_inputs(list(inputs)))
     if n == 0:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import preprocess as pp
 from ..imageio import ImageReadError, LoadedImage, read_image
-from ..prompts import BOX_PROMPT_MODES, first_pass_prompt, labelled_points, mask_box, model_prompt
+from ..prompts import BOX_PROMPT_MODES, first_pass_box, first_pass_prompt, labelled_points, model_prompt
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError
 
@@ -116,6 +116,11 @@ def _as_prompt_dict(p: Any) -> dict:
     return dict(p) if p else {}
 
 
+def bundle_box_from_first_pass(bundle: Bundle) -> bool:
+    """Whether ``bundle`` was exported to take its box from a first pass (``manifest["inference"]``)."""
+    return bool((bundle.manifest.get("inference") or {}).get("box_from_first_pass", False))
+
+
 class LungSegmenter:
     """Segments lungs with an exported bundle; no torch.
 
@@ -144,7 +149,7 @@ class LungSegmenter:
     @classmethod
     def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
              allow_fallback: bool = False, threads: int | None = None,
-             box_from_first_pass: bool = False) -> "LungSegmenter":
+             box_from_first_pass: bool | None = None) -> "LungSegmenter":
         """Open a bundle (verifying every file's sha256) with the requested backend.
 
         Args:
@@ -158,6 +163,8 @@ class LungSegmenter:
             box_from_first_pass: for a bundle prompted with a box (``box``, ``both``, ``auto-box``,
                 ``auto-both``), take each image's box from the model's own first mask (learned points +
                 the mean-mask box, then the box of that mask): a ``both`` bundle then needs no box.
+                ``None``: what the bundle was exported with (``lungsam export --box-from-first-pass``
+                records it as ``manifest["inference"]["box_from_first_pass"]``; absent = ``False``).
         Raises:
             BundleError / BundleIntegrityError: not a bundle, or a listed file missing or changed.
             BackendUnavailableError: the backend/device/precision is not available and no fallback allowed.
@@ -175,6 +182,8 @@ class LungSegmenter:
             if set(m.input_names) != set(want_in) or not set(want_out) <= set(m.output_names):
                 raise BundleError(f"bundle {b.root}: {n} has inputs {m.input_names} / outputs {m.output_names}, "
                                   f"expected {want_in} / {want_out}")
+        if box_from_first_pass is None:
+            box_from_first_pass = bundle_box_from_first_pass(b)
         return cls(b, models, choice, threads, box_from_first_pass)
 
     @property
@@ -445,8 +454,7 @@ class LungSegmenter:
                 to_working[hw] = pp.postprocess_matrices(self.spec, hw, s)
             ay, ax = to_working[hw]
             mask = pp.sigmoid(ay @ low[j, 0] @ ax.T) > self.threshold
-            box = mean_box if not mask.any() else pp.boxes_to_model(mask_box(mask), s, self.spec)
-            out[i] = labelled_points(coords, labels, box)
+            out[i] = labelled_points(coords, labels, first_pass_box(mask, mean_box, self.spec))
         return out
 
     def segment_many(self, sources: Iterable[ImageSource], *, batch_size: int = 1, prefetch: int = 2,
