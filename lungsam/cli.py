@@ -8,7 +8,7 @@ from .benchmarks.commands import bench, bench_train
 from .export.commands import export
 from .runtime.commands import predict
 from .reproduce.commands import reproduce
-from .train.commands import compare, eval_cmd, train, weights
+from .train.commands import compare, eval_cmd, train, train_unet, weights
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,5 +17,5 @@ def main() -> None:
     """Segment Anything for lung segmentation in chest X-rays: train, export, predict, bench."""
 
 
-for _cmd in (train, eval_cmd, compare, weights, reproduce, export, predict, bench, bench_train):
+for _cmd in (train, train_unet, eval_cmd, compare, weights, reproduce, export, predict, bench, bench_train):
     main.add_command(_cmd)

@@ -47,6 +47,8 @@ def test_tables_md_has_tables_1_to_9_with_paper_numbers(reproduced):
     assert md.count("_Command: `lungsam reproduce --data-root") >= 10  # every table states its provenance
     assert "machine:" in md and "time taken:" in md
     assert "split 0's training part" in md  # the zero-shot prompt source is stated
+    unet_row = next(line for line in md.splitlines() if line.startswith("| U-Net (ours"))
+    assert "not run yet" not in unet_row and "points minus our U-Net" in md
 
 
 def test_results_json_schema(reproduced):
@@ -81,6 +83,11 @@ def test_results_json_schema(reproduced):
     # 2 encodes + 2x4 zero-shot + 2x2 grid + 2x4 prompts (points reuses its grid cell: same settings) + 2 cross
     assert kinds.count("encode") == 2 and kinds.count("zero-shot") == 8 and kinds.count("cross") == 2
     assert kinds.count("grid") == 4 and kinds.count("k-fold") == 8 and kinds.count("pooled") == 1
+    assert kinds.count("unet") == 2
+    for s in ("montgomery", "shenzhen"):
+        u = t["unet"][s]["ours_unet"]
+        assert u["out"].startswith(f"runs/{s}-n10/unet_k1_") and u["folds"] == 1 and u["parameters"] > 0
+        assert u["points_vs_unet"]["n"] == 2  # paired on the same 2 test images as the points run
     assert all(s["seconds"] >= 0 for s in res["steps"])
     shared = [s for s in res["steps"] if s["status"] != "ran"]
     assert [(s["kind"], s["status"].split(":")[0]) for s in shared] == [("k-fold", "shared with")] * 2

@@ -335,3 +335,53 @@ def test_held_out_samples_of_a_pooled_run_on_one_of_its_sets():
         held_out_samples(test, {"mc/a": 1, "sz/c": 3}, "run")  # mc given, mc/b missing
     with pytest.raises(RunError, match="none of its test images"):
         held_out_samples(test, {"other/x": 1}, "run")
+
+
+def test_unet_input_is_standardised_per_image():
+    from lungsam.train.unet import unet_input
+
+    rng = np.random.default_rng(0)
+    imgs = np.stack([rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), np.full((16, 16, 3), 7, np.uint8)])
+    x = unet_input(imgs)
+    assert x.shape == (2, 1, 16, 16) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0].mean(), 0, atol=1e-5)
+    np.testing.assert_allclose(x[0].std(), 1, atol=1e-4)
+    assert np.all(x[1] == 0)  # a flat image stays finite
+
+
+def test_unet_baseline_tests_the_sam_runs_images_and_compares_paired(tiny_run, tmp_path):
+    from lungsam.artifacts import read_json
+    from lungsam.train.compare import compare_runs
+    from lungsam.train.engine import score
+    from lungsam.train.unet import UNetConfig, load_unet, predict_unet, train_unet_run
+
+    out = tmp_path / "unet"
+    res = CliRunner().invoke(main, ["train-unet", "--folds", "1", "--epochs", "2", "--channels", "4,8,16",
+                                    "--res-units", "1", "--batch-size", "4", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "U-Net test F1" in res.output
+    fold = read_json(out / "folds" / "fold_0" / "metrics.json")
+    sam_split = read_json(tiny_run / "folds" / "fold_0" / "split.json")
+    assert {r["id"] for r in fold["per_image"]} == set(sam_split["test"])  # same --data/--folds/--seed: same images
+    assert fold["epochs_run"] == 2 and fold["threshold"] in UNetConfig().thresholds
+    for name in ("unet_best.safetensors", "history.csv", "learning_curve.png", "threshold_curve.png", "overlays.png"):
+        assert (out / "folds" / "fold_0" / name).exists(), name
+    run = read_json(out / "run.json")
+    assert run["format"] == "lungsam-unet-run/1" and run["config"]["channels"] == [4, 8, 16] and "finished" in run
+    # the saved model reproduces the recorded test scores
+    net, cfg = load_unet(out / "folds" / "fold_0" / "unet_best.safetensors")
+    assert cfg.channels == (4, 8, 16)
+    test = [s for s in load_dataset(DEMO_DATA, 256).samples if s.id in set(sam_split["test"])]
+    by_id = {s.id: s for s in test}
+    probs = predict_unet(net, np.stack([by_id[r["id"]].image for r in fold["per_image"]]), "cpu")
+    f1, _ = score(probs, [by_id[r["id"]].mask for r in fold["per_image"]], fold["threshold"])
+    np.testing.assert_allclose(f1, [r["f1"] for r in fold["per_image"]], atol=1e-6)
+    cmp = compare_runs([tiny_run, out])
+    assert cmp["n_images"] == len(sam_split["test"]) and "f1_vs_baseline" in cmp["runs"][1]
+    # finished folds are reused; other settings refuse to resume
+    again = train_unet_run(UNetConfig(folds=1, epochs=2, channels=(4, 8, 16), res_units=1, batch_size=4), out,
+                           resume=True, log=lambda m: None, progress=False)
+    assert again["aggregate"]["test_f1_pooled"]["mean"] == pytest.approx(fold["test"]["f1"]["mean"])
+    with pytest.raises(ValueError, match="lr"):
+        train_unet_run(UNetConfig(folds=1, epochs=2, channels=(4, 8, 16), res_units=1, batch_size=4, lr=1e-2), out,
+                       resume=True, log=lambda m: None, progress=False)

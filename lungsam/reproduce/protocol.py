@@ -11,6 +11,7 @@ Layout of ``OUT/<backbone>/``::
       <set>/train/<prompt>_lr.._wd.._k.._e../   lungsam.train.run.train_run(...) runs (grid and k-fold)
       cross/<A>_to_<B>/             evaluate(...) of A's point-prompt run on B
       pooled/points_lr.._wd.._k.._e../   one point-prompt model for both sets (train_run on MC+SZ pooled)
+      <set>/unet_k.._e../           the U-Net baseline on the same folds (lungsam.train.unet.train_unet_run)
 
 A step is skipped when its ``step.json`` holds the same settings; a killed training step is continued with
 ``train_run(..., resume=True)``; a step whose folder holds different settings is an error (never overwritten).
@@ -54,6 +55,7 @@ class Settings:
         epochs, patience: per training run.
         grid: ``[(lr, weight_decay)]`` cells tried on one 60/20/20 split per set (prompt ``points``).
         subset: per set, at most this many images (``None``: all), drawn with a seeded permutation.
+        unet: train the U-Net baseline (Table 9) on each set's folds.
     """
 
     data_root: str
@@ -70,6 +72,7 @@ class Settings:
     prompts: tuple[str, ...] = PROMPTS
     zero_shot_prompts: tuple[str, ...] = ZERO_SHOT_PROMPTS
     points_per_lung: int = 3
+    unet: bool = True
     size: int = 256
     batch_size: int = 8
     seed: int = 0
@@ -270,10 +273,10 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
                   {"backbone": st.backbone, "weights_sha256": wsha, "data": str(ds.path), "n": len(ds.ids),
                    "size": st.size}, encode)
 
-    zero, grid, best_hp, kfold, cross, pooled = {}, {}, {}, {}, {}, {}
+    zero, grid, best_hp, kfold, cross, pooled, unet = {}, {}, {}, {}, {}, {}, {}
 
     def write_tables(complete: bool) -> dict:
-        res = tables.collect(st, root, data, steps.records, zero, grid, best_hp, kfold, cross, pooled)
+        res = tables.collect(st, root, data, steps.records, zero, grid, best_hp, kfold, cross, pooled, unet)
         res.update({
             "format": "lungsam-reproduce/1", "complete": complete, "command": command or st.command(),
             "settings": st.to_dict(), "weights_sha256": wsha, "device": device,
@@ -360,6 +363,23 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
     lr, wd = pooled_hyperparameters(grid_val, st.grid)
     pooled["run"] = train(list(data.values()), "points", lr, wd, st.folds, "pooled")
     pooled["hp"] = (lr, wd)
+    write_tables(False)
+
+    # 7. the U-Net baseline (Table 9) on each set's folds: same splits, loss, optimiser and early stopping
+    if st.unet:
+        from ..train.unet import UNetConfig, train_unet_run
+
+        for name, ds in data.items():
+            ucfg = UNetConfig(data=[str(ds.path)], size=st.size, folds=st.folds, seed=st.seed, epochs=st.epochs,
+                              patience=st.patience, batch_size=st.batch_size, device=st.device)
+            o = runs / ds.tag / f"unet_k{st.folds}_e{st.epochs}"
+
+            def fn(o=o, ucfg=ucfg):
+                s = train_unet_run(ucfg, o, resume=(o / "run.json").exists(), log=qlog, progress=progress)
+                return {"test_f1": s["aggregate"]["test_f1_across_folds"], "folds": len(s["folds"])}
+            steps.run(f"unet {ds.tag} k={st.folds}", "unet", o, ucfg.comparable(), fn)
+            unet[name] = o
+            write_tables(False)
 
     return write_tables(True)
 

@@ -42,7 +42,7 @@ def _set_of(rec: dict, data: dict) -> str | None:
 
 
 def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: dict, best_hp: dict, kfold: dict,
-            cross: dict, pooled: dict | None = None) -> dict:
+            cross: dict, pooled: dict | None = None, unet_runs: dict | None = None) -> dict:
     rel = lambda p: str(Path(p).relative_to(root))  # noqa: E731
     steps = [{"name": r["name"], "kind": r["kind"], "set": _set_of(r, data), "out": r["out"], "status": r["status"],
               "seconds": r["seconds"], "started": r["started"], "finished": r["finished"], "info": r.get("info", {})}
@@ -111,6 +111,11 @@ def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: d
                                                "test_f1": no_gt[best_no_gt]["test_f1_across_folds"]} if best_no_gt else None,
                       "ours_best_any": {"prompt": best_any, "test_f1": kf[name][best_any]["test_f1_across_folds"]},
                       "ours_unet": None}
+    for name, o in (unet_runs or {}).items():
+        if (o / "metrics.json").exists():
+            unet.setdefault(name, {"paper_unet_f1": paper.UNET[name], "ours_best_any": None, "ours_best_without_gt": None,
+                                   "paper_sam_points_f1": paper.get(paper.KFOLD, name, "points"), "ours_points": None})
+            unet[name]["ours_unet"] = unet_row(o, kfold.get((name, "points")), root)
 
     po = pooled_table(root, pooled or {}, kfold, steps)
 
@@ -139,6 +144,23 @@ def _per_image(run_dir: Path) -> dict[str, tuple[int, float, float]]:
         m = read_json(d / "metrics.json")
         out.update({r["id"]: (m["fold"], r["f1"], r["iou"]) for r in m["per_image"]})
     return out
+
+
+def unet_row(run_dir: Path, points_run: Path | None, root: Path) -> dict:
+    """Table 9, ours: the U-Net run's k-fold test F1 and, on the same test images, the point-prompt SAM run
+    against it (paired: Δ F1 = SAM − U-Net, mean ± standard error, images better / worse, Wilcoxon p)."""
+    from ..train.compare import paired
+
+    m = read_json(run_dir / "metrics.json")
+    row = {"out": str(run_dir.relative_to(root)), "test_f1_across_folds": m["aggregate"]["test_f1_across_folds"],
+           "test_f1_pooled": m["aggregate"]["test_f1_pooled"], "folds": len(m["folds"]),
+           "parameters": read_json(run_dir / "run.json").get("parameters"), "points_vs_unet": None}
+    if points_run is not None and (Path(points_run) / "metrics.json").exists():
+        u, p = _per_image(run_dir), _per_image(Path(points_run))
+        ids = sorted(set(u) & set(p))
+        if ids:
+            row["points_vs_unet"] = paired([u[i][1] for i in ids], [p[i][1] for i in ids])
+    return row
 
 
 def pooled_table(root: Path, pooled: dict, kfold: dict, steps: list[dict]) -> dict | None:
@@ -191,12 +213,19 @@ def estimate(res: dict, st, root: Path) -> dict:
             wall += f["fold_wall_s"]
             units += f["epochs_run"] * (f["n"]["train"] + f["n"]["val"])
     rate = wall / units if units else None
-    out = {"encode_s_per_image": enc_rate, "train_s_per_image_epoch": rate,
+    u_wall, u_units = 0.0, 0
+    for run in dict.fromkeys(s["out"] for s in res["steps"] if s["kind"] == "unet"):
+        for f in read_json(root / run / "metrics.json")["folds"]:
+            u_wall += f["fold_wall_s"]
+            u_units += f["epochs_run"] * (f["n"]["train"] + f["n"]["val"])
+    u_rate = u_wall / u_units if u_units else None
+    out = {"encode_s_per_image": enc_rate, "train_s_per_image_epoch": rate, "unet_s_per_image_epoch": u_rate,
            "note": "measured on this machine in this invocation's steps (reused steps keep their original timings)"}
     if rate is not None:
         n_grid, n_prompts, k, ep = len(paper.LR_GRID) * len(paper.WD_GRID), len(st.prompts), 5, 100
         train_units = sum(ep * 0.8 * n * (n_grid + n_prompts * k + k) for n in FULL_SET_SIZES.values())  # + pooled
-        out["full_protocol_training_s_upper_bound"] = train_units * rate
+        unet_units = sum(ep * 0.8 * n * k for n in FULL_SET_SIZES.values()) if st.unet else 0
+        out["full_protocol_training_s_upper_bound"] = train_units * rate + unet_units * (u_rate or rate)
         out["full_protocol_encode_s"] = None if enc_rate is None else enc_rate * sum(FULL_SET_SIZES.values())
         out["full_protocol_runs"] = {"per_set": n_grid + n_prompts * k, "epochs_max": ep,
                                      "fold_trainings": 2 * (n_grid + n_prompts * k), "pooled_fold_trainings": k}
@@ -324,7 +353,10 @@ def render(res: dict) -> str:
         "- Cross-dataset (Tables 5-6): the point-prompt k-fold run of the training set, its fold with the best "
         "validation F1 (trained on that fold's 60 % training split, threshold from its validation split), "
         "scored on **every image** of the other set.",
-        "- U-Net (Table 9): not trained here; the paper's numbers only.",
+        ("- U-Net (Table 9): MONAI's UNet trained from scratch on each set's folds (`lungsam train-unet`: same "
+         "splits, DiceFocal loss, Adam lr 1e-3, early stopping and validation threshold as the SAM runs; grey image "
+         "standardised per image; no augmentation), compared per image with the point-prompt SAM run."
+         if st.get("unet", True) else "- U-Net (Table 9): not trained in this invocation; the paper's numbers only."),
         "- One model for both sets (Table 10, beyond the paper): the point-prompt recipe trained on Montgomery and "
         "Shenzhen pooled, lr and weight decay from the grid (best validation F1 averaged over the two sets); each set "
         "is split on its own, so the pooled model is tested on exactly the test images of each set's own run.",
@@ -432,7 +464,9 @@ def render(res: dict) -> str:
           "| model | " + " | ".join(f"{n} ({SHORT[n]})" for n in sets) + " |", "|---|" + "---|" * len(sets),
           "| U-Net (paper) | " + " | ".join(t["unet"][n]["paper_unet_f1"] for n in sets) + " |",
           "| SAM ViT-B, points (paper) | " + " | ".join(t["unet"][n]["paper_sam_points_f1"] for n in sets) + " |",
-          "| U-Net (ours) | " + " | ".join("n/a (not trained)" for _ in sets) + " |",
+          "| U-Net (ours, MONAI UNet from scratch, same folds) | " + " | ".join(
+              _ms(t["unet"][n]["ours_unet"]["test_f1_across_folds"]) if t["unet"][n].get("ours_unet") else "not run yet"
+              for n in sets) + " |",
           f"| {bb}, points (ours) | " + " | ".join(_ms(t["unet"][n]["ours_points"]) if t["unet"][n]["ours_points"]
                                                         else "not run yet" for n in sets) + " |"]
     row = []
@@ -443,6 +477,17 @@ def render(res: dict) -> str:
     row = [f"{_ms(t['unet'][n]['ours_best_any']['test_f1'])} ({_prompt_label(t['unet'][n]['ours_best_any']['prompt'])})"
            if t["unet"][n]["ours_best_any"] else "not run yet" for n in sets]
     L += [f"| {bb}, best prompt incl. ground-truth box (ours) | " + " | ".join(row) + " |", ""]
+    diffs = []
+    for n in sets:
+        u = t["unet"][n].get("ours_unet")
+        d = u and u.get("points_vs_unet")
+        if d:
+            pv = "< 0.001" if d["wilcoxon_p"] < 1e-3 else f"{d['wilcoxon_p']:.3f}"
+            diffs.append(f"{n}: {d['mean']:+.4f} ± {d['se']:.4f} ({d['improved']} better / {d['worse']} worse of "
+                         f"{d['n']}, Wilcoxon p {pv})")
+    if diffs:
+        L += [f"Paired per test image, {bb} points minus our U-Net (Δ F1 ± standard error): " + "; ".join(diffs) + ".",
+              ""]
 
     # Table 10
     L += render_pooled(res, t.get("pooled"), bb)
@@ -476,7 +521,8 @@ def render(res: dict) -> str:
         fr = e["full_protocol_runs"]
         enc_full = e.get("full_protocol_encode_s")
         L.append(f"- full protocol: {fr['fold_trainings']} fold trainings ({fr['per_set']} per set) and "
-                 f"{fr.get('pooled_fold_trainings', 0)} on both sets pooled, each of at most "
+                 f"{fr.get('pooled_fold_trainings', 0)} on both sets pooled"
+                 + (f", plus {2 * 5} U-Net fold trainings" if st.get("unet", True) else "") + ", each of at most "
                  f"{fr['epochs_max']} epochs: at most {e['full_protocol_training_s_upper_bound'] / 3600:.1f} h of "
                  "training on this machine" + (f", plus {enc_full / 60:.0f} min of encoding (704 images)" if enc_full
                                                 else "") + "; early stopping (patience 15) shortens it.")

@@ -154,6 +154,48 @@ def weights_download(name, force):
     click.echo(str(p))
 
 
+@click.command("train-unet")
+@click.option("--data", "data", multiple=True, default=["demo:montgomery"], show_default=True,
+              help="Data set folder(s), as for lungsam train (the same --data/--folds/--seed/--size give the same test images).")
+@click.option("--folds", default=5, show_default=True, help="1 = one 60/20/20 split; k>=3 = k-fold cross-validation.")
+@click.option("--size", default=256, show_default=True, help="Working resolution (images and masks resized to SxS).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--channels", default="16,32,64,128,256", show_default=True, help="Feature maps per U-Net level.")
+@click.option("--res-units", default=2, show_default=True, help="Residual units per level.")
+@click.option("--epochs", default=100, show_default=True)
+@click.option("--patience", default=10, show_default=True)
+@click.option("--min-delta", default=1e-3, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--resume", is_flag=True, help="Reuse the finished folds in --out and train the rest.")
+@click.option("--only-fold", "only_folds", type=int, multiple=True, help="Train just this fold now (repeatable).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_unet(data, folds, size, seed, channels, res_units, epochs, patience, min_delta, lr, weight_decay, batch_size,
+               device, out, resume, only_folds, quiet):
+    """Train a U-Net baseline (MONAI, from scratch) on the same folds as lungsam train, for lungsam compare."""
+    from ..data import DataError
+    from .unet import UNetConfig, train_unet_run
+
+    try:
+        ch = tuple(int(c) for c in channels.split(","))
+    except ValueError:
+        _fail(f"--channels: expected comma-separated integers, got {channels!r}")
+    cfg = UNetConfig(data=list(data), size=size, folds=folds, seed=seed, channels=ch, res_units=res_units, epochs=epochs,
+                     patience=patience, min_delta=min_delta, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                     device=device)
+    try:
+        s = train_unet_run(cfg, out, resume=resume, only_folds=tuple(only_folds) or None,
+                           log=lambda m: click.echo(m, err=True), progress=not quiet)
+    except (DataError, ValueError, FileExistsError) as e:
+        _fail(str(e))
+    a = s["aggregate"]
+    click.echo(f"U-Net test F1 {a['test_f1_pooled']['mean']:.4f} ± {a['test_f1_pooled']['std']:.4f}, IoU "
+               f"{a['test_iou_pooled']['mean']:.4f} ({a['test_f1_pooled']['n']} test images); report: {out}/report.md")
+
+
 @click.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the table (FILE.md) and figures (FILE.json).")

@@ -73,7 +73,7 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
 
     dirs = [Path(d) for d in run_dirs]
     # settings an older run did not record take their defaults (what that run did)
-    cfgs = [{**TrainConfig.from_dict(c).to_dict(), **c} for c in map(_config, dirs)]
+    cfgs = [c if c.get("model") == "unet" else {**TrainConfig.from_dict(c).to_dict(), **c} for c in map(_config, dirs)]
     for d, c in zip(dirs[1:], cfgs[1:]):
         diff = {k: (cfgs[0].get(k), c.get(k)) for k in SPLIT_KEYS if cfgs[0].get(k) != c.get(k)}
         if diff:
