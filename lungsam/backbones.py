@@ -7,15 +7,17 @@ follow the official key names, so official checkpoints load with ``strict=True``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from .modeling.tiny_vit import TinyViT
+from .modeling.tiny_vit import PatchMerging, TinyViT, TinyViTBlock
 from .preprocess import PreprocessSpec
 
 SAM_PREPROCESS = PreprocessSpec(img_size=1024)
@@ -156,7 +158,8 @@ def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_backbone(name: str, checkpoint: str | Path | None = None, *, random_init: bool = False) -> Sam:
+def build_backbone(name: str, checkpoint: str | Path | None = None, *, random_init: bool = False,
+                   encoder_size: int | None = None) -> Sam:
     """Build a backbone and load its weights strictly.
 
     Args:
@@ -164,17 +167,84 @@ def build_backbone(name: str, checkpoint: str | Path | None = None, *, random_in
         checkpoint: path to weights; when ``None`` the official weights are taken from the cache
             (downloaded when missing), unless ``random_init`` or the backbone is ``tiny``.
         random_init: keep random weights (tests, architecture checks).
+        encoder_size: run the image encoder at this input side instead of the native one (same weights,
+            :func:`resize_encoder`); its preprocessing is :func:`preprocess_for` ``(name, encoder_size)``.
     """
     spec = get_backbone(name)
     sam = spec.build()
-    if random_init or (checkpoint is None and spec.name == "tiny"):
-        return sam
+    if not (random_init or (checkpoint is None and spec.name == "tiny")):
+        sam = _load_weights(sam, spec, checkpoint)
+    if encoder_size is not None and encoder_size != spec.preprocess.img_size:
+        preprocess_for(name, encoder_size)  # a clear error for a size that does not fit
+        sam, _ = resize_encoder(sam, spec.preprocess, encoder_size)
+    return sam
+
+
+def _load_weights(sam: Sam, spec: BackboneSpec, checkpoint: str | Path | None) -> Sam:
     if checkpoint is None:
         if spec.weights is None:
-            raise ValueError(f"backbone {name!r} has no downloadable weights: pass --checkpoint PATH")
+            raise ValueError(f"backbone {spec.name!r} has no downloadable weights: pass --checkpoint PATH")
         from .weights import ensure_weights
 
         checkpoint = ensure_weights(spec.weights)
     state = load_checkpoint_state(checkpoint)
     sam.load_state_dict(state, strict=True)
     return sam.eval()
+
+
+def resize_encoder(sam: Sam, spec: PreprocessSpec, img_size: int) -> tuple[Sam, PreprocessSpec]:
+    """A copy of ``sam`` whose image encoder takes ``img_size x img_size`` input (same weights), with the
+    prompt encoder's frame and embedding grid adjusted, and the matching :class:`PreprocessSpec`.
+
+    Raises ``ValueError`` when ``img_size`` does not divide the encoder's token grids exactly.
+    """
+    if img_size == spec.img_size:
+        return sam, spec
+    sam2 = copy.deepcopy(sam)
+    enc = sam2.image_encoder
+    old = spec.img_size
+    if isinstance(enc, TinyViT):
+        def scaled(res: tuple[int, int]) -> tuple[int, int]:
+            if (res[0] * img_size) % old:
+                raise ValueError(f"encoder input {img_size} does not divide TinyViT's {res[0]}-token grid at {old}; "
+                                 "use a multiple of 64 (MobileSAM) or 4 (LiteMedSAM)")
+            return (res[0] * img_size // old, res[1] * img_size // old)
+
+        for m in enc.modules():
+            if isinstance(m, (PatchMerging, TinyViTBlock)):
+                m.resolution = scaled(m.resolution)
+        enc.out_resolution = scaled((enc.out_resolution, enc.out_resolution))[0]
+        enc.img_size = img_size
+        emb = enc.out_resolution
+    elif isinstance(enc, ImageEncoderViT):
+        patch = enc.patch_embed.proj.kernel_size[0]
+        if img_size % patch:
+            raise ValueError(f"encoder input {img_size} is not a multiple of the ViT patch size {patch}")
+        emb = img_size // patch
+        if enc.pos_embed is not None:
+            pe = enc.pos_embed.data.permute(0, 3, 1, 2)
+            pe = F.interpolate(pe, size=(emb, emb), mode="bicubic", align_corners=False)
+            enc.pos_embed = torch.nn.Parameter(pe.permute(0, 2, 3, 1).contiguous())
+        enc.img_size = img_size
+    else:
+        raise ValueError(f"cannot resize encoder {type(enc).__name__}")
+    pe = sam2.prompt_encoder
+    pe.image_embedding_size = (emb, emb)
+    pe.input_image_size = (img_size, img_size)
+    return sam2, replace(spec, img_size=img_size, embedding_size=emb)
+
+
+def preprocess_for(name: str, encoder_size: int | None = None) -> PreprocessSpec:
+    """The backbone's :class:`PreprocessSpec`, or the one of its encoder run at ``encoder_size`` (same
+    normalisation; model frame ``encoder_size`` and an embedding grid scaled with it).
+
+    Raises ``ValueError`` when ``encoder_size`` does not scale the embedding grid to a whole number.
+    """
+    spec = get_backbone(name).preprocess
+    if encoder_size is None or encoder_size == spec.img_size:
+        return spec
+    if encoder_size < 1 or (spec.embedding_size * encoder_size) % spec.img_size:
+        step = spec.img_size // spec.embedding_size
+        raise ValueError(f"encoder size {encoder_size} does not fit {name}'s {spec.embedding_size}-token grid at "
+                         f"{spec.img_size}: use a multiple of {step}")
+    return replace(spec, img_size=encoder_size, embedding_size=spec.embedding_size * encoder_size // spec.img_size)

@@ -22,7 +22,7 @@ from pathlib import Path
 from segment_anything.modeling import Sam
 
 from .artifacts import read_json, sha256_file
-from .backbones import build_backbone, get_backbone
+from .backbones import build_backbone, get_backbone, preprocess_for
 from .preprocess import PreprocessSpec
 from .prompts import LearnedPrompt
 
@@ -118,7 +118,8 @@ def load_run(run_dir: str | Path, fold: int | None = None, checkpoint: str | Non
     run = read_json(run_dir / "run.json")
     fd = pick_fold(run_dir, fold)
     ckpt = checkpoint or resolve_checkpoint(run)
-    sam = build_backbone(run["config"]["backbone"], ckpt)
+    encoder_size = run["config"].get("encoder_size")
+    sam = build_backbone(run["config"]["backbone"], ckpt, encoder_size=encoder_size)
     sam.mask_decoder.load_state_dict(load_file(str(fd / f"decoder_{which}.safetensors")), strict=True)
     adapter = _merge_adapter(sam, run["config"], fd / f"encoder_lora_{which}.safetensors")
     from .embeddings import weights_fingerprint
@@ -127,7 +128,7 @@ def load_run(run_dir: str | Path, fold: int | None = None, checkpoint: str | Non
     fingerprint = encoder_fingerprint(run.get("weights_sha256") or weights_fingerprint(run["config"]["backbone"], ckpt),
                                       adapter)
     metrics = read_json(fd / "metrics.json")
-    return RunModel(sam=sam.eval(), spec=get_backbone(run["config"]["backbone"]).preprocess,
+    return RunModel(sam=sam.eval(), spec=preprocess_for(run["config"]["backbone"], encoder_size),
                     prompt=LearnedPrompt.from_dict(read_json(fd / "prompt.json")), threshold=float(metrics["threshold"]),
                     working_size=int(run["config"]["size"]), run=run, fold=int(fd.name.split("_")[1]), fold_dir=fd,
                     split=read_json(fd / "split.json"), metrics=metrics, encoder_fingerprint=fingerprint)

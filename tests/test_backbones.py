@@ -61,3 +61,22 @@ def test_vit_architectures_match_segment_anything(name, tmp_path):
         torch.save(ref, tmp_path / "sam_vit_b.pth")
         sam = build_backbone(name, tmp_path / "sam_vit_b.pth")
         assert torch.equal(sam.state_dict()["mask_decoder.iou_token.weight"], ref["mask_decoder.iou_token.weight"])
+
+
+def test_encoder_size_scales_the_model_frame_and_the_embedding_grid():
+    from lungsam.backbones import preprocess_for
+
+    native = get_backbone("mobile_sam").preprocess
+    assert preprocess_for("mobile_sam") is native and preprocess_for("mobile_sam", 1024) is native
+    s512 = preprocess_for("mobile_sam", 512)
+    assert (s512.img_size, s512.embedding_size, s512.low_res_size) == (512, 32, 128)
+    assert s512.pixel_mean == native.pixel_mean and s512.normalization == native.normalization
+    assert preprocess_for("lite_medsam", 128).embedding_size == 32
+    with pytest.raises(ValueError, match="multiple of 16"):
+        preprocess_for("mobile_sam", 520)
+    tiny = preprocess_for("tiny", 64)
+    sam = build_backbone("tiny", encoder_size=64)
+    assert sam.prompt_encoder.input_image_size == (64, 64)
+    with torch.no_grad():
+        emb = sam.image_encoder(torch.zeros(1, 3, 64, 64))
+    assert emb.shape[-1] == tiny.embedding_size == sam.prompt_encoder.image_embedding_size[0]

@@ -290,7 +290,7 @@ def test_resize_encoder_equals_a_natively_built_encoder():
     import torch
 
     from lungsam.backbones import TINY_PREPROCESS, build_tiny
-    from lungsam.benchmarks.torch_backend import resize_encoder
+    from lungsam.backbones import resize_encoder
     from lungsam.modeling.tiny_vit import TinyViT
 
     sam = build_tiny()

@@ -236,3 +236,26 @@ def test_trt_engines_match_onnx(tiny_run, tmp_path):
         assert rec["profiles"][0] and rec["file"] in res.manifest["files"]
     assert "timing.cache" in res.manifest["files"]
     assert res.manifest["parity"]["results"]["trt-fp16/decoder_fixed"]["agreement_mean"] >= 0.99
+
+
+def test_run_trained_at_a_smaller_encoder_size_exports_and_runs(tmp_path):
+    """--encoder-size travels from the run to the bundle: the encoder graph, the prompt frame and the manifest's
+    preprocessing all use it, and the parity gate holds."""
+    from lungsam.export.bundle import export_bundle
+    from lungsam.runs import load_run
+    from lungsam.runtime import LungSegmenter
+    from lungsam.train.config import TrainConfig
+    from lungsam.train.run import train_run
+
+    run = tmp_path / "run"
+    train_run(TrainConfig(backbone="tiny", encoder_size=64, folds=1, epochs=1, lr=1e-3), run, log=lambda m: None,
+              progress=False)
+    rm = load_run(run)
+    assert (rm.spec.img_size, rm.sam.image_encoder.img_size) == (64, 64)
+    assert "image encoder input 64" in (run / "report.md").read_text()
+    res = export_bundle(run, tmp_path / "b", parity_images=2, log=lambda m: None)
+    assert res.manifest["preprocess"]["img_size"] == 64
+    assert res.manifest["parity"]["results"]["onnx-fp32/decoder"]["agreement_mean"] >= 0.99
+    seg = LungSegmenter.load(tmp_path / "b", threads=1)
+    r = seg.segment(np.full((96, 80, 3), 100, np.uint8))
+    assert r.mask.shape == (96, 80) and seg.describe()["img_size"] == 64

@@ -140,9 +140,9 @@ def run_sweep(run_dir: str | Path, out_dir: str | Path, *, data_dir: str | None 
     import torch
     from tqdm import tqdm
 
-    from ..backbones import build_backbone, get_backbone
+    from ..backbones import build_backbone, get_backbone, resize_encoder
     from ..runs import load_run, resolve_checkpoint
-    from .torch_backend import TorchBackend, TorchUnavailable, check_torch_available, resize_encoder
+    from .torch_backend import TorchBackend, TorchUnavailable, check_torch_available
 
     t_start = time.perf_counter()
     rm = load_run(run_dir)

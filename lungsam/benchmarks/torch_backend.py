@@ -6,24 +6,18 @@ Every backend in the bench has the same four stages, each taking and returning a
 ``postprocess(low) -> (B, S, S) bool masks`` and ``low_res(low) -> (B, L, L) float32`` (outside timing).
 Images are working-frame ``(S, S, 3)`` uint8; the masks argument is used only by ground-truth prompts.
 
-:func:`resize_encoder` runs a backbone at a smaller encoder input size (same weights) for the
-size sweep: TinyViT encoders change only their token-grid bookkeeping (attention biases depend on the
-window, not the image), SAM ViTs get their absolute position embedding resized bicubically
-(relative position tables are interpolated by segment-anything itself).
+:func:`lungsam.backbones.resize_encoder` runs a backbone at another encoder input size (same weights) for the
+size sweep.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, Sam
+from segment_anything.modeling import Sam
 
 from ..modeling.decoder import decode, decode_embedded, encode_prompts
-from ..modeling.tiny_vit import PatchMerging, TinyViT, TinyViTBlock
 from ..preprocess import PreprocessSpec, encoder_input, preprocess_shape
 from ..prompts import LearnedPrompt, first_pass_box, first_pass_prompt, mask_box, model_prompt
 from .stats import ThreadMap
@@ -45,52 +39,6 @@ def check_torch_available(device: str, precision: str) -> None:
                                "emulation slower than fp32, not a deployment path)")
     if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise TorchUnavailable("this GPU does not support bf16")
-
-
-# ---------------------------------------------------------------------------------------------
-# encoder input size
-# ---------------------------------------------------------------------------------------------
-
-def resize_encoder(sam: Sam, spec: PreprocessSpec, img_size: int) -> tuple[Sam, PreprocessSpec]:
-    """A copy of ``sam`` whose image encoder takes ``img_size x img_size`` input (same weights), with the
-    prompt encoder's frame and embedding grid adjusted, and the matching :class:`PreprocessSpec`.
-
-    Raises ``ValueError`` when ``img_size`` does not divide the encoder's token grids exactly.
-    """
-    if img_size == spec.img_size:
-        return sam, spec
-    sam2 = copy.deepcopy(sam)
-    enc = sam2.image_encoder
-    old = spec.img_size
-    if isinstance(enc, TinyViT):
-        def scaled(res: tuple[int, int]) -> tuple[int, int]:
-            if (res[0] * img_size) % old:
-                raise ValueError(f"encoder input {img_size} does not divide TinyViT's {res[0]}-token grid at {old}; "
-                                 "use a multiple of 64 (MobileSAM) or 4 (LiteMedSAM)")
-            return (res[0] * img_size // old, res[1] * img_size // old)
-
-        for m in enc.modules():
-            if isinstance(m, (PatchMerging, TinyViTBlock)):
-                m.resolution = scaled(m.resolution)
-        enc.out_resolution = scaled((enc.out_resolution, enc.out_resolution))[0]
-        enc.img_size = img_size
-        emb = enc.out_resolution
-    elif isinstance(enc, ImageEncoderViT):
-        patch = enc.patch_embed.proj.kernel_size[0]
-        if img_size % patch:
-            raise ValueError(f"encoder input {img_size} is not a multiple of the ViT patch size {patch}")
-        emb = img_size // patch
-        if enc.pos_embed is not None:
-            pe = enc.pos_embed.data.permute(0, 3, 1, 2)
-            pe = F.interpolate(pe, size=(emb, emb), mode="bicubic", align_corners=False)
-            enc.pos_embed = torch.nn.Parameter(pe.permute(0, 2, 3, 1).contiguous())
-        enc.img_size = img_size
-    else:
-        raise ValueError(f"cannot resize encoder {type(enc).__name__}")
-    pe = sam2.prompt_encoder
-    pe.image_embedding_size = (emb, emb)
-    pe.input_image_size = (img_size, img_size)
-    return sam2, replace(spec, img_size=img_size, embedding_size=emb)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ def _fail(msg: str) -> None:
 @click.option("--weight-decay", default=0.0, show_default=True)
 @click.option("--batch-size", default=4, show_default=True, help="Images per step (one prompt each).")
 @click.option("--size", default=256, show_default=True, help="Working resolution (images and masks resized to SxS).")
+@click.option("--encoder-size", type=click.IntRange(min=16), default=None,
+              help="Image encoder input side (default: the backbone's native size, 1024 MobileSAM/SAM, 256 LiteMedSAM); "
+                   "smaller is cheaper at inference: the same weights, the decoder tuned at that size.")
 @click.option("--augment", "augment_views", default=0, show_default=True,
               help="Augmented copies per training image (affine + gamma, made once and cached; 0 = none).")
 @click.option("--lora-rank", default=0, show_default=True,
@@ -49,7 +52,7 @@ def _fail(msg: str) -> None:
               help="Train just this fold now (repeatable); the rest follow later with --resume.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, patience, min_delta, lr, weight_decay, batch_size,
-          size, augment_views, lora_rank, lora_alpha, lora_targets, seed, device, out, resume, only_folds, quiet):
+          size, encoder_size, augment_views, lora_rank, lora_alpha, lora_targets, seed, device, out, resume, only_folds, quiet):
     """Fine-tune SAM's mask decoder (encoders frozen) on chest X-rays."""
     from ..backbones import UnknownBackboneError
     from ..data import DataError
@@ -58,7 +61,8 @@ def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, pa
 
     cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt,
                       points_per_lung=points_per_lung, folds=folds, epochs=epochs, patience=patience, min_delta=min_delta, lr=lr,
-                      weight_decay=weight_decay, batch_size=batch_size, size=size, augment_views=augment_views,
+                      weight_decay=weight_decay, batch_size=batch_size, size=size, encoder_size=encoder_size,
+                      augment_views=augment_views,
                       lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), seed=seed,
                       device=device)

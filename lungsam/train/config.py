@@ -15,6 +15,9 @@ class TrainConfig:
         backbone: registry name; checkpoint: weights path (``None``: official weights from the cache).
         prompt: ``points`` | ``box`` | ``both`` | ``auto-box`` | ``auto-both``; points_per_lung: k.
         size: working resolution S (images and masks are resized to S x S; metrics are computed there).
+        encoder_size: the image encoder's input side (``None``: the backbone's native one, 1024 for
+            MobileSAM/SAM, 256 for LiteMedSAM); a smaller one runs the same weights at a lower cost
+            (:func:`lungsam.backbones.resize_encoder`), and the decoder is tuned on those embeddings.
         folds: 1 = one 60/20/20 split; k >= 3 = k-fold cross-validation.
         epochs, patience, min_delta: maximum epochs; training stops once the best validation F1 has not
             risen by at least ``min_delta`` for ``patience`` epochs.
@@ -35,6 +38,7 @@ class TrainConfig:
     prompt: str = "points"
     points_per_lung: int = 3
     size: int = 256
+    encoder_size: int | None = None
     folds: int = 5
     epochs: int = 100
     patience: int = 10

@@ -108,7 +108,8 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
         f"# lungsam run: {cfg['backbone']} / prompt `{cfg['prompt']}`",
         "",
         f"- data: {', '.join(cfg['data'])} ({run['n_samples']} pairs used, {run['n_skipped']} skipped)",
-        f"- working size {cfg['size']}x{cfg['size']}; folds {cfg['folds']}; epochs ≤ {cfg['epochs']} "
+        f"- working size {cfg['size']}x{cfg['size']}"
+        + (f", image encoder input {cfg['encoder_size']}" if cfg.get("encoder_size") else "") + f"; folds {cfg['folds']}; epochs ≤ {cfg['epochs']} "
         f"(early stop: val F1 gain < {cfg.get('min_delta', 0):g} in {cfg['patience']} epochs); Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}; batch {cfg['batch_size']}",
         f"- device {run['device']}; started {run['started']}; finished {run.get('finished', '?')}; "
         f"{wall_time_note(run, folds)}",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..artifacts import atomic_path, package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
-from ..backbones import build_backbone, get_backbone
+from ..backbones import build_backbone, get_backbone, preprocess_for
 from ..data import Dataset, Sample, dataset_of, kfold_splits, load_dataset, pool
 from ..embeddings import EmbeddingCache, weights_fingerprint
 from ..metrics import summarize
@@ -52,7 +52,7 @@ def embed_samples(sam, cfg: TrainConfig, ckpt: str | None, samples: list[Sample]
     """Cached ``(N, C, E, E)`` float16 embeddings of ``samples``; ``fingerprint`` keys the cache (default:
     the weights file's, see :func:`lungsam.embeddings.weights_fingerprint`; a run whose encoder carries a
     merged adapter passes its own)."""
-    spec = get_backbone(cfg.backbone).preprocess
+    spec = preprocess_for(cfg.backbone, cfg.encoder_size)
     cache = EmbeddingCache(cfg.backbone, fingerprint or weights_fingerprint(cfg.backbone, ckpt), spec)
     emb = cache.embed(sam.image_encoder, samples, device=device, batch_size=cfg.embed_batch_size, progress=progress)
     return emb, cache
@@ -168,7 +168,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
 
     ``weights_sha256`` (the backbone weights' fingerprint) keys the embedding cache of a LoRA run's
     adapted encoder, combined with the best adapter file, as :func:`lungsam.runs.load_run` does."""
-    spec = get_backbone(cfg.backbone).preprocess
+    spec = preprocess_for(cfg.backbone, cfg.encoder_size)
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(fold_dir / "split.json", split)
     part = {k: [samples[i] for i in split[k]] for k in ("train", "val", "test")}
@@ -331,6 +331,7 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
     ``report.md`` summarise the finished ones and say so (``"partial"``); ``--resume`` completes them.
     """
     out = Path(out)
+    preprocess_for(cfg.backbone, cfg.encoder_size)  # an encoder size that does not fit fails before any work
     if only_folds is not None:
         bad = sorted(set(only_folds) - set(range(cfg.folds)))
         if bad:
@@ -365,7 +366,7 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
         run["resumed"] = [*old.get("resumed", []), utc_now()]
     write_json_atomic(out / "run.json", run)
     write_json_atomic(out / "splits.json", splits)
-    sam = build_backbone(cfg.backbone, ckpt)
+    sam = build_backbone(cfg.backbone, ckpt, encoder_size=cfg.encoder_size)
     t_emb = time.perf_counter()
     lora = cfg.lora_spec()
     if lora is not None:  # the encoder is trained: no cached embeddings
