@@ -378,6 +378,7 @@ def test_unet_baseline_tests_the_sam_runs_images_and_compares_paired(tiny_run, t
     np.testing.assert_allclose(f1, [r["f1"] for r in fold["per_image"]], atol=1e-6)
     cmp = compare_runs([tiny_run, out])
     assert cmp["n_images"] == len(sam_split["test"]) and "f1_vs_baseline" in cmp["runs"][1]
+    assert cmp["runs"][1]["changed"] == {"model": ["SAM tiny (points prompt)", "U-Net 4-8-16"]}
     # finished folds are reused; other settings refuse to resume
     again = train_unet_run(UNetConfig(folds=1, epochs=2, channels=(4, 8, 16), res_units=1, batch_size=4), out,
                            resume=True, log=lambda m: None, progress=False)

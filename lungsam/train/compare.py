@@ -48,6 +48,13 @@ def changed_settings(base: dict, other: dict) -> dict[str, tuple]:
     return {k: (base.get(k), other.get(k)) for k in keys if base.get(k) != other.get(k)}
 
 
+def model_label(cfg: dict) -> str:
+    """A run's model in a few words: ``U-Net`` or ``SAM <backbone> (<prompt>)``."""
+    if cfg.get("model") == "unet":
+        return "U-Net " + "-".join(map(str, cfg.get("channels", [])))
+    return f"SAM {cfg.get('backbone')} ({cfg.get('prompt')} prompt)"
+
+
 def paired(base: list[float], other: list[float]) -> dict:
     """Paired difference ``other - base``: mean, standard error, improved / worse / equal counts, Wilcoxon p."""
     d = np.asarray(other, np.float64) - np.asarray(base, np.float64)
@@ -86,7 +93,11 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
     rows = []
     for d, c, s in zip(dirs, cfgs, scores):
         f1 = [s[i]["f1"] for i in ids]
-        row = {"run": str(d), "changed": {k: list(v) for k, v in changed_settings(cfgs[0], c).items()},
+        if cfgs[0].get("model") != c.get("model"):  # a U-Net beside a SAM run: name the models, not every field
+            changed = {"model": [model_label(cfgs[0]), model_label(c)]}
+        else:
+            changed = {k: list(v) for k, v in changed_settings(cfgs[0], c).items()}
+        row = {"run": str(d), "changed": changed,
                "f1": summarize(f1), "iou": summarize([s[i]["iou"] for i in ids])}
         if d is not dirs[0]:
             row["f1_vs_baseline"] = paired([scores[0][i]["f1"] for i in ids], f1)
