@@ -101,6 +101,16 @@ def wall_time_note(run: dict, folds: list[dict]) -> str:
     return f"{what}; training epochs {train_s:.0f} s summed over the {len(folds)} fold(s)"
 
 
+def fold_table(folds: list[dict]) -> list[str]:
+    """Markdown lines: one row per fold (sizes, best epoch, threshold, val F1, test F1 and IoU)."""
+    lines = ["| fold | train/val/test | best epoch | threshold | val F1 | test F1 | test IoU |", "|---|---|---|---|---|---|---|"]
+    for f in folds:
+        n = f["n"]
+        lines.append(f"| {f['fold']} | {n['train']}/{n['val']}/{n['test']} | {f['best_epoch']} | {f['threshold']:.2f} | "
+                     f"{f['val']['f1']['mean']:.3f} | {fmt_mean_std(f['test']['f1'])} | {fmt_mean_std(f['test']['iou'])} |")
+    return lines
+
+
 def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
     """``report.md`` of a training run: per-fold table and the k-fold aggregate, paper beside ours."""
     cfg = run["config"]
@@ -115,13 +125,8 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
         f"{wall_time_note(run, folds)}",
         f"- {gt_note(cfg['prompt'])}",
         "",
-        "| fold | train/val/test | best epoch | threshold | val F1 | test F1 | test IoU |",
-        "|---|---|---|---|---|---|---|",
+        *fold_table(folds),
     ]
-    for f in folds:
-        n = f["n"]
-        lines.append(f"| {f['fold']} | {n['train']}/{n['val']}/{n['test']} | {f['best_epoch']} | {f['threshold']:.2f} | "
-                     f"{f['val']['f1']['mean']:.3f} | {fmt_mean_std(f['test']['f1'])} | {fmt_mean_std(f['test']['iou'])} |")
     a = aggregate
     pooled = (f"F1 {fmt_mean_std(a['test_f1_pooled'])}, IoU {fmt_mean_std(a['test_iou_pooled'])}, "
               f"min F1 {a['test_f1_pooled']['min']:.3f} ({a['test_f1_pooled']['n']} test images, population std)")

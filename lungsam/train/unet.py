@@ -253,13 +253,8 @@ def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
         f"- device {run['device']}; started {run['started']}; finished {run.get('finished', '?')}; "
         f"{report.wall_time_note(run, folds)}",
         "",
-        "| fold | train/val/test | best epoch | threshold | val F1 | test F1 | test IoU |",
-        "|---|---|---|---|---|---|---|",
+        *report.fold_table(folds),
     ]
-    for f in folds:
-        n = f["n"]
-        lines.append(f"| {f['fold']} | {n['train']}/{n['val']}/{n['test']} | {f['best_epoch']} | {f['threshold']:.2f} | "
-                     f"{f['val']['f1']['mean']:.3f} | {fmt_mean_std(f['test']['f1'])} | {fmt_mean_std(f['test']['iou'])} |")
     if run.get("partial"):
         lines += ["", f"**Partial run: folds {', '.join(map(str, run['partial']['folds_pending']))} not trained yet** "
                       "(`lungsam train-unet ... --resume`)."]
