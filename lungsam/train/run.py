@@ -283,6 +283,21 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     return metrics
 
 
+def run_folds(out: Path, splits: list[dict], only_folds: tuple[int, ...] | None, log: Log,
+              train: Callable[[int, dict, Path], dict]) -> list[dict]:
+    """Fold metrics in order: a finished fold (``folds/fold_i/metrics.json``) is reused, the others are
+    trained with ``train(i, split, fold_dir)`` unless ``only_folds`` leaves them for later."""
+    folds = []
+    for i, split in enumerate(splits):
+        fd = out / "folds" / f"fold_{i}"
+        if (fd / "metrics.json").exists():
+            log(f"fold {i}: already finished, reusing")
+            folds.append(read_json(fd / "metrics.json"))
+        elif only_folds is None or i in only_folds:
+            folds.append(train(i, split, fd))
+    return folds
+
+
 def per_dataset(folds: list[dict]) -> dict[str, dict]:
     """Pooled test F1 / IoU per source data set (``{name: {"f1", "iou"}}``), for runs on pooled sets."""
     groups: dict[str, list[dict]] = {}
@@ -387,17 +402,8 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
     if lora is None:
         sam.image_encoder.to("cpu")  # the decoder trains on cached embeddings only
     samples = data.by_id()
-    folds = []
-    for i, split in enumerate(splits):
-        fd = out / "folds" / f"fold_{i}"
-        if (fd / "metrics.json").exists():
-            log(f"fold {i}: already finished, reusing")
-            folds.append(read_json(fd / "metrics.json"))
-            continue
-        if only_folds is not None and i not in only_folds:
-            continue
-        folds.append(train_fold(cfg, i, split, samples, emb, sam, device, fd, log, progress, aug,
-                                weights_sha256=run["weights_sha256"]))
+    folds = run_folds(out, splits, only_folds, log, lambda i, split, fd: train_fold(
+        cfg, i, split, samples, emb, sam, device, fd, log, progress, aug, weights_sha256=run["weights_sha256"]))
     agg = aggregate_folds(folds)
     done = {f["fold"] for f in folds}
     pending = [i for i in range(len(splits)) if i not in done]

@@ -268,7 +268,7 @@ def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
 def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
                    only_folds: tuple[int, ...] | None = None, log: Log = print, progress: bool = True) -> dict:
     """Train the U-Net folds into ``out`` (finished folds are reused with ``resume``); returns the summary."""
-    from .run import aggregate_folds, load_data
+    from .run import aggregate_folds, load_data, run_folds
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -296,14 +296,8 @@ def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
     write_json_atomic(out / "splits.json", splits)
     log(f"data: {len(data.samples)} pairs; U-Net {run['parameters']:,} parameters on {device}")
     samples = data.by_id()
-    folds = []
-    for i, split in enumerate(splits):
-        fd = out / "folds" / f"fold_{i}"
-        if (fd / "metrics.json").exists():
-            log(f"fold {i}: already finished, reusing")
-            folds.append(read_json(fd / "metrics.json"))
-        elif only_folds is None or i in only_folds:
-            folds.append(train_unet_fold(cfg, i, split, samples, device, fd, log, progress))
+    folds = run_folds(out, splits, only_folds, log,
+                      lambda i, split, fd: train_unet_fold(cfg, i, split, samples, device, fd, log, progress))
     if not folds:
         raise ValueError("no fold trained or finished")
     pending = [i for i in range(len(splits)) if i not in {f["fold"] for f in folds}]
