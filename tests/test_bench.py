@@ -393,6 +393,15 @@ def test_bench_times_the_first_pass_box_on_every_backend(tiny_both_bundle, tmp_p
     assert gt["bundle"]["box_source"] == "ground truth" and gt["results"][0]["mode"] != FIRST_PASS_MODE
 
 
+def test_bench_refuses_a_first_pass_box_for_a_points_bundle(tiny_bundle, tmp_path):
+    from lungsam.benchmarks.bench import BenchError, run_bench
+
+    with pytest.raises(BenchError, match="prompted with a box"):
+        run_bench(tiny_bundle, tmp_path / "b", backends=["onnxruntime"], precisions=["fp32"], warmup=0, repeats=1,
+                  limit=1, threads=1, progress=False, log=lambda m: None, box_from_first_pass=True)
+    assert not (tmp_path / "b").exists()
+
+
 def test_bench_compare_prints_ratios(tiny_bench, tiny_bundle, tmp_path):
     from click.testing import CliRunner
 
@@ -458,3 +467,24 @@ def test_gpu_check_dry_run(tmp_path):
     assert "lungsam bench" in p.stdout and "--device cpu" in p.stdout
     assert "onnxruntime" in p.stdout and "torch" in p.stdout  # the environment report
     assert (tmp_path / "out" / "summary.md").exists() and (tmp_path / "out" / "gpu_check.log").exists()
+
+
+def test_bench_train_reports_the_encoder_size_and_per_sample_decoder_time(tmp_path):
+    """``lungsam bench-train`` on the tiny backbone at a smaller encoder input: both epochs timed, the decoder step
+    per sample at each batch size that fits, the grid recorded; a size that does not fit is a clear error."""
+    from click.testing import CliRunner
+
+    from lungsam.artifacts import read_json
+    from lungsam.benchmarks.commands import bench_train
+
+    res = CliRunner().invoke(bench_train, ["--backbone", "tiny", "--encoder-size", "64", "--images", "4",
+                                           "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    r = read_json(tmp_path / "t" / "train_speed.json")
+    assert (r["encoder_size"], r["embedding_grid"], r["images"]) == (64, 4, 4)
+    assert r["epoch_cached_s"] > 0 and r["epoch_recompute_s"] > 0 and r["epoch_recompute_encoder_s"] > 0
+    assert [p["batch_size"] for p in r["decoder_step_per_sample"]] == [1, 4]
+    assert all(p["seconds_per_sample"] > 0 for p in r["decoder_step_per_sample"])
+    assert "encoder input 64 (4x4 embedding grid)" in (tmp_path / "t" / "train_speed.md").read_text()
+    bad = CliRunner().invoke(bench_train, ["--backbone", "tiny", "--encoder-size", "72", "--out", str(tmp_path / "b")])
+    assert bad.exit_code != 0 and "multiple of 16" in bad.output and not (tmp_path / "b").exists()

@@ -181,3 +181,32 @@ def test_partial_tables_render_pending_sections(reproduced):
     for i in range(1, 11):
         assert f"## Table {i}:" in md
     assert "0.924" in md and "0.943 ± 0.007" in md
+
+
+def test_encoder_size_runs_every_sam_step_at_that_size(data_root, tmp_path):
+    """--encoder-size reaches the encode, zero-shot, training and cross-dataset steps, and the results go to their
+    own folder (a native-size protocol beside it is not touched); the native size is the plain protocol."""
+    out = tmp_path / "results"
+    args = ["reproduce", "--data-root", str(data_root), "--backbone", "tiny", "--quick", "--epochs", "1",
+            "--subset", "10", "--size", "64", "--out", str(out), "--quiet", "--device", "cpu", "--encoder-size", "64"]
+    _invoke(args)
+    root = out / "tiny-enc64"
+    assert not (out / "tiny").exists()
+    res = json.loads((root / "results.json").read_text())
+    assert res["settings"]["encoder_size"] == 64 and "--encoder-size 64" in res["command"]
+    md = (root / "tables.md").read_text()
+    assert "at encoder input 64" in md.splitlines()[0] and "image encoder at 64x64" in md
+    steps = res["steps"]
+    encode = [s for s in steps if s["kind"] == "encode"]
+    assert encode and all(json.loads((root / s["out"] / "step.json").read_text())["settings"]["encoder_size"] == 64
+                          for s in encode)
+    for s in steps:
+        if s["kind"] == "zero-shot" or s["kind"] == "cross":
+            assert json.loads((root / s["out"] / "metrics.json").read_text())["encoder_size"] == 64, s["name"]
+        if s["kind"] in ("grid", "k-fold", "pooled"):
+            assert json.loads((root / s["out"] / "run.json").read_text())["config"]["encoder_size"] == 64, s["name"]
+    assert {s["kind"] for s in steps} >= {"encode", "zero-shot", "grid", "k-fold", "cross", "pooled"}
+    native = protocol_settings(data_root=str(data_root), backbone="tiny", encoder_size=128)
+    assert native.encoder_size is None and native.label == "tiny"
+    with pytest.raises(ValueError, match="multiple of 16"):
+        protocol_settings(data_root=str(data_root), backbone="tiny", encoder_size=72)

@@ -483,7 +483,7 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
     model's own first mask (two decoder calls, timed together in the decoder stage); ``None``: the bundle's
     default (``manifest["inference"]``). Otherwise ``box``/``both`` bundles get the ground-truth box.
     """
-    from ..prompts import BOX_PROMPT_MODES
+    from ..prompts import BOX_PROMPT_MODES, first_pass_prompt
     from ..runtime.bundle import Bundle
     from ..runtime.segmenter import bundle_box_from_first_pass
 
@@ -499,9 +499,11 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
     manifest = bundle.manifest
     if box_from_first_pass is None:
         box_from_first_pass = bundle_box_from_first_pass(bundle)
-    if box_from_first_pass and bundle.prompt.mode not in BOX_PROMPT_MODES:
-        raise BenchError(f"a box from a first pass needs a bundle prompted with a box ({', '.join(BOX_PROMPT_MODES)});"
-                         f" this one has prompt {bundle.prompt.mode!r}")
+    if box_from_first_pass:
+        try:
+            first_pass_prompt(bundle.prompt)  # fails before any backend is opened
+        except ValueError as e:
+            raise BenchError(f"bundle {bundle_dir}: {e}") from None
 
     rec_run, rec_fold = bundle_run(manifest)
     run_path = run_dir or rec_run

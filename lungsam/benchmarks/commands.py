@@ -83,15 +83,20 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
 @click.option("--images", "n_images", default=16, show_default=True, help="Images per timed epoch.")
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--size", default=256, show_default=True)
+@click.option("--encoder-size", type=click.IntRange(min=16), default=None,
+              help="Image encoder input side (default: the backbone's native size); the decoder's cost follows its grid.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def bench_train(data, backbone, checkpoint, prompt, n_images, batch_size, size, device, out) -> None:
+def bench_train(data, backbone, checkpoint, prompt, n_images, batch_size, size, encoder_size, device, out) -> None:
     """Training speed: epoch time with the embedding cache vs recomputing the encoder, and decoder time per sample."""
     from ..train.config import TrainConfig
     from .train_speed import run_train_speed
 
     cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt, batch_size=batch_size,
-                      size=size, device=device)
-    r = run_train_speed(cfg, n_images, out, log=lambda m: click.echo(m, err=True))
+                      size=size, encoder_size=encoder_size, device=device)
+    try:
+        r = run_train_speed(cfg, n_images, out, log=lambda m: click.echo(m, err=True))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # unknown backbone or size, missing data or weights
+        raise click.ClickException(str(e)) from None
     click.echo(f"epoch with cache {r['epoch_cached_s']:.2f} s, recomputing the encoder {r['epoch_recompute_s']:.2f} s "
                f"({r['speedup_cached_vs_recompute']:.1f}x); report: {out}/train_speed.md")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..artifacts import machine_record, package_versions, utc_now, write_json_atomic, write_text_atomic
-from ..backbones import build_backbone, get_backbone
+from ..backbones import build_backbone, preprocess_for
 from ..preprocess import encoder_input
 from ..prompts import learn_prompt
 from ..train.config import TrainConfig
@@ -37,8 +37,8 @@ def measure_train_speed(cfg: TrainConfig, n_images: int, batch_sizes: tuple[int,
     ckpt = checkpoint_for(cfg)
     data = load_data(cfg.data, cfg.size, log)
     samples = data.samples[:n_images]
-    spec = get_backbone(cfg.backbone).preprocess
-    sam = build_backbone(cfg.backbone, ckpt)
+    spec = preprocess_for(cfg.backbone, cfg.encoder_size)
+    sam = build_backbone(cfg.backbone, ckpt, encoder_size=cfg.encoder_size)
     masks = [s.mask for s in samples]
     prompt = learn_prompt(masks, cfg.prompt, cfg.points_per_lung)
 
@@ -84,6 +84,7 @@ def measure_train_speed(cfg: TrainConfig, n_images: int, batch_sizes: tuple[int,
     return {
         "created": utc_now(), "machine": machine_record(), "versions": package_versions(), "device": device,
         "backbone": cfg.backbone, "images": len(samples), "batch_size": cfg.batch_size, "working_size": cfg.size,
+        "encoder_size": spec.img_size, "embedding_grid": spec.embedding_size,
         "epoch_cached_s": cached, "epoch_cached_read_s": t_read, "epoch_cached_decoder_s": t_dec,
         "epoch_recompute_s": recompute, "epoch_recompute_encoder_s": t_enc,
         "speedup_cached_vs_recompute": recompute / cached if cached > 0 else float("nan"),
@@ -95,7 +96,8 @@ def train_speed_markdown(r: dict) -> str:
     lines = [
         f"# Training speed: {r['backbone']} on {r['device']} ({r['machine']['cpu']}, {r['machine']['cpu_count']} cores)",
         "",
-        f"{r['images']} images, batch {r['batch_size']}, working size {r['working_size']}; {r['created']}.",
+        f"{r['images']} images, batch {r['batch_size']}, working size {r['working_size']}, encoder input "
+        f"{r['encoder_size']} ({r['embedding_grid']}x{r['embedding_grid']} embedding grid); {r['created']}.",
         "",
         "| epoch | seconds | of which encoder / cache read |",
         "|---|---|---|",

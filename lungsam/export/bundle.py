@@ -259,12 +259,14 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, t
         run_model = load_run(run_dir, fold, checkpoint)
     except RunError as e:
         raise ExportError(str(e)) from None
-    from ..prompts import BOX_PROMPT_MODES
+    from ..prompts import first_pass_prompt
     from .parity import format_table, gate, make_cases
 
-    if box_from_first_pass and run_model.prompt.mode not in BOX_PROMPT_MODES:
-        raise ExportError(f"--box-from-first-pass needs a run trained with a box prompt ({', '.join(BOX_PROMPT_MODES)});"
-                          f" {run_dir} was trained with {run_model.prompt.mode!r}")
+    if box_from_first_pass:
+        try:
+            first_pass_prompt(run_model.prompt)  # fails before any export work for a run trained without a box
+        except ValueError as e:
+            raise ExportError(f"--box-from-first-pass, run {run_dir}: {e}") from None
 
     samples, source = parity_samples(run_model, data_dir, parity_images)
     cases = make_cases(samples, run_model.prompt, run_model.spec)

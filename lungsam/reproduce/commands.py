@@ -16,13 +16,16 @@ import click
 @click.option("--quick", is_flag=True,
               help="Reduced protocol: one 60/20/20 split, 5 epochs, 2-cell grid, 60 images per set (see tables.md).")
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Results folder; everything goes to OUT/<backbone>/.")
+              help="Results folder; everything goes to OUT/<backbone>/ (OUT/<backbone>-enc<S>/ with --encoder-size).")
 @click.option("--epochs", type=int, help="Maximum epochs per training run (default: 100, --quick: 5).")
 @click.option("--subset", type=int,
               help="Use at most N images of each set, a seeded random subset (default: all; --quick: 60).")
 @click.option("--size", default=256, show_default=True, help="Working resolution (images and masks resized to SxS).")
+@click.option("--encoder-size", type=click.IntRange(min=16), default=None,
+              help="Image encoder input side for every SAM step (default: the backbone's native size). Smaller makes "
+                   "the decoder's token grid, and training, cheaper; results go to OUT/<backbone>-enc<S>/.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subset, size, quiet):
+def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subset, size, encoder_size, quiet):
     """Run the paper's protocol (zero-shot, thresholds, lr x wd grid, 5-fold per prompt, cross-dataset)
     as resumable steps and write OUT/<backbone>/tables.md, results.json and figures."""
     from ..backbones import UnknownBackboneError
@@ -32,12 +35,13 @@ def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subse
 
     try:
         settings = protocol_settings(data_root=data_root, backbone=backbone, checkpoint=checkpoint, device=device,
-                                     quick=quick, epochs=epochs, subset=subset, size=size)
+                                     quick=quick, epochs=epochs, subset=subset, size=size, encoder_size=encoder_size)
         command = " ".join(["lungsam reproduce", f"--data-root {data_root}", f"--backbone {backbone}"]
                            + ([f"--checkpoint {checkpoint}"] if checkpoint else [])
                            + ([f"--device {device}"] if device != "auto" else []) + (["--quick"] if quick else [])
                            + [f"--out {out}"] + ([f"--epochs {epochs}"] if epochs else [])
-                           + ([f"--subset {subset}"] if subset else []) + ([f"--size {size}"] if size != 256 else []))
+                           + ([f"--subset {subset}"] if subset else []) + ([f"--size {size}"] if size != 256 else [])
+                           + ([f"--encoder-size {encoder_size}"] if encoder_size else []))
         res = run_protocol(settings, out, command=command, log=lambda m: click.echo(m, err=True),
                            progress=not quiet)
     except (ProtocolError, UnknownBackboneError, DataError, RunError, FileNotFoundError, ValueError, RuntimeError) as e:

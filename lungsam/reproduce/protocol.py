@@ -56,6 +56,9 @@ class Settings:
         grid: ``[(lr, weight_decay)]`` cells tried on one 60/20/20 split per set (prompt ``points``).
         subset: per set, at most this many images (``None``: all), drawn with a seeded permutation.
         unet: train the U-Net baseline (Table 9) on each set's folds.
+        encoder_size: the image encoder's input side for every SAM step (``None``: the backbone's native
+            one); a smaller one makes the decoder's token grid, and so training, cheaper (results go to
+            ``OUT/<backbone>-enc<S>/``).
     """
 
     data_root: str
@@ -74,8 +77,14 @@ class Settings:
     points_per_lung: int = 3
     unet: bool = True
     size: int = 256
+    encoder_size: int | None = None
     batch_size: int = 8
     seed: int = 0
+
+    @property
+    def label(self) -> str:
+        """The results folder's name: the backbone, and its encoder input when not native."""
+        return self.backbone if self.encoder_size is None else f"{self.backbone}-enc{self.encoder_size}"
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -88,25 +97,33 @@ class Settings:
             parts.append(f"--device {self.device}")
         if self.quick:
             parts.append("--quick")
+        if self.encoder_size is not None:
+            parts.append(f"--encoder-size {self.encoder_size}")
         return " ".join(parts)
 
 
 def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None = None, device: str = "auto",
                       quick: bool = False, epochs: int | None = None, subset: int | None = None,
-                      size: int = 256) -> Settings:
+                      size: int = 256, encoder_size: int | None = None) -> Settings:
     """The full protocol, or the ``--quick`` one: one 60/20/20 split, ``QUICK_EPOCHS`` epochs without early stop,
     the 2-cell grid ``QUICK_GRID`` and ``QUICK_SUBSET`` images per set (``epochs``/``subset`` override)."""
-    from ..backbones import get_backbone
+    from ..backbones import get_backbone, preprocess_for
     from ..train.config import TrainConfig
     from ..train.run import checkpoint_for
 
     get_backbone(backbone)
+    if encoder_size is not None:
+        if encoder_size == get_backbone(backbone).preprocess.img_size:
+            encoder_size = None  # the native size: the same protocol and results folder as without the option
+        else:
+            preprocess_for(backbone, encoder_size)  # a size that does not fit fails before any work
     root = Path(data_root).resolve()
     for s in SETS:
         if not (root / s / "images").is_dir() or not (root / s / "masks").is_dir():
             raise ProtocolError(f"{root}: expected {s}/images and {s}/masks")
     ckpt = checkpoint_for(TrainConfig(backbone=backbone, checkpoint=checkpoint))
-    st = Settings(data_root=str(root), backbone=backbone, checkpoint=ckpt, device=device, quick=quick, size=size)
+    st = Settings(data_root=str(root), backbone=backbone, checkpoint=ckpt, device=device, quick=quick, size=size,
+                  encoder_size=encoder_size)
     if quick:
         st.folds, st.epochs = 1, QUICK_EPOCHS
         st.grid = list(QUICK_GRID)
@@ -247,7 +264,7 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
     from ..train.run import embed_samples, evaluate, load_data, train_run
     from . import tables
 
-    root = Path(out) / st.backbone
+    root = Path(out) / st.label
     runs = root / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     t0, started = time.perf_counter(), utc_now()
@@ -256,22 +273,23 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
     data = prepare_data(st, runs, log)
     steps = Steps(root, log)
     qlog = _quiet(log)
+    enc = {} if st.encoder_size is None else {"encoder_size": st.encoder_size}  # step settings (absent: native)
 
     # 1. encoder pass per set (fills the shared embedding cache; all later steps hit it)
     for name, ds in data.items():
         def encode(ds=ds):
             from ..backbones import build_backbone
 
-            cfg = TrainConfig(backbone=st.backbone, checkpoint=st.checkpoint, size=st.size)
+            cfg = TrainConfig(backbone=st.backbone, checkpoint=st.checkpoint, size=st.size, encoder_size=st.encoder_size)
             d = load_data([str(ds.path)], st.size, qlog)
-            sam = build_backbone(st.backbone, st.checkpoint)
+            sam = build_backbone(st.backbone, st.checkpoint, encoder_size=st.encoder_size)
             t = time.perf_counter()
             _, cache = embed_samples(sam, cfg, st.checkpoint, d.samples, device, progress)
             return {"n": len(d.samples), "computed": cache.misses, "cache_hits": cache.hits,
                     "encode_seconds": time.perf_counter() - t, "device": device, "cache_dir": str(cache.directory)}
         steps.run(f"encode {ds.tag}", "encode", runs / ds.tag / "encode",
                   {"backbone": st.backbone, "weights_sha256": wsha, "data": str(ds.path), "n": len(ds.ids),
-                   "size": st.size}, encode)
+                   "size": st.size, **enc}, encode)
 
     zero, grid, best_hp, kfold, cross, pooled, unet = {}, {}, {}, {}, {}, {}, {}
 
@@ -292,11 +310,11 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
             o = runs / ds.tag / f"zeroshot_{mode}"
             sets = {"backbone": st.backbone, "weights_sha256": wsha, "data": str(ds.path), "prompt": mode,
                     "prompt_from": str(ds.prompt_source), "points_per_lung": st.points_per_lung, "size": st.size,
-                    "threshold": 0.5}
+                    "threshold": 0.5, **enc}
             steps.run(f"zero-shot {ds.tag} {mode}", "zero-shot", o, sets, lambda o=o, ds=ds, mode=mode: _brief(evaluate(
                 out=o, data_paths=[str(ds.path)], backbone=st.backbone, checkpoint=st.checkpoint, prompt_mode=mode,
                 points_per_lung=st.points_per_lung, prompt_from=[str(ds.prompt_source)], threshold=None, size=st.size,
-                device=device, log=qlog, progress=progress)))
+                encoder_size=st.encoder_size, device=device, log=qlog, progress=progress)))
             zero[(name, mode)] = o
     write_tables(False)
 
@@ -304,7 +322,7 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
         return TrainConfig(data=[str(d.path) for d in sets_], backbone=st.backbone, checkpoint=st.checkpoint, prompt=prompt,
                            points_per_lung=st.points_per_lung, size=st.size, folds=folds, epochs=st.epochs,
                            patience=st.patience, lr=lr, weight_decay=wd, batch_size=st.batch_size, seed=st.seed,
-                           device=st.device)
+                           device=st.device, encoder_size=st.encoder_size)
 
     def train(ds: DataSet | list[DataSet], prompt: str, lr: float, wd: float, folds: int, kind: str) -> Path:
         sets_ = ds if isinstance(ds, list) else [ds]

@@ -200,6 +200,7 @@ def pooled_table(root: Path, pooled: dict, kfold: dict, steps: list[dict]) -> di
 # ---------------------------------------------------------------------------------------------
 
 FULL_SET_SIZES = {"montgomery": 138, "shenzhen": 566}
+TYPICAL_EPOCHS = 30  # where early stopping ended our full 5-fold runs (13-30 epochs, lr 1e-4, patience 10)
 
 
 def estimate(res: dict, st, root: Path) -> dict:
@@ -226,8 +227,9 @@ def estimate(res: dict, st, root: Path) -> dict:
         train_units = sum(ep * 0.8 * n * (n_grid + n_prompts * k + k) for n in FULL_SET_SIZES.values())  # + pooled
         unet_units = sum(ep * 0.8 * n * k for n in FULL_SET_SIZES.values()) if st.unet else 0
         out["full_protocol_training_s_upper_bound"] = train_units * rate + unet_units * (u_rate or rate)
+        out["full_protocol_training_s_typical"] = out["full_protocol_training_s_upper_bound"] * TYPICAL_EPOCHS / ep
         out["full_protocol_encode_s"] = None if enc_rate is None else enc_rate * sum(FULL_SET_SIZES.values())
-        out["full_protocol_runs"] = {"per_set": n_grid + n_prompts * k, "epochs_max": ep,
+        out["full_protocol_runs"] = {"per_set": n_grid + n_prompts * k, "epochs_max": ep, "epochs_typical": TYPICAL_EPOCHS,
                                      "fold_trainings": 2 * (n_grid + n_prompts * k), "pooled_fold_trainings": k}
     return out
 
@@ -320,7 +322,8 @@ def render(res: dict) -> str:
     bb = res["backbone"]
     quick = res["profile"] == "quick"
     sets = list(res["data"])
-    L = [f"# Reproducing {paper.CITATION} with `{bb}`", ""]
+    enc = st.get("encoder_size")
+    L = [f"# Reproducing {paper.CITATION} with `{bb}`" + (f" at encoder input {enc}" if enc else ""), ""]
     if not res.get("complete", True):
         L += [f"**PARTIAL**: written after the step \"{res['steps'][-1]['name'] if res['steps'] else '-'}\"; "
               "the remaining steps have not run yet.", ""]
@@ -328,7 +331,9 @@ def render(res: dict) -> str:
         f"Profile: **{res['profile']}**{' (reduced protocol; NOT the paper protocol: see below)' if quick else ''}. "
         f"Backbone `{bb}` (weights sha256 `{res['weights_sha256'][:16]}…`); the paper used SAM ViT-B, so the paper's "
         "numbers are a reference, not the same model. F1 = Dice, mean ± population std. Images and masks are scored "
-        f"at {st['size']}x{st['size']}. All our numbers below were measured by this command; \"n/a\" marks a value "
+        f"at {st['size']}x{st['size']}"
+        + (f"; every SAM step runs the image encoder at {enc}x{enc}, not the backbone's native input size" if enc else "")
+        + ". All our numbers below were measured by this command; \"n/a\" marks a value "
         "the paper reports that we have not transcribed, or one we did not measure.",
         "",
         "Protocol as run:",
@@ -526,10 +531,18 @@ def render(res: dict) -> str:
                  f"{fr['epochs_max']} epochs: at most {e['full_protocol_training_s_upper_bound'] / 3600:.1f} h of "
                  "training on this machine" + (f", plus {enc_full / 60:.0f} min of encoding (704 images)" if enc_full
                                                 else "") + "; early stopping (patience 15) shortens it.")
-        if e["full_protocol_training_s_upper_bound"] > 8 * 3600:
-            L.append("- That is more than a working day on this machine: on CPU run the full protocol with a smaller "
-                     "`--epochs` (cost scales linearly) or on a GPU.")
-    L += ["- GPU: not measured (no GPU on the machine that ran this).", ""]
+        typical = e.get("full_protocol_training_s_typical")
+        if typical is not None:
+            L.append(f"- typical: about {typical / 3600:.1f} h of training if runs stop after "
+                     f"{fr.get('epochs_typical', TYPICAL_EPOCHS)} epochs, where early stopping ended our full 5-fold "
+                     "runs (13-30 epochs at lr 1e-4; cells with lr 1e-5 learn slower and may run longer).")
+        if (typical or e["full_protocol_training_s_upper_bound"]) > 8 * 3600:
+            L.append("- That is more than a working day on this machine. The decoder's cost grows with the "
+                     "embedding grid: `--encoder-size` (e.g. 512 for `mobile_sam`, a 32x32 grid instead of 64x64) makes "
+                     "training several times cheaper; a smaller `--epochs` cuts it linearly; or run on a GPU.")
+    if not str(res.get("device", "cpu")).startswith("cuda"):
+        L.append("- GPU: not measured (no GPU on the machine that ran this).")
+    L.append("")
     return "\n".join(L) + "\n"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import preprocess as pp
 from ..imageio import ImageReadError, LoadedImage, read_image
-from ..prompts import BOX_PROMPT_MODES, first_pass_box, first_pass_prompt, labelled_points, model_prompt
+from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_prompt
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError
 
@@ -130,10 +130,14 @@ class LungSegmenter:
 
     def __init__(self, bundle: Bundle, models: dict[str, Model], choice: BackendChoice, threads: int | None = None,
                  box_from_first_pass: bool = False):
-        if box_from_first_pass and (bundle.prompt.mode not in BOX_PROMPT_MODES or "decoder" not in models):
-            raise BundleError(f"bundle {bundle.root}: a box from a first pass needs a model prompted with a box "
-                              f"(prompt {', '.join(BOX_PROMPT_MODES)}) and the prompted decoder; this one has prompt "
-                              f"{bundle.prompt.mode!r} and models {', '.join(models)}")
+        if box_from_first_pass:
+            try:
+                first_pass_prompt(bundle.prompt)
+            except ValueError as e:
+                raise BundleError(f"bundle {bundle.root}: {e}") from None
+            if "decoder" not in models:
+                raise BundleError(f"bundle {bundle.root}: a box from a first pass needs the prompted decoder; this "
+                                  f"bundle has {', '.join(models)}")
         self.box_from_first_pass = box_from_first_pass
         self.bundle = bundle
         self.spec = bundle.spec

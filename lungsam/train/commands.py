@@ -100,13 +100,15 @@ def f1_n(aggregate: dict) -> int:
 @click.option("--threshold", type=float, help="Probability threshold (default: the run's, or 0.5 zero-shot).")
 @click.option("--size", type=int, help="Resolution S at which images are fed and masks scored (default: the run's "
                                        "working size, or 256 zero-shot).")
+@click.option("--encoder-size", type=click.IntRange(min=16), default=None,
+              help="Zero-shot: the image encoder's input side (default: the backbone's native size).")
 @click.option("--box-from-first-pass", is_flag=True,
               help="For a model prompted with a box: take each image's box from the model's own first mask "
                    "(learned prompt + mean-mask box) instead of the ground truth; no annotation needed.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
 def eval_cmd(run, data, out, fold, split, backbone, checkpoint, prompt, points_per_lung, prompt_from, threshold, size,
-             box_from_first_pass, device, quiet):
+             encoder_size, box_from_first_pass, device, quiet):
     """Score a trained RUN, or a backbone zero-shot, on data sets (metrics.json + report.md)."""
     from ..backbones import UnknownBackboneError
     from ..data import DataError
@@ -118,7 +120,8 @@ def eval_cmd(run, data, out, fold, split, backbone, checkpoint, prompt, points_p
     try:
         r = evaluate(out=out, data_paths=list(data), run_dir=run, fold=fold, split=split, backbone=backbone, checkpoint=checkpoint,
                      prompt_mode=prompt, points_per_lung=points_per_lung, prompt_from=list(prompt_from) or None,
-                     threshold=threshold, size=size, box_from_first_pass=box_from_first_pass, device=device,
+                     threshold=threshold, size=size, encoder_size=encoder_size, box_from_first_pass=box_from_first_pass,
+                     device=device,
                      log=lambda m: click.echo(m, err=True),
                      progress=not quiet)
     except (UnknownBackboneError, DataError, RunError, FileNotFoundError, ValueError, RuntimeError) as e:

@@ -500,7 +500,8 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
             samples = held_out_samples(rm.split["test"], by_id, f"{run_dir} fold {rm.fold}")
         else:
             samples = data.samples
-        cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"), size=size)
+        cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"), size=size,
+                          encoder_size=rm.run["config"].get("encoder_size"))
         thr, thr_src = (threshold, "given") if threshold is not None else (rm.threshold, "chosen on the fold's validation split")
         probs, f1, iou, notes = score_model(rm.sam, rm.spec, rm.prompt, thr, cfg, cfg.checkpoint,
                                             rm.encoder_fingerprint, samples, device, progress, box_from_first_pass)
@@ -516,8 +517,8 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
 def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = None, fold: int | None = None,
              split: str = "all", backbone: str | None = None, checkpoint: str | None = None, prompt_mode: str = "points",
              points_per_lung: int = 3, prompt_from: list[str] | None = None, threshold: float | None = None,
-             size: int | None = None, box_from_first_pass: bool = False, device: str = "auto", log: Log = print,
-             progress: bool = True) -> dict:
+             size: int | None = None, encoder_size: int | None = None, box_from_first_pass: bool = False,
+             device: str = "auto", log: Log = print, progress: bool = True) -> dict:
     """Score a run or a zero-shot backbone on data sets; writes metrics.json, report.md and overlays.png.
 
     Args:
@@ -526,6 +527,8 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
             test images only (leak-free; with k folds every image once).
         size: working resolution S at which images are fed and masks scored (default: the run's, or
             256 zero-shot); larger than the run's, it measures the masks at a higher resolution.
+        encoder_size: zero-shot only: the image encoder's input side (default: the backbone's native one);
+            a run's encoder size comes from the run.
         box_from_first_pass: for a model prompted with a box, take each image's box from the model's own
             first mask (learned prompt + mean-mask box) instead of the ground truth or the mean mask.
     Zero-shot prompts come from the mean mask of ``prompt_from`` data sets (default: the evaluated
@@ -541,7 +544,10 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         run_json = Path(run_dir) / "run.json"
         if not run_json.exists():
             raise RunError(f"{run_dir}: not a lungsam run (no run.json)")
-        trained_size = int(read_json(run_json)["config"]["size"])
+        if encoder_size is not None:
+            raise ValueError("--encoder-size is for zero-shot evaluation; a run is scored at its own encoder size")
+        run_cfg = read_json(run_json)["config"]
+        trained_size, encoder_size = int(run_cfg["size"]), run_cfg.get("encoder_size")
         size = size or trained_size
         data = load_data(data_paths, size, log)
         parts, name = _run_parts(run_dir, fold, checkpoint, split, threshold, size, data, device, progress,
@@ -552,14 +558,15 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         if split != "all":
             raise ValueError("--split test needs a RUN (zero-shot has no held-out split)")
         size = size or 256
-        cfg = TrainConfig(backbone=backbone, checkpoint=checkpoint, size=size)
+        cfg = TrainConfig(backbone=backbone, checkpoint=checkpoint, size=size, encoder_size=encoder_size)
+        spec = preprocess_for(backbone, encoder_size)  # an encoder size that does not fit fails before any work
         ckpt = checkpoint_for(cfg)
-        sam = build_backbone(backbone, ckpt)
-        spec = get_backbone(backbone).preprocess
+        sam = build_backbone(backbone, ckpt, encoder_size=encoder_size)
         src = load_data(prompt_from or data_paths, size, log)
         prompt = learn_prompt([s.mask for s in src.samples], prompt_mode, points_per_lung)
         thr, thr_src = (threshold, "given") if threshold is not None else (0.5, "SAM default (logit 0)")
-        name = f"zero-shot {backbone} ({prompt_mode}; prompt from {', '.join(prompt_from or data_paths)})"
+        enc = f", encoder input {encoder_size}" if encoder_size else ""
+        name = f"zero-shot {backbone} ({prompt_mode}; prompt from {', '.join(prompt_from or data_paths)}{enc})"
         data = load_data(data_paths, size, log)
         probs, f1, iou, notes = score_model(sam, spec, prompt, thr, cfg, ckpt, None, data.samples, device, progress,
                                             box_from_first_pass)
@@ -572,7 +579,8 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
     first = parts[0].record
     result = {
         "model": name, "data": data_paths, "split": split, "n": len(f1), "n_skipped": len(data.skipped),
-        "skipped": data.skipped, "size": size, "trained_size": trained_size, "prompt": first["prompt"],
+        "skipped": data.skipped, "size": size, "trained_size": trained_size, "encoder_size": encoder_size,
+        "prompt": first["prompt"],
         "prompt_uses_ground_truth": first["prompt_uses_ground_truth"], "box_source": first["box_source"],
         "first_pass_empty": (sum(p.record["first_pass_empty"] for p in parts) if box_from_first_pass else None),
         "threshold": first["threshold"] if len(parts) == 1 else None, "threshold_source": first["threshold_source"],
