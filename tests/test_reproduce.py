@@ -210,3 +210,27 @@ def test_encoder_size_runs_every_sam_step_at_that_size(data_root, tmp_path):
     assert native.encoder_size is None and native.label == "tiny"
     with pytest.raises(ValueError, match="multiple of 16"):
         protocol_settings(data_root=str(data_root), backbone="tiny", encoder_size=72)
+
+
+def test_cost_estimate_uses_fold_medians_and_counts_fixed_costs(tmp_path):
+    """One fold slowed by another job does not move the extrapolation; time outside the epochs is counted per fold."""
+    from types import SimpleNamespace
+
+    from lungsam.artifacts import write_json_atomic
+    from lungsam.reproduce.tables import FULL_SET_SIZES, TYPICAL_EPOCHS, estimate
+
+    def fold(train_s):  # 5 epochs x (36 + 12) images; 4 s outside the epochs
+        return {"train_time_s": train_s, "fold_wall_s": train_s + 4.0, "epochs_run": 5,
+                "n": {"train": 36, "val": 12, "test": 12}}
+    steps = []
+    for i, secs in enumerate([24.0, 24.0, 240.0]):  # the third was slowed 10x
+        write_json_atomic(tmp_path / f"r{i}" / "metrics.json", {"folds": [fold(secs)]})
+        steps.append({"kind": "k-fold", "out": f"r{i}", "info": {}})
+    e = estimate({"steps": steps}, SimpleNamespace(prompts=("points", "box", "both", "auto-box"), unet=False), tmp_path)
+    assert e["train_s_per_image_epoch"] == pytest.approx(24.0 / 240) and e["train_fixed_s_per_fold"] == 4.0
+    n = sum(FULL_SET_SIZES.values())
+    folds = 2 * (9 + 4 * 5) + 5
+    want = TYPICAL_EPOCHS * 0.8 * n * (9 + 20 + 5) * 0.1 + folds * 4.0
+    assert e["full_protocol_training_s_typical"] == pytest.approx(want)
+    assert e["full_protocol_training_s_upper_bound"] > e["full_protocol_training_s_typical"]
+    assert e["encode_s_per_image"] is None and e["unet_s_per_image_epoch"] is None

@@ -203,31 +203,45 @@ FULL_SET_SIZES = {"montgomery": 138, "shenzhen": 566}
 TYPICAL_EPOCHS = 30  # where early stopping ended our full 5-fold runs (13-30 epochs, lr 1e-4, patience 10)
 
 
+def _fold_costs(root: Path, runs) -> tuple[float | None, float | None]:
+    """Median over the folds of ``runs`` of (epoch seconds per image of train + val, seconds outside the epochs).
+
+    Medians, so one fold slowed by another job on a shared machine does not move the extrapolation."""
+    rates, fixed = [], []
+    for run in dict.fromkeys(runs):
+        for f in read_json(root / run / "metrics.json")["folds"]:
+            units = f["epochs_run"] * (f["n"]["train"] + f["n"]["val"])
+            if units:
+                rates.append(f["train_time_s"] / units)
+                fixed.append(max(f["fold_wall_s"] - f["train_time_s"], 0.0))
+    if not rates:
+        return None, None
+    return float(np.median(rates)), float(np.median(fixed))
+
+
 def estimate(res: dict, st, root: Path) -> dict:
-    """Per-image encode cost and per-(image x epoch) training cost measured in this invocation's artifacts, and
-    the full protocol's cost extrapolated from them (upper bound: every run goes to 100 epochs)."""
+    """Per-image encode cost, per-(image x epoch) training cost and per-fold fixed cost (model build, threshold sweep,
+    test scoring) measured in this invocation's artifacts, and the full protocol's cost extrapolated from them: an
+    upper bound (every run goes to 100 epochs) and a typical figure (runs stop after ``TYPICAL_EPOCHS``)."""
     enc = [s["info"] for s in res["steps"] if s["kind"] == "encode" and s["info"].get("computed", 0) > 0]
     enc_rate = (sum(i["encode_seconds"] for i in enc) / sum(i["computed"] for i in enc)) if enc else None
-    wall, units = 0.0, 0
-    for run in dict.fromkeys(s["out"] for s in res["steps"] if s["kind"] in ("grid", "k-fold", "pooled")):
-        for f in read_json(root / run / "metrics.json")["folds"]:
-            wall += f["fold_wall_s"]
-            units += f["epochs_run"] * (f["n"]["train"] + f["n"]["val"])
-    rate = wall / units if units else None
-    u_wall, u_units = 0.0, 0
-    for run in dict.fromkeys(s["out"] for s in res["steps"] if s["kind"] == "unet"):
-        for f in read_json(root / run / "metrics.json")["folds"]:
-            u_wall += f["fold_wall_s"]
-            u_units += f["epochs_run"] * (f["n"]["train"] + f["n"]["val"])
-    u_rate = u_wall / u_units if u_units else None
-    out = {"encode_s_per_image": enc_rate, "train_s_per_image_epoch": rate, "unet_s_per_image_epoch": u_rate,
-           "note": "measured on this machine in this invocation's steps (reused steps keep their original timings)"}
+    rate, fixed = _fold_costs(root, [s["out"] for s in res["steps"] if s["kind"] in ("grid", "k-fold", "pooled")])
+    u_rate, u_fixed = _fold_costs(root, [s["out"] for s in res["steps"] if s["kind"] == "unet"])
+    out = {"encode_s_per_image": enc_rate, "train_s_per_image_epoch": rate, "train_fixed_s_per_fold": fixed,
+           "unet_s_per_image_epoch": u_rate, "unet_fixed_s_per_fold": u_fixed,
+           "note": "medians over this invocation's folds on this machine (reused steps keep their original timings)"}
     if rate is not None:
         n_grid, n_prompts, k, ep = len(paper.LR_GRID) * len(paper.WD_GRID), len(st.prompts), 5, 100
-        train_units = sum(ep * 0.8 * n * (n_grid + n_prompts * k + k) for n in FULL_SET_SIZES.values())  # + pooled
-        unet_units = sum(ep * 0.8 * n * k for n in FULL_SET_SIZES.values()) if st.unet else 0
-        out["full_protocol_training_s_upper_bound"] = train_units * rate + unet_units * (u_rate or rate)
-        out["full_protocol_training_s_typical"] = out["full_protocol_training_s_upper_bound"] * TYPICAL_EPOCHS / ep
+        image_epochs = sum(0.8 * n * (n_grid + n_prompts * k + k) for n in FULL_SET_SIZES.values())  # + pooled
+        unet_image_epochs = sum(0.8 * n * k for n in FULL_SET_SIZES.values()) if st.unet else 0
+        n_folds = 2 * (n_grid + n_prompts * k) + k
+        n_unet = 2 * k if st.unet else 0
+
+        def total(epochs: int) -> float:
+            return (epochs * (image_epochs * rate + unet_image_epochs * (u_rate or rate))
+                    + n_folds * fixed + n_unet * (u_fixed if u_fixed is not None else fixed))
+        out["full_protocol_training_s_upper_bound"] = total(ep)
+        out["full_protocol_training_s_typical"] = total(TYPICAL_EPOCHS)
         out["full_protocol_encode_s"] = None if enc_rate is None else enc_rate * sum(FULL_SET_SIZES.values())
         out["full_protocol_runs"] = {"per_set": n_grid + n_prompts * k, "epochs_max": ep, "epochs_typical": TYPICAL_EPOCHS,
                                      "fold_trainings": 2 * (n_grid + n_prompts * k), "pooled_fold_trainings": k}
@@ -522,7 +536,12 @@ def render(res: dict) -> str:
     L.append(f"- encoder: {_f(enc, 2)} s per image" + (" (all embeddings came from the cache in this invocation)"
                                                        if enc is None else ""))
     if e.get("train_s_per_image_epoch") is not None:
-        L.append(f"- decoder training + validation: {e['train_s_per_image_epoch'] * 1000:.1f} ms per image per epoch")
+        fixed = e.get("train_fixed_s_per_fold")
+        L.append(f"- decoder training + validation: {e['train_s_per_image_epoch'] * 1000:.1f} ms per image per epoch"
+                 + (f", plus {fixed:.0f} s per fold outside the epochs (model build, threshold sweep, test scoring)"
+                    if fixed is not None else "") + " (medians over the folds above)")
+        if e.get("unet_s_per_image_epoch") is not None:
+            L.append(f"- U-Net: {e['unet_s_per_image_epoch'] * 1000:.1f} ms per image per epoch")
         fr = e["full_protocol_runs"]
         enc_full = e.get("full_protocol_encode_s")
         L.append(f"- full protocol: {fr['fold_trainings']} fold trainings ({fr['per_set']} per set) and "
@@ -537,9 +556,11 @@ def render(res: dict) -> str:
                      f"{fr.get('epochs_typical', TYPICAL_EPOCHS)} epochs, where early stopping ended our full 5-fold "
                      "runs (13-30 epochs at lr 1e-4; cells with lr 1e-5 learn slower and may run longer).")
         if (typical or e["full_protocol_training_s_upper_bound"]) > 8 * 3600:
-            L.append("- That is more than a working day on this machine. The decoder's cost grows with the "
-                     "embedding grid: `--encoder-size` (e.g. 512 for `mobile_sam`, a 32x32 grid instead of 64x64) makes "
-                     "training several times cheaper; a smaller `--epochs` cuts it linearly; or run on a GPU.")
+            L.append("- That is more than a working day on this machine. "
+                     + ("" if st.get("encoder_size") else
+                        "The decoder's cost grows with the embedding grid: `--encoder-size` (e.g. 512 for `mobile_sam`, "
+                        "a 32x32 grid instead of 64x64) makes training about 4x cheaper; ")
+                     + "A smaller `--epochs` cuts it linearly; or run on a GPU.")
     if not str(res.get("device", "cpu")).startswith("cuda"):
         L.append("- GPU: not measured (no GPU on the machine that ran this).")
     L.append("")
