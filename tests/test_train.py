@@ -386,3 +386,41 @@ def test_unet_baseline_tests_the_sam_runs_images_and_compares_paired(tiny_run, t
     with pytest.raises(ValueError, match="lr"):
         train_unet_run(UNetConfig(folds=1, epochs=2, channels=(4, 8, 16), res_units=1, batch_size=4, lr=1e-2), out,
                        resume=True, log=lambda m: None, progress=False)
+
+
+def test_unet_fold_killed_mid_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """A U-Net fold killed in epoch 3 goes on from epoch 3 with --resume and ends where an unbroken run ends."""
+    import lungsam.train.unet as unet_mod
+    from lungsam.artifacts import read_json
+    from lungsam.train.unet import UNetConfig, train_unet_run
+
+    cfg = UNetConfig(folds=1, epochs=4, patience=10, channels=(4, 8, 16), res_units=1, batch_size=4, size=64)
+    quiet = dict(log=lambda m: None, progress=False)
+    train_unet_run(cfg, tmp_path / "whole", **quiet)
+
+    calls = {"n": 0}
+    orig = unet_mod.unet_logits
+
+    def dying_logits(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed while validating epoch 3
+        return orig(*a, **k)
+
+    monkeypatch.setattr(unet_mod, "unet_logits", dying_logits)
+    with pytest.raises(KeyboardInterrupt):
+        train_unet_run(cfg, tmp_path / "broken", **quiet)
+    monkeypatch.setattr(unet_mod, "unet_logits", orig)
+    fd = tmp_path / "broken" / "folds" / "fold_0"
+    assert (fd / "train_state.pt").exists() and not (fd / "metrics.json").exists()
+    logs = []
+    train_unet_run(cfg, tmp_path / "broken", resume=True, log=logs.append, progress=False)
+    assert any("resuming after epoch 2" in m for m in logs)
+    hist = lambda d: [r.split(",") for r in (d / "folds" / "fold_0" / "history.csv").read_text().splitlines()[1:]]  # noqa: E731
+    whole, resumed = hist(tmp_path / "whole"), hist(tmp_path / "broken")
+    assert [int(r[0]) for r in resumed] == [1, 2, 3, 4]
+    np.testing.assert_allclose([float(r[1]) for r in resumed], [float(r[1]) for r in whole], rtol=1e-4)  # train loss
+    a = read_json(tmp_path / "whole" / "folds" / "fold_0" / "metrics.json")
+    b = read_json(fd / "metrics.json")
+    assert a["best_epoch"] == b["best_epoch"] and a["threshold"] == b["threshold"]
+    assert b["test"]["f1"]["mean"] == pytest.approx(a["test"]["f1"]["mean"], abs=1e-4)

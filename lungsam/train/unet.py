@@ -12,6 +12,7 @@ variance), a common choice for radiographs whose exposure varies. No augmentatio
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -21,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..artifacts import package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
+from ..artifacts import atomic_path, package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
 from ..data import kfold_splits
 from ..metrics import fmt_mean_std, summarize
 from . import report
@@ -158,9 +159,22 @@ def load_unet(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, U
     return net.to(device).eval(), cfg
 
 
+def _save_state(path: Path, opt: torch.optim.Optimizer, epoch: int, history: list[dict], stop: EarlyStopping,
+                rng: np.random.Generator) -> None:
+    """Everything but the weights (``unet_last.safetensors``) that a killed fold needs to go on after ``epoch``."""
+    buf = io.BytesIO()
+    torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "history": history, "stop": asdict(stop),
+                "rng": rng.bit_generator.state}, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
 def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, device: str, fold_dir: Path, log: Log,
                     progress: bool = True) -> dict:
-    """Train one fold from scratch, choose the threshold on validation, score the test images."""
+    """Train one fold from scratch, choose the threshold on validation, score the test images.
+
+    Resumable: after every epoch the weights (``unet_last.safetensors``), the optimiser, the history, the early
+    stopping marks and the shuffling generator are saved, and a fold folder holding them goes on from there."""
     from monai.losses import DiceFocalLoss
     from tqdm import tqdm
 
@@ -177,8 +191,18 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
     loss_fn = DiceFocalLoss(sigmoid=True, squared_pred=True, reduction="mean")
     stop = EarlyStopping(cfg.patience, cfg.min_delta)
     history: list[dict] = []
+    start, state_path = 1, fold_dir / "train_state.pt"
+    if state_path.exists():
+        from safetensors.torch import load_file
+
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(load_file(str(fold_dir / "unet_last.safetensors")))
+        opt.load_state_dict(st["optimizer"])
+        rng.bit_generator.state = st["rng"]
+        history, stop, start = st["history"], EarlyStopping(**st["stop"]), st["epoch"] + 1
+        log(f"fold {fold}: resuming after epoch {st['epoch']} (best val F1 {stop.best_f1:.4f} at epoch {stop.best_epoch})")
     t_fold = time.perf_counter()
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"unet fold {fold}", unit="epoch", disable=not progress)
+    bar = tqdm(range(start, cfg.epochs + 1), desc=f"unet fold {fold}", unit="epoch", disable=not progress)
     for epoch in bar:
         if stop.should_stop(epoch):
             log(f"fold {fold}: early stop after epoch {epoch - 1} (val F1 rose less than {cfg.min_delta:g} in "
@@ -203,6 +227,8 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
                         "val_f1": float(np.mean(vf1)), "val_iou": float(np.mean(viou)), "epoch_s": secs})
         if stop.update(epoch, float(np.mean(vf1))):
             _save(net, fold_dir / "unet_best.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
+        _save(net, fold_dir / "unet_last.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
+        _save_state(state_path, opt, epoch, history, stop, rng)
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_f1=f"{np.mean(vf1):.4f}", best=stop.best_epoch)
     bar.close()
     keys = ("epoch", "train_loss", "val_loss", "val_f1", "val_iou", "epoch_s")
