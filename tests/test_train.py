@@ -243,6 +243,15 @@ def test_cli_train_and_eval_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     assert "box from ground truth" in r.output
     assert "ground-truth masks" in (tmp_path / "zs" / "report.md").read_text()
+    # zero-shot at a smaller encoder input; a run is scored at its own, so the option is refused with one
+    r = CliRunner().invoke(main, ["eval", "--backbone", "tiny", "--data", DEMO_DATA, "--size", "64", "--encoder-size", "64",
+                                  "--out", str(tmp_path / "zs64"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    zs64 = json.loads((tmp_path / "zs64" / "metrics.json").read_text())
+    assert zs64["encoder_size"] == 64 and "encoder input 64" in zs64["model"]
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data", DEMO_DATA, "--encoder-size", "64",
+                                  "--out", str(tmp_path / "bad64")])
+    assert r.exit_code == 2 and "its own encoder size" in r.output
 
 
 def test_cli_errors_are_clear(tmp_path):
