@@ -145,9 +145,11 @@ def _load_decoder(sam, path: Path) -> None:
     sam.mask_decoder.load_state_dict(load_file(str(path)), strict=True)
 
 
-def _save_state(path: Path, trainer: DecoderTrainer, state: dict) -> None:
+def save_train_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Atomically write ``train_state.pt``: the optimiser's state and ``state`` (plain values, loadable with
+    ``torch.load(..., weights_only=True)``), what a killed fold needs besides its weights to go on."""
     buf = io.BytesIO()
-    torch.save({"optimizer": trainer.optimizer.state_dict(), **state}, buf)
+    torch.save({"optimizer": optimizer.state_dict(), **state}, buf)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
 
@@ -230,7 +232,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
         _save_decoder(sam, fold_dir / "decoder_last.safetensors", meta)
         if lora:
             _save_adapter(sam, fold_dir / "encoder_lora_last.safetensors", meta)
-        _save_state(state_path, trainer, {"epoch": epoch, "history": history, "best_f1": best_f1,
+        save_train_state(state_path, trainer.optimizer, {"epoch": epoch, "history": history, "best_f1": best_f1,
                                           "best_epoch": best_epoch, "mark_f1": mark_f1, "mark_epoch": mark_epoch,
                                           "rng": trainer.rng.bit_generator.state})
         bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{val['val_f1']:.4f}", best=best_epoch)

@@ -12,7 +12,6 @@ variance), a common choice for radiographs whose exposure varies. No augmentatio
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -22,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..artifacts import atomic_path, package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
+from ..artifacts import package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
 from ..data import kfold_splits
 from ..metrics import fmt_mean_std, summarize
 from . import report
@@ -159,16 +158,6 @@ def load_unet(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, U
     return net.to(device).eval(), cfg
 
 
-def _save_state(path: Path, opt: torch.optim.Optimizer, epoch: int, history: list[dict], stop: EarlyStopping,
-                rng: np.random.Generator) -> None:
-    """Everything but the weights (``unet_last.safetensors``) that a killed fold needs to go on after ``epoch``."""
-    buf = io.BytesIO()
-    torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "history": history, "stop": asdict(stop),
-                "rng": rng.bit_generator.state}, buf)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-
-
 def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, device: str, fold_dir: Path, log: Log,
                     progress: bool = True) -> dict:
     """Train one fold from scratch, choose the threshold on validation, score the test images.
@@ -177,6 +166,8 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
     stopping marks and the shuffling generator are saved, and a fold folder holding them goes on from there."""
     from monai.losses import DiceFocalLoss
     from tqdm import tqdm
+
+    from .run import save_train_state
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(fold_dir / "split.json", split)
@@ -228,7 +219,8 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
         if stop.update(epoch, float(np.mean(vf1))):
             _save(net, fold_dir / "unet_best.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
         _save(net, fold_dir / "unet_last.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
-        _save_state(state_path, opt, epoch, history, stop, rng)
+        save_train_state(state_path, opt, {"epoch": epoch, "history": history, "stop": asdict(stop),
+                                           "rng": rng.bit_generator.state})
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_f1=f"{np.mean(vf1):.4f}", best=stop.best_epoch)
     bar.close()
     keys = ("epoch", "train_loss", "val_loss", "val_f1", "val_iou", "epoch_s")
