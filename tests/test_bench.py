@@ -240,6 +240,13 @@ def test_plan_skips_what_cannot_run_here():
     assert "no fp16 models" in by[("onnxruntime", "fp16")].skip
     assert "bf16" in by[("onnxruntime", "bf16")].skip
     assert by[("onnxruntime", "fp32")].skip is None
+    int8 = make_plan(["torch", "onnxruntime", "tensorrt"], ["fp32", "int8"], "cpu", _NoFp16Bundle())
+    by = {(p.backend, p.precision): p for p in int8}
+    assert "onnxruntime CPU quantisation" in by[("torch", "int8")].skip
+    assert "export with --int8" in by[("onnxruntime", "int8")].skip
+    assert "GPU only" in by[("tensorrt", "int8")].skip
+    cuda = {p.backend: p for p in make_plan(["onnxruntime"], ["int8"], "cuda", _NoFp16Bundle())}
+    assert "CPU only" in cuda["onnxruntime"].skip
     with pytest.raises(ValueError):
         make_plan(["tflite"], ["fp32"], "cpu", _NoFp16Bundle())
 
@@ -318,7 +325,7 @@ def tiny_bundle(tiny_run, tmp_path_factory):
     from lungsam.export.commands import export
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    res = CliRunner().invoke(export, [str(tiny_run), "--out", str(out), "--fp16"], catch_exceptions=False)
+    res = CliRunner().invoke(export, [str(tiny_run), "--out", str(out), "--fp16", "--int8"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return out
 
@@ -356,7 +363,10 @@ def test_bench_tiny_bundle_end_to_end(tiny_bench, tiny_run):
     assert abs(ort["accuracy"]["f1"]["mean"] - ref["accuracy"]["f1"]["mean"]) < 0.02
     assert ort["vs_reference"]["end_to_end_p50"] > 0
     assert by[("onnxruntime", "fp16")]["status"] == "ok"
-    for key in (("tensorrt", "fp32"), ("tensorrt", "fp16")):
+    q = by[("onnxruntime", "int8")]  # in the default --precisions; the bundle was exported with --int8
+    assert q["status"] == "ok" and q["parity"]["mask_f1"]["mean"] >= 0.98 and q["parity"]["max_abs_logit_diff"] > 0
+    assert by[("torch", "int8")]["status"] == "skipped"
+    for key in (("tensorrt", "fp32"), ("tensorrt", "fp16"), ("tensorrt", "int8")):
         assert by[key]["status"] == "skipped" and "GPU only" in by[key]["reason"]
     assert by[("torch", "fp16")]["status"] == "skipped" and by[("torch", "fp16")]["reason"]
     for r in (ref, ort):

@@ -37,9 +37,9 @@ def decoder_session(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp16_bundle(tiny_run, tmp_path_factory) -> tuple[Path, str]:
-    """``tiny_run`` exported through the CLI with --fp16 (parity on the fold's 3 test images)."""
+    """``tiny_run`` exported through the CLI with --fp16 --int8 (parity on the fold's 3 test images)."""
     out = tmp_path_factory.mktemp("export") / "bundle"
-    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--fp16"])
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--fp16", "--int8"])
     assert res.exit_code == 0, res.output
     return out, res.output
 
@@ -148,6 +148,7 @@ def test_export_bundle_manifest_and_parity(fp16_bundle, tiny_run):
     assert PreprocessSpec.from_dict(m["preprocess"]) == get_backbone("tiny").preprocess
     assert m["prompt"]["mode"] == "points" and m["working_size"] == 256 and 0 < m["threshold"] < 1
     expected = {f"{n}{s}.onnx" for n in ("encoder", "decoder", "decoder_fixed") for s in ("", "_fp16")}
+    expected.add("encoder_int8.onnx")  # the int8 pipeline's decoders are the FP32 files
     assert set(m["files"]) == expected == {p.name for p in out.iterdir()} - {"manifest.json"}
     for rel, rec in m["files"].items():
         assert rec == {"sha256": sha256_file(out / rel), "bytes": (out / rel).stat().st_size}
@@ -159,10 +160,20 @@ def test_export_bundle_manifest_and_parity(fp16_bundle, tiny_run):
     split = json.loads((tiny_run / "folds" / "fold_0" / "split.json").read_text())
     par = m["parity"]
     assert par["source"]["ids"] == split["test"] and par["min_agreement"] == 0.99
-    assert set(par["results"]) == {f"onnx-{p}/{d}" for p in ("fp32", "fp16") for d in ("decoder", "decoder_fixed")}
+    assert set(par["results"]) == {f"onnx-{p}/{d}" for p in ("fp32", "fp16", "int8")
+                                   for d in ("decoder", "decoder_fixed")}
     fp32, fp16 = par["results"]["onnx-fp32/decoder"], par["results"]["onnx-fp16/decoder_fixed"]
     assert fp32["n"] == 3 and fp32["agreement_min"] >= 0.999 and fp32["max_abs_logit_diff"] < 1e-3
     assert fp16["agreement_mean"] >= 0.99 and fp16["max_abs_logit_diff"] < 0.05
+    int8 = par["results"]["onnx-int8/decoder"]
+    assert int8["agreement_mean"] >= 0.99 and 0 < int8["max_abs_logit_diff"] < 0.5  # quantised, so never exact
+    assert m["precisions"] == ["fp16", "fp32", "int8"]
+    assert m["models"]["decoder_fixed"]["int8"]["file"] == "decoder_fixed.onnx"
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "encoder_int8.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "Conv" in ops  # weight MatMuls quantised, convs kept
+    assert (out / "encoder_int8.onnx").stat().st_size < (out / "encoder.onnx").stat().st_size
     assert abs(fp32["f1_gt_torch_mean"] - m["run"]["fold_metrics"]["test"]["f1"]["mean"]) < 1e-3
     assert m["run"]["fold"] == 0 and m["run"]["source"] == str(tiny_run.resolve())
     assert m["versions"]["onnx"] and "onnxconverter-common" in m["versions"]

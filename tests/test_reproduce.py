@@ -234,3 +234,25 @@ def test_cost_estimate_uses_fold_medians_and_counts_fixed_costs(tmp_path):
     assert e["full_protocol_training_s_typical"] == pytest.approx(want)
     assert e["full_protocol_training_s_upper_bound"] > e["full_protocol_training_s_typical"]
     assert e["encode_s_per_image"] is None and e["unet_s_per_image_epoch"] is None
+
+
+def test_recorded_command_gives_back_the_same_settings(data_root):
+    """``Settings.command(out)`` (what results.json and tables.md record) names every option that differs from
+    what its mode sets, so running it again gives the same settings."""
+    import shlex
+
+    from lungsam.reproduce.commands import reproduce
+
+    cases = [dict(quick=True), dict(quick=False), dict(quick=True, epochs=3, subset=10, size=128, encoder_size=64),
+             dict(quick=False, epochs=7, device="cpu")]
+    for kw in cases:
+        st = protocol_settings(data_root=str(data_root), backbone="tiny", **kw)
+        cmd = st.command("res")
+        assert cmd.startswith("lungsam reproduce ") and "--out res" in cmd
+        assert ("--epochs" in cmd) == ("epochs" in kw) and ("--size" in cmd) == ("size" in kw)
+        ctx = reproduce.make_context("reproduce", shlex.split(cmd)[2:])
+        p = ctx.params
+        again = protocol_settings(data_root=p["data_root"], backbone=p["backbone"], checkpoint=p["checkpoint"],
+                                  device=p["device"], quick=p["quick"], epochs=p["epochs"], subset=p["subset"],
+                                  size=p["size"], encoder_size=p["encoder_size"])
+        assert again == st and p["out"] == "res"

@@ -164,6 +164,19 @@ def test_missing_fp16_models_are_an_error_unless_fallback(tmp_path):
         assert resolve_backend(b, "onnxruntime", "cpu", "fp16", allow_fallback=True).precision == "fp32"
 
 
+def test_int8_is_onnxruntime_on_cpu_only(tmp_path):
+    files = {"encoder.onnx": b"e", "decoder.onnx": b"d"}
+    b = Bundle.load(write_manifest_bundle(tmp_path / "b", files))
+    with pytest.raises(BackendUnavailableError, match="no int8 ONNX model.*--int8"):
+        resolve_backend(b, "onnxruntime", "cpu", "int8")
+    for backend, device in (("onnxruntime", "cuda"), ("tensorrt", "cuda"), ("auto", "cuda")):
+        with pytest.raises(BackendUnavailableError, match="'int8' is onnxruntime on CPU only"):
+            resolve_backend(b, backend, device, "int8")
+    with pytest.warns(RuntimeWarning, match="CPU only.*falling back to fp32"):
+        c = resolve_backend(b, "onnxruntime", "cuda", "int8", allow_fallback=True)
+    assert c.precision == "fp32" and c.requested == ("onnxruntime", "cuda", "int8")
+
+
 def test_engine_for_another_gpu_names_the_rebuild_command(tmp_path):
     trt = pytest.importorskip("tensorrt", reason="tensorrt not installed")
     from lungsam.runtime.backends import check_engine_compatible

@@ -433,3 +433,22 @@ def test_unet_fold_killed_mid_run_resumes_where_it_stopped(tmp_path, monkeypatch
     b = read_json(fd / "metrics.json")
     assert a["best_epoch"] == b["best_epoch"] and a["threshold"] == b["threshold"]
     assert b["test"]["f1"]["mean"] == pytest.approx(a["test"]["f1"]["mean"], abs=1e-4)
+
+
+def test_early_stopping_marks_best_and_patience():
+    """The one rule SAM decoder folds and U-Net folds share: best = highest val F1 (first reached wins); stop when
+    val F1 has not beaten its mark by min_delta for more than ``patience`` epochs; the marks restore a resumed run."""
+    from lungsam.train.engine import EarlyStopping
+
+    stop = EarlyStopping(patience=2, min_delta=0.01)
+    seen = []
+    for epoch, f1 in enumerate([0.50, 0.60, 0.605, 0.605, 0.609, 0.70], start=1):
+        if stop.should_stop(epoch):
+            break
+        seen.append((epoch, stop.update(epoch, f1)))
+    # epoch 3's 0.605 is a new best but not 0.01 above the mark 0.60 (epoch 2); epoch 4 ties it (not a best);
+    # after two epochs without beating the mark, epoch 5 is not run
+    assert seen == [(1, True), (2, True), (3, True), (4, False)]
+    assert (stop.best_f1, stop.best_epoch, stop.mark_f1, stop.mark_epoch) == (0.605, 3, 0.60, 2)
+    again = EarlyStopping(2, 0.01, **stop.marks())
+    assert again == stop and again.should_stop(5) and not again.should_stop(4)

@@ -41,7 +41,7 @@ from .stats import (LATENCY_KEYS, StageTimer, ThreadMap, default_preprocess_thre
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 FIRST_PASS_MODE = "first-pass box: two decoder calls"
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 class BenchError(ValueError):
@@ -133,7 +133,10 @@ def make_plan(backends: list[str], precisions: list[str], device: str, bundle) -
     if "torch" in backends:
         plans.append(Plan("torch", "fp32", "eager"))
         for p in precisions:
-            if device == "cuda":  # eager autocast and CUDA graphs side by side, so the graphs' gain is visible
+            if p == "int8":
+                plans.append(Plan("torch", p, "eager", skip="int8 is the bundle's onnxruntime CPU quantisation; torch "
+                                                           "is the FP32 reference it is compared with"))
+            elif device == "cuda":  # eager autocast and CUDA graphs side by side, so the graphs' gain is visible
                 if p != "fp32":
                     plans.append(Plan("torch", p, "eager"))
                 plans.append(Plan("torch", p, "cuda_graph"))
@@ -145,11 +148,13 @@ def make_plan(backends: list[str], precisions: list[str], device: str, bundle) -
         for p in precisions:
             plan = Plan(b, p)
             if p == "bf16":
-                plan.skip = "bundles carry fp32/fp16 models only; bf16 is measured for torch (GPU) only"
+                plan.skip = "bundles carry fp32/fp16/int8 models only; bf16 is measured for torch (GPU) only"
             elif b == "tensorrt" and device != "cuda":
                 plan.skip = "TensorRT runs on a GPU only (use --device cuda)"
+            elif p == "int8" and (b == "tensorrt" or device != "cpu"):
+                plan.skip = "int8 models are onnxruntime on CPU only (dynamic quantisation; use --device cpu)"
             elif not bundle.has_model("encoder", p):
-                plan.skip = f"the bundle has no {p} models (export with --fp16)"
+                plan.skip = f"the bundle has no {p} models (export with --{p})"
             plans.append(plan)
     return plans
 
@@ -489,7 +494,7 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
 
     t_start = time.perf_counter()
     backends = backends or list(BACKENDS)
-    precisions = precisions or ["fp32", "fp16"]
+    precisions = precisions or ["fp32", "fp16", "int8"]
     batches = sorted(set(batches or [1]))
     if 1 not in batches:
         batches = [1] + batches

@@ -28,8 +28,9 @@ def _ints(value: str | None) -> list[int] | None:
               help="Output directory for results.json, results.md and latency.png.")
 @click.option("--backends", default="torch,onnxruntime,tensorrt", show_default=True,
               help="Comma-separated: torch, onnxruntime, tensorrt.")
-@click.option("--precisions", default="fp32,fp16", show_default=True,
-              help="Comma-separated: fp32, fp16, bf16 (bf16: torch on GPU only).")
+@click.option("--precisions", default="fp32,fp16,int8", show_default=True,
+              help="Comma-separated: fp32, fp16, bf16, int8 (bf16: torch on GPU only; int8: onnxruntime on CPU, "
+                   "from lungsam export --int8).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch", "batches", default="1", show_default=True,
               help="Comma-separated batch sizes for the throughput measurement.")

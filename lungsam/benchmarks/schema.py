@@ -39,7 +39,7 @@ RESULT = {
     "required": ["backend", "precision", "device", "status", "reason"],
     "properties": {
         "backend": {"type": "string", "enum": ["torch", "onnxruntime", "tensorrt"]},
-        "precision": {"type": "string", "enum": ["fp32", "fp16", "bf16"]},
+        "precision": {"type": "string", "enum": ["fp32", "fp16", "bf16", "int8"]},
         "device": {"type": "string", "enum": ["cpu", "cuda"]},
         "status": {"type": "string", "enum": ["ok", "skipped", "failed"]},
         "reason": STR_OR_NULL,

@@ -1,4 +1,4 @@
-"""``lungsam export``: a trained run -> a torch-free bundle (ONNX FP32/FP16, optional TensorRT engines).
+"""``lungsam export``: a trained run -> a torch-free bundle (ONNX FP32/FP16/INT8, optional TensorRT engines).
 
 Module level imports only click; torch, onnx and TensorRT load inside the command.
 """
@@ -11,6 +11,9 @@ import click
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(), help="Bundle folder to create (must not exist, or be empty).")
 @click.option("--fp16", is_flag=True, help="Also write FP16 ONNX models (*_fp16.onnx; float32 inputs/outputs).")
+@click.option("--int8", is_flag=True,
+              help="Also write INT8 ONNX models (*_int8.onnx): onnxruntime dynamic quantisation of the weight "
+                   "MatMuls, for CPUs; gated on parity like the others.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT FP16 engines (implies --fp16; needs an NVIDIA GPU and pip install 'lungsam[trt]').")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 23), help="ONNX opset.")
 @click.option("--fold", default=None, type=int, help="Fold to export (default: best validation F1).")
@@ -28,7 +31,7 @@ import click
               help="Runs trained with a box prompt (box, both, auto-box, auto-both): make the bundle take each image's "
                    "box from the model's own first mask by default (no annotation needed), and measure that path "
                    "on the parity images.")
-def export(run_dir: str, out: str, fp16: bool, trt: bool, opset: int, fold: int | None, checkpoint: str | None,
+def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int, fold: int | None, checkpoint: str | None,
            min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
            box_from_first_pass: bool) -> None:
     """Export RUN's tuned model to a bundle checked against torch on held-out images.
@@ -46,7 +49,7 @@ def export(run_dir: str, out: str, fp16: bool, trt: bool, opset: int, fold: int 
     from .bundle import ExportError, ParityGateError, export_bundle
 
     try:
-        result = export_bundle(run_dir, out, fp16=fp16, trt=trt, opset=opset, fold=fold, checkpoint=checkpoint,
+        result = export_bundle(run_dir, out, fp16=fp16, int8=int8, trt=trt, opset=opset, fold=fold, checkpoint=checkpoint,
                                min_agreement=min_agreement, parity_images=parity_images, data_dir=data_dir,
                                max_batch=max_batch, box_from_first_pass=box_from_first_pass,
                                log=lambda m: click.echo(m, err=True))

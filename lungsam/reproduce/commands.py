@@ -36,13 +36,7 @@ def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subse
     try:
         settings = protocol_settings(data_root=data_root, backbone=backbone, checkpoint=checkpoint, device=device,
                                      quick=quick, epochs=epochs, subset=subset, size=size, encoder_size=encoder_size)
-        command = " ".join(["lungsam reproduce", f"--data-root {data_root}", f"--backbone {backbone}"]
-                           + ([f"--checkpoint {checkpoint}"] if checkpoint else [])
-                           + ([f"--device {device}"] if device != "auto" else []) + (["--quick"] if quick else [])
-                           + [f"--out {out}"] + ([f"--epochs {epochs}"] if epochs else [])
-                           + ([f"--subset {subset}"] if subset else []) + ([f"--size {size}"] if size != 256 else [])
-                           + ([f"--encoder-size {encoder_size}"] if encoder_size else []))
-        res = run_protocol(settings, out, command=command, log=lambda m: click.echo(m, err=True),
+        res = run_protocol(settings, out, command=settings.command(out), log=lambda m: click.echo(m, err=True),
                            progress=not quiet)
     except (ProtocolError, UnknownBackboneError, DataError, RunError, FileNotFoundError, ValueError, RuntimeError) as e:
         click.secho(f"error: {e}", fg="red", err=True)

@@ -89,7 +89,13 @@ class Settings:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
 
-    def command(self) -> str:
+    def command(self, out: str | None = None) -> str:
+        """The ``lungsam reproduce`` command line that gives these settings (``out``: its --out, when known).
+
+        Options equal to what the mode sets by itself (full or --quick) are left out."""
+        full = Settings(data_root=self.data_root, backbone=self.backbone, checkpoint=None)
+        mode_epochs = QUICK_EPOCHS if self.quick else full.epochs
+        mode_subset = {s: QUICK_SUBSET for s in SETS} if self.quick else full.subset
         parts = ["lungsam reproduce", f"--data-root {self.data_root}", f"--backbone {self.backbone}"]
         if self.checkpoint:
             parts.append(f"--checkpoint {self.checkpoint}")
@@ -97,6 +103,14 @@ class Settings:
             parts.append(f"--device {self.device}")
         if self.quick:
             parts.append("--quick")
+        if out is not None:
+            parts.append(f"--out {out}")
+        if self.epochs != mode_epochs:
+            parts.append(f"--epochs {self.epochs}")
+        if self.subset != mode_subset and len(set(self.subset.values())) == 1:
+            parts.append(f"--subset {next(iter(self.subset.values()))}")
+        if self.size != full.size:
+            parts.append(f"--size {self.size}")
         if self.encoder_size is not None:
             parts.append(f"--encoder-size {self.encoder_size}")
         return " ".join(parts)

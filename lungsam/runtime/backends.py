@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .bundle import PRECISIONS
+
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
 
@@ -36,7 +38,7 @@ class BackendChoice:
     Attributes:
         backend: ``onnxruntime`` or ``tensorrt``.
         device: ``cpu`` or ``cuda``.
-        precision: ``fp32`` or ``fp16``.
+        precision: ``fp32``, ``fp16`` or ``int8`` (onnxruntime on CPU only).
         requested: the caller's ``(backend, device, precision)``.
         fallbacks: one line per downgrade taken (empty when the request was met).
     """
@@ -279,10 +281,16 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}; choose from fp32, fp16")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     choice = BackendChoice(backend="onnxruntime", device=device, precision=precision,
                            requested=(backend, device, precision))
+    if precision == "int8" and (device != "cpu" or backend == "tensorrt"):
+        e = BackendUnavailableError(
+            f"precision 'int8' is onnxruntime on CPU only (dynamically quantised MatMuls; no GPU kernels or "
+            f"TensorRT engines are built for it); on {device} use --precision fp16")
+        _downgrade(choice, allow_fallback, e, "fp32")
+        choice.precision = precision = "fp32"
 
     if backend == "tensorrt" or (backend == "auto" and device == "cuda"):
         try:
@@ -292,7 +300,7 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
             for name in models:
                 entry = bundle.engine_entry(name, precision)
                 if entry is None:
-                    have = [p for p in ("fp32", "fp16") if bundle.engine_entry(name, p) is not None]
+                    have = [p for p in PRECISIONS if bundle.engine_entry(name, p) is not None]
                     hint = (f"it has {', '.join(have)} engines: use --precision {have[0]}" if have else
                             "build engines on this machine with `lungsam export RUN --trt`")
                     raise BackendUnavailableError(
@@ -316,7 +324,7 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
     missing = [n for n in models if not bundle.has_model(n, choice.precision)]
     if missing:
         e = BackendUnavailableError(f"bundle {bundle.root} has no {choice.precision} ONNX model for "
-                                    f"{', '.join(missing)} (export with --fp16 to add FP16 models)")
+                                    f"{', '.join(missing)} (export with --{choice.precision} to add them)")
         _downgrade(choice, allow_fallback, e, "fp32")
         choice.precision = "fp32"
     return choice

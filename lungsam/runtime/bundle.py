@@ -17,7 +17,7 @@ from ..prompts import LearnedPrompt
 
 BUNDLE_FORMAT = "lungsam-bundle/1"
 MODEL_NAMES = ("encoder", "decoder", "decoder_fixed")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: onnxruntime CPU only (dynamic quantisation)
 
 #: ONNX I/O names fixed by the bundle format (docs/DEVELOPING.md).
 ONNX_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -138,7 +138,7 @@ class Bundle:
             raise BundleError(f"bundle {self.root} has no {name!r} model")
         if precision not in entries:
             raise BundleError(f"bundle {self.root} has no {precision} {name!r} model (it has: "
-                              f"{', '.join(sorted(entries)) or 'none'}); export with --fp16 for FP16 models")
+                              f"{', '.join(sorted(entries)) or 'none'}); export with --{precision} to add them")
         return entries[precision]
 
     def model_path(self, name: str, precision: str = "fp32") -> Path:

@@ -161,7 +161,8 @@ class LungSegmenter:
             backend: ``auto`` (TensorRT when ``device="cuda"`` and usable engines exist, else
                 onnxruntime), ``onnxruntime`` or ``tensorrt``.
             device: ``cpu`` or ``cuda``.
-            precision: ``fp32`` or ``fp16`` (FP16 models/engines must be in the bundle).
+            precision: ``fp32``, ``fp16`` or ``int8`` (its models/engines must be in the bundle; ``int8`` is
+                onnxruntime on CPU only).
             allow_fallback: downgrade (with a warning) instead of raising when the request cannot be met.
             threads: onnxruntime intra-op threads (``None``: onnxruntime's default).
             box_from_first_pass: for a bundle prompted with a box (``box``, ``both``, ``auto-box``,

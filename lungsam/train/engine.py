@@ -155,6 +155,39 @@ def choose_threshold(sweep: list[dict]) -> float:
     return min(r["threshold"] for r in sweep if r["f1"] == best)
 
 
+@dataclass
+class EarlyStopping:
+    """Best-epoch and early-stopping bookkeeping of a training run (SAM decoder folds and U-Net folds).
+
+    Stop once validation F1 has not risen by ``min_delta`` over its mark for ``patience`` epochs. The four
+    marks (:meth:`marks`) are what a fold's ``train_state.pt`` keeps to resume.
+    """
+
+    patience: int
+    min_delta: float
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    mark_f1: float = -1.0
+    mark_epoch: int = 0
+
+    def marks(self) -> dict[str, float | int]:
+        """``{best_f1, best_epoch, mark_f1, mark_epoch}``."""
+        return {"best_f1": self.best_f1, "best_epoch": self.best_epoch, "mark_f1": self.mark_f1,
+                "mark_epoch": self.mark_epoch}
+
+    def should_stop(self, epoch: int) -> bool:
+        return self.mark_epoch > 0 and epoch - self.mark_epoch > self.patience
+
+    def update(self, epoch: int, f1: float) -> bool:
+        """Record epoch ``epoch``'s validation F1; True when it is the best so far."""
+        if f1 >= self.mark_f1 + self.min_delta:
+            self.mark_f1, self.mark_epoch = f1, epoch
+        if f1 > self.best_f1:
+            self.best_f1, self.best_epoch = f1, epoch
+            return True
+        return False
+
+
 class DecoderTrainer:
     """One fold's optimisation state: Adam on the mask decoder, MONAI DiceFocalLoss.
 

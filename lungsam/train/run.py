@@ -20,8 +20,8 @@ from ..metrics import summarize
 from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
 from . import report
 from .config import TrainConfig
-from .engine import (DecoderTrainer, EncoderLoraTrainer, choose_threshold, pick_device, predict_probabilities,
-                     predict_with_first_pass_box, score, sweep_thresholds)
+from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, choose_threshold, pick_device,
+                     predict_probabilities, predict_with_first_pass_box, score, sweep_thresholds)
 
 Log = Callable[[str], None]
 
@@ -194,8 +194,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
         trainer = DecoderTrainer(sam, spec, cfg.size, prompt, **kw)
     state_path = fold_dir / "train_state.pt"
     history: list[dict] = []
-    best_f1, best_epoch, start = -1.0, 0, 1
-    mark_f1, mark_epoch = -1.0, 0  # early stopping: last epoch whose val F1 beat the mark by min_delta
+    stop, start = EarlyStopping(cfg.patience, cfg.min_delta), 1
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         _load_decoder(sam, fold_dir / "decoder_last.safetensors")
@@ -203,18 +202,19 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
             _load_adapter(sam, fold_dir / "encoder_lora_last.safetensors")
         trainer.optimizer.load_state_dict(st["optimizer"])
         trainer.rng.bit_generator.state = st["rng"]
-        history, best_f1, best_epoch, start = st["history"], st["best_f1"], st["best_epoch"], st["epoch"] + 1
-        mark_f1, mark_epoch = st["mark_f1"], st["mark_epoch"]
-        log(f"fold {fold}: resuming after epoch {st['epoch']} (best val F1 {best_f1:.4f} at epoch {best_epoch})")
+        history, start = st["history"], st["epoch"] + 1
+        stop = EarlyStopping(cfg.patience, cfg.min_delta, **{k: st[k] for k in stop.marks()})
+        log(f"fold {fold}: resuming after epoch {st['epoch']} (best val F1 {stop.best_f1:.4f} at epoch "
+            f"{stop.best_epoch})")
 
     t_fold = time.perf_counter()
     from tqdm import tqdm
 
     bar = tqdm(range(start, cfg.epochs + 1), desc=f"fold {fold}", unit="epoch", disable=not progress)
     for epoch in bar:
-        if mark_epoch > 0 and epoch - mark_epoch > cfg.patience:
+        if stop.should_stop(epoch):
             log(f"fold {fold}: early stop after epoch {epoch - 1} (val F1 rose less than {cfg.min_delta:g} "
-                f"in {cfg.patience} epochs; best {best_f1:.4f} at epoch {best_epoch})")
+                f"in {cfg.patience} epochs; best {stop.best_f1:.4f} at epoch {stop.best_epoch})")
             break
         e_train, m_train = epoch_views(trainer.rng, split["train"], X["train"], M["train"], aug)
         train_loss, secs = trainer.train_epoch(e_train, m_train)
@@ -222,20 +222,16 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
         history.append({"epoch": epoch, "train_loss": train_loss, "epoch_s": secs, **val})
         meta = {"format": "lungsam-decoder/1", "config": json.dumps(cfg.to_dict()), "fold": str(fold),
                 "epoch": str(epoch), "val_f1": f"{val['val_f1']:.6f}", "backbone": cfg.backbone}
-        if val["val_f1"] > best_f1:
-            best_f1, best_epoch = val["val_f1"], epoch
+        if stop.update(epoch, val["val_f1"]):
             _save_decoder(sam, fold_dir / "decoder_best.safetensors", meta)
             if lora:
                 _save_adapter(sam, fold_dir / "encoder_lora_best.safetensors", meta)
-        if val["val_f1"] >= mark_f1 + cfg.min_delta:
-            mark_f1, mark_epoch = val["val_f1"], epoch
         _save_decoder(sam, fold_dir / "decoder_last.safetensors", meta)
         if lora:
             _save_adapter(sam, fold_dir / "encoder_lora_last.safetensors", meta)
-        save_train_state(state_path, trainer.optimizer, {"epoch": epoch, "history": history, "best_f1": best_f1,
-                                          "best_epoch": best_epoch, "mark_f1": mark_f1, "mark_epoch": mark_epoch,
-                                          "rng": trainer.rng.bit_generator.state})
-        bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{val['val_f1']:.4f}", best=best_epoch)
+        save_train_state(state_path, trainer.optimizer, {"epoch": epoch, "history": history, **stop.marks(),
+                                                         "rng": trainer.rng.bit_generator.state})
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{val['val_f1']:.4f}", best=stop.best_epoch)
     bar.close()
     _write_history(fold_dir / "history.csv", history)
     title = f"{cfg.backbone} / {cfg.prompt} / fold {fold}"
@@ -267,7 +263,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     metrics = {
         "fold": fold, "threshold": thr, "threshold_sweep": sweep,
         "n": {k: len(v) for k, v in part.items()},
-        "best_epoch": best_epoch, "epochs_run": len(history),
+        "best_epoch": stop.best_epoch, "epochs_run": len(history),
         "train_time_s": sum(h["epoch_s"] for h in history), "fold_wall_s": time.perf_counter() - t_fold,
         "val": {"f1": summarize(vf1), "iou": summarize(viou)},
         "test": {"f1": summarize(tf1), "iou": summarize(tiou)},

@@ -26,7 +26,7 @@ from ..data import kfold_splits
 from ..metrics import fmt_mean_std, summarize
 from . import report
 from .config import DEFAULT_THRESHOLDS
-from .engine import choose_threshold, pick_device, score, sweep_thresholds
+from .engine import EarlyStopping, choose_threshold, pick_device, score, sweep_thresholds
 
 Log = Callable[[str], None]
 RUN_FORMAT = "lungsam-unet-run/1"
@@ -110,30 +110,6 @@ def unet_logits(net: torch.nn.Module, images: np.ndarray, device: str, batch_siz
 def predict_unet(net: torch.nn.Module, images: np.ndarray, device: str, batch_size: int = 8) -> np.ndarray:
     """``(N, S, S)`` float32 lung probabilities for working images ``(N, S, S, 3)`` uint8."""
     return torch.sigmoid(unet_logits(net, images, device, batch_size))[:, 0].numpy()
-
-
-@dataclass
-class EarlyStopping:
-    """Stop once validation F1 has not risen by ``min_delta`` over its mark for ``patience`` epochs."""
-
-    patience: int
-    min_delta: float
-    best_f1: float = -1.0
-    best_epoch: int = 0
-    mark_f1: float = -1.0
-    mark_epoch: int = 0
-
-    def should_stop(self, epoch: int) -> bool:
-        return self.mark_epoch > 0 and epoch - self.mark_epoch > self.patience
-
-    def update(self, epoch: int, f1: float) -> bool:
-        """Record epoch ``epoch``'s validation F1; True when it is the best so far."""
-        if f1 >= self.mark_f1 + self.min_delta:
-            self.mark_f1, self.mark_epoch = f1, epoch
-        if f1 > self.best_f1:
-            self.best_f1, self.best_epoch = f1, epoch
-            return True
-        return False
 
 
 def _save(net: torch.nn.Module, path: Path, cfg: UNetConfig, fold: int, epoch: int, val_f1: float) -> None:
