@@ -35,13 +35,11 @@ from ..artifacts import read_json, utc_now, write_json_atomic, write_text_atomic
 from ..metrics import f1_score, iou_score, summarize
 from .machine import full_machine_record, versions
 from .report import compare, latency_chart, markdown_report
-from .schema import FORMAT, check_results
+from .schema import BACKENDS, FORMAT, PRECISIONS, check_results
 from .stats import (LATENCY_KEYS, StageTimer, ThreadMap, default_preprocess_threads, latency_summary, ratio,
                     stage_breakdown, throughput_summary)
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 FIRST_PASS_MODE = "first-pass box: two decoder calls"
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 class BenchError(ValueError):

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # bf16: torch on GPU only; int8: onnxruntime on CPU only
+
 FORMAT = "lungsam-bench/1"
 
 NUM = {"type": "number"}
@@ -38,8 +41,8 @@ RESULT = {
     "type": "object",
     "required": ["backend", "precision", "device", "status", "reason"],
     "properties": {
-        "backend": {"type": "string", "enum": ["torch", "onnxruntime", "tensorrt"]},
-        "precision": {"type": "string", "enum": ["fp32", "fp16", "bf16", "int8"]},
+        "backend": {"type": "string", "enum": list(BACKENDS)},
+        "precision": {"type": "string", "enum": list(PRECISIONS)},
         "device": {"type": "string", "enum": ["cpu", "cuda"]},
         "status": {"type": "string", "enum": ["ok", "skipped", "failed"]},
         "reason": STR_OR_NULL,
