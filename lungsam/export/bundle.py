@@ -243,15 +243,14 @@ def _make_readable(folder: Path) -> None:
 
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, int8: bool = False, trt: bool = False,
-                  opset: int = 17,
-                  fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
+                  opset: int = 17, fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
                   parity_images: int | None = None, data_dir: str | None = None, max_batch: int = 8,
                   box_from_first_pass: bool = False, log: Log = print) -> ExportResult:
     """Export a trained run to a bundle at ``out``.
 
     Steps: load the run (:func:`lungsam.runs.load_run`); write ONNX FP32 (+FP16 with ``fp16`` or ``trt``,
-    +INT8 for onnxruntime on CPU with ``int8``) and TensorRT engines (``trt``) into a temporary folder beside ``out``; compare every exported pipeline
-    with torch on held-out images; if each one's mean mask agreement reaches ``min_agreement``, write
+    +an INT8 encoder for onnxruntime on CPU with ``int8``) and TensorRT engines (``trt``) into a temporary
+    folder beside ``out``; compare every exported pipeline with torch on held-out images; if each one's mean mask agreement reaches ``min_agreement``, write
     ``manifest.json`` and rename the folder to ``out``. Otherwise nothing is left behind and
     :class:`ParityGateError` carries the figures.
 

@@ -12,8 +12,8 @@ import click
 @click.option("--out", "out", required=True, type=click.Path(), help="Bundle folder to create (must not exist, or be empty).")
 @click.option("--fp16", is_flag=True, help="Also write FP16 ONNX models (*_fp16.onnx; float32 inputs/outputs).")
 @click.option("--int8", is_flag=True,
-              help="Also write INT8 ONNX models (*_int8.onnx): onnxruntime dynamic quantisation of the weight "
-                   "MatMuls, for CPUs; gated on parity like the others.")
+              help="Also write an INT8 encoder (encoder_int8.onnx; the decoders stay FP32): onnxruntime dynamic "
+                   "quantisation of its weight MatMuls, for CPUs; gated on parity like the others.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT FP16 engines (implies --fp16; needs an NVIDIA GPU and pip install 'lungsam[trt]').")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 23), help="ONNX opset.")
 @click.option("--fold", default=None, type=int, help="Fold to export (default: best validation F1).")
@@ -31,8 +31,8 @@ import click
               help="Runs trained with a box prompt (box, both, auto-box, auto-both): make the bundle take each image's "
                    "box from the model's own first mask by default (no annotation needed), and measure that path "
                    "on the parity images.")
-def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int, fold: int | None, checkpoint: str | None,
-           min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
+def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int, fold: int | None,
+           checkpoint: str | None, min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
            box_from_first_pass: bool) -> None:
     """Export RUN's tuned model to a bundle checked against torch on held-out images.
 
@@ -49,8 +49,8 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
     from .bundle import ExportError, ParityGateError, export_bundle
 
     try:
-        result = export_bundle(run_dir, out, fp16=fp16, int8=int8, trt=trt, opset=opset, fold=fold, checkpoint=checkpoint,
-                               min_agreement=min_agreement, parity_images=parity_images, data_dir=data_dir,
+        result = export_bundle(run_dir, out, fp16=fp16, int8=int8, trt=trt, opset=opset, fold=fold,
+                               checkpoint=checkpoint, min_agreement=min_agreement, parity_images=parity_images, data_dir=data_dir,
                                max_batch=max_batch, box_from_first_pass=box_from_first_pass,
                                log=lambda m: click.echo(m, err=True))
     except ParityGateError as e:

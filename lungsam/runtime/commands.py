@@ -14,7 +14,7 @@ import click
               help="auto: TensorRT on --device cuda when the bundle has engines usable here, else onnxruntime.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="int8: the bundle's dynamically quantised models (lungsam export --int8), onnxruntime on CPU.")
+              help="int8: the bundle's dynamically quantised encoder (lungsam export --int8), onnxruntime on CPU.")
 @click.option("--allow-fallback", is_flag=True,
               help="Downgrade (with a warning) when the backend/device/precision is unavailable, instead of failing.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
