@@ -63,8 +63,9 @@ class PreprocessSpec:
 # images
 # ---------------------------------------------------------------------------------------------
 
-def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """Any grayscale/RGB(A) array (uint8, uint16, int, float) -> ``(H, W, 3)`` uint8.
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Any grayscale/RGB(A) array (uint8, uint16, int, float) -> ``(H, W)`` (grey) or ``(H, W, 3)``
+    uint8, keeping a grey image one plane.
 
     8-bit data is kept as is. Wider integer or float data is min-max scaled to 0..255 (per image),
     since 12/16-bit radiographs rarely use the full 16-bit range.
@@ -83,9 +84,18 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
         lo, hi = float(f.min()), float(f.max())
         f = (f - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(f)
         a = np.clip(np.rint(f), 0, 255).astype(np.uint8)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
     return np.ascontiguousarray(a)
+
+
+def grey_to_rgb(plane: np.ndarray) -> np.ndarray:
+    """``(H, W)`` uint8 -> ``(H, W, 3)`` uint8 with three equal channels."""
+    return np.repeat(plane[:, :, None], 3, axis=2)
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Any grayscale/RGB(A) array (uint8, uint16, int, float) -> ``(H, W, 3)`` uint8 (see :func:`to_uint8`)."""
+    a = to_uint8(image)
+    return grey_to_rgb(a) if a.ndim == 2 else a
 
 
 def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -106,8 +116,17 @@ def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 
 def to_working(image: np.ndarray, size: int) -> np.ndarray:
-    """Original image (any dtype/channels) -> working frame ``(size, size, 3)`` uint8."""
-    return resize_image(to_rgb_uint8(image), (size, size))
+    """Original image (any dtype/channels) -> working frame ``(size, size, 3)`` uint8.
+
+    A grey image is resized as one plane and then repeated: Pillow resizes channels independently with
+    the same weights, so this equals resizing its RGB form exactly (tested), at a third of the cost.
+    """
+    a = to_uint8(image)
+    if a.ndim == 3:
+        return resize_image(a, (size, size))
+    if a.shape != (size, size):
+        a = np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))
+    return grey_to_rgb(a)
 
 
 def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:

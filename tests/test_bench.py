@@ -439,7 +439,8 @@ def test_sweep_tiny_run(tiny_run, tmp_path):
     from lungsam.benchmarks.sweep import validate_sweep
 
     res = CliRunner().invoke(bench, ["--sweep", "--run", str(tiny_run), "--out", str(tmp_path), "--sizes", "128,64",
-                                     "--precisions", "fp32,bf16", "--limit", "2", "--repeats", "1", "--warmup", "0"],
+                                     "--precisions", "fp32,bf16,int8", "--limit", "2", "--repeats", "1", "--warmup",
+                                     "0"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     sw = read_json(tmp_path / "sweep.json")
@@ -447,6 +448,8 @@ def test_sweep_tiny_run(tiny_run, tmp_path):
     ok = [(r["img_size"], r["decoder"]) for r in sw["rows"] if r["status"] == "ok"]
     assert ok == [(128, "tuned"), (128, "zero-shot"), (64, "tuned"), (64, "zero-shot")]
     assert all(r["status"] == "skipped" for r in sw["rows"] if r["precision"] == "bf16")
+    int8 = [r for r in sw["rows"] if r["precision"] == "int8"]
+    assert int8 and all(r["status"] == "skipped" and "lungsam bench BUNDLE" in r["reason"] for r in int8)
     tuned128 = next(r for r in sw["rows"] if r["img_size"] == 128 and r["decoder"] == "tuned")
     # at its native size the tuned row reproduces the run's own per-image test scores (training scores
     # float16-cached embeddings, hence the tolerance)

@@ -110,3 +110,17 @@ def test_to_rgb_uint8_handles_16bit_and_rgba():
     assert pp.to_rgb_uint8(rgba).shape == (4, 5, 3)
     with pytest.raises(ValueError):
         pp.to_rgb_uint8(np.zeros((0, 4), np.uint8))
+
+
+@pytest.mark.parametrize("size", [256, 512, 100, 777])
+def test_to_working_resizes_a_grey_plane_exactly_as_its_rgb_form(real_image, size):
+    """The grey fast path (one plane resized, then repeated) equals resizing the RGB image, for
+    downsampling (antialiased), identity and upsampling, 8-bit and 16-bit sources."""
+    wide = real_image.astype(np.uint16) * 200 + 7
+    for src in (real_image, wide, real_image[:, :300]):
+        fast = pp.to_working(src, size)
+        ref = pp.resize_image(pp.to_rgb_uint8(src), (size, size))
+        assert fast.shape == (size, size, 3) and fast.dtype == np.uint8
+        np.testing.assert_array_equal(fast, ref)
+    rgb = np.stack([real_image, real_image[::-1], real_image.T], axis=2)  # a colour image keeps its channels
+    np.testing.assert_array_equal(pp.to_working(rgb, size), pp.resize_image(rgb, (size, size)))

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..artifacts import read_json, utc_now, write_json_atomic, write_text_atomic
 from ..metrics import f1_score, iou_score, summarize
+from ..runtime.backends import int8_unsupported
 from .machine import full_machine_record, versions
 from .report import compare, latency_chart, markdown_report
 from .schema import BACKENDS, FORMAT, PRECISIONS, check_results
@@ -149,8 +150,8 @@ def make_plan(backends: list[str], precisions: list[str], device: str, bundle) -
                 plan.skip = "bundles carry fp32/fp16/int8 models only; bf16 is measured for torch (GPU) only"
             elif b == "tensorrt" and device != "cuda":
                 plan.skip = "TensorRT runs on a GPU only (use --device cuda)"
-            elif p == "int8" and (b == "tensorrt" or device != "cpu"):
-                plan.skip = "int8 models are onnxruntime on CPU only (dynamic quantisation; use --device cpu)"
+            elif p == "int8" and (why := int8_unsupported(b, device)):
+                plan.skip = why
             elif not bundle.has_model("encoder", p):
                 plan.skip = f"the bundle has no {p} models (export with --{p})"
             plans.append(plan)

@@ -28,9 +28,9 @@ def _ints(value: str | None) -> list[int] | None:
               help="Output directory for results.json, results.md and latency.png.")
 @click.option("--backends", default="torch,onnxruntime,tensorrt", show_default=True,
               help="Comma-separated: torch, onnxruntime, tensorrt.")
-@click.option("--precisions", default="fp32,fp16,int8", show_default=True,
+@click.option("--precisions", default=None,
               help="Comma-separated: fp32, fp16, bf16, int8 (bf16: torch on GPU only; int8: onnxruntime on CPU, "
-                   "from lungsam export --int8).")
+                   "from lungsam export --int8). Default: fp32,fp16,int8; with --sweep fp32,fp16.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch", "batches", default="1", show_default=True,
               help="Comma-separated batch sizes for the throughput measurement.")
@@ -62,7 +62,7 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
         from .sweep import run_sweep_cli
 
         run_sweep_cli(bundle=bundle, run=run_dir, data_dir=data_dir, out_dir=out_dir,
-                      sizes=_ints(sizes), precisions=_csv(precisions), backbones=_csv(sweep_backbones),
+                      sizes=_ints(sizes), precisions=_csv(precisions or "fp32,fp16"), backbones=_csv(sweep_backbones),
                       device=device, batches=_ints(batches), warmup=warmup, repeats=repeats, limit=limit,
                       threads=threads)
         return
@@ -71,7 +71,7 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
     from .bench import run_bench_cli
 
     run_bench_cli(bundle=bundle, data_dir=data_dir, out_dir=out_dir, backends=_csv(backends),
-                  precisions=_csv(precisions), device=device, batches=_ints(batches), warmup=warmup,
+                  precisions=_csv(precisions or "fp32,fp16,int8"), device=device, batches=_ints(batches), warmup=warmup,
                   repeats=repeats, limit=limit, compare_path=compare_path, threads=threads, run_dir=run_dir,
                   box_from_first_pass=box_from_first_pass)
 

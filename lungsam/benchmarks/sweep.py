@@ -38,7 +38,7 @@ from ..artifacts import utc_now, write_json_atomic, write_text_atomic
 from ..metrics import f1_score, iou_score, summarize
 from .bench import BenchError, Images, bundle_run, load_images, run_pipeline, time_batches
 from .machine import describe_machine, full_machine_record, versions
-from .schema import validate
+from .schema import PRECISIONS, validate
 from .stats import LATENCY_KEYS, StageTimer, latency_summary, throughput_summary
 
 SWEEP_FORMAT = "lungsam-sweep/1"
@@ -52,7 +52,7 @@ SWEEP_ROW = {
     "properties": {
         "backbone": {"type": "string"}, "img_size": {"type": "integer", "minimum": 1},
         "native_img_size": {"type": "integer", "minimum": 1}, "embedding_size": {"type": "integer", "minimum": 1},
-        "precision": {"type": "string", "enum": ["fp32", "fp16", "bf16"]},
+        "precision": {"type": "string", "enum": list(PRECISIONS)},
         "decoder": {"type": "string", "enum": ["tuned", "zero-shot"]},
         "status": {"type": "string", "enum": ["ok", "skipped", "failed"]}, "reason": {"type": ["string", "null"]},
         "threshold": {"type": "number"}, "mode": {"type": ["string", "null"]},

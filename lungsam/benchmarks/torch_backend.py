@@ -32,6 +32,9 @@ class TorchUnavailable(RuntimeError):
 def check_torch_available(device: str, precision: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise TorchUnavailable("torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if precision == "int8":
+        raise TorchUnavailable("int8 is the bundle's onnxruntime CPU quantisation (lungsam export --int8), not a torch "
+                               "path: measure it with lungsam bench BUNDLE")
     if precision not in DTYPES:
         raise TorchUnavailable(f"unknown precision {precision!r}")
     if device == "cpu" and precision != "fp32":

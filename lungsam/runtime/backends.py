@@ -270,6 +270,18 @@ def _downgrade(choice: BackendChoice, allow_fallback: bool, error: BackendUnavai
     choice.fallbacks.append(line)
 
 
+def int8_unsupported(backend: str, device: str) -> str | None:
+    """Why the bundle's INT8 models cannot run on ``backend``/``device`` (``None`` when they can).
+
+    INT8 is onnxruntime's dynamic quantisation of the encoder's MatMuls, executed by its CPU kernels;
+    no GPU kernels or TensorRT engines are built for it.
+    """
+    if device == "cpu" and backend != "tensorrt":
+        return None
+    return ("precision 'int8' is onnxruntime on CPU only (dynamically quantised MatMuls; no GPU kernels or "
+            f"TensorRT engines are built for it); on {device} use --precision fp16")
+
+
 def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
                     allow_fallback: bool = False, models: tuple[str, ...] = ("encoder", "decoder")) -> BackendChoice:
     """Decide backend, device and precision for ``bundle`` (a :class:`~lungsam.runtime.bundle.Bundle`).
@@ -285,11 +297,8 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     choice = BackendChoice(backend="onnxruntime", device=device, precision=precision,
                            requested=(backend, device, precision))
-    if precision == "int8" and (device != "cpu" or backend == "tensorrt"):
-        e = BackendUnavailableError(
-            f"precision 'int8' is onnxruntime on CPU only (dynamically quantised MatMuls; no GPU kernels or "
-            f"TensorRT engines are built for it); on {device} use --precision fp16")
-        _downgrade(choice, allow_fallback, e, "fp32")
+    if precision == "int8" and (why := int8_unsupported(backend, device)):
+        _downgrade(choice, allow_fallback, BackendUnavailableError(why), "fp32")
         choice.precision = precision = "fp32"
 
     if backend == "tensorrt" or (backend == "auto" and device == "cuda"):
