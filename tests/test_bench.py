@@ -365,6 +365,8 @@ def test_bench_tiny_bundle_end_to_end(tiny_bench, tiny_run):
     assert by[("onnxruntime", "fp16")]["status"] == "ok"
     q = by[("onnxruntime", "int8")]  # in the default --precisions; the bundle was exported with --int8
     assert q["status"] == "ok" and q["parity"]["mask_f1"]["mean"] >= 0.98 and q["parity"]["max_abs_logit_diff"] > 0
+    assert q["models"] == {"encoder": "encoder_int8.onnx", "decoder": "decoder.onnx",
+                           "decoder_fixed": "decoder_fixed.onnx"}
     assert by[("torch", "int8")]["status"] == "skipped"
     for key in (("tensorrt", "fp32"), ("tensorrt", "fp16"), ("tensorrt", "int8")):
         assert by[key]["status"] == "skipped" and "GPU only" in by[key]["reason"]

@@ -169,6 +169,10 @@ def test_export_bundle_manifest_and_parity(fp16_bundle, tiny_run):
     assert int8["agreement_mean"] >= 0.99 and 0 < int8["max_abs_logit_diff"] < 0.5  # quantised, so never exact
     assert m["precisions"] == ["fp16", "fp32", "int8"]
     assert m["models"]["decoder_fixed"]["int8"]["file"] == "decoder_fixed.onnx"
+    assert m["models"]["decoder_fixed"]["int8"]["same_as"] == "fp32" and "same_as" not in m["models"]["encoder"]["int8"]
+    q = m["quantization"]["int8"]
+    assert q["op_types"] == ["MatMul"] and q["weight_type"] == "uint8" and q["quantised_models"] == ["encoder"]
+    assert q["fp32_models"] == ["decoder", "decoder_fixed"] and par["machine"]["cpu_count"] >= 1
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(out / "encoder_int8.onnx")).graph.node}
@@ -209,6 +213,13 @@ def test_gate_failure_writes_nothing(tiny_run, tmp_path):
     assert res.exit_code != 0
     assert "parity gate failed" in res.output and "agree mean" in res.output
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no temporary folder left either
+
+
+def test_gate_failure_names_the_optional_export_to_drop():
+    from lungsam.export.bundle import optional_exports
+
+    assert optional_exports(["onnx-int8/decoder", "onnx-int8/decoder_fixed", "trt-fp16/decoder"]) == ["--int8", "--trt"]
+    assert optional_exports(["onnx-fp16/decoder"]) == ["--fp16"] and optional_exports(["onnx-fp32/decoder"]) == []
 
 
 def test_existing_out_is_refused(tiny_run, tmp_path):

@@ -272,6 +272,11 @@ def test_predict_scores_against_ground_truth(tiny_bundle, seg, tmp_path):
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["n"] == 2 and m["f1"]["mean"] == pytest.approx(np.mean([r["f1"] for r in recs[:2]]), abs=1e-6)
     assert m["unscored"] == [str(imgs[2])]
+    assert (m["segmenter"]["backend"], m["segmenter"]["precision"], m["segmenter"]["fallbacks"]) == \
+        ("onnxruntime", "fp32", [])
+    run = json.loads((tmp_path / "o" / "predict.json").read_text())
+    assert (run["inputs"], run["ok"], run["failed"]) == (3, 3, 0) and run["segmenter"]["device"] == "cpu"
+    assert "lungsam" in run["versions"]
 
 
 def test_predict_dicom_spacing_and_monochrome1(tiny_bundle, tmp_path):

@@ -169,12 +169,23 @@ def test_int8_is_onnxruntime_on_cpu_only(tmp_path):
     b = Bundle.load(write_manifest_bundle(tmp_path / "b", files))
     with pytest.raises(BackendUnavailableError, match="no int8 ONNX model.*--int8"):
         resolve_backend(b, "onnxruntime", "cpu", "int8")
-    for backend, device in (("onnxruntime", "cuda"), ("tensorrt", "cuda"), ("auto", "cuda")):
-        with pytest.raises(BackendUnavailableError, match="'int8' is onnxruntime on CPU only"):
-            resolve_backend(b, backend, device, "int8")
-    with pytest.warns(RuntimeWarning, match="CPU only.*falling back to fp32"):
-        c = resolve_backend(b, "onnxruntime", "cuda", "int8", allow_fallback=True)
-    assert c.precision == "fp32" and c.requested == ("onnxruntime", "cuda", "int8")
+    with pytest.raises(BackendUnavailableError, match="'int8' is onnxruntime on CPU only.*not TensorRT"):
+        resolve_backend(b, "tensorrt", "cuda", "int8")
+    with pytest.raises(BackendUnavailableError, match="runs on a GPU only"):
+        resolve_backend(b, "tensorrt", "cpu", "int8")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        with pytest.raises(BackendUnavailableError, match="'int8' is onnxruntime on CPU only.*--device cpu"):
+            resolve_backend(b, "onnxruntime", "cuda", "int8")
+        with pytest.warns(RuntimeWarning, match="CPU only.*falling back to fp32"):
+            c = resolve_backend(b, "onnxruntime", "cuda", "int8", allow_fallback=True)
+        assert (c.device, c.precision) == ("cuda", "fp32")
+    else:  # no GPU here: the device falls back first, and int8 runs on the CPU it fell back to
+        with pytest.warns(RuntimeWarning, match="falling back to onnxruntime on cpu"):
+            c = resolve_backend(b, "onnxruntime", "cuda", "int8", allow_fallback=True, models=())
+        assert (c.device, c.precision) == ("cpu", "int8")
+    assert c.requested == ("onnxruntime", "cuda", "int8")
 
 
 def test_engine_for_another_gpu_names_the_rebuild_command(tmp_path):

@@ -423,6 +423,9 @@ def bench_one(plan: Plan, bundle, run_model, data: Images, device: str, batches:
             rec["setup_s"] = time.perf_counter() - t0
             rec["mode"] = getattr(be, "mode", None) or plan.mode
             rec["providers"] = list(getattr(be, "providers", []) or [])
+            if plan.backend == "onnxruntime":  # the files this row ran: an int8 row's decoders are the FP32 ones
+                rec["models"] = {name: precs[plan.precision]["file"] for name, precs in bundle.manifest["models"].items()
+                                 if plan.precision in precs}
             if device == "cuda" and plan.backend == "torch":
                 import torch
 

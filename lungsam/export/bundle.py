@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..artifacts import package_versions, read_json, sha256_file, utc_now, write_json_atomic
+from ..artifacts import machine_record, package_versions, read_json, sha256_file, utc_now, write_json_atomic
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
 
 BUNDLE_FORMAT = "lungsam-bundle/1"
@@ -203,10 +203,17 @@ def first_pass_check(bundle_dir: Path, cases: list, log: Log) -> dict:
     return out
 
 
+def optional_exports(pipelines: list[str]) -> list[str]:
+    """The export options behind parity pipelines ``"<onnx|trt>-<precision>/<decoder>"`` (FP32 ONNX is
+    always written, so it has none): ``["onnx-int8/decoder", "trt-fp16/decoder"]`` -> ``["--int8", "--trt"]``."""
+    opts = {"--trt" if p.startswith("trt-") else "--" + p.split("/")[0].split("-")[-1] for p in pipelines}
+    return sorted(opts - {"--fp32"})
+
+
 def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: dict, engines: dict,
                    parity: dict, opset: int, box_from_first_pass: bool = False) -> dict:
     """The manifest (docs/DEVELOPING.md); ``files`` covers everything already in ``tmp``."""
-    from .onnx_export import io_signature
+    from .onnx_export import int8_record, io_signature
 
     return {
         "format": BUNDLE_FORMAT,
@@ -219,8 +226,11 @@ def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: d
         "inference": {"box_from_first_pass": box_from_first_pass},
         "opset": opset,
         "precisions": sorted({p for m in models.values() for p in m}),
-        "models": {name: {prec: {"file": files[0].name, "files": [f.name for f in files], **io_signature(files[0])}
+        "models": {name: {prec: {"file": files[0].name, "files": [f.name for f in files], **io_signature(files[0]),
+                                 **({"same_as": "fp32"} if prec == "int8" and name in INT8_FP32_MODELS else {})}
                           for prec, files in precs.items()} for name, precs in models.items()},
+        "quantization": ({"int8": {**int8_record(), "fp32_models": list(INT8_FP32_MODELS)}}
+                         if "int8" in models.get("encoder", {}) else {}),
         "skipped": skipped,
         "engines": engines,
         "timing_cache": "timing.cache" if engines else None,
@@ -297,11 +307,14 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
                   "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold); "
                             "max_abs_logit_diff over low-res logits; torch = SAM preprocess + encoder + decode",
                   "onnxruntime": "CPUExecutionProvider, ORT_ENABLE_ALL",
+                  "machine": machine_record(),  # int8 kernels (and so its agreement) depend on the CPU's instructions
                   "results": {name: r.summary() for name, r in results.items()}}
         failed = gate(results, min_agreement)
         if failed:
+            options = optional_exports(failed)
+            hint = f" (export again without {', '.join(options)} to keep the other models)" if options else ""
             raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement below "
-                                  f"{min_agreement}; nothing was written to {out}", table, parity)
+                                  f"{min_agreement}; nothing was written to {out}{hint}", table, parity)
         manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opset,
                                   box_from_first_pass)
         write_json_atomic(tmp / "manifest.json", manifest)

@@ -144,6 +144,15 @@ def convert_fp16(src: str | Path, dst: str | Path, external_data_bytes: int = EX
 # CPUs without VNNI (AVX2 only, like CI's) the U8S8 kernel's VPMADDUBSW can saturate; U8U8 cannot.
 # Convolutions stay FP32 (quantising them measured slower and cut agreement with FP32 to ~0.89 F1).
 INT8_OP_TYPES = ("MatMul",)
+INT8_EXTRA_OPTIONS = {"MatMulConstBOnly": True}  # only MatMuls by a weight (not activation x activation)
+
+
+def int8_record() -> dict:
+    """What ``quantize_int8`` does, for the bundle manifest (so an INT8 model explains itself)."""
+    return {"method": "onnxruntime.quantization.quantize_dynamic", "op_types": list(INT8_OP_TYPES),
+            "weight_type": "uint8", "activations": "uint8, quantised per call (DynamicQuantizeLinear)",
+            "per_channel": False, "extra_options": dict(INT8_EXTRA_OPTIONS), "quantised_models": ["encoder"],
+            "runs_on": "onnxruntime CPUExecutionProvider only"}
 
 
 def quantize_int8(src: str | Path, dst: str | Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[Path]:
@@ -164,7 +173,7 @@ def quantize_int8(src: str | Path, dst: str | Path, external_data_bytes: int = E
         root.setLevel(logging.ERROR)  # "consider pre-processing" advice printed on every call
         try:
             quantize_dynamic(Path(src), out, op_types_to_quantize=list(INT8_OP_TYPES),
-                             weight_type=QuantType.QUInt8, extra_options={"MatMulConstBOnly": True},
+                             weight_type=QuantType.QUInt8, extra_options=dict(INT8_EXTRA_OPTIONS),
                              use_external_data_format=_has_external_data(src))
         finally:
             root.setLevel(level)

@@ -278,8 +278,10 @@ def int8_unsupported(backend: str, device: str) -> str | None:
     """
     if device == "cpu" and backend != "tensorrt":
         return None
+    where = "TensorRT" if backend == "tensorrt" else f"device {device!r}"
     return ("precision 'int8' is onnxruntime on CPU only (dynamically quantised MatMuls; no GPU kernels or "
-            f"TensorRT engines are built for it); on {device} use --precision fp16")
+            f"TensorRT engines are built for it), not {where}: run int8 with --backend onnxruntime --device cpu, "
+            "or use --precision fp16 on a GPU")
 
 
 def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
@@ -297,14 +299,12 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     choice = BackendChoice(backend="onnxruntime", device=device, precision=precision,
                            requested=(backend, device, precision))
-    if precision == "int8" and (why := int8_unsupported(backend, device)):
-        _downgrade(choice, allow_fallback, BackendUnavailableError(why), "fp32")
-        choice.precision = precision = "fp32"
-
     if backend == "tensorrt" or (backend == "auto" and device == "cuda"):
         try:
             if device != "cuda":
                 raise BackendUnavailableError("backend 'tensorrt' runs on a GPU only; use --device cuda")
+            if precision == "int8":
+                raise BackendUnavailableError(int8_unsupported("tensorrt", device))
             _import_tensorrt()
             for name in models:
                 entry = bundle.engine_entry(name, precision)
@@ -330,6 +330,10 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
         except BackendUnavailableError as e:
             _downgrade(choice, allow_fallback, e, "onnxruntime on cpu")
             choice.device = "cpu"
+    # int8 is settled on the final device: a fallback to the CPU keeps it, a GPU gives it up
+    if choice.precision == "int8" and (why := int8_unsupported("onnxruntime", choice.device)):
+        _downgrade(choice, allow_fallback, BackendUnavailableError(why), "fp32")
+        choice.precision = "fp32"
     missing = [n for n in models if not bundle.has_model(n, choice.precision)]
     if missing:
         e = BackendUnavailableError(f"bundle {bundle.root} has no {choice.precision} ONNX model for "

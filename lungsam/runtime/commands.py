@@ -8,7 +8,7 @@ import click
 @click.argument("bundle", type=click.Path(exists=True, path_type=str))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
-              help="Output folder: <stem>_mask.png, <stem>_overlay.png, predictions.jsonl.")
+              help="Output folder: <stem>_mask.png, <stem>_overlay.png, predictions.jsonl, predict.json.")
 @click.option("--overlay", is_flag=True, help="Also write <stem>_overlay.png (mask over the image).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
               help="auto: TensorRT on --device cuda when the bundle has engines usable here, else onnxruntime.")

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from ..artifacts import atomic_path
+from ..artifacts import atomic_path, package_versions, utc_now, write_json_atomic
 from ..imageio import IMAGE_SUFFIXES, ImageReadError, list_inputs, read_mask
 from ..metrics import f1_score, iou_score, summarize
 from ..preprocess import to_rgb_uint8
@@ -104,7 +104,8 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
                   batch_size: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
                   ground_truth: str | Path | None = None) -> PredictSummary:
     """Segment files/folders into ``out_dir``: ``<stem>_mask.png`` (0/255, original size), optional
-    ``<stem>_overlay.png``, and ``predictions.jsonl`` (one JSON line per input, in input order).
+    ``<stem>_overlay.png``, ``predictions.jsonl`` (one JSON line per input, in input order) and
+    ``predict.json`` (the backend, device and precision that ran, fallbacks taken, counts, versions).
 
     With ``ground_truth`` (a folder of masks named like the inputs), each line also carries F1/IoU at the
     original size and ``metrics.json`` summarises them."""
@@ -148,6 +149,11 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
             f.write(json.dumps(rec) + "\n")
             f.flush()
     summary.seconds = time.perf_counter() - t0
+    setup = segmenter.describe()  # what actually ran (after any --allow-fallback), beside the figures it produced
+    write_json_atomic(out / "predict.json", {
+        "created": utc_now(), "segmenter": setup, "inputs": len(paths), "ok": summary.ok, "failed": summary.failed,
+        "seconds": round(summary.seconds, 3), "outputs": "predictions.jsonl (one line per input)" +
+        (", metrics.json" if ground_truth is not None else ""), "versions": package_versions()})
     if ground_truth is not None:
         scored = [r for r in summary.records if "f1" in r]
         summary.scores = {"n": len(scored), "f1": summarize(r["f1"] for r in scored),
@@ -155,5 +161,7 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
                           "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
         with atomic_path(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps({"ground_truth": str(ground_truth), "threshold": segmenter.threshold,
-                                       "frame": "original image size", **summary.scores}, indent=2) + "\n")
+                                       "frame": "original image size", **summary.scores,
+                                       "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision",
+                                                                           "fallbacks")}}, indent=2) + "\n")
     return summary
