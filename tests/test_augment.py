@@ -1,5 +1,7 @@
 """Offline augmentation: deterministic views, image and mask moved together, cached and drawn per epoch."""
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,4 +99,17 @@ def test_compare_runs_pairs_test_images(tmp_path):
     # another seed tests other images: refused
     train_run(TrainConfig(**{**base.to_dict(), "seed": 1}), tmp_path / "s", log=lambda m: None, progress=False)
     r = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "s")])
-    assert r.exit_code == 2 and "seed" in r.output
+    assert r.exit_code == 2 and "different test splits" in r.output and "seed" in r.output
+    # the splits decide, not how --data was spelled
+    shutil.copytree(tmp_path / "a", tmp_path / "a2")
+    run = json.loads((tmp_path / "a2" / "run.json").read_text())
+    run["config"]["data"] = [str(Path(d).resolve()) + "/" for d in run["config"]["data"]]
+    (tmp_path / "a2" / "run.json").write_text(json.dumps(run))
+    assert CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "a2")]).exit_code == 0
+    # a run that has not finished its folds is refused, or compared on its finished folds with --allow-partial
+    run["config"]["folds"] = 2
+    (tmp_path / "a2" / "run.json").write_text(json.dumps(run))
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "a2")])
+    assert r.exit_code == 2 and "has 1 of 2 folds" in r.output and "--allow-partial" in r.output
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "a2"), "--allow-partial"])
+    assert r.exit_code == 0 and "**Partial**" in r.output and "| 1/2 |" in r.output

@@ -202,6 +202,29 @@ def test_resume_continues_a_killed_run(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="settings differ"):
         train_run(TrainConfig(backbone="tiny", folds=1, epochs=4, lr=1e-2), tmp_path / "r", resume=True,
                   log=lambda m: None, progress=False)
+    # data that no longer gives the run's splits (here: one image fewer when it began) is refused
+    splits = json.loads((tmp_path / "r" / "splits.json").read_text())
+    splits[0]["test"] = splits[0]["test"][1:]
+    (tmp_path / "r" / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(ValueError, match="other splits now"):
+        train_run(cfg, tmp_path / "r", resume=True, log=lambda m: None, progress=False)
+
+
+def test_train_state_carries_its_epochs_weights_and_reads_older_states(tmp_path):
+    """Weights, optimiser and marks of one epoch live in one atomic file; a state written before weights
+    were kept there resumes from the ``*_last.safetensors`` beside it."""
+    from safetensors.torch import save_file
+
+    from lungsam.train.run import save_train_state, train_state_weights
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    save_train_state(tmp_path / "s.pt", opt, {"epoch": 7}, {"net": net.state_dict()})
+    st = torch.load(tmp_path / "s.pt", map_location="cpu", weights_only=True)
+    assert st["epoch"] == 7 and torch.equal(train_state_weights(st, "net", tmp_path / "none")["weight"], net.weight)
+    save_file({k: v.detach() * 0 for k, v in net.state_dict().items()}, str(tmp_path / "last.safetensors"))
+    old = {k: v for k, v in st.items() if k != "weights"}
+    assert float(train_state_weights(old, "net", tmp_path / "last.safetensors")["weight"].abs().sum()) == 0
 
 
 def test_cli_train_and_eval_end_to_end(tmp_path):

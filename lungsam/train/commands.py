@@ -206,17 +206,21 @@ def train_unet(data, folds, size, seed, channels, res_units, epochs, patience, m
 @click.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the table (FILE.md) and figures (FILE.json).")
-def compare(runs, out):
+@click.option("--allow-partial", is_flag=True, default=False,
+              help="Compare runs that have not finished every fold, on the finished folds' test images (the "
+                   "table says so).")
+def compare(runs, out, allow_partial):
     """Paired comparison of RUNS (baseline first) on their common test images: F1, IoU, Δ F1, Wilcoxon p.
 
-    The runs must share --data, --folds, --seed and --size, so every test image is scored by each."""
+    The runs must have the same test splits (same data, --folds and --seed) and --size, so every test image
+    is scored by each; a run with unfinished folds is refused unless --allow-partial."""
     from pathlib import Path
 
     from ..artifacts import write_json_atomic, write_text_atomic
     from .compare import CompareError, compare_runs, format_markdown
 
     try:
-        result = compare_runs(list(runs))
+        result = compare_runs(list(runs), allow_partial=allow_partial)
     except CompareError as e:
         _fail(str(e))
     md = format_markdown(result)

@@ -22,16 +22,52 @@ class CompareError(ValueError):
     """The runs cannot be compared image by image."""
 
 
+def finished_folds(run_dir: Path) -> list[Path]:
+    """The fold folders of ``run_dir`` that have their ``metrics.json`` (training and test scoring done)."""
+    return sorted(p.parent for p in (run_dir / "folds").glob("fold_*/metrics.json"))
+
+
 def per_image(run_dir: Path) -> dict[str, dict[str, float]]:
     """``{sample id: {"f1", "iou"}}`` over every finished fold's test images."""
-    folds = sorted((run_dir / "folds").glob("fold_*/metrics.json"))
+    folds = finished_folds(run_dir)
     if not folds:
         raise CompareError(f"{run_dir}: no finished fold (folds/fold_*/metrics.json)")
     out: dict[str, dict[str, float]] = {}
     for f in folds:
-        for r in read_json(f)["per_image"]:
+        for r in read_json(f / "metrics.json")["per_image"]:
             out[r["id"]] = {"f1": float(r["f1"]), "iou": float(r["iou"])}
     return out
+
+
+def test_ids_by_fold(run_dir: Path) -> list[list[str]] | None:
+    """Each fold's test image ids from the run's ``splits.json`` (``None`` for a run that has none)."""
+    p = run_dir / "splits.json"
+    return [sorted(f["test"]) for f in read_json(p)] if p.exists() else None
+
+
+def check_same_images(dirs: list[Path], cfgs: list[dict]) -> None:
+    """Raise :class:`CompareError` unless every run tested the baseline's images, fold by fold, at its size.
+
+    The splits themselves (``splits.json``) decide; for runs that lack them the settings that fix the
+    splits (:data:`SPLIT_KEYS`) must match. The working size always must: it is the frame scores are taken in.
+    """
+    base_ids = test_ids_by_fold(dirs[0])
+    for d, c in zip(dirs[1:], cfgs[1:]):
+        ids = test_ids_by_fold(d)
+        keys = ("size",) if base_ids is not None and ids is not None else SPLIT_KEYS
+        diff = {k: (cfgs[0].get(k), c.get(k)) for k in keys if cfgs[0].get(k) != c.get(k)}
+        if diff:
+            raise CompareError(f"{d} tested other images than {dirs[0]} (different {', '.join(diff)}: {diff}); "
+                               "train both with the same --data, --folds, --seed and --size")
+        if base_ids is not None and ids is not None and ids != base_ids:
+            bad = [i for i, (a, b) in enumerate(zip(base_ids, ids)) if a != b] or ["count"]
+            raise CompareError(f"{d} and {dirs[0]} have different test splits (splits.json; fold {bad[0]} differs): "
+                               "train both on the same data with the same --folds and --seed")
+
+
+def fold_progress(run_dir: Path, cfg: dict) -> tuple[int, int]:
+    """``(finished folds, folds the run was set up for)``."""
+    return len(finished_folds(run_dir)), int(cfg.get("folds") or 1)
 
 
 def _config(run_dir: Path) -> dict:
@@ -69,10 +105,12 @@ def paired(base: list[float], other: list[float]) -> dict:
             "equal": int((d == 0).sum()), "wilcoxon_p": p, "n": n}
 
 
-def compare_runs(run_dirs: list[str | Path]) -> dict:
+def compare_runs(run_dirs: list[str | Path], allow_partial: bool = False) -> dict:
     """Compare runs against the first one on their common test images.
 
-    Raises :class:`CompareError` when the runs tested different images (other data, folds, seed or size).
+    Raises :class:`CompareError` when the runs tested different images (other splits or size), or when a
+    run has not finished all its folds unless ``allow_partial`` (then only the finished folds' test images
+    are compared, and the result says so).
     """
     if len(run_dirs) < 2:
         raise CompareError("give at least two runs: the baseline first")
@@ -81,46 +119,50 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
     dirs = [Path(d) for d in run_dirs]
     # settings an older run did not record take their defaults (what that run did)
     cfgs = [c if c.get("model") == "unet" else {**TrainConfig.from_dict(c).to_dict(), **c} for c in map(_config, dirs)]
-    for d, c in zip(dirs[1:], cfgs[1:]):
-        diff = {k: (cfgs[0].get(k), c.get(k)) for k in SPLIT_KEYS if cfgs[0].get(k) != c.get(k)}
-        if diff:
-            raise CompareError(f"{d} tested other images than {dirs[0]} (different {', '.join(diff)}: {diff}); "
-                               "train both with the same --data, --folds, --seed and --size")
+    check_same_images(dirs, cfgs)
+    progress = [fold_progress(d, c) for d, c in zip(dirs, cfgs)]
+    partial = [f"{d} has {done} of {total} folds" for d, (done, total) in zip(dirs, progress) if done < total]
+    if partial and not allow_partial:
+        raise CompareError(f"unfinished run: {'; '.join(partial)}. Finish it (--resume), or compare the finished "
+                           "folds' test images only with --allow-partial")
     scores = [per_image(d) for d in dirs]
     ids = sorted(set(scores[0]).intersection(*scores[1:]))
     if not ids:
         raise CompareError("the runs share no test image")
     rows = []
-    for d, c, s in zip(dirs, cfgs, scores):
+    for d, c, s, (done, total) in zip(dirs, cfgs, scores, progress):
         f1 = [s[i]["f1"] for i in ids]
         if cfgs[0].get("model") != c.get("model"):  # a U-Net beside a SAM run: name the models, not every field
             changed = {"model": [model_label(cfgs[0]), model_label(c)]}
         else:
             changed = {k: list(v) for k, v in changed_settings(cfgs[0], c).items()}
-        row = {"run": str(d), "changed": changed,
+        row = {"run": str(d), "changed": changed, "folds_finished": done, "folds": total,
+               "n_scored": len(s), "n_left_out": len(s) - len(ids),
                "f1": summarize(f1), "iou": summarize([s[i]["iou"] for i in ids])}
         if d is not dirs[0]:
             row["f1_vs_baseline"] = paired([scores[0][i]["f1"] for i in ids], f1)
-        metrics = d / "metrics.json"
-        if metrics.exists():
-            folds = read_json(metrics)["folds"]
-            row["best_epochs"] = [f["best_epoch"] for f in folds]
-            row["thresholds"] = [f["threshold"] for f in folds]
-            row["train_time_s"] = sum(f["train_time_s"] for f in folds)
+        folds = [read_json(f / "metrics.json") for f in finished_folds(d)]  # the folds whose images are compared
+        row["best_epochs"] = [f["best_epoch"] for f in folds]
+        row["thresholds"] = [f["threshold"] for f in folds]
+        row["train_time_s"] = sum(f["train_time_s"] for f in folds)
         rows.append(row)
     return {"baseline": str(dirs[0]), "n_images": len(ids), "split_settings": {k: cfgs[0].get(k) for k in SPLIT_KEYS},
-            "runs": rows}
+            "partial": partial, "runs": rows}
 
 
 def format_markdown(result: dict) -> str:
     """One table: a row per run, the baseline first."""
     lines = [f"Paired comparison on the same {result['n_images']} test images "
              f"({', '.join(f'{k}={v}' for k, v in result['split_settings'].items())}); baseline `{result['baseline']}`. "
-             "Δ F1 = mean per-image difference to the baseline ± its standard error; p = Wilcoxon signed-rank.",
-             "",
-             "| run | changed | test F1 mean ± std (min) | IoU | Δ F1 vs baseline | better / worse | p | best epoch | "
-             "threshold | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Δ F1 = mean per-image difference to the baseline ± its standard error (SE); p = Wilcoxon signed-rank.",
+             ""]
+    if result.get("partial"):
+        lines += [f"**Partial**: {'; '.join(result['partial'])}; only the finished folds' test images are compared "
+                  "(per run: images scored, left out).", ""]
+    lines += [
+             "| run | changed | folds | test F1 mean ± std (min) | IoU | Δ F1 vs baseline (± SE) | better / worse | p | "
+             "best epoch | threshold | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         ch = ", ".join(f"{k}: {a} → {b}" for k, (a, b) in r["changed"].items()) or "(baseline)"
         f1, iou = r["f1"], r["iou"]
@@ -135,6 +177,9 @@ def format_markdown(result: dict) -> str:
         ep = ", ".join(str(e) for e in r.get("best_epochs", [])) or "?"
         th = ", ".join(f"{t:.2f}" for t in r.get("thresholds", [])) or "?"
         ts = f"{r['train_time_s']:.0f}" if "train_time_s" in r else "?"
-        lines.append(f"| `{Path(r['run']).name}` | {ch} | {f1['mean']:.4f} ± {f1['std']:.4f} ({f1['min']:.3f}) | "
+        fo = f"{r['folds_finished']}/{r['folds']}" if "folds" in r else "?"
+        if r.get("n_left_out"):
+            fo += f" ({r['n_left_out']} of {r['n_scored']} images left out)"
+        lines.append(f"| `{Path(r['run']).name}` | {ch} | {fo} | {f1['mean']:.4f} ± {f1['std']:.4f} ({f1['min']:.3f}) | "
                      f"{iou['mean']:.4f} | {delta} | {bw} | {pv} | {ep} | {th} | {ts} |")
     return "\n".join(lines) + "\n"

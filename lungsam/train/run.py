@@ -145,13 +145,41 @@ def _load_decoder(sam, path: Path) -> None:
     sam.mask_decoder.load_state_dict(load_file(str(path)), strict=True)
 
 
-def save_train_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Atomically write ``train_state.pt``: the optimiser's state and ``state`` (plain values, loadable with
-    ``torch.load(..., weights_only=True)``), what a killed fold needs besides its weights to go on."""
+def save_train_state(path: Path, optimizer: torch.optim.Optimizer, state: dict,
+                     weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Atomically write ``train_state.pt``: the optimiser's state, ``state`` (plain values) and the trained
+    ``weights`` (``{part: state dict}``) of the same epoch, everything a killed fold needs to go on, in one
+    file, so a kill between two writes cannot pair one epoch's weights with another's optimiser. Loadable
+    with ``torch.load(..., weights_only=True)``."""
     buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), **state}, buf)
+    torch.save({"optimizer": optimizer.state_dict(), **state,
+                "weights": {part: {k: v.detach().cpu() for k, v in sd.items()} for part, sd in weights.items()}}, buf)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
+
+
+def train_state_weights(st: dict, part: str, older_file: Path) -> dict[str, torch.Tensor]:
+    """The ``part`` weights of a loaded ``train_state.pt``; states written before they were kept there
+    take them from ``older_file`` (the ``*_last.safetensors`` written beside them)."""
+    if "weights" in st:
+        return st["weights"][part]
+    from safetensors.torch import load_file
+
+    return load_file(str(older_file))
+
+
+def check_resumed_splits(out: Path, splits: list[dict]) -> None:
+    """Refuse to resume a run whose data no longer gives the splits it began with (a pair added, removed or
+    skipped since): its finished folds would have tested other images than the folds still to come."""
+    p = out / "splits.json"
+    if not p.exists():
+        return
+    before = read_json(p)
+    if before != splits:
+        n_before = len({i for f in before for part in f.values() for i in part})
+        n_now = len({i for f in splits for part in f.values() for i in part})
+        raise ValueError(f"--resume: the data in {out}'s run gives other splits now ({n_now} images, {n_before} when "
+                         "it began): its folds would test different images. Restore the data or start a new --out")
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -197,9 +225,13 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     stop, start = EarlyStopping(cfg.patience, cfg.min_delta), 1
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
-        _load_decoder(sam, fold_dir / "decoder_last.safetensors")
+        sam.mask_decoder.load_state_dict(train_state_weights(st, "decoder", fold_dir / "decoder_last.safetensors"),
+                                         strict=True)
         if lora:
-            _load_adapter(sam, fold_dir / "encoder_lora_last.safetensors")
+            from ..lora import load_lora_state
+
+            load_lora_state(sam.image_encoder,
+                            train_state_weights(st, "encoder_lora", fold_dir / "encoder_lora_last.safetensors"))
         trainer.optimizer.load_state_dict(st["optimizer"])
         trainer.rng.bit_generator.state = st["rng"]
         history, start = st["history"], st["epoch"] + 1
@@ -229,8 +261,13 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
         _save_decoder(sam, fold_dir / "decoder_last.safetensors", meta)
         if lora:
             _save_adapter(sam, fold_dir / "encoder_lora_last.safetensors", meta)
+        weights = {"decoder": sam.mask_decoder.state_dict()}
+        if lora:
+            from ..lora import lora_state
+
+            weights["encoder_lora"] = lora_state(sam.image_encoder)
         save_train_state(state_path, trainer.optimizer, {"epoch": epoch, "history": history, **stop.marks(),
-                                                         "rng": trainer.rng.bit_generator.state})
+                                                         "rng": trainer.rng.bit_generator.state}, weights)
         bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{val['val_f1']:.4f}", best=stop.best_epoch)
     bar.close()
     _write_history(fold_dir / "history.csv", history)
@@ -368,6 +405,8 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
     data = load_data(cfg.data, cfg.size, log)
     log(f"data: {len(data.samples)} pairs from {', '.join(cfg.data)} ({len(data.skipped)} skipped)")
     splits = kfold_splits([s.id for s in data.samples], cfg.folds, cfg.seed)
+    if old is not None:
+        check_resumed_splits(out, splits)
     run = {
         "format": "lungsam-run/1", "config": {**cfg.to_dict(), "checkpoint": ckpt},
         "weights_sha256": weights_sha256, "device": device,

@@ -138,12 +138,13 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
                     progress: bool = True) -> dict:
     """Train one fold from scratch, choose the threshold on validation, score the test images.
 
-    Resumable: after every epoch the weights (``unet_last.safetensors``), the optimiser, the history, the early
-    stopping marks and the shuffling generator are saved, and a fold folder holding them goes on from there."""
+    Resumable: after every epoch the weights, the optimiser, the history, the early stopping marks and the
+    shuffling generator are saved together (``train_state.pt``), and a fold folder holding them goes on from
+    there."""
     from monai.losses import DiceFocalLoss
     from tqdm import tqdm
 
-    from .run import save_train_state
+    from .run import save_train_state, train_state_weights
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(fold_dir / "split.json", split)
@@ -160,10 +161,8 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
     history: list[dict] = []
     start, state_path = 1, fold_dir / "train_state.pt"
     if state_path.exists():
-        from safetensors.torch import load_file
-
         st = torch.load(state_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(load_file(str(fold_dir / "unet_last.safetensors")))
+        net.load_state_dict(train_state_weights(st, "unet", fold_dir / "unet_last.safetensors"))
         opt.load_state_dict(st["optimizer"])
         rng.bit_generator.state = st["rng"]
         history, stop, start = st["history"], EarlyStopping(**st["stop"]), st["epoch"] + 1
@@ -194,9 +193,8 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
                         "val_f1": float(np.mean(vf1)), "val_iou": float(np.mean(viou)), "epoch_s": secs})
         if stop.update(epoch, float(np.mean(vf1))):
             _save(net, fold_dir / "unet_best.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
-        _save(net, fold_dir / "unet_last.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
         save_train_state(state_path, opt, {"epoch": epoch, "history": history, "stop": asdict(stop),
-                                           "rng": rng.bit_generator.state})
+                                           "rng": rng.bit_generator.state}, {"unet": net.state_dict()})
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_f1=f"{np.mean(vf1):.4f}", best=stop.best_epoch)
     bar.close()
     keys = ("epoch", "train_loss", "val_loss", "val_f1", "val_iou", "epoch_s")
@@ -262,7 +260,7 @@ def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
 def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
                    only_folds: tuple[int, ...] | None = None, log: Log = print, progress: bool = True) -> dict:
     """Train the U-Net folds into ``out`` (finished folds are reused with ``resume``); returns the summary."""
-    from .run import aggregate_folds, load_data, run_folds
+    from .run import aggregate_folds, check_resumed_splits, load_data, run_folds
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -279,6 +277,8 @@ def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
     device = pick_device(cfg.device)
     data = load_data(cfg.data, cfg.size, log)
     splits = kfold_splits([s.id for s in data.samples], cfg.folds, cfg.seed)
+    if old is not None:
+        check_resumed_splits(out, splits)
     run = {"format": RUN_FORMAT, "config": cfg.to_dict(), "device": device, "n_samples": len(data.samples),
            "n_skipped": len(data.skipped), "skipped": data.skipped,
            "parameters": sum(p.numel() for p in build_unet(cfg).parameters()),
