@@ -202,6 +202,14 @@ def test_resume_continues_a_killed_run(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="settings differ"):
         train_run(TrainConfig(backbone="tiny", folds=1, epochs=4, lr=1e-2), tmp_path / "r", resume=True,
                   log=lambda m: None, progress=False)
+    # a sitting with other package versions keeps the earlier ones
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert len(run["resumed"]) == 1 and "versions_before" not in run
+    run["versions"] = {**run["versions"], "numpy": "0.0-older"}
+    (tmp_path / "r" / "run.json").write_text(json.dumps(run))
+    train_run(cfg, tmp_path / "r", resume=True, log=lambda m: None, progress=False)
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert len(run["resumed"]) == 2 and run["versions_before"][0]["numpy"] == "0.0-older"
     # data that no longer gives the run's splits (here: one image fewer when it began) is refused
     splits = json.loads((tmp_path / "r" / "splits.json").read_text())
     splits[0]["test"] = splits[0]["test"][1:]

@@ -168,6 +168,22 @@ def train_state_weights(st: dict, part: str, older_file: Path) -> dict[str, torc
     return load_file(str(older_file))
 
 
+def record_sitting(run: dict, old: dict | None) -> None:
+    """On ``--resume``, keep in ``run`` (the new ``run.json``) when the run began and record this sitting:
+    ``resumed`` gets its start time, and package versions that changed since the last sitting are kept in
+    ``versions_before`` (``{"until": time, **versions}``), so folds trained with other code stay traceable."""
+    if old is None:
+        return
+    now = utc_now()
+    run["started"] = old.get("started", run["started"])
+    run["resumed"] = [*old.get("resumed", []), now]
+    before = list(old.get("versions_before", []))
+    if old.get("versions") and old["versions"] != run.get("versions"):
+        before.append({"until": now, **old["versions"]})
+    if before:
+        run["versions_before"] = before
+
+
 def check_resumed_splits(out: Path, splits: list[dict]) -> None:
     """Refuse to resume a run whose data no longer gives the splits it began with (a pair added, removed or
     skipped since): its finished folds would have tested other images than the folds still to come."""
@@ -413,9 +429,7 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
         "n_samples": len(data.samples), "n_skipped": len(data.skipped), "skipped": data.skipped,
         "started": utc_now(), "versions": package_versions(),
     }
-    if old is not None:  # keep when the run began; record each sitting
-        run["started"] = old.get("started", run["started"])
-        run["resumed"] = [*old.get("resumed", []), utc_now()]
+    record_sitting(run, old)
     write_json_atomic(out / "run.json", run)
     write_json_atomic(out / "splits.json", splits)
     sam = build_backbone(cfg.backbone, ckpt, encoder_size=cfg.encoder_size)

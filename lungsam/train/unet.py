@@ -260,7 +260,7 @@ def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
 def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
                    only_folds: tuple[int, ...] | None = None, log: Log = print, progress: bool = True) -> dict:
     """Train the U-Net folds into ``out`` (finished folds are reused with ``resume``); returns the summary."""
-    from .run import aggregate_folds, check_resumed_splits, load_data, run_folds
+    from .run import aggregate_folds, check_resumed_splits, load_data, record_sitting, run_folds
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -282,9 +282,8 @@ def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
     run = {"format": RUN_FORMAT, "config": cfg.to_dict(), "device": device, "n_samples": len(data.samples),
            "n_skipped": len(data.skipped), "skipped": data.skipped,
            "parameters": sum(p.numel() for p in build_unet(cfg).parameters()),
-           "started": old["started"] if old else utc_now(), "versions": package_versions()}
-    if old is not None:
-        run["resumed"] = [*old.get("resumed", []), utc_now()]
+           "started": utc_now(), "versions": package_versions()}
+    record_sitting(run, old)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "run.json", run)
     write_json_atomic(out / "splits.json", splits)
