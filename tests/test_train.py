@@ -483,3 +483,6 @@ def test_early_stopping_marks_best_and_patience():
     assert (stop.best_f1, stop.best_epoch, stop.mark_f1, stop.mark_epoch) == (0.605, 3, 0.60, 2)
     again = EarlyStopping(2, 0.01, **stop.marks())
     assert again == stop and again.should_stop(5) and not again.should_stop(4)
+    # restored from a train_state: flat marks (every run now), or U-Net's older nested "stop" record
+    assert EarlyStopping.restore(2, 0.01, {"epoch": 4, **stop.marks()}) == stop
+    assert EarlyStopping.restore(2, 0.01, {"epoch": 4, "stop": {"patience": 2, "min_delta": 0.01, **stop.marks()}}) == stop

@@ -175,6 +175,13 @@ class EarlyStopping:
         return {"best_f1": self.best_f1, "best_epoch": self.best_epoch, "mark_f1": self.mark_f1,
                 "mark_epoch": self.mark_epoch}
 
+    @classmethod
+    def restore(cls, patience: int, min_delta: float, state: dict) -> "EarlyStopping":
+        """The marks saved in a loaded ``train_state.pt`` (flat keys; U-Net states written before 2026-11-28
+        kept them, with patience and min_delta, under ``"stop"``), with this run's patience and min_delta."""
+        saved = state.get("stop", state)
+        return cls(patience, min_delta, **{k: saved[k] for k in ("best_f1", "best_epoch", "mark_f1", "mark_epoch")})
+
     def should_stop(self, epoch: int) -> bool:
         return self.mark_epoch > 0 and epoch - self.mark_epoch > self.patience
 

@@ -251,7 +251,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
         trainer.optimizer.load_state_dict(st["optimizer"])
         trainer.rng.bit_generator.state = st["rng"]
         history, start = st["history"], st["epoch"] + 1
-        stop = EarlyStopping(cfg.patience, cfg.min_delta, **{k: st[k] for k in stop.marks()})
+        stop = EarlyStopping.restore(cfg.patience, cfg.min_delta, st)
         log(f"fold {fold}: resuming after epoch {st['epoch']} (best val F1 {stop.best_f1:.4f} at epoch "
             f"{stop.best_epoch})")
 

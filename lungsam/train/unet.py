@@ -165,7 +165,7 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
         net.load_state_dict(train_state_weights(st, "unet", fold_dir / "unet_last.safetensors"))
         opt.load_state_dict(st["optimizer"])
         rng.bit_generator.state = st["rng"]
-        history, stop, start = st["history"], EarlyStopping(**st["stop"]), st["epoch"] + 1
+        history, stop, start = st["history"], EarlyStopping.restore(cfg.patience, cfg.min_delta, st), st["epoch"] + 1
         log(f"fold {fold}: resuming after epoch {st['epoch']} (best val F1 {stop.best_f1:.4f} at epoch {stop.best_epoch})")
     t_fold = time.perf_counter()
     bar = tqdm(range(start, cfg.epochs + 1), desc=f"unet fold {fold}", unit="epoch", disable=not progress)
@@ -193,7 +193,7 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
                         "val_f1": float(np.mean(vf1)), "val_iou": float(np.mean(viou)), "epoch_s": secs})
         if stop.update(epoch, float(np.mean(vf1))):
             _save(net, fold_dir / "unet_best.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
-        save_train_state(state_path, opt, {"epoch": epoch, "history": history, "stop": asdict(stop),
+        save_train_state(state_path, opt, {"epoch": epoch, "history": history, **stop.marks(),
                                            "rng": rng.bit_generator.state}, {"unet": net.state_dict()})
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_f1=f"{np.mean(vf1):.4f}", best=stop.best_epoch)
     bar.close()
