@@ -99,7 +99,10 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a ``(H, W, 3)`` uint8 image to ``size_hw`` with Pillow (as SAM does)."""
+    """Bilinear resize of a ``(H, W, 3)`` or ``(H, W)`` uint8 image to ``size_hw`` with Pillow (as SAM does).
+
+    Pillow resizes each channel independently with the same weights, so a grey plane resized alone equals
+    any channel of its RGB form resized (tested)."""
     h, w = size_hw
     if image.shape[:2] == (h, w):
         return image
@@ -118,15 +121,11 @@ def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 def to_working(image: np.ndarray, size: int) -> np.ndarray:
     """Original image (any dtype/channels) -> working frame ``(size, size, 3)`` uint8.
 
-    A grey image is resized as one plane and then repeated: Pillow resizes channels independently with
-    the same weights, so this equals resizing its RGB form exactly (tested), at a third of the cost.
+    A grey image is resized as one plane and then repeated (:func:`resize_image`): equal to resizing its
+    RGB form, at a third of the cost.
     """
-    a = to_uint8(image)
-    if a.ndim == 3:
-        return resize_image(a, (size, size))
-    if a.shape != (size, size):
-        a = np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))
-    return grey_to_rgb(a)
+    a = resize_image(to_uint8(image), (size, size))
+    return a if a.ndim == 3 else grey_to_rgb(a)
 
 
 def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
@@ -167,14 +166,12 @@ def resized_planes(working_image: np.ndarray, spec: PreprocessSpec) -> tuple[lis
     ``spec.img_size`` (three ``(h', w')`` uint8 planes) and ``(h', w')``.
 
     A grey image (three equal channels, every radiograph read by :func:`to_rgb_uint8`) is resized once
-    and its plane shared: Pillow resizes channels independently with the same weights, so this equals
-    :func:`resize_longest_side` exactly, at a third of the cost.
+    and its plane shared (:func:`resize_image`): equal to :func:`resize_longest_side`, at a third of the cost.
     """
     hw = preprocess_shape(working_image.shape[0], working_image.shape[1], spec.img_size)
     c0 = working_image[..., 0]
     if np.array_equal(c0, working_image[..., 1]) and np.array_equal(c0, working_image[..., 2]):
-        plane = np.asarray(Image.fromarray(np.ascontiguousarray(c0)).resize((hw[1], hw[0]), Image.BILINEAR)
-                           if c0.shape != hw else c0)
+        plane = resize_image(np.ascontiguousarray(c0), hw)
         return [plane, plane, plane], hw
     resized = resize_image(working_image, hw)
     return [resized[..., c] for c in range(3)], hw

@@ -64,7 +64,7 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
         from .sweep import run_sweep_cli
 
         run_sweep_cli(bundle=bundle, run=run_dir, data_dir=data_dir, out_dir=out_dir,
-                      sizes=_ints(sizes), precisions=_csv(precisions or "fp32,fp16"), backbones=_csv(sweep_backbones),
+                      sizes=_ints(sizes), precisions=_csv(precisions), backbones=_csv(sweep_backbones),
                       device=device, batches=_ints(batches), warmup=warmup, repeats=repeats, limit=limit,
                       threads=threads)
         return
@@ -73,7 +73,7 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
     from .bench import run_bench_cli
 
     run_bench_cli(bundle=bundle, data_dir=data_dir, out_dir=out_dir, backends=_csv(backends),
-                  precisions=_csv(precisions or "fp32,fp16,int8"), device=device, batches=_ints(batches), warmup=warmup,
+                  precisions=_csv(precisions), device=device, batches=_ints(batches), warmup=warmup,
                   repeats=repeats, limit=limit, compare_path=compare_path, threads=threads, run_dir=run_dir,
                   box_from_first_pass=box_from_first_pass)
 

@@ -323,7 +323,7 @@ def run_sweep_cli(*, bundle, run, data_dir, out_dir, sizes, precisions, backbone
             raise click.ClickException(f"the bundle's run {run_dir} is not here; pass --run RUN")
     try:
         res = run_sweep(run_dir, out_dir, data_dir=data_dir, sizes=sizes or [1024, 768, 512, 384, 256],
-                        precisions=precisions or ["fp32"], backbones=backbones, device=device, batches=batches,
+                        precisions=precisions or ["fp32", "fp16"], backbones=backbones, device=device, batches=batches,
                         warmup=warmup, repeats=repeats, limit=limit, threads=threads,
                         log=lambda m: click.echo(m, err=True))
     except (BenchError, RunError, DataError) as e:

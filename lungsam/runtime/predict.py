@@ -159,9 +159,7 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
         summary.scores = {"n": len(scored), "f1": summarize(r["f1"] for r in scored),
                           "iou": summarize(r["iou"] for r in scored),
                           "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
-        with atomic_path(out / "metrics.json") as tmp:
-            tmp.write_text(json.dumps({"ground_truth": str(ground_truth), "threshold": segmenter.threshold,
-                                       "frame": "original image size", **summary.scores,
-                                       "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision",
-                                                                           "fallbacks")}}, indent=2) + "\n")
+        write_json_atomic(out / "metrics.json", {
+            "ground_truth": str(ground_truth), "threshold": segmenter.threshold, "frame": "original image size",
+            **summary.scores, "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision", "fallbacks")}})
     return summary

@@ -22,21 +22,19 @@ class CompareError(ValueError):
     """The runs cannot be compared image by image."""
 
 
-def finished_folds(run_dir: Path) -> list[Path]:
-    """The fold folders of ``run_dir`` that have their ``metrics.json`` (training and test scoring done)."""
-    return sorted(p.parent for p in (run_dir / "folds").glob("fold_*/metrics.json"))
+def finished_folds(run_dir: Path) -> list[dict]:
+    """The ``metrics.json`` of every finished fold of ``run_dir`` (training and test scoring done), in fold order."""
+    from ..runs import finished_fold_dirs
 
-
-def per_image(run_dir: Path) -> dict[str, dict[str, float]]:
-    """``{sample id: {"f1", "iou"}}`` over every finished fold's test images."""
-    folds = finished_folds(run_dir)
+    folds = [read_json(d / "metrics.json") for d in finished_fold_dirs(run_dir)]
     if not folds:
         raise CompareError(f"{run_dir}: no finished fold (folds/fold_*/metrics.json)")
-    out: dict[str, dict[str, float]] = {}
-    for f in folds:
-        for r in read_json(f / "metrics.json")["per_image"]:
-            out[r["id"]] = {"f1": float(r["f1"]), "iou": float(r["iou"])}
-    return out
+    return folds
+
+
+def per_image(folds: list[dict]) -> dict[str, dict[str, float]]:
+    """``{sample id: {"f1", "iou"}}`` over the test images of ``folds`` (:func:`finished_folds`)."""
+    return {r["id"]: {"f1": float(r["f1"]), "iou": float(r["iou"])} for f in folds for r in f["per_image"]}
 
 
 def test_ids_by_fold(run_dir: Path) -> list[list[str]] | None:
@@ -63,11 +61,6 @@ def check_same_images(dirs: list[Path], cfgs: list[dict]) -> None:
             bad = [i for i, (a, b) in enumerate(zip(base_ids, ids)) if a != b] or ["count"]
             raise CompareError(f"{d} and {dirs[0]} have different test splits (splits.json; fold {bad[0]} differs): "
                                "train both on the same data with the same --folds and --seed")
-
-
-def fold_progress(run_dir: Path, cfg: dict) -> tuple[int, int]:
-    """``(finished folds, folds the run was set up for)``."""
-    return len(finished_folds(run_dir)), int(cfg.get("folds") or 1)
 
 
 def _config(run_dir: Path) -> dict:
@@ -120,28 +113,28 @@ def compare_runs(run_dirs: list[str | Path], allow_partial: bool = False) -> dic
     # settings an older run did not record take their defaults (what that run did)
     cfgs = [c if c.get("model") == "unet" else {**TrainConfig.from_dict(c).to_dict(), **c} for c in map(_config, dirs)]
     check_same_images(dirs, cfgs)
-    progress = [fold_progress(d, c) for d, c in zip(dirs, cfgs)]
-    partial = [f"{d} has {done} of {total} folds" for d, (done, total) in zip(dirs, progress) if done < total]
+    done = [finished_folds(d) for d in dirs]
+    total = [int(c.get("folds") or 1) for c in cfgs]  # folds the run was set up for
+    partial = [f"{d} has {len(f)} of {t} folds" for d, f, t in zip(dirs, done, total) if len(f) < t]
     if partial and not allow_partial:
         raise CompareError(f"unfinished run: {'; '.join(partial)}. Finish it (--resume), or compare the finished "
                            "folds' test images only with --allow-partial")
-    scores = [per_image(d) for d in dirs]
+    scores = [per_image(f) for f in done]
     ids = sorted(set(scores[0]).intersection(*scores[1:]))
     if not ids:
         raise CompareError("the runs share no test image")
     rows = []
-    for d, c, s, (done, total) in zip(dirs, cfgs, scores, progress):
+    for d, c, s, folds, t in zip(dirs, cfgs, scores, done, total):
         f1 = [s[i]["f1"] for i in ids]
         if cfgs[0].get("model") != c.get("model"):  # a U-Net beside a SAM run: name the models, not every field
             changed = {"model": [model_label(cfgs[0]), model_label(c)]}
         else:
             changed = {k: list(v) for k, v in changed_settings(cfgs[0], c).items()}
-        row = {"run": str(d), "changed": changed, "folds_finished": done, "folds": total,
+        row = {"run": str(d), "changed": changed, "folds_finished": len(folds), "folds": t,
                "n_scored": len(s), "n_left_out": len(s) - len(ids),
                "f1": summarize(f1), "iou": summarize([s[i]["iou"] for i in ids])}
         if d is not dirs[0]:
             row["f1_vs_baseline"] = paired([scores[0][i]["f1"] for i in ids], f1)
-        folds = [read_json(f / "metrics.json") for f in finished_folds(d)]  # the folds whose images are compared
         row["best_epochs"] = [f["best_epoch"] for f in folds]
         row["thresholds"] = [f["threshold"] for f in folds]
         row["train_time_s"] = sum(f["train_time_s"] for f in folds)
