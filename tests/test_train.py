@@ -192,11 +192,17 @@ def test_resume_continues_a_killed_run(tmp_path, monkeypatch):
         train_run(cfg, tmp_path / "r", log=lambda m: None, progress=False)
     monkeypatch.setattr(DecoderTrainer, "validate", orig)
     assert not (tmp_path / "r" / "folds" / "fold_0" / "metrics.json").exists()
+    state = tmp_path / "r" / "folds" / "fold_0" / "train_state.pt"
+    st = torch.load(state, map_location="cpu", weights_only=True)
+    assert st["fold_wall_s"] > 0
+    st["fold_wall_s"] = 1000.0  # stands for a long first sitting: the fold's wall time adds up over sittings
+    torch.save(st, state)
     with pytest.raises(FileExistsError):
         train_run(cfg, tmp_path / "r", log=lambda m: None, progress=False)
     logs = []
     train_run(cfg, tmp_path / "r", resume=True, log=logs.append, progress=False)
     assert any("resuming after epoch 2" in m for m in logs)
+    assert 1000 < json.loads((tmp_path / "r" / "folds" / "fold_0" / "metrics.json").read_text())["fold_wall_s"] < 1600
     hist = (tmp_path / "r" / "folds" / "fold_0" / "history.csv").read_text().strip().splitlines()
     assert [int(r.split(",")[0]) for r in hist[1:]] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="settings differ"):
@@ -233,6 +239,36 @@ def test_train_state_carries_its_epochs_weights_and_reads_older_states(tmp_path)
     save_file({k: v.detach() * 0 for k, v in net.state_dict().items()}, str(tmp_path / "last.safetensors"))
     old = {k: v for k, v in st.items() if k != "weights"}
     assert float(train_state_weights(old, "net", tmp_path / "last.safetensors")["weight"].abs().sum()) == 0
+
+
+def test_loop_state_keeps_the_shuffling_and_the_amp_scaler_through_a_saved_state(demo, tmp_path):
+    """A resumed fold draws the same shuffles and (fp16 AMP) keeps the gradient scaler's scale and growth
+    tracker, through ``train_state.pt`` loaded with ``weights_only=True``. A CPU scaler stands in for the
+    CUDA one here (same state dict); a state without a scaler leaves the scaler as built."""
+    from lungsam.train.run import save_train_state
+
+    masks = [s.mask for s in demo.samples[:6]]
+    prompt = learn_prompt(masks, "points", 2)
+
+    def trainer():
+        t = DecoderTrainer(build_backbone("tiny"), get_backbone("tiny").preprocess, 64, prompt, lr=1e-2,
+                           weight_decay=0.0, batch_size=3, box_jitter=0.0, device="cpu", amp=False, seed=0)
+        t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
+        return t
+
+    a = trainer()
+    emb = np.random.default_rng(0).standard_normal((6, 32, 8, 8)).astype(np.float32)
+    a.train_epoch(emb, masks)  # two scaled steps with finite gradients: they count towards the next growth
+    save_train_state(tmp_path / "s.pt", a.optimizer, {"epoch": 1, **a.loop_state()}, {})
+    st = torch.load(tmp_path / "s.pt", map_location="cpu", weights_only=True)
+    b = trainer()
+    b.restore_loop_state(st)
+    assert b.scaler.get_scale() == a.scaler.get_scale() == 2.0 ** 10
+    assert b.scaler.state_dict()["_growth_tracker"] == a.scaler.state_dict()["_growth_tracker"] == 2
+    assert np.array_equal(b.rng.permutation(6), a.rng.permutation(6))
+    c = trainer()
+    c.restore_loop_state({"rng": st["rng"]})
+    assert c.scaler.state_dict()["_growth_tracker"] == 0
 
 
 def test_cli_train_and_eval_end_to_end(tmp_path):
@@ -453,9 +489,14 @@ def test_unet_fold_killed_mid_run_resumes_where_it_stopped(tmp_path, monkeypatch
     monkeypatch.setattr(unet_mod, "unet_logits", orig)
     fd = tmp_path / "broken" / "folds" / "fold_0"
     assert (fd / "train_state.pt").exists() and not (fd / "metrics.json").exists()
+    st = torch.load(fd / "train_state.pt", map_location="cpu", weights_only=True)
+    assert st["fold_wall_s"] > 0
+    st["fold_wall_s"] = 1000.0  # stands for a long first sitting: the fold's wall time adds up over sittings
+    torch.save(st, fd / "train_state.pt")
     logs = []
     train_unet_run(cfg, tmp_path / "broken", resume=True, log=logs.append, progress=False)
     assert any("resuming after epoch 2" in m for m in logs)
+    assert 1000 < read_json(fd / "metrics.json")["fold_wall_s"] < 1600
     hist = lambda d: [r.split(",") for r in (d / "folds" / "fold_0" / "history.csv").read_text().splitlines()[1:]]  # noqa: E731
     whole, resumed = hist(tmp_path / "whole"), hist(tmp_path / "broken")
     assert [int(r[0]) for r in resumed] == [1, 2, 3, 4]

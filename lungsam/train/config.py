@@ -6,8 +6,21 @@ from dataclasses import asdict, dataclass, field, fields
 DEFAULT_THRESHOLDS = (0.50, 0.55, 0.60, 0.65, 0.70)
 
 
+class DictConfig:
+    """``to_dict``/``from_dict`` for the training config dataclasses: JSON-ready dicts (tuples as lists), read
+    back with tuple fields restored and keys this version does not know ignored."""
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{f.name: tuple(d[f.name]) if isinstance(f.default, tuple) else d[f.name]
+                      for f in fields(cls) if f.name in d})
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Decoder fine-tuning settings (defaults follow Carvalho & Almeida, CIARP 2024).
 
     Attributes:
@@ -56,21 +69,6 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     embed_batch_size: int = 4
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["thresholds"] = list(self.thresholds)
-        d["lora_targets"] = list(self.lora_targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("thresholds", "lora_targets"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
 
     def lora_spec(self):
         """:class:`lungsam.lora.LoraSpec` of this run, or ``None`` when LoRA is off."""

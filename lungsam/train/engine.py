@@ -221,6 +221,21 @@ class DecoderTrainer:
             if self.amp else None
         self.rng = np.random.default_rng(seed)
 
+    def loop_state(self) -> dict:
+        """What a resumed fold needs besides its weights, optimiser and epoch bookkeeping: the shuffling
+        generator's state and, with fp16 AMP, the gradient scaler's (scale and growth tracker). Plain values,
+        loadable with ``torch.load(..., weights_only=True)``."""
+        st = {"rng": self.rng.bit_generator.state}
+        if self.scaler is not None and self.scaler.is_enabled():
+            st["scaler"] = self.scaler.state_dict()
+        return st
+
+    def restore_loop_state(self, st: dict) -> None:
+        """Inverse of :meth:`loop_state` (a state saved without a scaler leaves the scaler as built)."""
+        self.rng.bit_generator.state = st["rng"]
+        if self.scaler is not None and "scaler" in st:
+            self.scaler.load_state_dict(st["scaler"])
+
     def embed(self, batch: np.ndarray) -> torch.Tensor:
         """Image embeddings ``(B, C, E, E)`` float32 on the device from a batch of training inputs: here
         cached embeddings ``(B, C, E, E)``."""

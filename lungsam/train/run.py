@@ -112,23 +112,13 @@ def epoch_views(rng: np.random.Generator, ids: list[str], E: np.ndarray, M: list
     return e, m
 
 
-def _save_decoder(sam, path: Path, meta: dict[str, str]) -> None:
-    """Mask-decoder state dict as safetensors, with the run config and epoch in its metadata."""
+def _save_weights(state: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+    """A trained part's state dict (mask decoder, or the encoder's LoRA adapter) as safetensors, with the run
+    config and epoch in its metadata."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in sam.mask_decoder.state_dict().items()}, str(tmp),
-                  metadata=meta)
-
-
-def _save_adapter(sam, path: Path, meta: dict[str, str]) -> None:
-    """The encoder's LoRA adapter weights as safetensors (same metadata as the decoder file)."""
-    from safetensors.torch import save_file
-
-    from ..lora import lora_state
-
-    with atomic_path(path) as tmp:
-        save_file(lora_state(sam.image_encoder), str(tmp), metadata=meta)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
 
 
 def _load_adapter(sam, path: Path) -> None:
@@ -229,7 +219,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, box_jitter=cfg.box_jitter,
               device=device, amp=cfg.amp, seed=cfg.seed + fold)
     if lora:
-        from ..lora import lora_state
+        from ..lora import encoder_fingerprint, load_lora_state, lora_state
 
         initial_adapter = lora_state(sam.image_encoder)
         trainer = EncoderLoraTrainer(sam, spec, cfg.size, prompt, **kw,
@@ -239,18 +229,17 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     state_path = fold_dir / "train_state.pt"
     history: list[dict] = []
     stop, start = EarlyStopping(cfg.patience, cfg.min_delta), 1
+    wall_before = 0.0  # this fold's wall time in earlier sittings (a killed run resumed)
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         sam.mask_decoder.load_state_dict(train_state_weights(st, "decoder", fold_dir / "decoder_last.safetensors"),
                                          strict=True)
         if lora:
-            from ..lora import load_lora_state
-
             load_lora_state(sam.image_encoder,
                             train_state_weights(st, "encoder_lora", fold_dir / "encoder_lora_last.safetensors"))
         trainer.optimizer.load_state_dict(st["optimizer"])
-        trainer.rng.bit_generator.state = st["rng"]
-        history, start = st["history"], st["epoch"] + 1
+        trainer.restore_loop_state(st)
+        history, start, wall_before = st["history"], st["epoch"] + 1, st.get("fold_wall_s", 0.0)
         stop = EarlyStopping.restore(cfg.patience, cfg.min_delta, st)
         log(f"fold {fold}: resuming after epoch {st['epoch']} (best val F1 {stop.best_f1:.4f} at epoch "
             f"{stop.best_epoch})")
@@ -270,20 +259,17 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
         history.append({"epoch": epoch, "train_loss": train_loss, "epoch_s": secs, **val})
         meta = {"format": "lungsam-decoder/1", "config": json.dumps(cfg.to_dict()), "fold": str(fold),
                 "epoch": str(epoch), "val_f1": f"{val['val_f1']:.6f}", "backbone": cfg.backbone}
-        if stop.update(epoch, val["val_f1"]):
-            _save_decoder(sam, fold_dir / "decoder_best.safetensors", meta)
-            if lora:
-                _save_adapter(sam, fold_dir / "encoder_lora_best.safetensors", meta)
-        _save_decoder(sam, fold_dir / "decoder_last.safetensors", meta)
-        if lora:
-            _save_adapter(sam, fold_dir / "encoder_lora_last.safetensors", meta)
         weights = {"decoder": sam.mask_decoder.state_dict()}
         if lora:
-            from ..lora import lora_state
-
             weights["encoder_lora"] = lora_state(sam.image_encoder)
+        best = stop.update(epoch, val["val_f1"])
+        for name, sd in weights.items():  # files <part>_best / <part>_last.safetensors
+            if best:
+                _save_weights(sd, fold_dir / f"{name}_best.safetensors", meta)
+            _save_weights(sd, fold_dir / f"{name}_last.safetensors", meta)
         save_train_state(state_path, trainer.optimizer, {"epoch": epoch, "history": history, **stop.marks(),
-                                                         "rng": trainer.rng.bit_generator.state}, weights)
+                                                         "fold_wall_s": wall_before + time.perf_counter() - t_fold,
+                                                         **trainer.loop_state()}, weights)
         bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{val['val_f1']:.4f}", best=stop.best_epoch)
     bar.close()
     _write_history(fold_dir / "history.csv", history)
@@ -292,8 +278,6 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
 
     _load_decoder(sam, fold_dir / "decoder_best.safetensors")
     if lora:  # embeddings of the adapted encoder, through the cache a later eval of this run reads
-        from ..lora import encoder_fingerprint
-
         best_adapter = fold_dir / "encoder_lora_best.safetensors"
         _load_adapter(sam, best_adapter)
         cache = EmbeddingCache(cfg.backbone, encoder_fingerprint(weights_sha256, best_adapter), spec)
@@ -317,7 +301,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
         "fold": fold, "threshold": thr, "threshold_sweep": sweep,
         "n": {k: len(v) for k, v in part.items()},
         "best_epoch": stop.best_epoch, "epochs_run": len(history),
-        "train_time_s": sum(h["epoch_s"] for h in history), "fold_wall_s": time.perf_counter() - t_fold,
+        "train_time_s": sum(h["epoch_s"] for h in history), "fold_wall_s": wall_before + time.perf_counter() - t_fold,
         "val": {"f1": summarize(vf1), "iou": summarize(viou)},
         "test": {"f1": summarize(tf1), "iou": summarize(tiou)},
         "prompt_uses_ground_truth": prompt.needs_ground_truth,
@@ -326,8 +310,6 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     write_json_atomic(fold_dir / "metrics.json", metrics)
     sam.mask_decoder.load_state_dict(initial)  # next fold starts from the pretrained decoder
     if lora:
-        from ..lora import load_lora_state
-
         load_lora_state(sam.image_encoder, initial_adapter)
     log(f"fold {fold}: threshold {thr:.2f}, val F1 {np.mean(vf1):.4f}, test F1 {np.mean(tf1):.4f} ± {np.std(tf1):.4f}, "
         f"IoU {np.mean(tiou):.4f}")

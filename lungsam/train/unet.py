@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +25,7 @@ from ..artifacts import package_versions, read_json, utc_now, write_json_atomic,
 from ..data import kfold_splits
 from ..metrics import fmt_mean_std, summarize
 from . import report
-from .config import DEFAULT_THRESHOLDS
+from .config import DEFAULT_THRESHOLDS, DictConfig
 from .engine import EarlyStopping, choose_threshold, pick_device, score, sweep_thresholds
 
 Log = Callable[[str], None]
@@ -33,7 +33,7 @@ RUN_FORMAT = "lungsam-unet-run/1"
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(DictConfig):
     """U-Net baseline settings (saved in ``run.json`` and with every checkpoint).
 
     Attributes:
@@ -58,20 +58,6 @@ class UNetConfig:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     device: str = "auto"
     model: str = "unet"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channels"], d["thresholds"] = list(self.channels), list(self.thresholds)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("channels", "thresholds"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
 
     def comparable(self) -> dict:
         d = self.to_dict()
@@ -160,12 +146,14 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
     stop = EarlyStopping(cfg.patience, cfg.min_delta)
     history: list[dict] = []
     start, state_path = 1, fold_dir / "train_state.pt"
+    wall_before = 0.0  # this fold's wall time in earlier sittings (a killed run resumed)
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         net.load_state_dict(train_state_weights(st, "unet", fold_dir / "unet_last.safetensors"))
         opt.load_state_dict(st["optimizer"])
         rng.bit_generator.state = st["rng"]
         history, stop, start = st["history"], EarlyStopping.restore(cfg.patience, cfg.min_delta, st), st["epoch"] + 1
+        wall_before = st.get("fold_wall_s", 0.0)
         log(f"fold {fold}: resuming after epoch {st['epoch']} (best val F1 {stop.best_f1:.4f} at epoch {stop.best_epoch})")
     t_fold = time.perf_counter()
     bar = tqdm(range(start, cfg.epochs + 1), desc=f"unet fold {fold}", unit="epoch", disable=not progress)
@@ -194,6 +182,7 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
         if stop.update(epoch, float(np.mean(vf1))):
             _save(net, fold_dir / "unet_best.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
         save_train_state(state_path, opt, {"epoch": epoch, "history": history, **stop.marks(),
+                                           "fold_wall_s": wall_before + time.perf_counter() - t_fold,
                                            "rng": rng.bit_generator.state}, {"unet": net.state_dict()})
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_f1=f"{np.mean(vf1):.4f}", best=stop.best_epoch)
     bar.close()
@@ -218,7 +207,7 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
     metrics = {
         "fold": fold, "threshold": thr, "threshold_sweep": sweep, "n": {k: len(v) for k, v in part.items()},
         "best_epoch": stop.best_epoch, "epochs_run": len(history),
-        "train_time_s": sum(h["epoch_s"] for h in history), "fold_wall_s": time.perf_counter() - t_fold,
+        "train_time_s": sum(h["epoch_s"] for h in history), "fold_wall_s": wall_before + time.perf_counter() - t_fold,
         "val": {"f1": summarize(vf1), "iou": summarize(viou)}, "test": {"f1": summarize(tf1), "iou": summarize(tiou)},
         "prompt_uses_ground_truth": False,
         "per_image": [{"id": s.id, "f1": a, "iou": b} for s, a, b in zip(part["test"], tf1, tiou)],
