@@ -123,6 +123,29 @@ def test_killed_training_step_resumes(reproduced):
     assert json.loads((step / "run.json").read_text())["finished"] and (step / "step.json").exists()
 
 
+def test_jobs_run_training_steps_in_worker_processes_with_the_same_steps_and_results(reproduced, tmp_path):
+    """--jobs 2 trains the independent steps in two worker processes: the same steps, recorded in the protocol's
+    order, and the same test scores as one after another (the workers run with one torch thread each, so sums may
+    round differently: scores agree to 1e-6). Steps do not record --jobs: a rerun without it reuses them all."""
+    root1, args, _ = reproduced
+    out = tmp_path / "jobs2"
+    args2 = [*args[:args.index("--out") + 1], str(out), *args[args.index("--out") + 2:]]
+    r = _invoke([*args2, "--jobs", "2"])
+    assert "2 at a time" in r.output
+    one = json.loads((root1 / "results.json").read_text())
+    two = json.loads((out / "tiny" / "results.json").read_text())
+    assert [s["name"] for s in two["steps"]] == [s["name"] for s in one["steps"]]
+    assert two["settings"]["jobs"] == 2 and two["command"].endswith("--jobs 2")
+    kf1, kf2 = one["tables"]["kfold"], two["tables"]["kfold"]
+    assert kf1.keys() == kf2.keys()
+    for name in kf1:
+        for prompt, row in kf1[name].items():
+            other = kf2[name][prompt]
+            assert abs(row["test_f1_pooled"]["mean"] - other["test_f1_pooled"]["mean"]) < 1e-6, (name, prompt)
+    again = _invoke(args2)
+    assert "(0 ran," in again.output
+
+
 def test_changed_settings_in_a_step_folder_is_an_error(reproduced):
     root, args, _ = reproduced
     sj = root / "runs" / "montgomery-n10" / "zeroshot_box" / "step.json"

@@ -59,6 +59,8 @@ class Settings:
         encoder_size: the image encoder's input side for every SAM step (``None``: the backbone's native
             one); a smaller one makes the decoder's token grid, and so training, cheaper (results go to
             ``OUT/<backbone>-enc<S>/``).
+        jobs: training steps run at once, each in its own process with its share of the torch threads (how
+            the work is scheduled, not what it computes: steps do not record it and are reused across values).
     """
 
     data_root: str
@@ -80,6 +82,7 @@ class Settings:
     encoder_size: int | None = None
     batch_size: int = 8
     seed: int = 0
+    jobs: int = 1
 
     @property
     def label(self) -> str:
@@ -113,12 +116,14 @@ class Settings:
             parts.append(f"--size {self.size}")
         if self.encoder_size is not None:
             parts.append(f"--encoder-size {self.encoder_size}")
+        if self.jobs != 1:
+            parts.append(f"--jobs {self.jobs}")
         return " ".join(parts)
 
 
 def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None = None, device: str = "auto",
                       quick: bool = False, epochs: int | None = None, subset: int | None = None,
-                      size: int = 256, encoder_size: int | None = None) -> Settings:
+                      size: int = 256, encoder_size: int | None = None, jobs: int = 1) -> Settings:
     """The full protocol, or the ``--quick`` one: one 60/20/20 split, ``QUICK_EPOCHS`` epochs without early stop,
     the 2-cell grid ``QUICK_GRID`` and ``QUICK_SUBSET`` images per set (``epochs``/``subset`` override)."""
     from ..backbones import get_backbone, preprocess_for
@@ -136,8 +141,10 @@ def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None =
         if not (root / s / "images").is_dir() or not (root / s / "masks").is_dir():
             raise ProtocolError(f"{root}: expected {s}/images and {s}/masks")
     ckpt = checkpoint_for(TrainConfig(backbone=backbone, checkpoint=checkpoint))
+    if jobs < 1:
+        raise ProtocolError("--jobs must be at least 1")
     st = Settings(data_root=str(root), backbone=backbone, checkpoint=ckpt, device=device, quick=quick, size=size,
-                  encoder_size=encoder_size)
+                  encoder_size=encoder_size, jobs=jobs)
     if quick:
         st.folds, st.epochs = 1, QUICK_EPOCHS
         st.grid = list(QUICK_GRID)
@@ -230,39 +237,181 @@ class Steps:
         self.root, self.log = root, log
         self.records: list[dict] = []
 
-    def run(self, name: str, kind: str, out: Path, settings: dict, fn: Callable[[], dict | None],
-            normalize: Callable[[dict], dict] | None = None) -> dict:
-        """Run ``fn`` unless ``out`` holds a finished step with the same settings. ``normalize`` maps recorded
-        settings to today's form (a training step recorded before a config field existed gets its default)."""
-        settings = json.loads(json.dumps(settings))
+    def reuse(self, name: str, kind: str, out: Path, settings: dict,
+              normalize: Callable[[dict], dict] | None = None) -> dict | None:
+        """The record of ``out``'s finished step when it holds ``settings`` (``None`` when it is still to run).
+        ``normalize`` maps recorded settings to today's form (a training step recorded before a config field
+        existed gets its default); a folder holding other settings is an error."""
         sj = out / "step.json"
-        if sj.exists():
-            old = read_json(sj)
-            recorded = old.get("settings")
-            if normalize is not None and isinstance(recorded, dict):
-                recorded = json.loads(json.dumps(normalize(recorded)))
-            if recorded == settings:
-                earlier = next((r for r in self.records if r["out"] == old["out"]), None)
-                if earlier is not None:  # the same run serves two parts of the protocol (e.g. a grid cell)
-                    self.log(f"[{name}] same settings as [{earlier['name']}], sharing {out}")
-                    rec = {**old, "name": name, "kind": kind, "status": f"shared with: {earlier['name']}"}
-                else:
-                    self.log(f"[{name}] finished earlier ({old['seconds']:.0f} s), reusing {out}")
-                    rec = {**old, "name": name, "kind": kind, "status": "reused"}
-                self.records.append(rec)
-                return rec
+        if not sj.exists():
+            return None
+        old = read_json(sj)
+        recorded = old.get("settings")
+        if normalize is not None and isinstance(recorded, dict):
+            recorded = json.loads(json.dumps(normalize(recorded)))
+        if recorded != json.loads(json.dumps(settings)):
             raise ProtocolError(f"{out} holds step {old.get('name')!r} with different settings; remove that folder "
                                 f"or choose another --out")
-        self.log(f"[{name}] running -> {out}")
-        started = utc_now()
-        t0 = time.perf_counter()
-        info = fn() or {}
-        rec = {"name": name, "kind": kind, "out": str(out.relative_to(self.root)), "settings": settings,
-               "started": started, "finished": utc_now(), "seconds": time.perf_counter() - t0, "info": info}
-        write_json_atomic(sj, rec)
-        self.log(f"[{name}] done in {rec['seconds']:.0f} s")
+        earlier = next((r for r in self.records if r["out"] == old["out"]), None)
+        if earlier is not None:  # the same run serves two parts of the protocol (e.g. a grid cell)
+            self.log(f"[{name}] same settings as [{earlier['name']}], sharing {out}")
+            rec = {**old, "name": name, "kind": kind, "status": f"shared with: {earlier['name']}"}
+        else:
+            self.log(f"[{name}] finished earlier ({old['seconds']:.0f} s), reusing {out}")
+            rec = {**old, "name": name, "kind": kind, "status": "reused"}
+        self.records.append(rec)
+        return rec
+
+    def record(self, name: str, kind: str, out: Path, settings: dict, started: str, seconds: float,
+               info: dict) -> dict:
+        """Write ``out/step.json`` for a step that just ran and keep its record."""
+        rec = {"name": name, "kind": kind, "out": str(out.relative_to(self.root)),
+               "settings": json.loads(json.dumps(settings)), "started": started, "finished": utc_now(),
+               "seconds": seconds, "info": info}
+        write_json_atomic(out / "step.json", rec)
+        self.log(f"[{name}] done in {seconds:.0f} s")
         self.records.append({**rec, "status": "ran"})
         return self.records[-1]
+
+    def run(self, name: str, kind: str, out: Path, settings: dict, fn: Callable[[], dict | None],
+            normalize: Callable[[dict], dict] | None = None) -> dict:
+        """Run ``fn`` in this process unless ``out`` holds a finished step with the same settings."""
+        rec = self.reuse(name, kind, out, settings, normalize)
+        return rec if rec is not None else self.execute(name, kind, out, settings, fn)
+
+    def execute(self, name: str, kind: str, out: Path, settings: dict, fn: Callable[[], dict | None]) -> dict:
+        """Run ``fn`` in this process, timed, and record it."""
+        self.log(f"[{name}] running -> {out}")
+        started, t0 = utc_now(), time.perf_counter()
+        info = fn() or {}
+        return self.record(name, kind, out, settings, started, time.perf_counter() - t0, info)
+
+    def run_training(self, steps: list["TrainingStep"], jobs: int, progress: bool,
+                     finished: Callable[["TrainingStep"], None] = lambda step: None) -> None:
+        """Run the training ``steps`` that are not finished yet, ``jobs`` at a time in worker processes
+        (``jobs`` 1: one after another in this process); ``finished(step)`` follows each step reused or done.
+        The steps must not depend on each other. Workers split this process's torch threads between them and
+        start the costliest steps first; every step that finishes is recorded even when another fails, and the
+        failures are raised together at the end. Records keep the order of ``steps``."""
+        first = len(self.records)
+        todo = []
+        for s in steps:
+            if self.reuse(s.name, s.kind, s.out, s.settings, s.normalize) is None:
+                todo.append(s)
+            else:
+                finished(s)
+        if jobs <= 1 or len(todo) <= 1:
+            for s in todo:
+                self.execute(s.name, s.kind, s.out, s.settings,
+                             lambda s=s: run_training(s.model, s.config, s.out, _quiet(self.log), progress))
+                finished(s)
+        else:
+            self._run_in_workers(todo, jobs, finished)
+        order = {s.name: i for i, s in enumerate(steps)}
+        self.records[first:] = sorted(self.records[first:], key=lambda r: order[r["name"]])
+
+    def _run_in_workers(self, todo: list["TrainingStep"], jobs: int, finished: Callable[["TrainingStep"], None]
+                        ) -> None:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        import torch
+
+        threads = max(1, torch.get_num_threads() // jobs)
+        self.log(f"running {len(todo)} training steps, {jobs} at a time ({threads} torch thread(s) each)")
+        errors = []
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(threads,)) as pool:
+            pending = {}
+            for s in sorted(todo, key=lambda s: -s.work):
+                self.log(f"[{s.name}] queued -> {s.out}")
+                pending[pool.submit(_training_in_worker, s.name, s.model, s.config, s.out)] = s
+            try:
+                running = set(pending)
+                while running:  # waits of at most a second, so Ctrl-C reaches this process at once
+                    done, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        s = pending[fut]
+                        try:
+                            started, seconds, info = fut.result()
+                        except Exception as e:  # noqa: BLE001 -- reported with the step's name, after the rest
+                            self.log(f"[{s.name}] failed: {e}")
+                            errors.append((s, e))
+                            continue
+                        self.record(s.name, s.kind, s.out, s.settings, started, seconds, info)
+                        finished(s)
+            except BaseException:  # Ctrl-C, or a failure here: stop the workers now (a rerun resumes their steps)
+                workers = list((pool._processes or {}).values())  # no public way before Python 3.14
+                pool.shutdown(wait=False, cancel_futures=True)  # (this forgets the workers)
+                for w in workers:
+                    w.terminate()
+                raise
+        if errors:
+            raise ProtocolError("training step(s) failed: " + "; ".join(f"[{s.name}] {e}" for s, e in errors)
+                                ) from errors[0][1]
+
+@dataclass
+class TrainingStep:
+    """One training step: a SAM decoder run (``model`` "sam", ``config`` a TrainConfig's dict) or the U-Net
+    baseline ("unet", a UNetConfig's dict), in plain values a worker process receives.
+
+    Attributes:
+        settings: what ``step.json`` records and a rerun compares (the config's ``comparable()``).
+        work: relative cost (training images x folds) to start the costliest steps first.
+    """
+
+    name: str
+    kind: str
+    out: Path
+    model: str
+    config: dict
+    settings: dict
+    work: float
+
+    def normalize(self, recorded: dict) -> dict:
+        """Recorded settings in today's form (fields added since get their defaults)."""
+        from ..train.config import TrainConfig
+        from ..train.unet import UNetConfig
+
+        return (UNetConfig if self.model == "unet" else TrainConfig).from_dict(recorded).comparable()
+
+
+def run_training(model: str, config: dict, out: Path, log: Log = print, progress: bool = True) -> dict:
+    """Train the run ``config`` describes into ``out`` (continuing a killed one); returns the step's info."""
+    from ..train.config import TrainConfig
+    from ..train.run import train_run
+    from ..train.unet import UNetConfig, train_unet_run
+
+    resume = (out / "run.json").exists()
+    if resume:
+        log(f"continuing the killed run in {out}")
+    try:
+        if model == "unet":
+            s = train_unet_run(UNetConfig.from_dict(config), out, resume=resume, log=log, progress=progress)
+        else:
+            s = train_run(TrainConfig.from_dict(config), out, resume=resume, log=log, progress=progress)
+    except ValueError as e:
+        raise ProtocolError(f"{out}: {e}") from e
+    return {"test_f1": s["aggregate"]["test_f1_across_folds"], "folds": len(s["folds"])}
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _training_in_worker(name: str, model: str, config: dict, out: Path) -> tuple[str, float, dict]:
+    """:func:`run_training` in a worker process (no progress bars; log lines carry the step's name);
+    returns ``(started, seconds, info)``."""
+    import sys
+
+    def log(m: str) -> None:
+        print(f"[{name}] {m}", file=sys.stderr, flush=True)
+
+    started, t0 = utc_now(), time.perf_counter()
+    info = run_training(model, config, out, _quiet(log), progress=False)
+    return started, time.perf_counter() - t0, info
 
 
 def _quiet(log: Log) -> Log:
@@ -275,7 +424,7 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
     from ..embeddings import weights_fingerprint
     from ..train.config import TrainConfig
     from ..train.engine import pick_device
-    from ..train.run import embed_samples, evaluate, load_data, train_run
+    from ..train.run import embed_samples, evaluate, load_data
     from . import tables
 
     root = Path(out) / st.label
@@ -338,45 +487,59 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
                            patience=st.patience, lr=lr, weight_decay=wd, batch_size=st.batch_size, seed=st.seed,
                            device=st.device, encoder_size=st.encoder_size)
 
-    def train(ds: DataSet | list[DataSet], prompt: str, lr: float, wd: float, folds: int, kind: str) -> Path:
+    def train(ds: DataSet | list[DataSet], prompt: str, lr: float, wd: float, folds: int, kind: str) -> TrainingStep:
         sets_ = ds if isinstance(ds, list) else [ds]
         cfg = cfg_for(sets_, prompt, lr, wd, folds)
         where = runs / "pooled" if len(sets_) > 1 else runs / ds.tag / "train"
-        o = where / f"{prompt}_lr{lr:g}_wd{wd:g}_k{folds}_e{st.epochs}"
-
-        def fn():
-            resume = (o / "run.json").exists()
-            if resume:
-                log(f"continuing the killed run in {o}")
-            try:
-                s = train_run(cfg, o, resume=resume, log=qlog, progress=progress)
-            except ValueError as e:
-                raise ProtocolError(f"{o}: {e}") from e
-            return {"test_f1": s["aggregate"]["test_f1_across_folds"], "folds": len(s["folds"])}
         label = "+".join(d.tag for d in sets_)
-        steps.run(f"{kind} {label} {prompt} lr={lr:g} wd={wd:g} k={folds}", kind, o, cfg.comparable(), fn,
-                  normalize=lambda d: TrainConfig.from_dict(d).comparable())
-        return o
+        return TrainingStep(f"{kind} {label} {prompt} lr={lr:g} wd={wd:g} k={folds}", kind,
+                            where / f"{prompt}_lr{lr:g}_wd{wd:g}_k{folds}_e{st.epochs}", "sam", cfg.to_dict(),
+                            cfg.comparable(), work=folds * sum(len(d.ids) for d in sets_))
 
-    # 3. lr x weight-decay grid on one 60/20/20 split per set (points)
+    # 3. lr x weight-decay grid on one 60/20/20 split per set (points); every cell of both sets may run at once
+    cells = {(name, lr, wd): train(ds, "points", lr, wd, 1, "grid") for name, ds in data.items() for lr, wd in st.grid}
+    steps.run_training(list(cells.values()), st.jobs, progress)
+    grid.update({k: t.out for k, t in cells.items()})
     grid_val: dict[str, dict] = {}
-    for name, ds in data.items():
-        for lr, wd in st.grid:
-            grid[(name, lr, wd)] = train(ds, "points", lr, wd, 1, "grid")
+    for name in data:
         scores = {(lr, wd): read_json(grid[(name, lr, wd)] / "metrics.json")["folds"][0]["val"]["f1"]["mean"]
                   for lr, wd in st.grid}
         grid_val[name] = scores
         best_hp[name] = max(st.grid, key=lambda c: (scores[c], -st.grid.index(c)))
         log(f"{name}: best grid cell lr={best_hp[name][0]:g} wd={best_hp[name][1]:g} "
             f"(val F1 {scores[best_hp[name]]:.4f})")
-        write_tables(False)
+    write_tables(False)
 
-    # 4. k-fold per prompt with the set's best grid cell (Tables 3-4, 7-8)
+    # 4. k-fold per prompt with the set's best grid cell (Tables 3-4, 7-8); 6. one model for both sets (Table 10):
+    #    MC+SZ pooled, points (kfold_splits splits each set on its own, so a set's test images in pooled fold i are
+    #    those of its own k-fold run's fold i: a paired comparison); 7. the U-Net baseline (Table 9) on each set's
+    #    folds: same splits, loss, optimiser and early stopping. None depends on another: they may run at once.
+    lr, wd = pooled_hyperparameters(grid_val, st.grid)
+    pooled["hp"] = (lr, wd)
+    table_of: dict[str, tuple[dict, object]] = {}  # step name -> (the dict the tables read, its key there)
+    later = []
     for name, ds in data.items():
-        lr, wd = best_hp[name]
         for prompt in st.prompts:
-            kfold[(name, prompt)] = train(ds, prompt, lr, wd, st.folds, "k-fold")
-            write_tables(False)
+            later.append(train(ds, prompt, *best_hp[name], st.folds, "k-fold"))
+            table_of[later[-1].name] = (kfold, (name, prompt))
+    later.append(train(list(data.values()), "points", lr, wd, st.folds, "pooled"))
+    table_of[later[-1].name] = (pooled, "run")
+    if st.unet:
+        from ..train.unet import UNetConfig
+
+        for name, ds in data.items():
+            ucfg = UNetConfig(data=[str(ds.path)], size=st.size, folds=st.folds, seed=st.seed, epochs=st.epochs,
+                              patience=st.patience, batch_size=st.batch_size, device=st.device)
+            o = runs / ds.tag / f"unet_k{st.folds}_e{st.epochs}"
+            later.append(TrainingStep(f"unet {ds.tag} k={st.folds}", "unet", o, "unet", ucfg.to_dict(),
+                                      ucfg.comparable(), work=st.folds * len(ds.ids)))
+            table_of[later[-1].name] = (unet, name)
+
+    def finished(t: TrainingStep) -> None:
+        table, key = table_of[t.name]
+        table[key] = t.out
+        write_tables(False)
+    steps.run_training(later, st.jobs, progress, finished=finished)
 
     # 5. cross-dataset (Tables 5-6): A's point-prompt run (fold with the best validation F1) on all of B
     for a, b in (("shenzhen", "montgomery"), ("montgomery", "shenzhen")):
@@ -388,30 +551,6 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
             out=o, data_paths=[str(d.path)], run_dir=str(r), checkpoint=st.checkpoint, device=device, log=qlog,
             progress=progress)))
         cross[(a, b)] = o
-    write_tables(False)
-
-    # 6. one model for both sets (Table 10): MC+SZ pooled, points. kfold_splits splits each set on its own, so a
-    #    set's test images in pooled fold i are those of its own k-fold run's fold i (paired comparison).
-    lr, wd = pooled_hyperparameters(grid_val, st.grid)
-    pooled["run"] = train(list(data.values()), "points", lr, wd, st.folds, "pooled")
-    pooled["hp"] = (lr, wd)
-    write_tables(False)
-
-    # 7. the U-Net baseline (Table 9) on each set's folds: same splits, loss, optimiser and early stopping
-    if st.unet:
-        from ..train.unet import UNetConfig, train_unet_run
-
-        for name, ds in data.items():
-            ucfg = UNetConfig(data=[str(ds.path)], size=st.size, folds=st.folds, seed=st.seed, epochs=st.epochs,
-                              patience=st.patience, batch_size=st.batch_size, device=st.device)
-            o = runs / ds.tag / f"unet_k{st.folds}_e{st.epochs}"
-
-            def fn(o=o, ucfg=ucfg):
-                s = train_unet_run(ucfg, o, resume=(o / "run.json").exists(), log=qlog, progress=progress)
-                return {"test_f1": s["aggregate"]["test_f1_across_folds"], "folds": len(s["folds"])}
-            steps.run(f"unet {ds.tag} k={st.folds}", "unet", o, ucfg.comparable(), fn)
-            unet[name] = o
-            write_tables(False)
 
     return write_tables(True)
 

@@ -68,6 +68,9 @@ def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: d
             "fold_wall_s": f["fold_wall_s"], "out": rel(o),
             "chosen": (lr, wd) == tuple(best_hp[name])})
 
+    # the protocol's order (sets, then prompts), whatever order the steps finished in (``--jobs``)
+    kfold = {(n, p): kfold[(n, p)] for n in data for p in st.prompts if (n, p) in kfold}
+    unet_runs = {n: unet_runs[n] for n in data if n in (unet_runs or {})}
     kf, sweeps = {}, {}
     for (name, prompt), o in kfold.items():
         m = read_json(o / "metrics.json")
@@ -111,7 +114,7 @@ def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: d
                                                "test_f1": no_gt[best_no_gt]["test_f1_across_folds"]} if best_no_gt else None,
                       "ours_best_any": {"prompt": best_any, "test_f1": kf[name][best_any]["test_f1_across_folds"]},
                       "ours_unet": None}
-    for name, o in (unet_runs or {}).items():
+    for name, o in unet_runs.items():
         if (o / "metrics.json").exists():
             unet.setdefault(name, {"paper_unet_f1": paper.UNET[name], "ours_best_any": None, "ours_best_without_gt": None,
                                    "paper_sam_points_f1": paper.get(paper.KFOLD, name, "points"), "ours_points": None})
@@ -240,8 +243,10 @@ def estimate(res: dict, st, root: Path) -> dict:
         def total(epochs: int) -> float:
             return (epochs * (image_epochs * rate + unet_image_epochs * (u_rate or rate))
                     + n_folds * fixed + n_unet * (u_fixed if u_fixed is not None else fixed))
-        out["full_protocol_training_s_upper_bound"] = total(ep)
-        out["full_protocol_training_s_typical"] = total(TYPICAL_EPOCHS)
+        # with --jobs N the rates above were measured in N processes at once: N steps share the wall clock
+        out["jobs"] = jobs = getattr(st, "jobs", 1)
+        out["full_protocol_training_s_upper_bound"] = total(ep) / jobs
+        out["full_protocol_training_s_typical"] = total(TYPICAL_EPOCHS) / jobs
         out["full_protocol_encode_s"] = None if enc_rate is None else enc_rate * sum(FULL_SET_SIZES.values())
         out["full_protocol_runs"] = {"per_set": n_grid + n_prompts * k, "epochs_max": ep, "epochs_typical": TYPICAL_EPOCHS,
                                      "fold_trainings": 2 * (n_grid + n_prompts * k), "pooled_fold_trainings": k}
@@ -544,12 +549,16 @@ def render(res: dict) -> str:
             L.append(f"- U-Net: {e['unet_s_per_image_epoch'] * 1000:.1f} ms per image per epoch")
         fr = e["full_protocol_runs"]
         enc_full = e.get("full_protocol_encode_s")
+        jobs = e.get("jobs", 1)
         L.append(f"- full protocol: {fr['fold_trainings']} fold trainings ({fr['per_set']} per set) and "
                  f"{fr.get('pooled_fold_trainings', 0)} on both sets pooled"
                  + (f", plus {2 * 5} U-Net fold trainings" if st.get("unet", True) else "") + ", each of at most "
                  f"{fr['epochs_max']} epochs: at most {e['full_protocol_training_s_upper_bound'] / 3600:.1f} h of "
-                 "training on this machine" + (f", plus {enc_full / 60:.0f} min of encoding (704 images)" if enc_full
-                                                else "") + "; early stopping (patience 15) shortens it.")
+                 "training on this machine"
+                 + (f" with {jobs} steps at a time (`--jobs {jobs}`, the rates measured that way; a phase also waits "
+                    "for its slowest step)" if jobs > 1 else "")
+                 + (f", plus {enc_full / 60:.0f} min of encoding (704 images)" if enc_full else "")
+                 + "; early stopping (patience 15) shortens it.")
         typical = e.get("full_protocol_training_s_typical")
         if typical is not None:
             L.append(f"- typical: about {typical / 3600:.1f} h of training if runs stop after "
