@@ -125,8 +125,9 @@ def test_killed_training_step_resumes(reproduced):
 
 def test_jobs_run_training_steps_in_worker_processes_with_the_same_steps_and_results(reproduced, tmp_path):
     """--jobs 2 trains the independent steps in two worker processes: the same steps, recorded in the protocol's
-    order, and the same test scores as one after another (the workers run with one torch thread each, so sums may
-    round differently: scores agree to 1e-6). Steps do not record --jobs: a rerun without it reuses them all."""
+    order, each trained with the same configuration and scoring as one after another (the workers have their share
+    of the torch threads, so sums may round differently: F1 within 5e-3). Steps do not record --jobs: a rerun
+    without it reuses them all."""
     root1, args, _ = reproduced
     out = tmp_path / "jobs2"
     args2 = [*args[:args.index("--out") + 1], str(out), *args[args.index("--out") + 2:]]
@@ -136,12 +137,22 @@ def test_jobs_run_training_steps_in_worker_processes_with_the_same_steps_and_res
     two = json.loads((out / "tiny" / "results.json").read_text())
     assert [s["name"] for s in two["steps"]] == [s["name"] for s in one["steps"]]
     assert two["settings"]["jobs"] == 2 and two["command"].endswith("--jobs 2")
+    trained = [(a, b) for a, b in zip(one["steps"], two["steps"])
+               if a["kind"] in ("grid", "k-fold", "pooled", "unet") and b["status"] == "ran"]
+    assert len(trained) >= 10
+    for a, b in trained:
+        assert b["info"]["jobs"] == 2 and "jobs" not in a["info"], b["name"]
+        cfg = [{k: v for k, v in json.loads((root / s["out"] / "run.json").read_text())["config"].items()
+                if k != "data"} for root, s in ((root1, a), (out / "tiny", b))]
+        assert cfg[0] == cfg[1], b["name"]
     kf1, kf2 = one["tables"]["kfold"], two["tables"]["kfold"]
-    assert kf1.keys() == kf2.keys()
+    assert {n: list(v) for n, v in kf1.items()} == {n: list(v) for n, v in kf2.items()}  # same rows, same order
     for name in kf1:
         for prompt, row in kf1[name].items():
             other = kf2[name][prompt]
-            assert abs(row["test_f1_pooled"]["mean"] - other["test_f1_pooled"]["mean"]) < 1e-6, (name, prompt)
+            assert abs(row["test_f1_pooled"]["mean"] - other["test_f1_pooled"]["mean"]) < 5e-3, (name, prompt)
+    assert two["estimate"]["jobs"] == 2 and one["estimate"]["jobs"] == 1
+    assert "some of which ran at once" in (out / "tiny" / "tables.md").read_text()
     again = _invoke(args2)
     assert "(0 ran," in again.output
 

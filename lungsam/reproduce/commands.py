@@ -26,7 +26,7 @@ import click
                    "the decoder's token grid, and training, cheaper; results go to OUT/<backbone>-enc<S>/.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Training steps run at once, each in its own process with an equal share of the torch threads "
-                   "(independent steps only: the grid cells; then the k-fold runs, the pooled run and the U-Net).")
+                   "(independent steps only: the grid cells; then the k-fold runs and the pooled run; then the U-Nets).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subset, size, encoder_size, jobs, quiet):
     """Run the paper's protocol (zero-shot, thresholds, lr x wd grid, 5-fold per prompt, cross-dataset)

@@ -15,6 +15,7 @@ Layout of ``OUT/<backbone>/``::
 
 A step is skipped when its ``step.json`` holds the same settings; a killed training step is continued with
 ``train_run(..., resume=True)``; a step whose folder holds different settings is an error (never overwritten).
+``--jobs N`` runs independent training steps N at a time in worker processes (:meth:`Steps.run_training`).
 """
 from __future__ import annotations
 
@@ -288,30 +289,35 @@ class Steps:
 
     def run_training(self, steps: list["TrainingStep"], jobs: int, progress: bool,
                      finished: Callable[["TrainingStep"], None] = lambda step: None) -> None:
-        """Run the training ``steps`` that are not finished yet, ``jobs`` at a time in worker processes
-        (``jobs`` 1: one after another in this process); ``finished(step)`` follows each step reused or done.
-        The steps must not depend on each other. Workers split this process's torch threads between them and
-        start the costliest steps first; every step that finishes is recorded even when another fails, and the
-        failures are raised together at the end. Records keep the order of ``steps``."""
-        first = len(self.records)
+        """Run the training ``steps`` that are not finished yet; ``finished(step)`` follows each step reused or
+        done, with the records in the order of ``steps`` (whatever order the steps finish in). The steps must not
+        depend on each other.
+
+        ``jobs`` 1 (or one step to run): one after another in this process; the first failure stops the batch.
+        Otherwise ``jobs`` at a time in worker processes that split this process's torch threads, costliest step
+        first; a failed step does not stop the others, and the failures are raised together once they are done.
+        Worker log lines go to stderr, prefixed with the step's name."""
+        first, order = len(self.records), {s.name: i for i, s in enumerate(steps)}
+
+        def done(s: TrainingStep) -> None:
+            self.records[first:] = sorted(self.records[first:], key=lambda r: order[r["name"]])
+            finished(s)
+
         todo = []
         for s in steps:
             if self.reuse(s.name, s.kind, s.out, s.settings, s.normalize) is None:
                 todo.append(s)
             else:
-                finished(s)
+                done(s)
         if jobs <= 1 or len(todo) <= 1:
             for s in todo:
                 self.execute(s.name, s.kind, s.out, s.settings,
-                             lambda s=s: run_training(s.model, s.config, s.out, _quiet(self.log), progress))
-                finished(s)
+                             lambda s=s: train_step(s.model, s.config, s.out, _quiet(self.log), progress))
+                done(s)
         else:
-            self._run_in_workers(todo, jobs, finished)
-        order = {s.name: i for i, s in enumerate(steps)}
-        self.records[first:] = sorted(self.records[first:], key=lambda r: order[r["name"]])
+            self._run_in_workers(todo, min(jobs, len(todo)), done)
 
-    def _run_in_workers(self, todo: list["TrainingStep"], jobs: int, finished: Callable[["TrainingStep"], None]
-                        ) -> None:
+    def _run_in_workers(self, todo: list["TrainingStep"], jobs: int, done: Callable[["TrainingStep"], None]) -> None:
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -320,17 +326,17 @@ class Steps:
         threads = max(1, torch.get_num_threads() // jobs)
         self.log(f"running {len(todo)} training steps, {jobs} at a time ({threads} torch thread(s) each)")
         errors = []
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(threads,)) as pool:
             pending = {}
             for s in sorted(todo, key=lambda s: -s.work):
                 self.log(f"[{s.name}] queued -> {s.out}")
-                pending[pool.submit(_training_in_worker, s.name, s.model, s.config, s.out)] = s
+                pending[pool.submit(_train_step_in_worker, s.name, s.model, s.config, s.out)] = s
             try:
                 running = set(pending)
                 while running:  # waits of at most a second, so Ctrl-C reaches this process at once
-                    done, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
-                    for fut in done:
+                    finished_now, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for fut in finished_now:
                         s = pending[fut]
                         try:
                             started, seconds, info = fut.result()
@@ -338,8 +344,10 @@ class Steps:
                             self.log(f"[{s.name}] failed: {e}")
                             errors.append((s, e))
                             continue
+                        # how it ran, so cost estimates can tell overlapping step times apart
+                        info = {**info, "jobs": jobs, "threads": threads}
                         self.record(s.name, s.kind, s.out, s.settings, started, seconds, info)
-                        finished(s)
+                        done(s)
             except BaseException:  # Ctrl-C, or a failure here: stop the workers now (a rerun resumes their steps)
                 workers = list((pool._processes or {}).values())  # no public way before Python 3.14
                 pool.shutdown(wait=False, cancel_futures=True)  # (this forgets the workers)
@@ -349,6 +357,7 @@ class Steps:
         if errors:
             raise ProtocolError("training step(s) failed: " + "; ".join(f"[{s.name}] {e}" for s, e in errors)
                                 ) from errors[0][1]
+
 
 @dataclass
 class TrainingStep:
@@ -376,7 +385,7 @@ class TrainingStep:
         return (UNetConfig if self.model == "unet" else TrainConfig).from_dict(recorded).comparable()
 
 
-def run_training(model: str, config: dict, out: Path, log: Log = print, progress: bool = True) -> dict:
+def train_step(model: str, config: dict, out: Path, log: Log = print, progress: bool = True) -> dict:
     """Train the run ``config`` describes into ``out`` (continuing a killed one); returns the step's info."""
     from ..train.config import TrainConfig
     from ..train.run import train_run
@@ -401,8 +410,8 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _training_in_worker(name: str, model: str, config: dict, out: Path) -> tuple[str, float, dict]:
-    """:func:`run_training` in a worker process (no progress bars; log lines carry the step's name);
+def _train_step_in_worker(name: str, model: str, config: dict, out: Path) -> tuple[str, float, dict]:
+    """:func:`train_step` in a worker process (no progress bars; log lines carry the step's name);
     returns ``(started, seconds, info)``."""
     import sys
 
@@ -410,7 +419,7 @@ def _training_in_worker(name: str, model: str, config: dict, out: Path) -> tuple
         print(f"[{name}] {m}", file=sys.stderr, flush=True)
 
     started, t0 = utc_now(), time.perf_counter()
-    info = run_training(model, config, out, _quiet(log), progress=False)
+    info = train_step(model, config, out, _quiet(log), progress=False)
     return started, time.perf_counter() - t0, info
 
 
@@ -510,36 +519,26 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
             f"(val F1 {scores[best_hp[name]]:.4f})")
     write_tables(False)
 
-    # 4. k-fold per prompt with the set's best grid cell (Tables 3-4, 7-8); 6. one model for both sets (Table 10):
-    #    MC+SZ pooled, points (kfold_splits splits each set on its own, so a set's test images in pooled fold i are
-    #    those of its own k-fold run's fold i: a paired comparison); 7. the U-Net baseline (Table 9) on each set's
-    #    folds: same splits, loss, optimiser and early stopping. None depends on another: they may run at once.
-    lr, wd = pooled_hyperparameters(grid_val, st.grid)
-    pooled["hp"] = (lr, wd)
     table_of: dict[str, tuple[dict, object]] = {}  # step name -> (the dict the tables read, its key there)
-    later = []
-    for name, ds in data.items():
-        for prompt in st.prompts:
-            later.append(train(ds, prompt, *best_hp[name], st.folds, "k-fold"))
-            table_of[later[-1].name] = (kfold, (name, prompt))
-    later.append(train(list(data.values()), "points", lr, wd, st.folds, "pooled"))
-    table_of[later[-1].name] = (pooled, "run")
-    if st.unet:
-        from ..train.unet import UNetConfig
-
-        for name, ds in data.items():
-            ucfg = UNetConfig(data=[str(ds.path)], size=st.size, folds=st.folds, seed=st.seed, epochs=st.epochs,
-                              patience=st.patience, batch_size=st.batch_size, device=st.device)
-            o = runs / ds.tag / f"unet_k{st.folds}_e{st.epochs}"
-            later.append(TrainingStep(f"unet {ds.tag} k={st.folds}", "unet", o, "unet", ucfg.to_dict(),
-                                      ucfg.comparable(), work=st.folds * len(ds.ids)))
-            table_of[later[-1].name] = (unet, name)
 
     def finished(t: TrainingStep) -> None:
         table, key = table_of[t.name]
         table[key] = t.out
         write_tables(False)
-    steps.run_training(later, st.jobs, progress, finished=finished)
+
+    # 4. k-fold per prompt with the set's best grid cell (Tables 3-4, 7-8), and 6. one model for both sets (Table 10):
+    #    MC+SZ pooled, points (kfold_splits splits each set on its own, so a set's test images in pooled fold i are
+    #    those of its own k-fold run's fold i: a paired comparison). None depends on another: they may run at once.
+    lr, wd = pooled_hyperparameters(grid_val, st.grid)
+    pooled["hp"] = (lr, wd)
+    sam_steps = []
+    for name, ds in data.items():
+        for prompt in st.prompts:
+            sam_steps.append(train(ds, prompt, *best_hp[name], st.folds, "k-fold"))
+            table_of[sam_steps[-1].name] = (kfold, (name, prompt))
+    sam_steps.append(train(list(data.values()), "points", lr, wd, st.folds, "pooled"))
+    table_of[sam_steps[-1].name] = (pooled, "run")
+    steps.run_training(sam_steps, st.jobs, progress, finished=finished)
 
     # 5. cross-dataset (Tables 5-6): A's point-prompt run (fold with the best validation F1) on all of B
     for a, b in (("shenzhen", "montgomery"), ("montgomery", "shenzhen")):
@@ -551,6 +550,21 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
             out=o, data_paths=[str(d.path)], run_dir=str(r), checkpoint=st.checkpoint, device=device, log=qlog,
             progress=progress)))
         cross[(a, b)] = o
+    write_tables(False)
+
+    # 7. the U-Net baseline (Table 9) on each set's folds: same splits, loss, optimiser and early stopping
+    if st.unet:
+        from ..train.unet import UNetConfig
+
+        unet_steps = []
+        for name, ds in data.items():
+            ucfg = UNetConfig(data=[str(ds.path)], size=st.size, folds=st.folds, seed=st.seed, epochs=st.epochs,
+                              patience=st.patience, batch_size=st.batch_size, device=st.device)
+            o = runs / ds.tag / f"unet_k{st.folds}_e{st.epochs}"
+            unet_steps.append(TrainingStep(f"unet {ds.tag} k={st.folds}", "unet", o, "unet", ucfg.to_dict(),
+                                           ucfg.comparable(), work=st.folds * len(ds.ids)))
+            table_of[unet_steps[-1].name] = (unet, name)
+        steps.run_training(unet_steps, st.jobs, progress, finished=finished)
 
     return write_tables(True)
 

@@ -222,6 +222,13 @@ def _fold_costs(root: Path, runs) -> tuple[float | None, float | None]:
     return float(np.median(rates)), float(np.median(fixed))
 
 
+def _steps_at_once(steps: list[dict], kinds: tuple[str, ...]) -> int:
+    """How many training steps ran at once when the timed ones of ``kinds`` ran (``--jobs``; the median over those
+    steps, 1 for steps run in the main process)."""
+    n = [s.get("info", {}).get("jobs", 1) for s in steps if s["kind"] in kinds]
+    return int(np.median(n)) if n else 1
+
+
 def estimate(res: dict, st, root: Path) -> dict:
     """Per-image encode cost, per-(image x epoch) training cost and per-fold fixed cost (model build, threshold sweep,
     test scoring) measured in this invocation's artifacts, and the full protocol's cost extrapolated from them: an
@@ -243,8 +250,8 @@ def estimate(res: dict, st, root: Path) -> dict:
         def total(epochs: int) -> float:
             return (epochs * (image_epochs * rate + unet_image_epochs * (u_rate or rate))
                     + n_folds * fixed + n_unet * (u_fixed if u_fixed is not None else fixed))
-        # with --jobs N the rates above were measured in N processes at once: N steps share the wall clock
-        out["jobs"] = jobs = getattr(st, "jobs", 1)
+        # rates measured in N worker processes at once (--jobs N) come from N steps sharing the wall clock
+        out["jobs"] = jobs = _steps_at_once(res["steps"], ("grid", "k-fold", "pooled", "unet"))
         out["full_protocol_training_s_upper_bound"] = total(ep) / jobs
         out["full_protocol_training_s_typical"] = total(TYPICAL_EPOCHS) / jobs
         out["full_protocol_encode_s"] = None if enc_rate is None else enc_rate * sum(FULL_SET_SIZES.values())
@@ -327,8 +334,10 @@ def _total_seconds(res: dict) -> float:
 
 
 def _prov(res: dict, secs: float, what: str) -> str:
+    overlapped = any(s.get("info", {}).get("jobs", 1) > 1 for s in res["steps"])  # --jobs: step times overlap
     return (f"_Command: `{res['command']}` · device {res['device']} · machine: {_machine(res['machine'])} · "
-            f"date: {res['finished']} · time taken: {secs:.0f} s ({what})._")
+            f"date: {res['finished']} · time taken: {secs:.0f} s ({what}"
+            + ("; summed over steps, some of which ran at once" if overlapped else "") + ")._")
 
 
 PENDING = ("_Not run yet: the protocol stopped before these steps (rerun the same command; finished steps are "
@@ -344,8 +353,9 @@ def render(res: dict) -> str:
     enc = st.get("encoder_size")
     L = [f"# Reproducing {paper.CITATION} with `{bb}`" + (f" at encoder input {enc}" if enc else ""), ""]
     if not res.get("complete", True):
-        L += [f"**PARTIAL**: written after the step \"{res['steps'][-1]['name'] if res['steps'] else '-'}\"; "
-              "the remaining steps have not run yet.", ""]
+        latest = max(res["steps"], key=lambda s: s["finished"])["name"] if res["steps"] else "-"
+        L += [f"**PARTIAL**: written after the step \"{latest}\" finished; "
+              "steps not finished yet (still to run, or running beside it with `--jobs`) are marked pending.", ""]
     L += [
         f"Profile: **{res['profile']}**{' (reduced protocol; NOT the paper protocol: see below)' if quick else ''}. "
         f"Backbone `{bb}` (weights sha256 `{res['weights_sha256'][:16]}…`); the paper used SAM ViT-B, so the paper's "

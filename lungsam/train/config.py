@@ -2,19 +2,24 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # Python 3.11+ (annotations are not evaluated at run time here)
+    from typing import Self
 
 DEFAULT_THRESHOLDS = (0.50, 0.55, 0.60, 0.65, 0.70)
 
 
 class DictConfig:
     """``to_dict``/``from_dict`` for the training config dataclasses: JSON-ready dicts (tuples as lists), read
-    back with tuple fields restored and keys this version does not know ignored."""
+    back with tuple fields restored and keys this version does not know ignored. A tuple field is one whose
+    default is a tuple (a field typed ``tuple | None`` with default ``None`` would come back as a list)."""
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict):
+    def from_dict(cls, d: dict) -> Self:
         return cls(**{f.name: tuple(d[f.name]) if isinstance(f.default, tuple) else d[f.name]
                       for f in fields(cls) if f.name in d})
 
