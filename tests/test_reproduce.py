@@ -157,6 +157,23 @@ def test_jobs_run_training_steps_in_worker_processes_with_the_same_steps_and_res
     assert "(0 ran," in again.output
 
 
+def test_a_step_failing_in_a_worker_is_named_and_the_others_finish(reproduced, tmp_path):
+    """With --jobs, a step that fails in its worker (here: its folder holds a U-Net run with other settings) is
+    reported by name with its cause, exit code 2, after the step beside it finished and was recorded."""
+    _, args, _ = reproduced
+    out = tmp_path / "fail"
+    args2 = [*args[:args.index("--out") + 1], str(out), *args[args.index("--out") + 2:], "--jobs", "2"]
+    bad = out / "tiny" / "runs" / "montgomery-n10" / "unet_k1_e1"
+    bad.mkdir(parents=True)
+    (bad / "run.json").write_text(json.dumps({"config": {"channels": [4, 8], "size": 64}}))
+    r = CliRunner().invoke(main, args2)
+    assert r.exit_code == 2, r.output
+    assert "training step(s) failed: [unet montgomery-n10 k=1]" in r.output and "settings differ" in r.output
+    assert not (bad / "step.json").exists()
+    other = out / "tiny" / "runs" / "shenzhen-n10" / "unet_k1_e1"
+    assert json.loads((other / "step.json").read_text())["info"]["jobs"] == 2
+
+
 def test_changed_settings_in_a_step_folder_is_an_error(reproduced):
     root, args, _ = reproduced
     sj = root / "runs" / "montgomery-n10" / "zeroshot_box" / "step.json"
