@@ -379,26 +379,30 @@ class TrainingStep:
 
     def normalize(self, recorded: dict) -> dict:
         """Recorded settings in today's form (fields added since get their defaults)."""
-        from ..train.config import TrainConfig
-        from ..train.unet import UNetConfig
+        config_class, _ = _model_api(self.model)
+        return config_class.from_dict(recorded).comparable()
 
-        return (UNetConfig if self.model == "unet" else TrainConfig).from_dict(recorded).comparable()
+
+def _model_api(model: str) -> tuple[type, Callable[..., dict]]:
+    """``(config class, run trainer)`` of a training step's ``model``: "unet" or "sam"."""
+    if model == "unet":
+        from ..train.unet import UNetConfig, train_unet_run
+
+        return UNetConfig, train_unet_run
+    from ..train.config import TrainConfig
+    from ..train.run import train_run
+
+    return TrainConfig, train_run
 
 
 def train_step(model: str, config: dict, out: Path, log: Log = print, progress: bool = True) -> dict:
     """Train the run ``config`` describes into ``out`` (continuing a killed one); returns the step's info."""
-    from ..train.config import TrainConfig
-    from ..train.run import train_run
-    from ..train.unet import UNetConfig, train_unet_run
-
+    config_class, train = _model_api(model)
     resume = (out / "run.json").exists()
     if resume:
         log(f"continuing the killed run in {out}")
     try:
-        if model == "unet":
-            s = train_unet_run(UNetConfig.from_dict(config), out, resume=resume, log=log, progress=progress)
-        else:
-            s = train_run(TrainConfig.from_dict(config), out, resume=resume, log=log, progress=progress)
+        s = train(config_class.from_dict(config), out, resume=resume, log=log, progress=progress)
     except ValueError as e:
         raise ProtocolError(f"{out}: {e}") from e
     return {"test_f1": s["aggregate"]["test_f1_across_folds"], "folds": len(s["folds"])}

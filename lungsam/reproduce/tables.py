@@ -222,10 +222,15 @@ def _fold_costs(root: Path, runs) -> tuple[float | None, float | None]:
     return float(np.median(rates)), float(np.median(fixed))
 
 
+def _ran_at_once(step: dict) -> int:
+    """How many training steps ran at once beside ``step`` (``--jobs``, recorded by the worker path; 1 in the
+    main process)."""
+    return step.get("info", {}).get("jobs", 1)
+
+
 def _steps_at_once(steps: list[dict], kinds: tuple[str, ...]) -> int:
-    """How many training steps ran at once when the timed ones of ``kinds`` ran (``--jobs``; the median over those
-    steps, 1 for steps run in the main process)."""
-    n = [s.get("info", {}).get("jobs", 1) for s in steps if s["kind"] in kinds]
+    """:func:`_ran_at_once` for the timed steps of ``kinds`` (their median)."""
+    n = [_ran_at_once(s) for s in steps if s["kind"] in kinds]
     return int(np.median(n)) if n else 1
 
 
@@ -334,7 +339,7 @@ def _total_seconds(res: dict) -> float:
 
 
 def _prov(res: dict, secs: float, what: str) -> str:
-    overlapped = any(s.get("info", {}).get("jobs", 1) > 1 for s in res["steps"])  # --jobs: step times overlap
+    overlapped = any(_ran_at_once(s) > 1 for s in res["steps"])  # --jobs: step times overlap
     return (f"_Command: `{res['command']}` · device {res['device']} · machine: {_machine(res['machine'])} · "
             f"date: {res['finished']} · time taken: {secs:.0f} s ({what}"
             + ("; summed over steps, some of which ran at once" if overlapped else "") + ")._")
