@@ -89,14 +89,17 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
 @click.option("--encoder-size", type=click.IntRange(min=16), default=None,
               help="Image encoder input side (default: the backbone's native size); the decoder's cost follows its grid.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--cpu-bf16", is_flag=True, help="Time every step in bfloat16 autocast (CPU with native bfloat16 only). "
+              "Without it, such a CPU also times the bfloat16 decoder steps beside the float32 ones.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def bench_train(data, backbone, checkpoint, prompt, n_images, batch_size, size, encoder_size, device, out) -> None:
+def bench_train(data, backbone, checkpoint, prompt, n_images, batch_size, size, encoder_size, device, cpu_bf16,
+                out) -> None:
     """Training speed: epoch time with the embedding cache vs recomputing the encoder, and decoder time per sample."""
     from ..train.config import TrainConfig
     from .train_speed import run_train_speed
 
     cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt, batch_size=batch_size,
-                      size=size, encoder_size=encoder_size, device=device)
+                      size=size, encoder_size=encoder_size, device=device, cpu_bf16=cpu_bf16)
     try:
         r = run_train_speed(cfg, n_images, out, log=lambda m: click.echo(m, err=True))
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # unknown backbone or size, missing data or weights

@@ -4,7 +4,8 @@ Measured side by side in one process on the same images and decoder settings:
 
 * **cached epoch**: embeddings read from the on-disk cache (float16 ``.npy``) + one decoder epoch;
 * **recompute epoch**: the image encoder runs on every batch (no cache) + the same decoder steps;
-* **decoder time per sample** at several batch sizes (forward + backward + Adam step, cached inputs).
+* **decoder time per sample** at several batch sizes (forward + backward + Adam step, cached inputs); on a CPU
+  with native bfloat16, also with ``--cpu-bf16``'s bfloat16 autocast, in the same process right after.
 
 Writes ``train_speed.json`` and ``train_speed.md``. Nothing here is a test; figures are reported.
 """
@@ -21,13 +22,23 @@ from ..backbones import build_backbone, preprocess_for
 from ..preprocess import encoder_input
 from ..prompts import learn_prompt
 from ..train.config import TrainConfig
-from ..train.engine import DecoderTrainer, pick_device
+from ..train.engine import DecoderTrainer, cpu_has_native_bf16, pick_device
 from ..train.run import checkpoint_for, embed_samples, load_data
 
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _step_seconds_per_sample(trainer: DecoderTrainer, emb: np.ndarray, masks: list[np.ndarray], bs: int) -> dict:
+    """Seconds per sample of one decoder epoch at batch ``bs`` over as many whole batches as ``emb`` holds,
+    after a two-batch warm-up."""
+    trainer.batch_size = bs
+    trainer.train_epoch(emb[:2 * bs], masks[:2 * bs])
+    n = (len(emb) // bs) * bs
+    _, secs = trainer.train_epoch(emb[:n], masks[:n])
+    return {"batch_size": bs, "seconds_per_sample": secs / n, "samples": n}
 
 
 def measure_train_speed(cfg: TrainConfig, n_images: int, batch_sizes: tuple[int, ...] = (1, 4, 8, 16),
@@ -45,7 +56,7 @@ def measure_train_speed(cfg: TrainConfig, n_images: int, batch_sizes: tuple[int,
     embed_samples(sam, cfg, ckpt, samples, device, progress=False)  # fill the cache (not timed)
     trainer = DecoderTrainer(sam, spec, cfg.size, prompt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              batch_size=cfg.batch_size, box_jitter=cfg.box_jitter, device=device, amp=cfg.amp,
-                             seed=cfg.seed)
+                             cpu_bf16=cfg.cpu_bf16, seed=cfg.seed)
     # cached epoch: read embeddings from disk, then one decoder epoch
     _sync(device)
     t0 = time.perf_counter()
@@ -71,15 +82,14 @@ def measure_train_speed(cfg: TrainConfig, n_images: int, batch_sizes: tuple[int,
     _sync(device)
     recompute = time.perf_counter() - t0
 
-    per_sample = []
-    for bs in batch_sizes:
-        if bs > len(samples):
-            continue
-        trainer.batch_size = bs
-        trainer.train_epoch(emb[: max(bs, 2 * bs)], masks[: max(bs, 2 * bs)])  # warm-up
-        n = (len(samples) // bs) * bs
-        _, secs = trainer.train_epoch(emb[:n], masks[:n])
-        per_sample.append({"batch_size": bs, "seconds_per_sample": secs / n, "samples": n})
+    sizes = [bs for bs in batch_sizes if bs <= len(samples)]
+    per_sample = [_step_seconds_per_sample(trainer, emb, masks, bs) for bs in sizes]
+    per_sample_bf16 = None
+    if device == "cpu" and not cfg.cpu_bf16 and cpu_has_native_bf16():  # the --cpu-bf16 steps beside them
+        bf16 = DecoderTrainer(sam, spec, cfg.size, prompt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              batch_size=cfg.batch_size, box_jitter=cfg.box_jitter, device=device, amp=cfg.amp,
+                              cpu_bf16=True, seed=cfg.seed)
+        per_sample_bf16 = [_step_seconds_per_sample(bf16, emb, masks, bs) for bs in sizes]
 
     return {
         "created": utc_now(), "machine": machine_record(), "versions": package_versions(), "device": device,
@@ -88,7 +98,8 @@ def measure_train_speed(cfg: TrainConfig, n_images: int, batch_sizes: tuple[int,
         "epoch_cached_s": cached, "epoch_cached_read_s": t_read, "epoch_cached_decoder_s": t_dec,
         "epoch_recompute_s": recompute, "epoch_recompute_encoder_s": t_enc,
         "speedup_cached_vs_recompute": recompute / cached if cached > 0 else float("nan"),
-        "decoder_step_per_sample": per_sample,
+        "decoder_step_per_sample": per_sample, "cpu_bf16": cfg.cpu_bf16,
+        "decoder_step_per_sample_cpu_bf16": per_sample_bf16,
     }
 
 
@@ -109,7 +120,17 @@ def train_speed_markdown(r: dict) -> str:
         "| decoder batch size | ms per sample (fwd + bwd + Adam) |",
         "|---|---|",
     ]
-    lines += [f"| {p['batch_size']} | {1000 * p['seconds_per_sample']:.1f} |" for p in r["decoder_step_per_sample"]]
+    bf16 = r.get("decoder_step_per_sample_cpu_bf16")
+    if bf16 is None:
+        lines += [f"| {p['batch_size']} | {1000 * p['seconds_per_sample']:.1f} |" for p in r["decoder_step_per_sample"]]
+        if r.get("cpu_bf16"):
+            lines += ["", "All steps above ran in bfloat16 autocast (`--cpu-bf16`)."]
+        return "\n".join(lines) + "\n"
+    lines[-2:] = ["| decoder batch size | ms per sample, float32 | ms per sample, bfloat16 autocast (`--cpu-bf16`) "
+                  "| float32 / bfloat16 |", "|---|---|---|---|"]
+    for p, q in zip(r["decoder_step_per_sample"], bf16):
+        a, b = p["seconds_per_sample"], q["seconds_per_sample"]
+        lines.append(f"| {p['batch_size']} | {1000 * a:.1f} | {1000 * b:.1f} | {a / b:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,11 +24,15 @@ import click
 @click.option("--encoder-size", type=click.IntRange(min=16), default=None,
               help="Image encoder input side for every SAM step (default: the backbone's native size). Smaller makes "
                    "the decoder's token grid, and training, cheaper; results go to OUT/<backbone>-enc<S>/.")
+@click.option("--cpu-bf16", is_flag=True,
+              help="CPU only: every training step in bfloat16 autocast (needs AVX512-BF16 or AMX; an error elsewhere); "
+                   "results go to OUT/<backbone>[-enc<S>]-bf16/.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Training steps run at once, each in its own process with an equal share of the torch threads "
                    "(independent steps only: the grid cells; then the k-fold runs and the pooled run; then the U-Nets).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subset, size, encoder_size, jobs, quiet):
+def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subset, size, encoder_size, cpu_bf16, jobs,
+              quiet):
     """Run the paper's protocol (zero-shot, thresholds, lr x wd grid, 5-fold per prompt, cross-dataset)
     as resumable steps and write OUT/<backbone>/tables.md, results.json and figures."""
     from ..backbones import UnknownBackboneError
@@ -39,7 +43,7 @@ def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subse
     try:
         settings = protocol_settings(data_root=data_root, backbone=backbone, checkpoint=checkpoint, device=device,
                                      quick=quick, epochs=epochs, subset=subset, size=size, encoder_size=encoder_size,
-                                     jobs=jobs)
+                                     cpu_bf16=cpu_bf16, jobs=jobs)
         res = run_protocol(settings, out, command=settings.command(out), log=lambda m: click.echo(m, err=True),
                            progress=not quiet)
     except (ProtocolError, UnknownBackboneError, DataError, RunError, FileNotFoundError, ValueError, RuntimeError) as e:

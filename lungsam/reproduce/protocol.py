@@ -60,6 +60,8 @@ class Settings:
         encoder_size: the image encoder's input side for every SAM step (``None``: the backbone's native
             one); a smaller one makes the decoder's token grid, and so training, cheaper (results go to
             ``OUT/<backbone>-enc<S>/``).
+        cpu_bf16: every training step (SAM decoders and U-Nets) in bfloat16 autocast on a CPU with native
+            bfloat16 (results go to ``OUT/<label>-bf16/``: other settings, other steps).
         jobs: training steps run at once, each in its own process with its share of the torch threads (how
             the work is scheduled, not what it computes: steps do not record it and are reused across values).
     """
@@ -83,12 +85,14 @@ class Settings:
     encoder_size: int | None = None
     batch_size: int = 8
     seed: int = 0
+    cpu_bf16: bool = False
     jobs: int = 1
 
     @property
     def label(self) -> str:
-        """The results folder's name: the backbone, and its encoder input when not native."""
-        return self.backbone if self.encoder_size is None else f"{self.backbone}-enc{self.encoder_size}"
+        """The results folder's name: the backbone, its encoder input when not native, ``-bf16`` with --cpu-bf16."""
+        label = self.backbone if self.encoder_size is None else f"{self.backbone}-enc{self.encoder_size}"
+        return label + ("-bf16" if self.cpu_bf16 else "")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -117,6 +121,8 @@ class Settings:
             parts.append(f"--size {self.size}")
         if self.encoder_size is not None:
             parts.append(f"--encoder-size {self.encoder_size}")
+        if self.cpu_bf16:
+            parts.append("--cpu-bf16")
         if self.jobs != 1:
             parts.append(f"--jobs {self.jobs}")
         return " ".join(parts)
@@ -124,14 +130,17 @@ class Settings:
 
 def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None = None, device: str = "auto",
                       quick: bool = False, epochs: int | None = None, subset: int | None = None,
-                      size: int = 256, encoder_size: int | None = None, jobs: int = 1) -> Settings:
+                      size: int = 256, encoder_size: int | None = None, cpu_bf16: bool = False,
+                      jobs: int = 1) -> Settings:
     """The full protocol, or the ``--quick`` one: one 60/20/20 split, ``QUICK_EPOCHS`` epochs without early stop,
     the 2-cell grid ``QUICK_GRID`` and ``QUICK_SUBSET`` images per set (``epochs``/``subset`` override)."""
     from ..backbones import get_backbone, preprocess_for
     from ..train.config import TrainConfig
+    from ..train.engine import mixed_precision, pick_device
     from ..train.run import checkpoint_for
 
     get_backbone(backbone)
+    mixed_precision(pick_device(device), False, cpu_bf16)  # --cpu-bf16 where it cannot run fails before any work
     if encoder_size is not None:
         if encoder_size == get_backbone(backbone).preprocess.img_size:
             encoder_size = None  # the native size: the same protocol and results folder as without the option
@@ -145,7 +154,7 @@ def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None =
     if jobs < 1:
         raise ProtocolError("--jobs must be at least 1")
     st = Settings(data_root=str(root), backbone=backbone, checkpoint=ckpt, device=device, quick=quick, size=size,
-                  encoder_size=encoder_size, jobs=jobs)
+                  encoder_size=encoder_size, cpu_bf16=cpu_bf16, jobs=jobs)
     if quick:
         st.folds, st.epochs = 1, QUICK_EPOCHS
         st.grid = list(QUICK_GRID)
@@ -498,7 +507,7 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
         return TrainConfig(data=[str(d.path) for d in sets_], backbone=st.backbone, checkpoint=st.checkpoint, prompt=prompt,
                            points_per_lung=st.points_per_lung, size=st.size, folds=folds, epochs=st.epochs,
                            patience=st.patience, lr=lr, weight_decay=wd, batch_size=st.batch_size, seed=st.seed,
-                           device=st.device, encoder_size=st.encoder_size)
+                           device=st.device, encoder_size=st.encoder_size, cpu_bf16=st.cpu_bf16)
 
     def train(ds: DataSet | list[DataSet], prompt: str, lr: float, wd: float, folds: int, kind: str) -> TrainingStep:
         sets_ = ds if isinstance(ds, list) else [ds]
@@ -563,7 +572,7 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
         unet_steps = []
         for name, ds in data.items():
             ucfg = UNetConfig(data=[str(ds.path)], size=st.size, folds=st.folds, seed=st.seed, epochs=st.epochs,
-                              patience=st.patience, batch_size=st.batch_size, device=st.device)
+                              patience=st.patience, batch_size=st.batch_size, device=st.device, cpu_bf16=st.cpu_bf16)
             o = runs / ds.tag / f"unet_k{st.folds}_e{st.epochs}"
             unet_steps.append(TrainingStep(f"unet {ds.tag} k={st.folds}", "unet", o, "unet", ucfg.to_dict(),
                                            ucfg.comparable(), work=st.folds * len(ds.ids)))

@@ -48,6 +48,9 @@ class TrainConfig(DictConfig):
             embedding cache; each epoch draws the original or one copy per image (:mod:`lungsam.train.augment`).
         thresholds: probability thresholds swept on validation.
         device: ``auto`` | ``cpu`` | ``cuda``; amp: mixed precision on cuda.
+        cpu_bf16: on the CPU, train (and validate between epochs) in bfloat16 autocast; needs a CPU with
+            native bfloat16 (AVX512-BF16 or AMX), an error elsewhere. The threshold sweep and test scores
+            are computed in float32 either way.
     """
 
     data: list[str] = field(default_factory=lambda: ["demo:montgomery"])
@@ -73,6 +76,7 @@ class TrainConfig(DictConfig):
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    cpu_bf16: bool = False
     embed_batch_size: int = 4
 
     def lora_spec(self):

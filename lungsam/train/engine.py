@@ -77,11 +77,40 @@ def logits_at_working(sam: Sam, embeddings: torch.Tensor, prompts: PromptTensors
     return sam.postprocess_masks(low_res.float(), input_hw, (size, size))
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles), where torch's CPU autocast
+    to bfloat16 is faster than float32; elsewhere bfloat16 is emulated and slower."""
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(p()) for p in probes if p is not None)
+
+
+def mixed_precision(device: str, amp: bool, cpu_bf16: bool) -> bool:
+    """Whether a training run on ``device`` computes in mixed precision: ``amp`` on CUDA (bfloat16 where
+    supported, else float16 with a gradient scaler); ``cpu_bf16`` on the CPU (bfloat16 autocast).
+
+    Raises:
+        RuntimeError: ``cpu_bf16`` on a CUDA device, or on a CPU without native bfloat16 (no silent
+            fallback to float32, and no emulated bfloat16 that would be slower than float32).
+    """
+    if device.startswith("cuda"):
+        if cpu_bf16:
+            raise RuntimeError("--cpu-bf16 is for CPU runs; this run is on CUDA, where mixed precision is on by default")
+        return amp
+    if cpu_bf16 and not cpu_has_native_bf16():
+        raise RuntimeError("--cpu-bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); this CPU has neither, "
+                           "so bfloat16 would be emulated and slower than float32: run without --cpu-bf16")
+    return cpu_bf16
+
+
 def autocast(device: str, enabled: bool):
-    if enabled and device.startswith("cuda"):
+    """The autocast context of a run whose :func:`mixed_precision` is ``enabled``: CUDA in bfloat16 where
+    supported (else float16), the CPU in bfloat16; a no-op when not enabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.startswith("cuda"):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
-    return contextlib.nullcontext()
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
 
 
 @torch.no_grad()
@@ -201,24 +230,26 @@ class DecoderTrainer:
     Args:
         sam: backbone (encoders frozen here).
         spec, size, prompt: preprocessing, working resolution, learned prompt.
-        lr, weight_decay, batch_size, box_jitter, device, amp: see :class:`~lungsam.train.config.TrainConfig`.
+        lr, weight_decay, batch_size, box_jitter, device, amp, cpu_bf16: see :class:`~lungsam.train.config.TrainConfig`
+            (the precision rule is :func:`mixed_precision`).
         seed: seeds torch and the numpy generator used for shuffling and box jitter.
     """
 
     def __init__(self, sam: Sam, spec: PreprocessSpec, size: int, prompt: LearnedPrompt, *, lr: float,
-                 weight_decay: float, batch_size: int, box_jitter: float, device: str, amp: bool, seed: int):
+                 weight_decay: float, batch_size: int, box_jitter: float, device: str, amp: bool, seed: int,
+                 cpu_bf16: bool = False):
         from monai.losses import DiceFocalLoss
 
         torch.manual_seed(seed)
         self.sam = sam.to(device)
         self.spec, self.size, self.prompt = spec, size, prompt
         self.batch_size, self.box_jitter, self.device = batch_size, box_jitter, device
-        self.amp = amp and device.startswith("cuda")
+        self.amp = mixed_precision(device, amp, cpu_bf16)
         self.params = freeze_all_but_decoder(sam)
         self.optimizer = torch.optim.Adam(self.params, lr=lr, weight_decay=weight_decay)
         self.loss_fn = DiceFocalLoss(sigmoid=True, squared_pred=True, reduction="mean")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not torch.cuda.is_bf16_supported()) \
-            if self.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=not torch.cuda.is_bf16_supported()) \
+            if self.amp and device.startswith("cuda") else None
         self.rng = np.random.default_rng(seed)
 
     def loop_state(self) -> dict:

@@ -101,6 +101,15 @@ def wall_time_note(run: dict, folds: list[dict]) -> str:
     return f"{what}; training epochs {train_s:.0f} s summed over the {len(folds)} fold(s)"
 
 
+def precision_note(cfg: dict, device: str) -> str:
+    """How a run's training steps computed, from its saved config and the device it ran on."""
+    if cfg.get("cpu_bf16"):
+        return "training in bfloat16 autocast (CPU); thresholds and test scores in float32"
+    if device.startswith("cuda") and cfg.get("amp", False):
+        return "training in CUDA mixed precision; thresholds and test scores in float32"
+    return "float32"
+
+
 def fold_table(folds: list[dict]) -> list[str]:
     """Markdown lines: one row per fold (sizes, best epoch, threshold, val F1, test F1 and IoU)."""
     lines = ["| fold | train/val/test | best epoch | threshold | val F1 | test F1 | test IoU |", "|---|---|---|---|---|---|---|"]
@@ -121,8 +130,8 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
         f"- working size {cfg['size']}x{cfg['size']}"
         + (f", image encoder input {cfg['encoder_size']}" if cfg.get("encoder_size") else "") + f"; folds {cfg['folds']}; epochs ≤ {cfg['epochs']} "
         f"(early stop: val F1 gain < {cfg.get('min_delta', 0):g} in {cfg['patience']} epochs); Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}; batch {cfg['batch_size']}",
-        f"- device {run['device']}; started {run['started']}; finished {run.get('finished', '?')}; "
-        f"{wall_time_note(run, folds)}",
+        f"- device {run['device']} ({precision_note(cfg, run['device'])}); started {run['started']}; "
+        f"finished {run.get('finished', '?')}; {wall_time_note(run, folds)}",
         f"- {gt_note(cfg['prompt'])}",
         "",
         *fold_table(folds),

@@ -20,8 +20,8 @@ from ..metrics import summarize
 from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
 from . import report
 from .config import TrainConfig
-from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, choose_threshold, pick_device,
-                     predict_probabilities, predict_with_first_pass_box, score, sweep_thresholds)
+from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, choose_threshold, mixed_precision,
+                     pick_device, predict_probabilities, predict_with_first_pass_box, score, sweep_thresholds)
 
 Log = Callable[[str], None]
 
@@ -217,7 +217,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
 
     initial = {k: v.clone() for k, v in sam.mask_decoder.state_dict().items()}
     kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, box_jitter=cfg.box_jitter,
-              device=device, amp=cfg.amp, seed=cfg.seed + fold)
+              device=device, amp=cfg.amp, cpu_bf16=cfg.cpu_bf16, seed=cfg.seed + fold)
     if lora:
         from ..lora import encoder_fingerprint, load_lora_state, lora_state
 
@@ -380,6 +380,7 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
     """
     out = Path(out)
     preprocess_for(cfg.backbone, cfg.encoder_size)  # an encoder size that does not fit fails before any work
+    mixed_precision(pick_device(cfg.device), cfg.amp, cfg.cpu_bf16)  # so does --cpu-bf16 where it cannot run
     if only_folds is not None:
         bad = sorted(set(only_folds) - set(range(cfg.folds)))
         if bad:

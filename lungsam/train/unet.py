@@ -26,7 +26,7 @@ from ..data import kfold_splits
 from ..metrics import fmt_mean_std, summarize
 from . import report
 from .config import DEFAULT_THRESHOLDS, DictConfig
-from .engine import EarlyStopping, choose_threshold, pick_device, score, sweep_thresholds
+from .engine import EarlyStopping, autocast, choose_threshold, mixed_precision, pick_device, score, sweep_thresholds
 
 Log = Callable[[str], None]
 RUN_FORMAT = "lungsam-unet-run/1"
@@ -40,7 +40,8 @@ class UNetConfig(DictConfig):
         data, size, folds, seed: as :class:`~lungsam.train.config.TrainConfig` (they fix the test images).
         channels: feature maps per level of MONAI's UNet (each level after the first halves the resolution).
         res_units: residual units per level.
-        epochs, patience, min_delta, lr, weight_decay, batch_size, thresholds, device: as for SAM runs.
+        epochs, patience, min_delta, lr, weight_decay, batch_size, thresholds, device, cpu_bf16: as for SAM runs
+            (there is no CUDA mixed precision for the U-Net: it trains in float32 unless ``cpu_bf16``).
     """
 
     data: list[str] = field(default_factory=lambda: ["demo:montgomery"])
@@ -57,6 +58,7 @@ class UNetConfig(DictConfig):
     batch_size: int = 8
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     device: str = "auto"
+    cpu_bf16: bool = False
     model: str = "unet"
 
     def comparable(self) -> dict:
@@ -85,11 +87,15 @@ def unet_input(images: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def unet_logits(net: torch.nn.Module, images: np.ndarray, device: str, batch_size: int = 8) -> torch.Tensor:
-    """``(N, 1, S, S)`` float32 logits (on the CPU) for working images ``(N, S, S, 3)`` uint8."""
+def unet_logits(net: torch.nn.Module, images: np.ndarray, device: str, batch_size: int = 8,
+                mixed: bool = False) -> torch.Tensor:
+    """``(N, 1, S, S)`` float32 logits (on the CPU) for working images ``(N, S, S, 3)`` uint8; ``mixed``: computed
+    under :func:`~lungsam.train.engine.autocast` (validation between epochs of a mixed-precision run)."""
     net.eval()
-    out = [net(torch.from_numpy(unet_input(images[s:s + batch_size])).to(device)).float().cpu()
-           for s in range(0, len(images), batch_size)]
+    out = []
+    for s in range(0, len(images), batch_size):
+        with autocast(device, mixed):
+            out.append(net(torch.from_numpy(unet_input(images[s:s + batch_size])).to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -140,6 +146,7 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
     Y = np.stack(M["train"])[:, None].astype(np.float32)
     torch.manual_seed(cfg.seed + fold)
     rng = np.random.default_rng(cfg.seed + fold)
+    mixed = mixed_precision(device, False, cfg.cpu_bf16)  # U-Nets train in float32 unless --cpu-bf16
     net = build_unet(cfg).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DiceFocalLoss(sigmoid=True, squared_pred=True, reduction="mean")
@@ -168,13 +175,15 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
         for s in range(0, len(order), cfg.batch_size):
             idx = order[s:s + cfg.batch_size]
             x = torch.from_numpy(unet_input(X["train"][idx])).to(device)
-            loss = loss_fn(net(x), torch.from_numpy(Y[idx]).to(device))
+            with autocast(device, mixed):
+                logits = net(x)
+            loss = loss_fn(logits.float(), torch.from_numpy(Y[idx]).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
         secs = time.perf_counter() - t0
-        logits = unet_logits(net, X["val"], device, cfg.batch_size)
+        logits = unet_logits(net, X["val"], device, cfg.batch_size, mixed)
         val_loss = float(loss_fn(logits, torch.from_numpy(np.stack(M["val"])[:, None].astype(np.float32))))
         vf1, viou = score(torch.sigmoid(logits)[:, 0].numpy(), M["val"], 0.5)
         history.append({"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss,
@@ -231,7 +240,8 @@ def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
         f"{run['parameters']:,} parameters; DiceFocalLoss, Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, "
         f"batch {cfg['batch_size']}, epochs ≤ {cfg['epochs']} (early stop: val F1 gain < {cfg['min_delta']:g} in "
         f"{cfg['patience']} epochs); no augmentation",
-        f"- device {run['device']}; started {run['started']}; finished {run.get('finished', '?')}; "
+        f"- device {run['device']} ({report.precision_note(cfg, run['device'])}); started {run['started']}; "
+        f"finished {run.get('finished', '?')}; "
         f"{report.wall_time_note(run, folds)}",
         "",
         *report.fold_table(folds),
@@ -252,6 +262,7 @@ def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
     from .run import aggregate_folds, check_resumed_splits, load_data, record_sitting, run_folds
 
     out = Path(out)
+    mixed_precision(pick_device(cfg.device), False, cfg.cpu_bf16)  # --cpu-bf16 where it cannot run fails before any work
     t0 = time.perf_counter()
     old = read_json(out / "run.json") if (out / "run.json").exists() else None
     if old is not None:
