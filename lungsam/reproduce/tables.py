@@ -589,7 +589,7 @@ def render(res: dict) -> str:
                         "The decoder's cost grows with the embedding grid: `--encoder-size` (e.g. 512 for `mobile_sam`, "
                         "a 32x32 grid instead of 64x64) makes training about 4x cheaper. ")
                      + ("" if st.get("cpu_bf16") else
-                        "On a CPU with native bfloat16 (AVX512-BF16 or AMX), `--cpu-bf16` makes the steps about 1.6x "
+                        "On a CPU with native bfloat16 (AVX512-BF16 or AMX), `--cpu-bf16` makes training about 1.5x "
                         "cheaper. ")
                      + "A smaller `--epochs` cuts it linearly; or run on a GPU.")
         elif typical is not None:
