@@ -84,7 +84,7 @@ def test_train_cli_records_and_reports_bf16(native_bf16, tmp_path):
                                   "--cpu-bf16", "--device", "cpu", "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     assert read_json(out / "run.json")["config"]["cpu_bf16"] is True
-    assert "bfloat16 autocast (CPU); thresholds and test scores in float32" in (out / "report.md").read_text()
+    assert "in CPU bfloat16 autocast, thresholds and test scores in float32" in (out / "report.md").read_text()
 
 
 def test_bf16_on_a_cpu_without_it_fails_before_any_work(no_native_bf16, tmp_path):
@@ -112,11 +112,11 @@ def test_unet_trains_in_bf16_and_scores_in_float32(native_bf16, tmp_path, monkey
     out = tmp_path / "unet"
     with ConvOutputDtypes() as everything:
         s = unet_mod.train_unet_run(unet_mod.UNetConfig(folds=1, epochs=2, channels=(4, 8, 16), res_units=1,
-                                                        batch_size=4, size=64, cpu_bf16=True), out,
+                                                        batch_size=4, size=64, cpu_bf16=True, device="cpu"), out,
                                     log=lambda m: None, progress=False)
     assert torch.bfloat16 in everything.seen and seen["score"] == {torch.float32}
     assert read_json(out / "run.json")["config"]["cpu_bf16"] is True
-    assert "bfloat16 autocast (CPU)" in (out / "report.md").read_text()
+    assert "in CPU bfloat16 autocast" in (out / "report.md").read_text()
     assert 0.0 <= s["aggregate"]["test_f1_pooled"]["mean"] <= 1.0
 
 
@@ -124,7 +124,7 @@ def test_reproduce_cpu_bf16_reaches_every_training_step(native_bf16, tmp_path):
     root = tmp_path / "cxr"
     for name in ("montgomery", "shenzhen"):
         shutil.copytree(demo_data_dir(), root / name, ignore=shutil.ignore_patterns("README*"))
-    st = protocol_settings(data_root=str(root), backbone="tiny", quick=True, cpu_bf16=True)
+    st = protocol_settings(data_root=str(root), backbone="tiny", quick=True, cpu_bf16=True, device="cpu")
     assert st.label == "tiny-bf16" and "--cpu-bf16" in st.command()
     out = tmp_path / "results"
     r = CliRunner().invoke(main, ["reproduce", "--data-root", str(root), "--backbone", "tiny", "--quick", "--epochs",
@@ -149,12 +149,10 @@ def test_reproduce_cpu_bf16_on_a_cpu_without_it_is_refused(no_native_bf16, tmp_p
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bench_train_times_bf16_steps_beside_float32_where_the_cpu_has_it(tmp_path, monkeypatch, native):
-    import lungsam.benchmarks.train_speed as train_speed
     from lungsam.artifacts import read_json
     from lungsam.benchmarks.commands import bench_train
 
-    for mod in (engine, train_speed):
-        monkeypatch.setattr(mod, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
     out = tmp_path / "t"
     res = CliRunner().invoke(bench_train, ["--backbone", "tiny", "--encoder-size", "64", "--images", "4",
                                            "--batch-size", "2", "--device", "cpu", "--out", str(out)])
@@ -167,3 +165,20 @@ def test_bench_train_times_bf16_steps_beside_float32_where_the_cpu_has_it(tmp_pa
         assert "| float32 / bfloat16 |" in md
     else:
         assert r["decoder_step_per_sample_cpu_bf16"] is None and "bfloat16" not in md
+        refused = CliRunner().invoke(bench_train, ["--backbone", "tiny", "--cpu-bf16", "--device", "cpu",
+                                                   "--out", str(tmp_path / "b")])
+        assert refused.exit_code != 0 and "needs a CPU with native bfloat16" in refused.output
+        assert not (tmp_path / "b").exists()
+
+
+def test_resume_refuses_to_switch_precision(native_bf16, tiny_run):
+    """A run trained in float32 does not go on in bfloat16 (or back): --resume names the setting."""
+    from lungsam.artifacts import read_json
+    from lungsam.train.config import TrainConfig
+    from lungsam.train.run import train_run
+
+    cfg = TrainConfig.from_dict({**read_json(tiny_run / "run.json")["config"], "cpu_bf16": True, "device": "cpu"})
+    before = (tiny_run / "run.json").read_text()
+    with pytest.raises(ValueError, match="cpu_bf16"):
+        train_run(cfg, tiny_run, resume=True, log=lambda m: None, progress=False)
+    assert (tiny_run / "run.json").read_text() == before

@@ -194,7 +194,7 @@ def test_step_recorded_before_a_config_field_existed_is_reused(reproduced):
     sj = next(p for p in (root / "runs").glob("shenzhen-n10/train/points_*") if p.is_dir()) / "step.json"
     text = sj.read_text()
     rec = json.loads(text)
-    for k in ("augment_views", "min_delta", "lora_rank"):
+    for k in ("augment_views", "min_delta", "lora_rank", "cpu_bf16"):
         rec["settings"].pop(k)
     sj.write_text(json.dumps(rec))
     try:
@@ -307,3 +307,30 @@ def test_recorded_command_gives_back_the_same_settings(data_root):
                                   device=p["device"], quick=p["quick"], epochs=p["epochs"], subset=p["subset"],
                                   size=p["size"], encoder_size=p["encoder_size"])
         assert again == st and p["out"] == "res"
+
+
+def test_cost_lines_say_whether_the_full_protocol_fits_a_working_day(reproduced):
+    """Over 8 h: the advice names what would cut it (--cpu-bf16 only on a CPU run that did not use it); under 8 h:
+    the line says it fits, and whether encoding was timed."""
+    from lungsam.reproduce.tables import WORKING_DAY_S, render
+
+    root, _, _ = reproduced
+    res = json.loads((root / "results.json").read_text())
+    e = res["estimate"]
+
+    def cost(typical, device="cpu", bf16=False, encode=None):
+        r = json.loads(json.dumps(res))
+        r["device"], r["settings"]["cpu_bf16"] = device, bf16
+        r["estimate"].update(full_protocol_training_s_typical=typical, full_protocol_encode_s=encode)
+        md = render(r)
+        return md[md.index("### Cost of the full protocol"):]
+
+    assert e["train_s_per_image_epoch"] is not None
+    long = cost(WORKING_DAY_S + 60)
+    assert "more than a working day (8 h)" in long and "`--cpu-bf16`" in long
+    assert "`--cpu-bf16`" not in cost(WORKING_DAY_S + 60, bf16=True)
+    assert "`--cpu-bf16`" not in cost(WORKING_DAY_S + 60, device="cuda")
+    assert "more than a working day" in cost(WORKING_DAY_S - 60, encode=120.0)  # encoding counts
+    short = cost(WORKING_DAY_S / 2)
+    assert "fits in a working day (8 h)" in short and "not timed here" in short
+    assert "encoding included" in cost(WORKING_DAY_S / 2, encode=60.0)

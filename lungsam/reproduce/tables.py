@@ -583,18 +583,23 @@ def render(res: dict) -> str:
             L.append(f"- typical: about {typical / 3600:.1f} h of training if runs stop after "
                      f"{fr.get('epochs_typical', TYPICAL_EPOCHS)} epochs, where early stopping ended our full 5-fold "
                      "runs (13-30 epochs at lr 1e-4; cells with lr 1e-5 learn slower and may run longer).")
+        on_cuda = str(res.get("device", "cpu")).startswith("cuda")
         if (typical or e["full_protocol_training_s_upper_bound"]) + (enc_full or 0) > WORKING_DAY_S:
             L.append("- That is more than a working day (8 h) on this machine. "
                      + ("" if st.get("encoder_size") else
                         "The decoder's cost grows with the embedding grid: `--encoder-size` (e.g. 512 for `mobile_sam`, "
                         "a 32x32 grid instead of 64x64) makes training about 4x cheaper. ")
-                     + ("" if st.get("cpu_bf16") else
+                     + ("" if st.get("cpu_bf16") or on_cuda else
                         "On a CPU with native bfloat16 (AVX512-BF16 or AMX), `--cpu-bf16` makes training about 1.5x "
                         "cheaper. ")
                      + "A smaller `--epochs` cuts it linearly; or run on a GPU.")
         elif typical is not None:
-            L.append("- That fits in a working day (8 h) on this machine" + (", encoding included" if enc_full else "")
-                     + f", if runs stop near {fr.get('epochs_typical', TYPICAL_EPOCHS)} epochs.")
+            L.append("- That fits in a working day (8 h) on this machine"
+                     + (", encoding included" if enc_full else " (plus the encoder pass, not timed here: every embedding "
+                        "came from the cache)")
+                     + f", if runs stop near {fr.get('epochs_typical', TYPICAL_EPOCHS)} epochs"
+                     + (f" and {jobs} steps at a time gain what the rates measured that way suggest" if jobs > 1 else "")
+                     + ".")
     if not str(res.get("device", "cpu")).startswith("cuda"):
         L.append("- GPU: not measured (no GPU on the machine that ran this).")
     L.append("")

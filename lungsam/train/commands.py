@@ -181,8 +181,8 @@ def weights_download(name, force):
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--cpu-bf16", is_flag=True,
-              help="CPU only: train in bfloat16 autocast (needs AVX512-BF16 or AMX; an error elsewhere). About 1.5x faster "
-                   "training on such CPUs; thresholds and test scores stay float32.")
+              help="CPU only: train in bfloat16 autocast (needs AVX512-BF16 or AMX; an error elsewhere). About 1.3x faster "
+                   "U-Net epochs on such CPUs; thresholds and test scores stay float32.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Reuse the finished folds in --out and train the rest.")
 @click.option("--only-fold", "only_folds", type=int, multiple=True, help="Train just this fold now (repeatable).")

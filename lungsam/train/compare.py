@@ -108,10 +108,12 @@ def compare_runs(run_dirs: list[str | Path], allow_partial: bool = False) -> dic
     if len(run_dirs) < 2:
         raise CompareError("give at least two runs: the baseline first")
     from .config import TrainConfig
+    from .unet import UNetConfig
 
     dirs = [Path(d) for d in run_dirs]
     # settings an older run did not record take their defaults (what that run did)
-    cfgs = [c if c.get("model") == "unet" else {**TrainConfig.from_dict(c).to_dict(), **c} for c in map(_config, dirs)]
+    cfgs = [{**(UNetConfig if c.get("model") == "unet" else TrainConfig).from_dict(c).to_dict(), **c}
+            for c in map(_config, dirs)]
     check_same_images(dirs, cfgs)
     done = [finished_folds(d) for d in dirs]
     total = [int(c.get("folds") or 1) for c in cfgs]  # folds the run was set up for

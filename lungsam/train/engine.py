@@ -245,12 +245,12 @@ class DecoderTrainer:
         self.sam = sam.to(device)
         self.spec, self.size, self.prompt = spec, size, prompt
         self.batch_size, self.box_jitter, self.device = batch_size, box_jitter, device
-        self.amp = mixed_precision(device, amp, cpu_bf16)
+        self.mixed = mixed_precision(device, amp, cpu_bf16)
         self.params = freeze_all_but_decoder(sam)
         self.optimizer = torch.optim.Adam(self.params, lr=lr, weight_decay=weight_decay)
         self.loss_fn = DiceFocalLoss(sigmoid=True, squared_pred=True, reduction="mean")
         self.scaler = torch.amp.GradScaler("cuda", enabled=not torch.cuda.is_bf16_supported()) \
-            if self.amp and device.startswith("cuda") else None
+            if self.mixed and device.startswith("cuda") else None
         self.rng = np.random.default_rng(seed)
 
     def loop_state(self) -> dict:
@@ -279,7 +279,7 @@ class DecoderTrainer:
         x = self.embed(emb)
         target = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)).to(self.device)
         pt = batch_prompts(self.prompt, self.spec, masks, self.size, self.device, rng, self.box_jitter)
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.mixed):
             logits = logits_at_working(self.sam, x, pt, self.spec, self.size).float()
         return logits, self.loss_fn(logits, target)
 
@@ -343,5 +343,5 @@ class EncoderLoraTrainer(DecoderTrainer):
         """Embeddings of working images ``(B, S, S, 3)`` uint8 through the adapted encoder."""
         x = torch.from_numpy(np.stack([encoder_input(im, self.spec) for im in batch])).to(self.device)
         self.sam.image_encoder.eval()
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.mixed):
             return self.sam.image_encoder(x).float()

@@ -104,9 +104,9 @@ def wall_time_note(run: dict, folds: list[dict]) -> str:
 def precision_note(cfg: dict, device: str) -> str:
     """How a run's training steps computed, from its saved config and the device it ran on."""
     if cfg.get("cpu_bf16"):
-        return "training in bfloat16 autocast (CPU); thresholds and test scores in float32"
+        return "training steps and per-epoch validation in CPU bfloat16 autocast, thresholds and test scores in float32"
     if device.startswith("cuda") and cfg.get("amp", False):
-        return "training in CUDA mixed precision; thresholds and test scores in float32"
+        return "training steps and per-epoch validation in CUDA mixed precision, thresholds and test scores in float32"
     return "float32"
 
 
