@@ -281,8 +281,10 @@ def test_cost_estimate_uses_fold_medians_and_counts_fixed_costs(tmp_path):
     assert e["train_s_per_image_epoch"] == pytest.approx(24.0 / 240) and e["train_fixed_s_per_fold"] == 4.0
     n = sum(FULL_SET_SIZES.values())
     folds = 2 * (9 + 4 * 5) + 5
-    want = TYPICAL_EPOCHS * 0.8 * n * (9 + 20 + 5) * 0.1 + folds * 4.0
+    # the 3 grid cells at lr 1e-5 run to the 100-epoch cap; the other 6 cells, 20 k-fold runs and 5 pooled folds stop
+    want = (TYPICAL_EPOCHS * 0.8 * n * (6 + 20 + 5) + 100 * 0.8 * n * 3) * 0.1 + folds * 4.0
     assert e["full_protocol_training_s_typical"] == pytest.approx(want)
+    assert e["full_protocol_runs"]["slow_grid_cells_per_set"] == 3
     assert e["full_protocol_training_s_upper_bound"] > e["full_protocol_training_s_typical"]
     assert e["encode_s_per_image"] is None and e["unet_s_per_image_epoch"] is None
 
