@@ -287,6 +287,11 @@ def test_cost_estimate_uses_fold_medians_and_counts_fixed_costs(tmp_path):
     assert e["full_protocol_runs"]["slow_grid_cells_per_set"] == 3
     assert e["full_protocol_training_s_upper_bound"] > e["full_protocol_training_s_typical"]
     assert e["encode_s_per_image"] is None and e["unet_s_per_image_epoch"] is None
+    # a fold that kept its epochs' whole wall time (training + validation + weight files) is costed by it
+    for i in range(3):
+        write_json_atomic(tmp_path / f"r{i}" / "metrics.json", {"folds": [{**fold(24.0), "epochs_wall_s": 36.0}]})
+    e = estimate({"steps": steps}, SimpleNamespace(prompts=("points", "box", "both", "auto-box"), unet=False), tmp_path)
+    assert e["train_s_per_image_epoch"] == pytest.approx(36.0 / 240) and e["train_fixed_s_per_fold"] == 0.0
 
 
 def test_recorded_command_gives_back_the_same_settings(data_root):

@@ -527,3 +527,16 @@ def test_early_stopping_marks_best_and_patience():
     # restored from a train_state: flat marks (every run now), or U-Net's older nested "stop" record
     assert EarlyStopping.restore(2, 0.01, {"epoch": 4, **stop.marks()}) == stop
     assert EarlyStopping.restore(2, 0.01, {"epoch": 4, "stop": {"patience": 2, "min_delta": 0.01, **stop.marks()}}) == stop
+
+
+def test_fold_records_its_epochs_whole_wall_time(tiny_run):
+    """Each epoch's wall time (training + validation + weight files) is kept beside its training time, so cost
+    extrapolations count validation; the fold's sum lies between its training time and its wall time."""
+    import torch as _torch
+
+    from lungsam.artifacts import read_json
+
+    f = read_json(tiny_run / "metrics.json")["folds"][0]
+    assert f["train_time_s"] < f["epochs_wall_s"] <= f["fold_wall_s"]
+    st = _torch.load(tiny_run / "folds" / "fold_0" / "train_state.pt", map_location="cpu", weights_only=True)
+    assert all(h["epoch_wall_s"] > h["epoch_s"] for h in st["history"])

@@ -188,6 +188,12 @@ def check_resumed_splits(out: Path, splits: list[dict]) -> None:
                          "it began): its folds would test different images. Restore the data or start a new --out")
 
 
+def epochs_wall_s(history: list[dict]) -> float:
+    """Wall seconds of a fold's epochs: training, validation and the weight files of each epoch (``epoch_wall_s``;
+    epochs recorded before it was kept count their training time ``epoch_s`` only)."""
+    return float(sum(h.get("epoch_wall_s", h["epoch_s"]) for h in history))
+
+
 def _write_history(path: Path, history: list[dict]) -> None:
     s = io.StringIO()
     w = csv.DictWriter(s, fieldnames=["epoch", "train_loss", "val_loss", "val_f1", "val_iou", "epoch_s"])
@@ -253,6 +259,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
             log(f"fold {fold}: early stop after epoch {epoch - 1} (val F1 rose less than {cfg.min_delta:g} "
                 f"in {cfg.patience} epochs; best {stop.best_f1:.4f} at epoch {stop.best_epoch})")
             break
+        t_epoch = time.perf_counter()
         e_train, m_train = epoch_views(trainer.rng, split["train"], X["train"], M["train"], aug)
         train_loss, secs = trainer.train_epoch(e_train, m_train)
         val = trainer.validate(X["val"], M["val"])
@@ -267,6 +274,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
             if best:
                 _save_weights(sd, fold_dir / f"{name}_best.safetensors", meta)
             _save_weights(sd, fold_dir / f"{name}_last.safetensors", meta)
+        history[-1]["epoch_wall_s"] = time.perf_counter() - t_epoch  # training, validation and weight files
         save_train_state(state_path, trainer.optimizer, {"epoch": epoch, "history": history, **stop.marks(),
                                                          "fold_wall_s": wall_before + time.perf_counter() - t_fold,
                                                          **trainer.loop_state()}, weights)
@@ -301,7 +309,8 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
         "fold": fold, "threshold": thr, "threshold_sweep": sweep,
         "n": {k: len(v) for k, v in part.items()},
         "best_epoch": stop.best_epoch, "epochs_run": len(history),
-        "train_time_s": sum(h["epoch_s"] for h in history), "fold_wall_s": wall_before + time.perf_counter() - t_fold,
+        "train_time_s": sum(h["epoch_s"] for h in history), "epochs_wall_s": epochs_wall_s(history),
+        "fold_wall_s": wall_before + time.perf_counter() - t_fold,
         "val": {"f1": summarize(vf1), "iou": summarize(viou)},
         "test": {"f1": summarize(tf1), "iou": summarize(tiou)},
         "prompt_uses_ground_truth": prompt.needs_ground_truth,

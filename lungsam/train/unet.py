@@ -136,7 +136,7 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
     from monai.losses import DiceFocalLoss
     from tqdm import tqdm
 
-    from .run import save_train_state, train_state_weights
+    from .run import epochs_wall_s, save_train_state, train_state_weights
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(fold_dir / "split.json", split)
@@ -170,7 +170,8 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
                 f"{cfg.patience} epochs; best {stop.best_f1:.4f} at epoch {stop.best_epoch})")
             break
         net.train()
-        t0, total = time.perf_counter(), 0.0
+        t0 = t_epoch = time.perf_counter()
+        total = 0.0
         order = rng.permutation(len(X["train"]))
         for s in range(0, len(order), cfg.batch_size):
             idx = order[s:s + cfg.batch_size]
@@ -190,6 +191,7 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
                         "val_f1": float(np.mean(vf1)), "val_iou": float(np.mean(viou)), "epoch_s": secs})
         if stop.update(epoch, float(np.mean(vf1))):
             _save(net, fold_dir / "unet_best.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
+        history[-1]["epoch_wall_s"] = time.perf_counter() - t_epoch  # training, validation and the best weights
         save_train_state(state_path, opt, {"epoch": epoch, "history": history, **stop.marks(),
                                            "fold_wall_s": wall_before + time.perf_counter() - t_fold,
                                            "rng": rng.bit_generator.state}, {"unet": net.state_dict()})
@@ -216,7 +218,8 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
     metrics = {
         "fold": fold, "threshold": thr, "threshold_sweep": sweep, "n": {k: len(v) for k, v in part.items()},
         "best_epoch": stop.best_epoch, "epochs_run": len(history),
-        "train_time_s": sum(h["epoch_s"] for h in history), "fold_wall_s": wall_before + time.perf_counter() - t_fold,
+        "train_time_s": sum(h["epoch_s"] for h in history), "epochs_wall_s": epochs_wall_s(history),
+        "fold_wall_s": wall_before + time.perf_counter() - t_fold,
         "val": {"f1": summarize(vf1), "iou": summarize(viou)}, "test": {"f1": summarize(tf1), "iou": summarize(tiou)},
         "prompt_uses_ground_truth": False,
         "per_image": [{"id": s.id, "f1": a, "iou": b} for s, a, b in zip(part["test"], tf1, tiou)],
