@@ -569,6 +569,7 @@ def render(res: dict) -> str:
             r = ""
         L.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {r} |")
     e = res["estimate"]
+    on_cuda = str(res.get("device", "cpu")).startswith("cuda")
     L += ["", "### Cost of the full protocol (extrapolated from the measurements above)", ""]
     enc = e.get("encode_s_per_image")
     L.append(f"- encoder: {_f(enc, 2)} s per image" + (" (all embeddings came from the cache in this invocation)"
@@ -602,7 +603,6 @@ def render(res: dict) -> str:
                         "(they learn slowly: the full protocol's Montgomery cells did)" if slow else "")
                      + f". If the grid picks lr {_lr(paper.GRID_BEST['lr'])} (the paper's choice), that set's k-fold "
                      "runs may run longer too, toward the upper bound.")
-        on_cuda = str(res.get("device", "cpu")).startswith("cuda")
         if (typical or e["full_protocol_training_s_upper_bound"]) + (enc_full or 0) > WORKING_DAY_S:
             L.append("- That is more than a working day (8 h) on this machine. "
                      + ("" if st.get("encoder_size") else
@@ -619,7 +619,7 @@ def render(res: dict) -> str:
                      + ", if runs stop as assumed in the typical figure"
                      + (f" and {jobs} steps at a time gain what the rates measured that way suggest" if jobs > 1 else "")
                      + ".")
-    if not str(res.get("device", "cpu")).startswith("cuda"):
+    if not on_cuda:
         L.append("- GPU: not measured (no GPU on the machine that ran this).")
     L.append("")
     return "\n".join(L) + "\n"

@@ -170,8 +170,7 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
                 f"{cfg.patience} epochs; best {stop.best_f1:.4f} at epoch {stop.best_epoch})")
             break
         net.train()
-        t0 = t_epoch = time.perf_counter()
-        total = 0.0
+        t0, total = time.perf_counter(), 0.0
         order = rng.permutation(len(X["train"]))
         for s in range(0, len(order), cfg.batch_size):
             idx = order[s:s + cfg.batch_size]
@@ -191,7 +190,7 @@ def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, devi
                         "val_f1": float(np.mean(vf1)), "val_iou": float(np.mean(viou)), "epoch_s": secs})
         if stop.update(epoch, float(np.mean(vf1))):
             _save(net, fold_dir / "unet_best.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
-        history[-1]["epoch_wall_s"] = time.perf_counter() - t_epoch  # training, validation and the best weights
+        history[-1]["epoch_wall_s"] = time.perf_counter() - t0  # training, validation and the best weights
         save_train_state(state_path, opt, {"epoch": epoch, "history": history, **stop.marks(),
                                            "fold_wall_s": wall_before + time.perf_counter() - t_fold,
                                            "rng": rng.bit_generator.state}, {"unet": net.state_dict()})
