@@ -365,11 +365,18 @@ PENDING = ("_Not run yet: the protocol stopped before these steps (rerun the sam
 
 
 def render(res: dict) -> str:
-    t = res["tables"]
-    st = res["settings"]
-    bb = res["backbone"]
+    """tables.md: the header, then one section per paper table (1-10), the figures, the steps and the cost."""
+    L: list[str] = []
+    for section in (render_header, render_zero_shot, render_threshold_sweeps, render_grid, render_cross_dataset,
+                    render_kfold, render_unet, render_pooled, render_figures, render_steps, render_cost):
+        L += section(res)
+    return "\n".join(L) + "\n"
+
+
+def render_header(res: dict) -> list[str]:
+    """Title, PARTIAL banner, what the profile is, and the protocol as run."""
+    st, bb = res["settings"], res["backbone"]
     quick = res["profile"] == "quick"
-    sets = list(res["data"])
     enc = st.get("encoder_size")
     L = [f"# Reproducing {paper.CITATION} with `{bb}`" + (f" at encoder input {enc}" if enc else "")
          + (", training in bfloat16" if st.get("cpu_bf16") else ""), ""]
@@ -392,11 +399,22 @@ def render(res: dict) -> str:
         "",
     ]
     for name, d in res["data"].items():
+        scheme = ("one 60/20/20 split" if d["folds"] == 1
+                  else f"{d['folds']}-fold cross-validation (60/20/20 per fold)")
         L.append(f"- {name}: {d['n_used']} of {d['n_source']} pairs"
                  + (" (a seeded random subset)" if d["subset"] else "")
-                 + f"; {'one 60/20/20 split' if d['folds'] == 1 else str(d['folds']) + '-fold cross-validation (60/20/20 per fold)'};"
-                 f" split 0 train/val/test = {d['split0']['train']}/{d['split0']['val']}/{d['split0']['test']}.")
-    L += [
+                 + f"; {scheme}; split 0 train/val/test = "
+                 f"{d['split0']['train']}/{d['split0']['val']}/{d['split0']['test']}.")
+    L += _protocol_lines(st)
+    if quick:
+        L += [f"- **--quick**: one split instead of 5 folds, {st['epochs']} epochs without early stopping, a "
+              f"{len(st['grid'])}-cell grid, subsets as listed. Numbers are indicative only."]
+    return L + [""]
+
+
+def _protocol_lines(st: dict) -> list[str]:
+    """The protocol's steps as bullet lines (zero-shot, grid, k-fold, cross-dataset, U-Net, pooled)."""
+    return [
         f"- Zero-shot (Tables 1-2): the untuned backbone; point prompts ({st['points_per_lung']} per lung) and the "
         "`auto-box` come from the mean mask of **split 0's training part** of the same set; box prompts are the "
         "ground-truth mask's bounding box; threshold 0.5 (logit 0). Scored on every image of the set and, "
@@ -418,14 +436,13 @@ def render(res: dict) -> str:
         "Shenzhen pooled, lr and weight decay from the grid (best validation F1 averaged over the two sets); each set "
         "is split on its own, so the pooled model is tested on exactly the test images of each set's own run.",
     ]
-    if quick:
-        L += [f"- **--quick**: one split instead of 5 folds, {st['epochs']} epochs without early stopping, a "
-              f"{len(st['grid'])}-cell grid, subsets as listed. Numbers are indicative only."]
-    L.append("")
 
-    # Tables 1-2
-    for i, name in enumerate(sets, start=1):
-        z = t["zero_shot"].get(name)
+
+def render_zero_shot(res: dict) -> list[str]:
+    """Tables 1-2: zero-shot F1 per prompt, one table per set."""
+    L: list[str] = []
+    for i, name in enumerate(res["data"], start=1):
+        z = res["tables"]["zero_shot"].get(name)
         L += [f"## Table {i}: zero-shot F1, {name} ({SHORT[name]})", ""]
         if not z:
             L += [PENDING, ""]
@@ -438,10 +455,14 @@ def render(res: dict) -> str:
             L.append(f"| {_prompt_label(mode)} | {r['paper_f1']} | {_ms(r['f1'])} | {_ms(r['iou'])} | "
                      f"{_ms(r['split0_test_f1'])} | {r['n']} |")
         L.append("")
+    return L
 
-    # Tables 3-4
-    for i, name in enumerate(sets, start=3):
-        sw = t["threshold_sweep"].get(name)
+
+def render_threshold_sweeps(res: dict) -> list[str]:
+    """Tables 3-4: validation F1 by threshold per prompt, the best per prompt in bold."""
+    L: list[str] = []
+    for i, name in enumerate(res["data"], start=3):
+        sw = res["tables"]["threshold_sweep"].get(name)
         if not sw:
             L += [f"## Table {i}: validation F1 by threshold, {name} ({SHORT[name]})", "", PENDING, ""]
             continue
@@ -461,24 +482,31 @@ def render(res: dict) -> str:
                 cells.append(f"**{s}**" if sw[p][j]["val_f1"]["mean"] == best[p] else s)
             L.append(f"| {th:.2f} | n/a | " + " | ".join(cells) + " |")
         L.append("")
+    return L
 
-    # grid (no number in the paper's table list)
-    L += ["## Hyper-parameter grid (lr x weight decay, prompt `points`, one split per set)", "",
-          _prov(res, _seconds(res, ("grid",), tuple(sets)), "the grid's training runs"), "",
-          f"Paper: best lr {paper.GRID_BEST['lr']:g}, weight decay {paper.GRID_BEST['weight_decay']:g} (cell values "
-          "n/a). Ours: validation F1 at the run's chosen threshold; test F1 of the same split for reference.", "",
-          "| set | lr | weight decay | val F1 | test F1 | threshold | best epoch / run | time (s) | chosen |",
-          "|---|---|---|---|---|---|---|---|---|"]
+
+def render_grid(res: dict) -> list[str]:
+    """The lr x weight-decay grid (the paper reports only its best cell)."""
+    sets = list(res["data"])
+    L = ["## Hyper-parameter grid (lr x weight decay, prompt `points`, one split per set)", "",
+         _prov(res, _seconds(res, ("grid",), tuple(sets)), "the grid's training runs"), "",
+         f"Paper: best lr {paper.GRID_BEST['lr']:g}, weight decay {paper.GRID_BEST['weight_decay']:g} (cell values "
+         "n/a). Ours: validation F1 at the run's chosen threshold; test F1 of the same split for reference.", "",
+         "| set | lr | weight decay | val F1 | test F1 | threshold | best epoch / run | time (s) | chosen |",
+         "|---|---|---|---|---|---|---|---|---|"]
     for name in sets:
-        for c in t["grid"].get(name, []):
-            L.append(f"| {SHORT[name]} | {c['lr']:g} | {c['weight_decay']:g} | {_f(c['val_f1'])} | {_ms(c['test_f1'])} | "
-                     f"{c['threshold']:.2f} | {c['best_epoch']} / {c['epochs_run']} | {c['fold_wall_s']:.0f} | "
-                     f"{'yes' if c['chosen'] else ''} |")
-    L.append("")
+        for c in res["tables"]["grid"].get(name, []):
+            L.append(f"| {SHORT[name]} | {c['lr']:g} | {c['weight_decay']:g} | {_f(c['val_f1'])} | "
+                     f"{_ms(c['test_f1'])} | {c['threshold']:.2f} | {c['best_epoch']} / {c['epochs_run']} | "
+                     f"{c['fold_wall_s']:.0f} | {'yes' if c['chosen'] else ''} |")
+    return L + [""]
 
-    # Tables 5-6
+
+def render_cross_dataset(res: dict) -> list[str]:
+    """Tables 5-6: the point-prompt model of one set scored on every image of the other."""
+    L: list[str] = []
     for i, key in enumerate(("shenzhen->montgomery", "montgomery->shenzhen"), start=5):
-        c = t["cross_dataset"].get(key)
+        c = res["tables"]["cross_dataset"].get(key)
         if not c:
             a, b = key.split("->")
             L += [f"## Table {i}: cross-dataset, train {a} ({SHORT[a]}) → test {b} ({SHORT[b]})", "",
@@ -492,10 +520,15 @@ def render(res: dict) -> str:
               "|---|---|---|---|---|---|---|",
               f"| points | {c['paper_f1']} | {_ms(c['f1'])} | {_ms(c['iou'])} | {c['n']} | {c['threshold']:.2f} | "
               f"{_ms(c['in_domain_test_f1'])} |", "", f"Model: {c['model']}.", ""]
+    return L
 
-    # Tables 7-8
-    for i, name in enumerate(sets, start=7):
-        k = t["kfold"].get(name)
+
+def render_kfold(res: dict) -> list[str]:
+    """Tables 7-8: k-fold (or one-split) test F1 per prompt, one table per set."""
+    quick = res["profile"] == "quick"
+    L: list[str] = []
+    for i, name in enumerate(res["data"], start=7):
+        k = res["tables"]["kfold"].get(name)
         if not k:
             L += [f"## Table {i}: test F1 per prompt, {name} ({SHORT[name]})", "",
                   f"Paper F1 (ViT-B), points: {paper.get(paper.KFOLD, name, 'points')}.", "", PENDING, ""]
@@ -511,122 +544,141 @@ def render(res: dict) -> str:
               "|---|---|---|---|---|---|---|"]
         for p, r in k.items():
             L.append(f"| {_prompt_label(p)} | {r['paper_f1']} | {_ms(r['test_f1_across_folds'])} | "
-                     f"{_ms(r['test_iou_across_folds'])} | {_ms(r['test_f1_pooled'])} ({_f(r['test_f1_pooled']['min'])}) | "
-                     f"{', '.join(f'{x:.2f}' for x in r['thresholds'])} | {', '.join(map(str, r['best_epochs']))} |")
+                     f"{_ms(r['test_iou_across_folds'])} | {_ms(r['test_f1_pooled'])} "
+                     f"({_f(r['test_f1_pooled']['min'])}) | {', '.join(f'{x:.2f}' for x in r['thresholds'])} | "
+                     f"{', '.join(map(str, r['best_epochs']))} |")
         L.append("")
+    return L
 
-    # Table 9
-    L += ["## Table 9: comparison with U-Net", "",
-          _prov(res, _total_seconds(res), "all steps of the protocol"), "",
-          "| model | " + " | ".join(f"{n} ({SHORT[n]})" for n in sets) + " |", "|---|" + "---|" * len(sets),
-          "| U-Net (paper) | " + " | ".join(t["unet"][n]["paper_unet_f1"] for n in sets) + " |",
-          "| SAM ViT-B, points (paper) | " + " | ".join(t["unet"][n]["paper_sam_points_f1"] for n in sets) + " |",
-          "| U-Net (ours, MONAI UNet from scratch, same folds) | " + " | ".join(
-              _ms(t["unet"][n]["ours_unet"]["test_f1_across_folds"]) if t["unet"][n].get("ours_unet") else "not run yet"
-              for n in sets) + " |",
-          f"| {bb}, points (ours) | " + " | ".join(_ms(t["unet"][n]["ours_points"]) if t["unet"][n]["ours_points"]
-                                                        else "not run yet" for n in sets) + " |"]
-    row = []
-    for n in sets:
-        b = t["unet"][n]["ours_best_without_gt"]
-        row.append(f"{_ms(b['test_f1'])} ({b['prompt']})" if b else "not run yet")
+
+def render_unet(res: dict) -> list[str]:
+    """Table 9: the paper's and our U-Net against the point-prompt SAM, with the paired per-image difference."""
+    t, bb, sets = res["tables"], res["backbone"], list(res["data"])
+    u = {n: t["unet"][n] for n in sets}
+    L = ["## Table 9: comparison with U-Net", "",
+         _prov(res, _total_seconds(res), "all steps of the protocol"), "",
+         "| model | " + " | ".join(f"{n} ({SHORT[n]})" for n in sets) + " |", "|---|" + "---|" * len(sets),
+         "| U-Net (paper) | " + " | ".join(u[n]["paper_unet_f1"] for n in sets) + " |",
+         "| SAM ViT-B, points (paper) | " + " | ".join(u[n]["paper_sam_points_f1"] for n in sets) + " |",
+         "| U-Net (ours, MONAI UNet from scratch, same folds) | " + " | ".join(
+             _ms(u[n]["ours_unet"]["test_f1_across_folds"]) if u[n].get("ours_unet") else "not run yet"
+             for n in sets) + " |",
+         f"| {bb}, points (ours) | " + " | ".join(_ms(u[n]["ours_points"]) if u[n]["ours_points"]
+                                                  else "not run yet" for n in sets) + " |"]
+    row = [f"{_ms(u[n]['ours_best_without_gt']['test_f1'])} ({u[n]['ours_best_without_gt']['prompt']})"
+           if u[n]["ours_best_without_gt"] else "not run yet" for n in sets]
     L.append(f"| {bb}, best prompt without ground truth (ours) | " + " | ".join(row) + " |")
-    row = [f"{_ms(t['unet'][n]['ours_best_any']['test_f1'])} ({_prompt_label(t['unet'][n]['ours_best_any']['prompt'])})"
-           if t["unet"][n]["ours_best_any"] else "not run yet" for n in sets]
+    row = [f"{_ms(u[n]['ours_best_any']['test_f1'])} ({_prompt_label(u[n]['ours_best_any']['prompt'])})"
+           if u[n]["ours_best_any"] else "not run yet" for n in sets]
     L += [f"| {bb}, best prompt incl. ground-truth box (ours) | " + " | ".join(row) + " |", ""]
-    diffs = []
-    for n in sets:
-        u = t["unet"][n].get("ours_unet")
-        d = u and u.get("points_vs_unet")
-        if d:
-            pv = "< 0.001" if d["wilcoxon_p"] < 1e-3 else f"{d['wilcoxon_p']:.3f}"
-            diffs.append(f"{n}: {d['mean']:+.4f} ± {d['se']:.4f} ({d['improved']} better / {d['worse']} worse of "
-                         f"{d['n']}, Wilcoxon p {pv})")
+    diffs = [_paired_line(n, u[n]["ours_unet"]["points_vs_unet"]) for n in sets
+             if u[n].get("ours_unet") and u[n]["ours_unet"].get("points_vs_unet")]
     if diffs:
         L += [f"Paired per test image, {bb} points minus our U-Net (Δ F1 ± standard error): " + "; ".join(diffs) + ".",
               ""]
+    return L
 
-    # Table 10
-    L += render_pooled(res, t.get("pooled"), bb)
 
-    # figures
-    L += ["## Figures", ""] + [f"- [{p}]({p})" for p in res["paths"]["figures"]] + [""]
+def _paired_line(name: str, d: dict) -> str:
+    """One set's paired difference: ``name: +Δ ± SE (better / worse of n, Wilcoxon p)``."""
+    pv = "< 0.001" if d["wilcoxon_p"] < 1e-3 else f"{d['wilcoxon_p']:.3f}"
+    return (f"{name}: {d['mean']:+.4f} ± {d['se']:.4f} ({d['improved']} better / {d['worse']} worse of "
+            f"{d['n']}, Wilcoxon p {pv})")
 
-    # steps and cost
-    L += ["## Steps and time taken", "",
-          f"Started {res['started']}, finished {res['finished']}, wall time {res['wall_time_s']:.0f} s for this "
-          "invocation (reused steps cost ~0 s now; their recorded time is from the run that made them).", "",
-          "| step | status | time (s) | result |", "|---|---|---|---|"]
-    for s in res["steps"]:
-        info = s["info"]
-        if s["kind"] == "encode":
-            r = f"{info.get('computed', 0)} encoded, {info.get('cache_hits', 0)} from cache"
-        elif "f1" in info:
-            r = f"F1 {_ms(info['f1'])}"
-        elif "test_f1" in info:
-            r = f"test F1 {_ms(info['test_f1'])} ({info['folds']} fold(s))"
-        else:
-            r = ""
-        L.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {r} |")
-    e = res["estimate"]
+
+def render_figures(res: dict) -> list[str]:
+    return ["## Figures", ""] + [f"- [{p}]({p})" for p in res["paths"]["figures"]] + [""]
+
+
+def _step_result(s: dict) -> str:
+    """A step's result cell: what it encoded, or the F1 it scored."""
+    info = s["info"]
+    if s["kind"] == "encode":
+        return f"{info.get('computed', 0)} encoded, {info.get('cache_hits', 0)} from cache"
+    if "f1" in info:
+        return f"F1 {_ms(info['f1'])}"
+    if "test_f1" in info:
+        return f"test F1 {_ms(info['test_f1'])} ({info['folds']} fold(s))"
+    return ""
+
+
+def render_steps(res: dict) -> list[str]:
+    """Every step with its status and recorded time."""
+    L = ["## Steps and time taken", "",
+         f"Started {res['started']}, finished {res['finished']}, wall time {res['wall_time_s']:.0f} s for this "
+         "invocation (reused steps cost ~0 s now; their recorded time is from the run that made them).", "",
+         "| step | status | time (s) | result |", "|---|---|---|---|"]
+    L += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {_step_result(s)} |" for s in res["steps"]]
+    return L
+
+
+def render_cost(res: dict) -> list[str]:
+    """The full protocol's cost, extrapolated from the measured rates, and whether it fits a working day."""
+    e, st = res["estimate"], res["settings"]
     on_cuda = str(res.get("device", "cpu")).startswith("cuda")
-    L += ["", "### Cost of the full protocol (extrapolated from the measurements above)", ""]
+    L = ["", "### Cost of the full protocol (extrapolated from the measurements above)", ""]
     enc = e.get("encode_s_per_image")
     L.append(f"- encoder: {_f(enc, 2)} s per image" + (" (all embeddings came from the cache in this invocation)"
                                                        if enc is None else ""))
     if e.get("train_s_per_image_epoch") is not None:
-        fixed = e.get("train_fixed_s_per_fold")
-        L.append(f"- decoder training + validation: {e['train_s_per_image_epoch'] * 1000:.1f} ms per image per epoch"
-                 + (f", plus {fixed:.0f} s per fold outside the epochs (model build, threshold sweep, test scoring)"
-                    if fixed is not None else "") + " (medians over the folds above)")
-        if e.get("unet_s_per_image_epoch") is not None:
-            L.append(f"- U-Net: {e['unet_s_per_image_epoch'] * 1000:.1f} ms per image per epoch")
-        fr = e["full_protocol_runs"]
-        enc_full = e.get("full_protocol_encode_s")
-        jobs = e.get("jobs", 1)
-        L.append(f"- full protocol: {fr['fold_trainings']} fold trainings ({fr['per_set']} per set) and "
-                 f"{fr.get('pooled_fold_trainings', 0)} on both sets pooled"
-                 + (f", plus {2 * 5} U-Net fold trainings" if st.get("unet", True) else "") + ", each of at most "
-                 f"{fr['epochs_max']} epochs: at most {e['full_protocol_training_s_upper_bound'] / 3600:.1f} h of "
-                 "training on this machine"
-                 + (f" with {jobs} steps at a time (`--jobs {jobs}`, the rates measured that way; a phase also waits "
-                    "for its slowest step)" if jobs > 1 else "")
-                 + (f", plus {enc_full / 60:.0f} min of encoding (704 images)" if enc_full else "")
-                 + "; early stopping (patience 15) shortens it.")
-        typical = e.get("full_protocol_training_s_typical")
-        if typical is not None:
-            slow = fr.get("slow_grid_cells_per_set")
-            L.append(f"- typical: about {typical / 3600:.1f} h of training if runs stop after "
-                     f"{fr.get('epochs_typical', TYPICAL_EPOCHS)} epochs, the mean at which early stopping (patience 15) "
-                     "ended the full protocol's Montgomery grid cells at lr 1e-4 and 1e-3 (30-57 epochs)"
-                     + (f", and the grid's {slow} cells per set at lr {_lr(fr['slow_lr'])} run all {fr['epochs_max']} "
-                        "(they learn slowly: the full protocol's Montgomery cells did)" if slow else "")
-                     + f". If the grid picks lr {_lr(paper.GRID_BEST['lr'])} (the paper's choice), that set's k-fold "
-                     "runs may run longer too, toward the upper bound.")
-        if (typical or e["full_protocol_training_s_upper_bound"]) + (enc_full or 0) > WORKING_DAY_S:
-            L.append("- That is more than a working day (8 h) on this machine. "
-                     + ("" if st.get("encoder_size") else
-                        "The decoder's cost grows with the embedding grid: `--encoder-size` (e.g. 512 for `mobile_sam`, "
-                        "a 32x32 grid instead of 64x64) makes training about 4x cheaper. ")
-                     + ("" if st.get("cpu_bf16") or on_cuda else
-                        "On a CPU with native bfloat16 (AVX512-BF16 or AMX), `--cpu-bf16` makes training about 1.5x "
-                        "cheaper. ")
-                     + "A smaller `--epochs` cuts it linearly; or run on a GPU.")
-        elif typical is not None:
-            L.append("- That fits in a working day (8 h) on this machine"
-                     + (", encoding included" if enc_full else " (plus the encoder pass, not timed here: every embedding "
-                        "came from the cache)")
-                     + ", if runs stop as assumed in the typical figure"
-                     + (f" and {jobs} steps at a time gain what the rates measured that way suggest" if jobs > 1 else "")
-                     + ".")
+        L += _training_cost_lines(e, st, on_cuda)
     if not on_cuda:
         L.append("- GPU: not measured (no GPU on the machine that ran this).")
-    L.append("")
-    return "\n".join(L) + "\n"
+    return L + [""]
 
 
-def render_pooled(res: dict, po: dict | None, bb: str) -> list[str]:
+def _training_cost_lines(e: dict, st: dict, on_cuda: bool) -> list[str]:
+    """Per-epoch rates, the upper bound and the typical figure, and the working-day verdict."""
+    fixed = e.get("train_fixed_s_per_fold")
+    L = [f"- decoder training + validation: {e['train_s_per_image_epoch'] * 1000:.1f} ms per image per epoch"
+         + (f", plus {fixed:.0f} s per fold outside the epochs (model build, threshold sweep, test scoring)"
+            if fixed is not None else "") + " (medians over the folds above)"]
+    if e.get("unet_s_per_image_epoch") is not None:
+        L.append(f"- U-Net: {e['unet_s_per_image_epoch'] * 1000:.1f} ms per image per epoch")
+    fr = e["full_protocol_runs"]
+    enc_full = e.get("full_protocol_encode_s")
+    jobs = e.get("jobs", 1)
+    L.append(f"- full protocol: {fr['fold_trainings']} fold trainings ({fr['per_set']} per set) and "
+             f"{fr.get('pooled_fold_trainings', 0)} on both sets pooled"
+             + (f", plus {2 * 5} U-Net fold trainings" if st.get("unet", True) else "") + ", each of at most "
+             f"{fr['epochs_max']} epochs: at most {e['full_protocol_training_s_upper_bound'] / 3600:.1f} h of "
+             "training on this machine"
+             + (f" with {jobs} steps at a time (`--jobs {jobs}`, the rates measured that way; a phase also waits "
+                "for its slowest step)" if jobs > 1 else "")
+             + (f", plus {enc_full / 60:.0f} min of encoding (704 images)" if enc_full else "")
+             + "; early stopping (patience 15) shortens it.")
+    typical = e.get("full_protocol_training_s_typical")
+    if typical is not None:
+        slow = fr.get("slow_grid_cells_per_set")
+        L.append(f"- typical: about {typical / 3600:.1f} h of training if runs stop after "
+                 f"{fr.get('epochs_typical', TYPICAL_EPOCHS)} epochs, the mean at which early stopping (patience 15) "
+                 "ended the full protocol's Montgomery grid cells at lr 1e-4 and 1e-3 (30-57 epochs)"
+                 + (f", and the grid's {slow} cells per set at lr {_lr(fr['slow_lr'])} run all {fr['epochs_max']} "
+                    "(they learn slowly: the full protocol's Montgomery cells did)" if slow else "")
+                 + f". If the grid picks lr {_lr(paper.GRID_BEST['lr'])} (the paper's choice), that set's k-fold "
+                 "runs may run longer too, toward the upper bound.")
+    if (typical or e["full_protocol_training_s_upper_bound"]) + (enc_full or 0) > WORKING_DAY_S:
+        L.append("- That is more than a working day (8 h) on this machine. "
+                 + ("" if st.get("encoder_size") else
+                    "The decoder's cost grows with the embedding grid: `--encoder-size` (e.g. 512 for `mobile_sam`, "
+                    "a 32x32 grid instead of 64x64) makes training about 4x cheaper. ")
+                 + ("" if st.get("cpu_bf16") or on_cuda else
+                    "On a CPU with native bfloat16 (AVX512-BF16 or AMX), `--cpu-bf16` makes training about 1.5x "
+                    "cheaper. ")
+                 + "A smaller `--epochs` cuts it linearly; or run on a GPU.")
+    elif typical is not None:
+        L.append("- That fits in a working day (8 h) on this machine"
+                 + (", encoding included" if enc_full else " (plus the encoder pass, not timed here: every embedding "
+                    "came from the cache)")
+                 + ", if runs stop as assumed in the typical figure"
+                 + (f" and {jobs} steps at a time gain what the rates measured that way suggest" if jobs > 1 else "")
+                 + ".")
+    return L
+
+
+def render_pooled(res: dict) -> list[str]:
     """Table 10 (ours only): the pooled MC+SZ model on each set's held-out test images."""
+    po = res["tables"].get("pooled")
     L = ["## Table 10: one model for both sets (Montgomery + Shenzhen pooled), points", ""]
     if not po:
         return L + ["The paper trains one model per set; this table has no paper column.", "", PENDING, ""]
