@@ -98,7 +98,7 @@ def manifest_digest(data: bytes) -> str:
 def normalize_digest(value: str, what: str = "--expect-digest") -> str:
     """``value`` (64 hex digits, optionally ``sha256:``-prefixed, any case) -> lowercase hex; else BundleError."""
     v = str(value).strip().lower()
-    v = v[len("sha256:"):] if v.startswith("sha256:") else v
+    v = v.removeprefix("sha256:")
     if not _SHA256.fullmatch(v):
         raise BundleError(f"{what}: expected a sha256 digest (64 hex digits), got {value!r}")
     return v
@@ -121,7 +121,7 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"{token} is not JSON (strict JSON has no NaN/Infinity)")
 
 
-def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> "Manifest":
+def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> Manifest:
     """Validate ``manifest.json`` bytes into a :class:`Manifest`; raise :class:`BundleError` naming the key."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise BundleError(f"{where}: {len(data)} bytes, more than a manifest may hold ({MAX_MANIFEST_BYTES})")
@@ -266,7 +266,7 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_dict(cls, v: Any, path: str) -> "TensorSpec":
+    def from_dict(cls, v: Any, path: str) -> TensorSpec:
         d = _obj(v, path)
         _keys(d, path, ("name", "shape", "dtype"))
         shape = []
@@ -303,7 +303,7 @@ class ModelEntry:
         return d
 
     @classmethod
-    def from_dict(cls, v: Any, path: str) -> "ModelEntry":
+    def from_dict(cls, v: Any, path: str) -> ModelEntry:
         d = _obj(v, path)
         _keys(d, path, ("file", "files", "inputs", "outputs", "same_as"))
         files = _opt(d, "files", _arr, path, max_len=16)
@@ -329,7 +329,7 @@ class FileRecord:
         return {"sha256": self.sha256} if self.bytes is None else {"sha256": self.sha256, "bytes": self.bytes}
 
     @classmethod
-    def from_dict(cls, v: Any, path: str) -> "FileRecord":
+    def from_dict(cls, v: Any, path: str) -> FileRecord:
         d = _obj(v, path)
         _keys(d, path, ("sha256", "bytes"))
         sha = _str(_need(d, "sha256", path), f"{path}.sha256", max_len=64)
@@ -353,7 +353,7 @@ class InferencePolicy:
         return d
 
     @classmethod
-    def from_dict(cls, v: Any, path: str) -> "InferencePolicy":
+    def from_dict(cls, v: Any, path: str) -> InferencePolicy:
         d = _obj(v, path)
         _keys(d, path, ("box_from_first_pass", "first_pass_check"))
         return cls(box_from_first_pass=_bool(d.get("box_from_first_pass", False), f"{path}.box_from_first_pass"),
@@ -384,7 +384,7 @@ class ParityRecord:
         return d
 
     @classmethod
-    def from_dict(cls, v: Any, path: str) -> "ParityRecord":
+    def from_dict(cls, v: Any, path: str) -> ParityRecord:
         d = _obj(v, path)
         _keys(d, path, ("min_agreement", "threshold", "source", "metric", "onnxruntime", "machine", "results"))
         results = _obj(_need(d, "results", path), f"{path}.results")
@@ -428,7 +428,7 @@ class RunRecord:
         return {k: v for k, v in d.items() if v is not None or k == "metrics"}
 
     @classmethod
-    def from_dict(cls, v: Any, path: str) -> "RunRecord":
+    def from_dict(cls, v: Any, path: str) -> RunRecord:
         d = _obj(v, path)
         _keys(d, path, cls._ORDER)
         sha = _opt(d, "decoder_sha256", _str, path, max_len=64)
@@ -667,7 +667,7 @@ class Manifest:
 
     # -- reading ------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, v: Any) -> "Manifest":
+    def from_dict(cls, v: Any) -> Manifest:
         """Validate a parsed manifest (BundleError naming the key path on the first problem)."""
         path = "manifest"
         d = _obj(v, path)

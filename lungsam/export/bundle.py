@@ -26,9 +26,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..artifacts import machine_record, package_versions, read_json, sha256_file, utc_now, write_bytes_atomic
-from ..manifest import (BUNDLE_FORMAT, DIGEST_FILE, MANIFEST_FILE, FileRecord, InferencePolicy, Manifest,
-                        ModelEntry, ParityRecord, RunRecord, TensorSpec, digest_line, manifest_digest)
+from ..artifacts import (
+    machine_record,
+    package_versions,
+    read_json,
+    sha256_file,
+    utc_now,
+    write_bytes_atomic,
+)
+from ..manifest import (
+    BUNDLE_FORMAT,
+    DIGEST_FILE,
+    MANIFEST_FILE,
+    FileRecord,
+    InferencePolicy,
+    Manifest,
+    ModelEntry,
+    ParityRecord,
+    RunRecord,
+    TensorSpec,
+    digest_line,
+    manifest_digest,
+)
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
 
 __all__ = ["BUNDLE_FORMAT", "ExportError", "ExportResult", "ParityGateError", "export_bundle"]
@@ -122,7 +141,13 @@ def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int
     encoder (``int8``; the int8 entries of the decoders name their FP32 files, see :data:`INT8_FP32_MODELS`).
     Returns ``(models, skipped)``: ``models[name][precision] = [files]`` and ``skipped[name] = reason``."""
     from .graphs import fixed_prompt_points
-    from .onnx_export import convert_fp16, export_decoder, export_encoder, export_fixed_decoder, quantize_int8
+    from .onnx_export import (
+        convert_fp16,
+        export_decoder,
+        export_encoder,
+        export_fixed_decoder,
+        quantize_int8,
+    )
 
     sam, spec = run_model.sam, run_model.spec
     models: dict[str, dict[str, list[Path]]] = {}

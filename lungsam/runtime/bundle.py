@@ -17,9 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import sha256_file
-from ..manifest import (BUNDLE_FORMAT, DIGEST_FILE, MANIFEST_FILE, MAX_MANIFEST_BYTES, MODEL_NAMES, ONNX_IO,
-                        PRECISIONS, BundleError, BundleIntegrityError, Manifest, manifest_digest, normalize_digest,
-                        parse_digest_line, parse_manifest)
+from ..manifest import (
+    BUNDLE_FORMAT,
+    DIGEST_FILE,
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    MODEL_NAMES,
+    ONNX_IO,
+    PRECISIONS,
+    BundleError,
+    BundleIntegrityError,
+    Manifest,
+    manifest_digest,
+    normalize_digest,
+    parse_digest_line,
+    parse_manifest,
+)
 from ..preprocess import PreprocessSpec
 from ..prompts import LearnedPrompt
 
@@ -76,7 +89,7 @@ class Bundle:
     checked: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: str | Path, *, verify: bool = True, expect_digest: str | None = None) -> "Bundle":
+    def load(cls, path: str | Path, *, verify: bool = True, expect_digest: str | None = None) -> Bundle:
         """Read ``path`` (the bundle folder or its ``manifest.json``), validate the manifest and, by default,
         verify every file. ``expect_digest``: refuse the bundle unless its digest is this one.
 
@@ -180,8 +193,9 @@ class Bundle:
         except BundleError as e:
             return [str(e)]
         if recorded != self.digest:
-            return [f"{MANIFEST_FILE}: digest {self.digest[:12]}... differs from the one recorded at export in "
-                    f"{DIGEST_FILE} ({recorded[:12]}...): the manifest was edited"]
+            edited = (f"{MANIFEST_FILE}: digest {self.digest[:12]}... differs from the one recorded at export in "
+                      f"{DIGEST_FILE} ({recorded[:12]}...): the manifest was edited")
+            return [edited]
         self.checked.append(f"digest file: {DIGEST_FILE} records this manifest's digest")
         return []
 
