@@ -411,3 +411,86 @@ def test_export_to_a_read_only_or_full_disk_is_a_clear_error(tiny_run, tmp_path,
         assert [p.name for p in mnt.iterdir()] == []  # no temp folder left behind
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and the run folder
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_state(path: Path, drop: str | None = None) -> Path:
+    import torch
+
+    from lungsam.backbones import build_backbone
+
+    state = build_backbone("tiny").state_dict()
+    if drop:
+        state = {k: v for k, v in state.items() if not k.startswith(drop)}
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "text", "empty", "zip", "other architecture"])
+def test_invalid_checkpoint_is_a_clear_error_and_leaves_no_run_folder(tmp_path, kind):
+    bad = tmp_path / "weights.pt"
+    if kind == "random bytes":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "text":
+        bad.write_text("not a checkpoint\n")
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "zip":
+        import zipfile
+
+        with zipfile.ZipFile(bad, "w") as z:
+            z.writestr("archive/data.pkl", b"garbage")
+    else:
+        _tiny_state(bad, drop="mask_decoder.")  # a state dict, but not all of tiny's keys
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--backbone", "tiny", "--checkpoint", str(bad), "--folds", "1",
+                                  "--epochs", "1", "--out", str(out), "--quiet"])
+    assert r.exit_code == 2, r.output
+    assert f"--checkpoint {bad}: not a valid tiny checkpoint" in r.output
+    no_traceback(r)
+    assert not out.exists()
+
+
+def test_train_into_a_read_only_folder_is_a_clear_error(tmp_path):
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, "ro,size=1m")
+    try:
+        r = CliRunner().invoke(main, ["train", "--backbone", "tiny", "--folds", "1", "--epochs", "1",
+                                      "--out", str(mnt / "run"), "--quiet"])
+        assert r.exit_code == 2, r.output
+        assert f"cannot write the run folder {mnt / 'run'}" in r.output and "Read-only file system" in r.output
+        no_traceback(r)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_run_records_its_checkpoint(tiny_run):
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert run["checkpoint"] == {"path": None, "sha256": run["weights_sha256"], "official": None,
+                                 "official_sha256": None}  # tiny: seeded weights, no official file
+
+
+def test_non_official_checkpoint_is_warned_and_recorded_in_eval_metrics(tmp_path):
+    import torch
+
+    from .conftest import MOBILE_SAM, MONTGOMERY, need
+
+    official = need(MOBILE_SAM)
+    data = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+        for p in sorted((need(MONTGOMERY) / sub).glob("*.png"))[:2]:
+            shutil.copy(p, data / sub / p.name)
+    resaved = tmp_path / "mobile_sam_resaved.pt"  # the same weights, other bytes
+    torch.save(torch.load(official, map_location="cpu", weights_only=True), resaved)
+    for ckpt, is_official in ((official, True), (resaved, False)):
+        out = tmp_path / f"eval_{is_official}"
+        r = CliRunner().invoke(main, ["eval", "--backbone", "mobile_sam", "--checkpoint", str(ckpt), "--encoder-size",
+                                      "256", "--data", str(data), "--out", str(out), "--quiet"])
+        assert r.exit_code == 0, r.output
+        rec = json.loads((out / "metrics.json").read_text())["checkpoint"]
+        assert rec["path"] == str(Path(ckpt).resolve()) and rec["sha256"] == sha256_file(ckpt) and rec["official"] is is_official
+        assert ("is not the official mobile_sam weights" in r.output) is not is_official

@@ -37,9 +37,10 @@ def decoder_session(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp16_bundle(tiny_run, tmp_path_factory) -> tuple[Path, str]:
-    """``tiny_run`` exported through the CLI with --fp16 --int8 (parity on the fold's 3 test images)."""
+    """``tiny_run`` exported through the CLI with --fp16 --int8 --provenance (parity on the fold's 3 test images;
+    the manifest keeps the run folder and parity image ids)."""
     out = tmp_path_factory.mktemp("export") / "bundle"
-    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--fp16", "--int8"])
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--fp16", "--int8", "--provenance"])
     assert res.exit_code == 0, res.output
     return out, res.output
 
@@ -149,7 +150,7 @@ def test_export_bundle_manifest_and_parity(fp16_bundle, tiny_run):
     assert m["prompt"]["mode"] == "points" and m["working_size"] == 256 and 0 < m["threshold"] < 1
     expected = {f"{n}{s}.onnx" for n in ("encoder", "decoder", "decoder_fixed") for s in ("", "_fp16")}
     expected.add("encoder_int8.onnx")  # the int8 pipeline's decoders are the FP32 files
-    assert set(m["files"]) == expected == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert set(m["files"]) == expected == {p.name for p in out.iterdir()} - {"manifest.json", "manifest.json.sha256"}
     for rel, rec in m["files"].items():
         assert rec == {"sha256": sha256_file(out / rel), "bytes": (out / rel).stat().st_size}
     dec = m["models"]["decoder"]["fp16"]
