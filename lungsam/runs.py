@@ -81,7 +81,7 @@ def checkpoint_warning(backbone: str, record: dict) -> str | None:
 
 
 @contextlib.contextmanager
-def run_folder_errors(folder: Path) -> Iterator[None]:
+def run_folder_errors(folder: Path, what: str = "the run folder") -> Iterator[None]:
     """Turn a write failure (read-only folder, disk full, no permission) under ``folder`` into a
     :class:`RunFolderError` naming the path; other errors pass unchanged."""
     try:
@@ -89,8 +89,7 @@ def run_folder_errors(folder: Path) -> Iterator[None]:
     except OSError as e:
         if e.errno not in _WRITE_ERRNOS:
             raise
-        raise RunFolderError(f"cannot write the run folder {folder}: {e.filename or folder}: {e.strerror or e}"
-                             ) from None
+        raise RunFolderError(f"cannot write {what} {folder}: {e.filename or folder}: {e.strerror or e}") from None
 
 
 @dataclass

@@ -369,9 +369,14 @@ def test_manifest_ships_no_host_paths_or_held_out_ids_by_default(tiny_bundle, ti
 # ---------------------------------------------------------------------------------------------
 
 def test_stale_export_temp_folders_are_swept_live_ones_kept(tmp_path):
-    from lungsam.export.bundle import FOREIGN_TEMP_MAX_AGE_S, _host_tag, make_temp_folder
+    from lungsam.export.bundle import (
+        FOREIGN_TEMP_MAX_AGE_S,
+        _host_tag,
+        make_temp_folder,
+    )
 
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     dead = int(done.stdout)  # a process that has exited
     host = _host_tag()
     stale = tmp_path / f".lungsam-export.{host}.{dead}.abc123.tmp"
@@ -392,7 +397,7 @@ def test_stale_export_temp_folders_are_swept_live_ones_kept(tmp_path):
 
 def _mount_tmpfs(where: Path, options: str) -> None:
     where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, check=False)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
 
@@ -494,3 +499,16 @@ def test_non_official_checkpoint_is_warned_and_recorded_in_eval_metrics(tmp_path
         rec = json.loads((out / "metrics.json").read_text())["checkpoint"]
         assert rec["path"] == str(Path(ckpt).resolve()) and rec["sha256"] == sha256_file(ckpt) and rec["official"] is is_official
         assert ("is not the official mobile_sam weights" in r.output) is not is_official
+
+
+def test_eval_into_a_read_only_folder_is_a_clear_error(tiny_run, tmp_path):
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, "ro,size=1m")
+    try:
+        r = CliRunner().invoke(main, ["eval", str(tiny_run), "--data", "demo:montgomery", "--split", "test",
+                                      "--out", str(mnt / "eval"), "--quiet"])
+        assert r.exit_code == 2, r.output
+        assert f"cannot write the evaluation folder {mnt / 'eval'}" in r.output and "Read-only" in r.output
+        no_traceback(r)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

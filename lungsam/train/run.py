@@ -662,12 +662,15 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         "created": utc_now(), "versions": package_versions(),
     }
     out = Path(out)
-    write_json_atomic(out / "metrics.json", result)
-    write_text_atomic(out / "report.md", report.eval_report(result))
-    flat = [(p, i) for p in parts for i in range(len(p.samples))]
-    order = np.argsort(f1)
-    report.overlays([{"label": f"{lab}: {p.samples[i].id.split('/')[-1]} F1 {p.f1[i]:.3f}", "image": p.samples[i].image,
-                      "gt": p.samples[i].mask, "pred": p.probs[i] > p.record["threshold"]}
-                     for lab, (p, i) in (("best", flat[order[-1]]), ("worst", flat[order[0]]))],
-                    out / "overlays.png", name)
+    from ..runs import run_folder_errors
+
+    with run_folder_errors(out, "the evaluation folder"):
+        write_json_atomic(out / "metrics.json", result)
+        write_text_atomic(out / "report.md", report.eval_report(result))
+        flat = [(p, i) for p in parts for i in range(len(p.samples))]
+        order = np.argsort(f1)
+        report.overlays([{"label": f"{lab}: {p.samples[i].id.split('/')[-1]} F1 {p.f1[i]:.3f}",
+                          "image": p.samples[i].image, "gt": p.samples[i].mask, "pred": p.probs[i] > p.record["threshold"]}
+                         for lab, (p, i) in (("best", flat[order[-1]]), ("worst", flat[order[0]]))],
+                        out / "overlays.png", name)
     return result
