@@ -16,8 +16,13 @@ Layout written by ``lungsam train``::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import errno
+import pickle
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from segment_anything.modeling import Sam
 
@@ -29,6 +34,62 @@ from .prompts import LearnedPrompt
 
 class RunError(ValueError):
     pass
+
+
+class CheckpointError(RunError):
+    """A ``--checkpoint`` that is not a checkpoint of its backbone (unreadable, not a state dict, other keys
+    or shapes)."""
+
+
+class RunFolderError(RunError):
+    """A run or evaluation folder that cannot be written (read-only, disk full, no permission)."""
+
+
+#: errors of torch.load / load_state_dict on a file that is not a checkpoint of the backbone
+_CHECKPOINT_ERRORS = (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, KeyError,
+                      OSError)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+
+
+def load_backbone_checked(backbone: str, checkpoint: str | Path | None, encoder_size: int | None = None) -> Sam:
+    """:func:`lungsam.backbones.build_backbone`, with a :class:`CheckpointError` naming the file when
+    ``checkpoint`` is not a valid checkpoint of ``backbone`` (call it before creating any output folder)."""
+    try:
+        return build_backbone(backbone, checkpoint, encoder_size=encoder_size)
+    except _CHECKPOINT_ERRORS as e:
+        if checkpoint is None:
+            raise
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+        raise CheckpointError(f"--checkpoint {checkpoint}: not a valid {backbone} checkpoint ({why})") from None
+
+
+def checkpoint_info(backbone: str, checkpoint: str | Path | None, sha256: str) -> dict:
+    """The record of the backbone weights a run or evaluation used (path, sha256, official yes/no; see
+    :func:`lungsam.weights.checkpoint_record`)."""
+    from .weights import checkpoint_record
+
+    return checkpoint_record(get_backbone(backbone).weights, checkpoint, sha256)
+
+
+def checkpoint_warning(backbone: str, record: dict) -> str | None:
+    """The warning for weights that are not the official file of ``backbone`` (``None`` when they are, or
+    when it has none)."""
+    from .weights import checkpoint_warning as warning
+
+    return warning(record, get_backbone(backbone).weights)
+
+
+@contextlib.contextmanager
+def run_folder_errors(folder: Path, what: str = "the run folder") -> Iterator[None]:
+    """Turn a write failure (read-only folder, disk full, no permission) under ``folder`` into a
+    :class:`RunFolderError` naming the path; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        raise RunFolderError(f"cannot write {what} {folder}: {e.filename or folder}: {e.strerror or e}") from None
 
 
 @dataclass
@@ -59,6 +120,7 @@ class RunModel:
     split: dict
     metrics: dict
     encoder_fingerprint: str = ""
+    checkpoint: dict = field(default_factory=dict)
 
     @property
     def backbone(self) -> str:
@@ -119,19 +181,21 @@ def load_run(run_dir: str | Path, fold: int | None = None, checkpoint: str | Non
     fd = pick_fold(run_dir, fold)
     ckpt = checkpoint or resolve_checkpoint(run)
     encoder_size = run["config"].get("encoder_size")
-    sam = build_backbone(run["config"]["backbone"], ckpt, encoder_size=encoder_size)
+    sam = load_backbone_checked(run["config"]["backbone"], ckpt, encoder_size=encoder_size)
     sam.mask_decoder.load_state_dict(load_file(str(fd / f"decoder_{which}.safetensors")), strict=True)
     adapter = _merge_adapter(sam, run["config"], fd / f"encoder_lora_{which}.safetensors")
     from .embeddings import weights_fingerprint
     from .lora import encoder_fingerprint
 
-    fingerprint = encoder_fingerprint(run.get("weights_sha256") or weights_fingerprint(run["config"]["backbone"], ckpt),
-                                      adapter)
+    weights_sha = run.get("weights_sha256") or weights_fingerprint(run["config"]["backbone"], ckpt)
+    fingerprint = encoder_fingerprint(weights_sha, adapter)
     metrics = read_json(fd / "metrics.json")
     return RunModel(sam=sam.eval(), spec=preprocess_for(run["config"]["backbone"], encoder_size),
                     prompt=LearnedPrompt.from_dict(read_json(fd / "prompt.json")), threshold=float(metrics["threshold"]),
                     working_size=int(run["config"]["size"]), run=run, fold=int(fd.name.split("_")[1]), fold_dir=fd,
-                    split=read_json(fd / "split.json"), metrics=metrics, encoder_fingerprint=fingerprint)
+                    split=read_json(fd / "split.json"), metrics=metrics, encoder_fingerprint=fingerprint,
+                    checkpoint=checkpoint_info(run["config"]["backbone"], ckpt,
+                                               sha256_file(ckpt) if ckpt else weights_sha))
 
 
 def _merge_adapter(sam: Sam, cfg: dict, path: Path) -> Path | None:

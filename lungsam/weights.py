@@ -185,3 +185,25 @@ def weights_status() -> list[dict]:
                      "cached": str(p) if p.exists() else None,
                      "sources": [s.describe() for s in e.sources]})
     return rows
+
+
+def checkpoint_record(weights_name: str | None, path: str | Path | None, sha256: str) -> dict:
+    """What runs and evaluations record about the backbone weights they used.
+
+    ``{"path", "sha256", "official", "official_sha256"}``: ``official`` is ``True`` when ``sha256`` is the
+    pinned hash of the official ``weights_name`` file, ``False`` when it differs (a warning:
+    :func:`checkpoint_warning`), ``None`` when the backbone has no official weights (``weights_name`` is
+    ``None``: SAM ViT from a user path, the seeded ``tiny``).
+    """
+    entry = OFFICIAL_WEIGHTS.get(weights_name) if weights_name else None
+    return {"path": None if path is None else str(path), "sha256": sha256,
+            "official": None if entry is None else sha256 == entry.sha256,
+            "official_sha256": None if entry is None else entry.sha256}
+
+
+def checkpoint_warning(record: dict, weights_name: str | None) -> str | None:
+    """A warning line when a checkpoint is not the official file of its backbone (``None`` otherwise)."""
+    if record.get("official") is not False:
+        return None
+    return (f"warning: checkpoint {record['path']} (sha256 {record['sha256'][:12]}…) is not the official "
+            f"{weights_name} weights (sha256 {str(record['official_sha256'])[:12]}…); results depend on these weights")

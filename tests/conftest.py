@@ -71,5 +71,5 @@ def tiny_both_bundle(tmp_path_factory) -> tuple[Path, Path]:
     train_run(TrainConfig(backbone="tiny", prompt="both", folds=1, epochs=2, lr=1e-3), run,
               log=lambda m: None, progress=False)
     export_bundle(run, root / "bundle", fp16=False, trt=False, parity_images=2, box_from_first_pass=True,
-                  log=lambda m: None)
+                  provenance=True, log=lambda m: None)  # provenance: bench finds the run (torch reference)
     return run, root / "bundle"

@@ -37,9 +37,10 @@ def decoder_session(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp16_bundle(tiny_run, tmp_path_factory) -> tuple[Path, str]:
-    """``tiny_run`` exported through the CLI with --fp16 --int8 (parity on the fold's 3 test images)."""
+    """``tiny_run`` exported through the CLI with --fp16 --int8 --provenance (parity on the fold's 3 test images;
+    the manifest keeps the run folder and parity image ids)."""
     out = tmp_path_factory.mktemp("export") / "bundle"
-    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--fp16", "--int8"])
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--fp16", "--int8", "--provenance"])
     assert res.exit_code == 0, res.output
     return out, res.output
 
@@ -149,7 +150,7 @@ def test_export_bundle_manifest_and_parity(fp16_bundle, tiny_run):
     assert m["prompt"]["mode"] == "points" and m["working_size"] == 256 and 0 < m["threshold"] < 1
     expected = {f"{n}{s}.onnx" for n in ("encoder", "decoder", "decoder_fixed") for s in ("", "_fp16")}
     expected.add("encoder_int8.onnx")  # the int8 pipeline's decoders are the FP32 files
-    assert set(m["files"]) == expected == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert set(m["files"]) == expected == {p.name for p in out.iterdir()} - {"manifest.json", "manifest.json.sha256"}
     for rel, rec in m["files"].items():
         assert rec == {"sha256": sha256_file(out / rel), "bytes": (out / rel).stat().st_size}
     dec = m["models"]["decoder"]["fp16"]
@@ -182,6 +183,12 @@ def test_export_bundle_manifest_and_parity(fp16_bundle, tiny_run):
     assert m["run"]["fold"] == 0 and m["run"]["source"] == str(tiny_run.resolve())
     assert m["versions"]["onnx"] and "onnxconverter-common" in m["versions"]
     assert "onnx-fp16/decoder_fixed" in output  # figures printed
+    import hashlib
+
+    digest = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()  # the bundle digest, printed last
+    assert output.strip().splitlines()[-1].startswith(f"bundle digest sha256:{digest}")
+    assert (out / "manifest.json.sha256").read_text() == f"{digest}  manifest.json\n"
+    assert m["provenance"] is True and m["parity"]["machine"]["hostname"]  # --provenance keeps host and paths
 
 
 def test_fp16_bundle_runs_end_to_end_like_torch(fp16_bundle, tiny, tiny_run):
@@ -281,3 +288,34 @@ def test_run_trained_at_a_smaller_encoder_size_exports_and_runs(tmp_path):
     seg = LungSegmenter.load(tmp_path / "b", threads=1)
     r = seg.segment(np.full((96, 80, 3), 100, np.uint8))
     assert r.mask.shape == (96, 80) and seg.describe()["img_size"] == 64
+
+
+@pytest.mark.slow
+def test_a_killed_export_leaves_a_temp_folder_that_the_next_export_removes(tiny_run, tmp_path):
+    """kill -9 during the export: the hidden temp folder beside --out is swept by the next export."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lungsam.export.bundle import make_temp_folder
+
+    out = tmp_path / "bundles" / "b"
+    code = (f"from lungsam.export.bundle import export_bundle; "
+            f"export_bundle({str(tiny_run)!r}, {str(out)!r}, fp16=True, log=lambda m: None)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not any((out.parent).glob(".lungsam-export.*/encoder.onnx")):
+            assert proc.poll() is None, "the export ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    left = list(out.parent.glob(".lungsam-export.*"))
+    assert len(left) == 1 and not out.exists()  # what the issue saw: a hidden folder, never removed...
+    logged: list[str] = []
+    fresh = make_temp_folder(out, logged.append)  # ...until the next export starts
+    assert not left[0].exists() and logged and list(out.parent.iterdir()) == [fresh]

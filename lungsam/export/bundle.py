@@ -1,21 +1,61 @@
 """``lungsam export``: build a bundle in a temporary folder, gate it on parity, then move it into place.
 
-Bundle layout and manifest keys: docs/DEVELOPING.md ("Bundle format"). The manifest is written last
-and lists the sha256 and size of every other file in the bundle.
+Bundle layout and manifest keys: :mod:`lungsam.manifest` and docs/DEVELOPING.md ("Bundle format"). The
+manifest is written last and lists the sha256 and size of every other file in the bundle; its own sha256
+is the bundle digest, printed at the end and written beside it (``manifest.json.sha256``).
+
+The manifest leaves the building with the bundle, so by default it records what an auditor needs
+(backbone, weights sha256, data set names and counts, metrics, versions, the CPU model of the parity
+figures) and no host name, absolute local path or held-out image id; ``provenance=True``
+(``lungsam export --provenance``) keeps those too (the run folder, data folders, checkpoint path, host,
+parity image ids), which ``lungsam bench`` uses to find the run.
+
+The temporary folder is ``.lungsam-export.<host>.<pid>.<random>.tmp`` beside ``--out``; a killed export
+leaves it behind, and the next export into the same parent folder removes it (its process is gone).
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..artifacts import machine_record, package_versions, read_json, sha256_file, utc_now, write_json_atomic
+from ..artifacts import (
+    machine_record,
+    package_versions,
+    read_json,
+    sha256_file,
+    utc_now,
+    write_bytes_atomic,
+)
+from ..manifest import (
+    BUNDLE_FORMAT,
+    DIGEST_FILE,
+    MANIFEST_FILE,
+    FileRecord,
+    InferencePolicy,
+    Manifest,
+    ModelEntry,
+    ParityRecord,
+    RunRecord,
+    TensorSpec,
+    digest_line,
+    manifest_digest,
+)
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
 
-BUNDLE_FORMAT = "lungsam-bundle/1"
+__all__ = ["BUNDLE_FORMAT", "ExportError", "ExportResult", "ParityGateError", "export_bundle"]
+
+TEMP_PREFIX = ".lungsam-export."
+TEMP_SUFFIX = ".tmp"
+FOREIGN_TEMP_MAX_AGE_S = 7 * 24 * 3600  # a temp folder of another host counts as abandoned after a week
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 Log = Callable[[str], None]
 
@@ -35,13 +75,17 @@ class ParityGateError(ExportError):
 
 @dataclass
 class ExportResult:
+    """What an export wrote: ``manifest`` as written (JSON object), ``digest`` the bundle digest."""
+
     out: Path
     manifest: dict
     table: str
+    digest: str = ""
 
     def summary(self) -> str:
         files = ", ".join(sorted(self.manifest["files"]))
-        return f"{self.table}\nbundle written to {self.out} ({files})"
+        return (f"{self.table}\nbundle written to {self.out} ({files})\n"
+                f"bundle digest sha256:{self.digest} (pin it: lungsam verify {self.out} --expect-digest {self.digest})")
 
 
 # The int8 pipeline quantises the encoder only; its decoders are the FP32 files. Quantising the decoders
@@ -59,12 +103,18 @@ def _check_out(out: Path) -> None:
         raise ExportError(f"{out} already exists and is not an empty folder; choose a new --out")
 
 
+def data_name(d: str) -> str:
+    """A data set's name for a manifest that leaves the building: ``demo:...`` as is, a folder by its name."""
+    return d if d.startswith("demo:") else Path(d).name
+
+
 def parity_samples(run_model, data_dir: str | None, limit: int | None) -> tuple[list, dict]:
     """Held-out samples for the parity check, in the run's working frame.
 
     Default: the run's data sets (``run.json`` ``config.data``) filtered to the fold's test split.
     ``data_dir``: that folder's samples of the test split when it holds any, else all its samples.
-    Returns ``(samples, source record)``.
+    Returns ``(samples, source record)``; the record's ``data`` are the folders and ``ids`` the image ids
+    (:func:`private_parity_source` drops them for a manifest without provenance).
     """
     from ..data import load_dataset, pool
 
@@ -79,7 +129,7 @@ def parity_samples(run_model, data_dir: str | None, limit: int | None) -> tuple[
         if not data_dir:
             raise ExportError(f"none of the fold's {len(test_ids)} test images was found in {', '.join(map(str, dirs))}; "
                               "pass --data DIR with held-out images")
-        samples, selection = data.samples, f"all images of {data_dir} (none of the fold's test ids)"
+        samples, selection = data.samples, f"all images of {data_name(data_dir)} (none of the fold's test ids)"
     if limit:
         samples = samples[:limit]
     return samples, {"data": [str(d) for d in dirs], "selection": selection, "n": len(samples),
@@ -91,7 +141,13 @@ def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int
     encoder (``int8``; the int8 entries of the decoders name their FP32 files, see :data:`INT8_FP32_MODELS`).
     Returns ``(models, skipped)``: ``models[name][precision] = [files]`` and ``skipped[name] = reason``."""
     from .graphs import fixed_prompt_points
-    from .onnx_export import convert_fp16, export_decoder, export_encoder, export_fixed_decoder, quantize_int8
+    from .onnx_export import (
+        convert_fp16,
+        export_decoder,
+        export_encoder,
+        export_fixed_decoder,
+        quantize_int8,
+    )
 
     sam, spec = run_model.sam, run_model.spec
     models: dict[str, dict[str, list[Path]]] = {}
@@ -162,19 +218,61 @@ def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, l
     return compare(pipelines, run_model.sam, run_model.spec, cases, run_model.threshold, log=log)
 
 
-def file_records(root: Path) -> dict[str, dict]:
-    """``{relative posix path: {sha256, bytes}}`` of every file under ``root`` except ``manifest.json``."""
-    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+def file_records(root: Path) -> dict[str, FileRecord]:
+    """``{relative posix path: FileRecord(sha256, bytes)}`` of every file under ``root`` except the manifest
+    and its digest file."""
+    return {p.relative_to(root).as_posix(): FileRecord(sha256_file(p), p.stat().st_size)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (MANIFEST_FILE, DIGEST_FILE)}
 
 
-def _run_record(run_model, run_dir: Path) -> dict:
+def private_parity_source(source: dict) -> dict:
+    """The parity source record without folders and image ids: data set names and the count."""
+    return {"data": [data_name(str(d)) for d in source["data"]], "selection": source["selection"], "n": source["n"]}
+
+
+def private_config(config: dict) -> dict:
+    """A run's training config with data set names instead of folders and the checkpoint's file name."""
+    cfg = dict(config or {})
+    cfg["data"] = [data_name(str(d)) for d in cfg.get("data") or []]
+    if cfg.get("checkpoint"):
+        cfg["checkpoint"] = Path(str(cfg["checkpoint"])).name
+    return cfg
+
+
+def checkpoint_summary(run: dict, provenance: bool) -> dict:
+    """The backbone weights of a run for the manifest: file (name, or path with provenance), sha256 and
+    whether they are the official ones (:func:`lungsam.weights.checkpoint_record`)."""
+    from ..backbones import get_backbone
+    from ..weights import checkpoint_record
+
+    backbone = run["config"]["backbone"]
+    rec = run.get("checkpoint") or checkpoint_record(get_backbone(backbone).weights, run["config"].get("checkpoint"),
+                                                    run.get("weights_sha256") or "")
+    rec = dict(rec)
+    if not provenance and rec.get("path"):
+        rec["path"] = Path(str(rec["path"])).name
+    return rec
+
+
+def run_record(run_model, run_dir: Path, provenance: bool) -> RunRecord:
+    """The manifest's ``run``: name, fold, decoder weights, config, checkpoint, metrics (no per-image
+    records); ``source`` (the run folder) only with ``provenance``."""
     fold_metrics = {k: v for k, v in run_model.metrics.items() if k not in ("per_image", "threshold_sweep")}
     run_metrics = run_dir / "metrics.json"
-    return {"source": str(run_dir.resolve()), "fold": run_model.fold, "decoder_weights": "decoder_best.safetensors",
-            "decoder_sha256": sha256_file(run_model.fold_dir / "decoder_best.safetensors"),
-            "config": run_model.run.get("config"), "fold_metrics": fold_metrics,
-            "metrics": read_json(run_metrics) if run_metrics.exists() else None}
+    config = run_model.run.get("config") or {}
+    return RunRecord(source=str(run_dir.resolve()) if provenance else None, name=run_dir.resolve().name,
+                     fold=run_model.fold, decoder_weights="decoder_best.safetensors",
+                     decoder_sha256=sha256_file(run_model.fold_dir / "decoder_best.safetensors"),
+                     config=config if provenance else private_config(config),
+                     checkpoint=checkpoint_summary(run_model.run, provenance), fold_metrics=fold_metrics,
+                     metrics=read_json(run_metrics) if run_metrics.exists() else None)
+
+
+def private_parity(parity: dict) -> dict:
+    """The parity record without the host name, data folders, image ids and worst-image ids."""
+    machine = {k: v for k, v in parity["machine"].items() if k != "hostname"}
+    results = {name: {k: v for k, v in r.items() if k != "worst_image"} for name, r in parity["results"].items()}
+    return {**parity, "source": private_parity_source(parity["source"]), "machine": machine, "results": results}
 
 
 def first_pass_check(bundle_dir: Path, cases: list, log: Log) -> dict:
@@ -210,35 +308,93 @@ def optional_exports(pipelines: list[str]) -> list[str]:
     return sorted(opts - {"--fp32"})
 
 
-def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: dict, engines: dict,
-                   parity: dict, opset: int, box_from_first_pass: bool = False) -> dict:
-    """The manifest (docs/DEVELOPING.md); ``files`` covers everything already in ``tmp``."""
-    from .onnx_export import int8_record, io_signature
+def model_entries(models: dict) -> dict[str, dict[str, ModelEntry]]:
+    """``{name: {precision: ModelEntry}}`` of the exported files (I/O read from each ONNX file)."""
+    from .onnx_export import io_signature
 
-    return {
-        "format": BUNDLE_FORMAT,
-        "created": utc_now(),
-        "backbone": run_model.backbone,
-        "preprocess": run_model.spec.to_dict(),
-        "working_size": run_model.working_size,
-        "prompt": run_model.prompt.to_dict(),
-        "threshold": run_model.threshold,
-        "inference": {"box_from_first_pass": box_from_first_pass},
-        "opset": opset,
-        "precisions": sorted({p for m in models.values() for p in m}),
-        "models": {name: {prec: {"file": files[0].name, "files": [f.name for f in files], **io_signature(files[0]),
-                                 **({"same_as": "fp32"} if prec == "int8" and name in INT8_FP32_MODELS else {})}
-                          for prec, files in precs.items()} for name, precs in models.items()},
-        "quantization": ({"int8": {**int8_record(), "fp32_models": list(INT8_FP32_MODELS)}}
-                         if "int8" in models.get("encoder", {}) else {}),
-        "skipped": skipped,
-        "engines": engines,
-        "timing_cache": "timing.cache" if engines else None,
-        "parity": parity,
-        "run": _run_record(run_model, run_dir),
-        "versions": package_versions(),
-        "files": file_records(tmp),
-    }
+    def entry(name: str, prec: str, files: list[Path]) -> ModelEntry:
+        io = io_signature(files[0])
+        specs = {k: tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in io[k])
+                 for k in ("inputs", "outputs")}
+        same = "fp32" if prec == "int8" and name in INT8_FP32_MODELS else None
+        return ModelEntry(file=files[0].name, files=tuple(f.name for f in files), same_as=same, **specs)
+
+    return {name: {prec: entry(name, prec, files) for prec, files in precs.items()} for name, precs in models.items()}
+
+
+def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: dict, engines: dict,
+                   parity: dict, opset: int, box_from_first_pass: bool = False, provenance: bool = False) -> Manifest:
+    """The manifest (:mod:`lungsam.manifest`); ``files`` covers everything already in ``tmp``. Without
+    ``provenance`` it holds no host name, local path or held-out image id (see the module doc)."""
+    from .onnx_export import int8_record
+
+    return Manifest(
+        format=BUNDLE_FORMAT, created=utc_now(), backbone=run_model.backbone, preprocess=run_model.spec,
+        working_size=run_model.working_size, prompt=run_model.prompt, threshold=run_model.threshold,
+        inference=InferencePolicy(box_from_first_pass=box_from_first_pass), opset=opset,
+        precisions=tuple(sorted({p for m in models.values() for p in m})), models=model_entries(models),
+        quantization=({"int8": {**int8_record(), "fp32_models": list(INT8_FP32_MODELS)}}
+                      if "int8" in models.get("encoder", {}) else {}),
+        skipped=skipped, engines=engines, timing_cache="timing.cache" if engines else None,
+        parity=ParityRecord.from_dict(parity if provenance else private_parity(parity), "parity"),
+        run=run_record(run_model, run_dir, provenance), provenance=provenance, versions=package_versions(),
+        files=file_records(tmp))
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> str:
+    """Write ``manifest.json`` (strict JSON, validated) and :data:`DIGEST_FILE`; returns the bundle digest."""
+    data = manifest.to_bytes()
+    write_bytes_atomic(folder / MANIFEST_FILE, data)
+    digest = manifest_digest(data)
+    write_bytes_atomic(folder / DIGEST_FILE, digest_line(digest).encode("ascii"))
+    return digest
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_temp_folders(parent: Path, now: float | None = None) -> list[Path]:
+    """Export temp folders in ``parent`` whose export is gone: made on this host by a process that no
+    longer runs, or made elsewhere more than :data:`FOREIGN_TEMP_MAX_AGE_S` ago."""
+    now = time.time() if now is None else now
+    out = []
+    with os.scandir(parent) as it:
+        for e in it:
+            m = re.fullmatch(re.escape(TEMP_PREFIX) + r"([A-Za-z0-9-]+)\.(\d+)\.[A-Za-z0-9_]+" + re.escape(TEMP_SUFFIX),
+                             e.name)
+            if not m or not e.is_dir(follow_symlinks=False):
+                continue
+            host, pid = m.group(1), int(m.group(2))
+            if (host == _host_tag() and not _pid_alive(pid)) or now - e.stat(follow_symlinks=False).st_mtime > \
+                    FOREIGN_TEMP_MAX_AGE_S:
+                out.append(Path(e.path))
+    return out
+
+
+def make_temp_folder(out: Path, log: Log) -> Path:
+    """Sweep the stale export temp folders beside ``out``, then create this export's one (raises
+    :class:`ExportError` naming the folder when it cannot be written)."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in stale_temp_folders(parent):
+            shutil.rmtree(stale, ignore_errors=True)
+            log(f"removed {stale.name}, left by an export that did not finish")
+        return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{_host_tag()}.{os.getpid()}.", suffix=TEMP_SUFFIX,
+                                     dir=parent))
+    except OSError as e:
+        raise ExportError(f"cannot write the bundle beside {out}: {e.filename or parent}: {e.strerror or e}") from None
 
 
 def _make_readable(folder: Path) -> None:
@@ -255,7 +411,7 @@ def _make_readable(folder: Path) -> None:
 def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, int8: bool = False, trt: bool = False,
                   opset: int = 17, fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
                   parity_images: int | None = None, data_dir: str | None = None, max_batch: int = 8,
-                  box_from_first_pass: bool = False, log: Log = print) -> ExportResult:
+                  box_from_first_pass: bool = False, provenance: bool = False, log: Log = print) -> ExportResult:
     """Export a trained run to a bundle at ``out``.
 
     Steps: load the run (:func:`lungsam.runs.load_run`); write ONNX FP32 (+FP16 with ``fp16`` or ``trt``,
@@ -267,6 +423,10 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
     ``box_from_first_pass`` (models prompted with a box): the bundle's default inference takes each image's
     box from the model's own first mask (``manifest["inference"]``); its accuracy on the parity images,
     through the runtime, is measured and recorded in ``manifest["inference"]["first_pass_check"]``.
+
+    ``provenance``: also record the run folder, data folders, checkpoint path, host name and parity image ids
+    (left out by default: the bundle leaves the building). A full disk or a read-only folder raises
+    :class:`ExportError` naming the path; nothing is left at ``out``.
     """
     from ..runs import RunError, load_run
 
@@ -284,7 +444,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
     except RunError as e:
         raise ExportError(str(e)) from None
     from ..prompts import first_pass_prompt
-    from .parity import format_table, gate, make_cases
+    from .parity import make_cases
 
     if box_from_first_pass:
         try:
@@ -296,36 +456,55 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
     cases = make_cases(samples, run_model.prompt, run_model.spec)
     log(f"exporting {run_dir} fold {run_model.fold} ({run_model.backbone}, prompt {run_model.prompt.mode}); "
         f"parity on {len(cases)} held-out images")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = make_temp_folder(out, log)
     try:
-        models, skipped = export_models(run_model, tmp, fp16=fp16, int8=int8, opset=opset, log=log)
-        engines = build_engines(run_model, tmp, models, max_batch, log) if trt else {}
-        results = run_parity(run_model, tmp, models, engines, cases, log)
-        table = format_table(results, min_agreement)
-        parity = {"min_agreement": min_agreement, "threshold": run_model.threshold, "source": source,
-                  "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold); "
-                            "max_abs_logit_diff over low-res logits; torch = SAM preprocess + encoder + decode",
-                  "onnxruntime": "CPUExecutionProvider, ORT_ENABLE_ALL",
-                  "machine": machine_record(),  # int8 kernels (and so its agreement) depend on the CPU's instructions
-                  "results": {name: r.summary() for name, r in results.items()}}
-        failed = gate(results, min_agreement)
-        if failed:
-            options = optional_exports(failed)
-            hint = f" (export again without {', '.join(options)} to keep the other models)" if options else ""
-            raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement below "
-                                  f"{min_agreement}; nothing was written to {out}{hint}", table, parity)
-        manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opset,
-                                  box_from_first_pass)
-        write_json_atomic(tmp / "manifest.json", manifest)
-        if box_from_first_pass:  # manifest.json is not among the files it hashes: rewriting it is safe
-            manifest["inference"]["first_pass_check"] = first_pass_check(tmp, cases, log)
-            write_json_atomic(tmp / "manifest.json", manifest)
+        manifest, digest, table = _build_in(tmp, run_model, run_dir, out, cases, source, fp16=fp16, int8=int8, trt=trt,
+                                            opset=opset, max_batch=max_batch, min_agreement=min_agreement,
+                                            box_from_first_pass=box_from_first_pass, provenance=provenance, log=log)
         _make_readable(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise ExportError(f"cannot write the bundle for {out}: {e.filename or tmp}: {e.strerror or e}; "
+                          "nothing was written to --out") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return ExportResult(out=out, manifest=manifest, table=table)
+    return ExportResult(out=out, manifest=manifest.to_dict(), table=table, digest=digest)
+
+
+def _build_in(tmp: Path, run_model, run_dir: Path, out: Path, cases: list, source: dict, *, fp16: bool, int8: bool,
+              trt: bool, opset: int, max_batch: int, min_agreement: float, box_from_first_pass: bool,
+              provenance: bool, log: Log) -> tuple[Manifest, str, str]:
+    """Models, engines, parity gate and manifest in ``tmp``; returns ``(manifest, digest, parity table)``."""
+    from dataclasses import replace
+
+    from .parity import format_table, gate
+
+    models, skipped = export_models(run_model, tmp, fp16=fp16, int8=int8, opset=opset, log=log)
+    engines = build_engines(run_model, tmp, models, max_batch, log) if trt else {}
+    results = run_parity(run_model, tmp, models, engines, cases, log)
+    table = format_table(results, min_agreement)
+    parity = {"min_agreement": min_agreement, "threshold": run_model.threshold, "source": source,
+              "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold); "
+                        "max_abs_logit_diff over low-res logits; torch = SAM preprocess + encoder + decode",
+              "onnxruntime": "CPUExecutionProvider, ORT_ENABLE_ALL",
+              "machine": machine_record(),  # int8 kernels (and so its agreement) depend on the CPU's instructions
+              "results": {name: r.summary() for name, r in results.items()}}
+    failed = gate(results, min_agreement)
+    if failed:
+        options = optional_exports(failed)
+        hint = f" (export again without {', '.join(options)} to keep the other models)" if options else ""
+        raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement below "
+                              f"{min_agreement}; nothing was written to {out}{hint}", table, parity)
+    manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opset,
+                              box_from_first_pass, provenance)
+    digest = write_manifest(tmp, manifest)
+    if box_from_first_pass:  # manifest.json is not among the files it hashes: rewriting it is safe
+        check = first_pass_check(tmp, cases, log)
+        manifest.inference = replace(manifest.inference, first_pass_check=check)
+        digest = write_manifest(tmp, manifest)
+    return manifest, digest, table

@@ -31,12 +31,18 @@ import click
               help="Runs trained with a box prompt (box, both, auto-box, auto-both): make the bundle take each image's "
                    "box from the model's own first mask by default (no annotation needed), and measure that path "
                    "on the parity images.")
+@click.option("--provenance", is_flag=True,
+              help="Also record local provenance in the manifest: the run folder, data folders, checkpoint path, host "
+                   "name and the parity image ids (left out by default: a bundle leaves the building). lungsam bench "
+                   "finds the run through it.")
 def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int, fold: int | None,
            checkpoint: str | None, min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
-           box_from_first_pass: bool) -> None:
+           box_from_first_pass: bool, provenance: bool) -> None:
     """Export RUN's tuned model to a bundle checked against torch on held-out images.
 
-    The bundle is built in a temporary folder and moved to --out only when the parity gate passes.
+    The bundle is built in a temporary folder and moved to --out only when the parity gate passes. The last
+    line is the bundle digest (sha256 of manifest.json, which lists every file's sha256): pin it with
+    `lungsam verify BUNDLE --expect-digest HEX` or `lungsam predict --expect-digest HEX`.
     """
     if trt:  # fail before any heavy work
         from .trt import TensorRTUnavailable, require_tensorrt
@@ -51,7 +57,7 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
     try:
         result = export_bundle(run_dir, out, fp16=fp16, int8=int8, trt=trt, opset=opset, fold=fold,
                                checkpoint=checkpoint, min_agreement=min_agreement, parity_images=parity_images, data_dir=data_dir,
-                               max_batch=max_batch, box_from_first_pass=box_from_first_pass,
+                               max_batch=max_batch, box_from_first_pass=box_from_first_pass, provenance=provenance,
                                log=lambda m: click.echo(m, err=True))
     except ParityGateError as e:
         click.echo(e.table, err=True)

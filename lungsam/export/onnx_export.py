@@ -34,7 +34,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names, outpu
             opset: int, external_data_bytes: int) -> list[Path]:
     """Trace ``module`` with the TorchScript exporter into a scratch folder, then save it at ``path``
     (external data when large). Returns the files written."""
-    with tempfile.TemporaryDirectory(prefix="lungsam-onnx-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=".lungsam-onnx-", dir=path.parent) as scratch:  # inside the export temp
         raw = Path(scratch) / "model.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
@@ -123,7 +123,7 @@ def convert_fp16(src: str | Path, dst: str | Path, external_data_bytes: int = EX
     and :data:`FP16_KEEP_FP32_OPS` left in FP32. Returns the files written."""
     from onnxconverter_common import float16
 
-    with tempfile.TemporaryDirectory(prefix="lungsam-fp16-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=".lungsam-fp16-", dir=Path(dst).parent) as scratch:  # inside the export temp
         inferred = Path(scratch) / "inferred.onnx"
         # path-based shape inference works for models over 2 GB, where the in-memory one fails
         onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
@@ -166,7 +166,7 @@ def quantize_int8(src: str | Path, dst: str | Path, external_data_bytes: int = E
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(prefix="lungsam-int8-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=".lungsam-int8-", dir=Path(dst).parent) as scratch:  # inside the export temp
         out = Path(scratch) / "int8.onnx"
         root = logging.getLogger()
         level = root.level

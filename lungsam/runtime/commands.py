@@ -26,9 +26,12 @@ import click
                    "(two decoder passes), so a `both` bundle needs no annotation. Default: what the bundle was "
                    "exported with (lungsam export --box-from-first-pass).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--expect-digest", default=None, metavar="HEX",
+              help="Refuse the bundle unless its digest (sha256 of manifest.json, printed by lungsam export and "
+                   "lungsam verify) is HEX: pins the exact bundle a site validated.")
 def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, backend: str, device: str,
             precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
-            box_from_first_pass: bool | None, no_progress: bool) -> None:
+            box_from_first_pass: bool | None, no_progress: bool, expect_digest: str | None) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -49,7 +52,7 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
         try:
             seg = LungSegmenter.load(bundle, backend=backend, device=device, precision=precision,
                                      allow_fallback=allow_fallback, threads=threads,
-                                     box_from_first_pass=box_from_first_pass)
+                                     box_from_first_pass=box_from_first_pass, expect_digest=expect_digest)
         except (BundleError, BackendUnavailableError, ValueError) as e:
             raise click.ClickException(str(e)) from e
     for w in caught:
@@ -80,3 +83,32 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     click.echo(f"{summary.line} ({summary.seconds:.1f} s); results in {summary.jsonl}")
     if summary.failed:
         raise SystemExit(1)
+
+
+@click.command("verify")
+@click.argument("bundle", type=click.Path(exists=True, path_type=str))
+@click.option("--expect-digest", default=None, metavar="HEX",
+              help="Also require this bundle digest (sha256 of manifest.json, as lungsam export printed it).")
+def verify(bundle: str, expect_digest: str | None) -> None:
+    """Check a BUNDLE before use: the manifest against its schema, every listed file (regular file inside the
+    bundle, no symlinks, size and sha256), the digest recorded at export and, with --expect-digest, the one
+    you pinned. Prints what it checked and the digest; exit code 1 when any check fails.
+
+    Example: lungsam verify bundles/mobile_points --expect-digest 2061b51e...
+    """
+    from .bundle import Bundle, BundleError
+
+    try:
+        b = Bundle.load(bundle, verify=True, expect_digest=expect_digest)
+    except BundleError as e:
+        click.echo(f"FAILED: {e}", err=True)
+        raise SystemExit(1) from None
+    for line in b.checked:
+        click.echo(f"ok  {line}")
+    unlisted = b.unlisted_files()
+    if unlisted:
+        click.echo(f"note: {len(unlisted)} file(s) not listed in the manifest (never opened by the runtime): "
+                   f"{', '.join(unlisted[:10])}{' ...' if len(unlisted) > 10 else ''}")
+    if expect_digest is None:
+        click.echo("note: no --expect-digest given; compare the digest below with the one you validated")
+    click.echo(f"digest sha256:{b.digest}")

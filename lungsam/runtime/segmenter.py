@@ -26,7 +26,8 @@ from .. import preprocess as pp
 from ..imageio import ImageReadError, LoadedImage, read_image
 from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_prompt
 from .backends import BackendChoice, Model, open_model, resolve_backend
-from .bundle import ONNX_IO, Bundle, BundleError
+from ..manifest import normalize_digest
+from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
 
 ImageSource = Union[str, Path, LoadedImage, np.ndarray]
 
@@ -117,8 +118,8 @@ def _as_prompt_dict(p: Any) -> dict:
 
 
 def bundle_box_from_first_pass(bundle: Bundle) -> bool:
-    """Whether ``bundle`` was exported to take its box from a first pass (``manifest["inference"]``)."""
-    return bool((bundle.manifest.get("inference") or {}).get("box_from_first_pass", False))
+    """Whether ``bundle`` was exported to take its box from a first pass (``manifest.inference``)."""
+    return bundle.box_from_first_pass
 
 
 class LungSegmenter:
@@ -153,7 +154,7 @@ class LungSegmenter:
     @classmethod
     def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
              allow_fallback: bool = False, threads: int | None = None,
-             box_from_first_pass: bool | None = None) -> "LungSegmenter":
+             box_from_first_pass: bool | None = None, expect_digest: str | None = None) -> "LungSegmenter":
         """Open a bundle (verifying every file's sha256) with the requested backend.
 
         Args:
@@ -170,14 +171,19 @@ class LungSegmenter:
                 the mean-mask box, then the box of that mask): a ``both`` bundle then needs no box.
                 ``None``: what the bundle was exported with (``lungsam export --box-from-first-pass``
                 records it as ``manifest["inference"]["box_from_first_pass"]``; absent = ``False``).
+            expect_digest: refuse the bundle unless its digest (sha256 of ``manifest.json``, which lists
+                every file's sha256; ``lungsam export`` prints it) is this one: pins the validated bundle.
         Raises:
-            BundleError / BundleIntegrityError: not a bundle, or a listed file missing or changed.
+            BundleError / BundleIntegrityError: not a bundle, a malformed manifest, a listed file missing or
+                changed, or a digest other than ``expect_digest``.
             BackendUnavailableError: the backend/device/precision is not available and no fallback allowed.
         """
-        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=True)
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=True, expect_digest=expect_digest)
+        if expect_digest is not None and b.digest != normalize_digest(expect_digest):
+            raise BundleIntegrityError(f"bundle {b.root}: digest {b.digest} is not the expected {expect_digest}")
         if not b.verified:
             b.verify()
-        names = tuple(n for n in ("encoder", "decoder", "decoder_fixed") if b.manifest["models"].get(n))
+        names = b.model_names()
         if "encoder" not in names or not ({"decoder", "decoder_fixed"} & set(names)):
             raise BundleError(f"bundle {b.root} needs an encoder and a decoder (has: {', '.join(names) or 'none'})")
         choice = resolve_backend(b, backend, device, precision, allow_fallback, models=names)
@@ -216,7 +222,7 @@ class LungSegmenter:
 
     def describe(self) -> dict[str, Any]:
         """Facts for logs/reports: backend, device, precision, providers, prompt mode, fallbacks."""
-        return {"bundle": str(self.bundle.root), "backbone": self.bundle.manifest.get("backbone"),
+        return {"bundle": str(self.bundle.root), "backbone": self.bundle.backbone, "digest": self.bundle.digest,
                 "backend": self.backend, "device": self.device, "precision": self.precision,
                 "providers": {n: list(getattr(m, "providers", [])) for n, m in self._models.items()},
                 "prompt_mode": self.prompt.mode, "box_from_first_pass": self.box_from_first_pass,

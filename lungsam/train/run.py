@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..artifacts import atomic_path, package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
-from ..backbones import build_backbone, get_backbone, preprocess_for
+from ..backbones import get_backbone, preprocess_for
 from ..data import Dataset, Sample, dataset_of, kfold_splits, load_dataset, pool
 from ..embeddings import EmbeddingCache, weights_fingerprint
 from ..metrics import summarize
@@ -45,6 +45,18 @@ def checkpoint_for(cfg: TrainConfig) -> str | None:
     from ..weights import ensure_weights
 
     return str(ensure_weights(spec.weights))
+
+
+def checked_backbone(cfg: TrainConfig, ckpt: str | None, sha256: str, log: Log) -> tuple[object, dict]:
+    """The backbone with its weights (a clear error when ``ckpt`` is not a checkpoint of it) and the record
+    of those weights (path, sha256, official yes/no); warns when they are not the official file."""
+    from ..runs import checkpoint_info, checkpoint_warning, load_backbone_checked
+
+    sam = load_backbone_checked(cfg.backbone, ckpt, cfg.encoder_size)
+    record = checkpoint_info(cfg.backbone, ckpt, sha256)
+    if warning := checkpoint_warning(cfg.backbone, record):
+        log(warning)
+    return sam, record
 
 
 def embed_samples(sam, cfg: TrainConfig, ckpt: str | None, samples: list[Sample], device: str,
@@ -386,8 +398,18 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
     ``only_folds`` trains just those folds now (a long cross-validation done in sittings); folds
     already finished are always reused. Until every fold is finished, ``metrics.json`` and
     ``report.md`` summarise the finished ones and say so (``"partial"``); ``--resume`` completes them.
+
+    The backbone checkpoint is loaded (:class:`lungsam.runs.CheckpointError` when it is not one) before
+    the run folder is created; a folder that cannot be written raises :class:`lungsam.runs.RunFolderError`.
     """
-    out = Path(out)
+    from ..runs import run_folder_errors
+
+    with run_folder_errors(Path(out)):
+        return _train_run(cfg, Path(out), resume=resume, only_folds=only_folds, log=log, progress=progress)
+
+
+def _train_run(cfg: TrainConfig, out: Path, *, resume: bool, only_folds: tuple[int, ...] | None, log: Log,
+               progress: bool) -> dict:
     preprocess_for(cfg.backbone, cfg.encoder_size)  # an encoder size that does not fit fails before any work
     mixed_precision(pick_device(cfg.device), cfg.amp, cfg.cpu_bf16)  # so does --cpu-bf16 where it cannot run
     if only_folds is not None:
@@ -404,6 +426,7 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
         raise ValueError("--augment works on cached embeddings and --lora-rank trains the encoder; use one of them")
     ckpt = checkpoint_for(cfg)
     weights_sha256 = weights_fingerprint(cfg.backbone, ckpt)
+    sam, ckpt_record = checked_backbone(cfg, ckpt, weights_sha256, log)  # before the run folder exists
     if old is not None:
         differ = resume_differences(old, cfg, weights_sha256)
         if differ:
@@ -417,14 +440,13 @@ def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_f
         check_resumed_splits(out, splits)
     run = {
         "format": "lungsam-run/1", "config": {**cfg.to_dict(), "checkpoint": ckpt},
-        "weights_sha256": weights_sha256, "device": device,
+        "weights_sha256": weights_sha256, "checkpoint": ckpt_record, "device": device,
         "n_samples": len(data.samples), "n_skipped": len(data.skipped), "skipped": data.skipped,
         "started": utc_now(), "versions": package_versions(),
     }
     record_sitting(run, old)
     write_json_atomic(out / "run.json", run)
     write_json_atomic(out / "splits.json", splits)
-    sam = build_backbone(cfg.backbone, ckpt, encoder_size=cfg.encoder_size)
     t_emb = time.perf_counter()
     lora = cfg.lora_spec()
     if lora is not None:  # the encoder is trained: no cached embeddings
@@ -550,7 +572,8 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
                                             rm.encoder_fingerprint, samples, device, progress, box_from_first_pass)
         parts.append(ScoredPart(samples, probs, f1, iou, {
             "fold": rm.fold, "n": len(samples), "threshold": thr, "threshold_source": thr_src,
-            "prompt": rm.prompt.mode, **notes, "learned_prompt": rm.prompt.to_dict(), "f1": summarize(f1), "iou": summarize(iou)}))
+            "prompt": rm.prompt.mode, **notes, "learned_prompt": rm.prompt.to_dict(), "checkpoint": rm.checkpoint,
+            "f1": summarize(f1), "iou": summarize(iou)}))
     what = "each on its own held-out test images" if split == "test" else "on every image"
     name = (f"run {run_dir}, fold{'s' if len(parts) > 1 else ''} {', '.join(str(p.record['fold']) for p in parts)} "
             f"({rm.backbone}, {rm.prompt.mode}) {what}")
@@ -595,6 +618,10 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         data = load_data(data_paths, size, log)
         parts, name = _run_parts(run_dir, fold, checkpoint, split, threshold, size, data, device, progress,
                                  box_from_first_pass)
+        from ..runs import checkpoint_warning
+
+        if warning := checkpoint_warning(run_cfg["backbone"], parts[0].record["checkpoint"]):
+            log(warning)
     else:
         if backbone is None:
             raise ValueError("give a RUN or --backbone for zero-shot evaluation")
@@ -604,7 +631,7 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         cfg = TrainConfig(backbone=backbone, checkpoint=checkpoint, size=size, encoder_size=encoder_size)
         spec = preprocess_for(backbone, encoder_size)  # an encoder size that does not fit fails before any work
         ckpt = checkpoint_for(cfg)
-        sam = build_backbone(backbone, ckpt, encoder_size=encoder_size)
+        sam, ckpt_record = checked_backbone(cfg, ckpt, weights_fingerprint(backbone, ckpt), log)
         src = load_data(prompt_from or data_paths, size, log)
         prompt = learn_prompt([s.mask for s in src.samples], prompt_mode, points_per_lung)
         thr, thr_src = (threshold, "given") if threshold is not None else (0.5, "SAM default (logit 0)")
@@ -615,7 +642,7 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
                                             box_from_first_pass)
         parts = [ScoredPart(data.samples, probs, f1, iou, {
             "fold": None, "n": len(data.samples), "threshold": thr, "threshold_source": thr_src, "prompt": prompt.mode,
-            **notes, "learned_prompt": prompt.to_dict(),
+            **notes, "learned_prompt": prompt.to_dict(), "checkpoint": ckpt_record,
             "f1": summarize(f1), "iou": summarize(iou)})]
     f1 = [x for p in parts for x in p.f1]
     iou = [x for p in parts for x in p.iou]
@@ -628,18 +655,22 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         "first_pass_empty": (sum(p.record["first_pass_empty"] for p in parts) if box_from_first_pass else None),
         "threshold": first["threshold"] if len(parts) == 1 else None, "threshold_source": first["threshold_source"],
         "learned_prompt": first["learned_prompt"] if len(parts) == 1 else None,
+        "checkpoint": first["checkpoint"],  # backbone weights: path, sha256, official (yes/no/none pinned)
         "parts": [p.record for p in parts], "f1": summarize(f1), "iou": summarize(iou),
         "per_image": [{"id": s.id, "fold": p.record["fold"], "f1": a, "iou": b}
                       for p in parts for s, a, b in zip(p.samples, p.f1, p.iou)],
         "created": utc_now(), "versions": package_versions(),
     }
     out = Path(out)
-    write_json_atomic(out / "metrics.json", result)
-    write_text_atomic(out / "report.md", report.eval_report(result))
-    flat = [(p, i) for p in parts for i in range(len(p.samples))]
-    order = np.argsort(f1)
-    report.overlays([{"label": f"{lab}: {p.samples[i].id.split('/')[-1]} F1 {p.f1[i]:.3f}", "image": p.samples[i].image,
-                      "gt": p.samples[i].mask, "pred": p.probs[i] > p.record["threshold"]}
-                     for lab, (p, i) in (("best", flat[order[-1]]), ("worst", flat[order[0]]))],
-                    out / "overlays.png", name)
+    from ..runs import run_folder_errors
+
+    with run_folder_errors(out, "the evaluation folder"):
+        write_json_atomic(out / "metrics.json", result)
+        write_text_atomic(out / "report.md", report.eval_report(result))
+        flat = [(p, i) for p in parts for i in range(len(p.samples))]
+        order = np.argsort(f1)
+        report.overlays([{"label": f"{lab}: {p.samples[i].id.split('/')[-1]} F1 {p.f1[i]:.3f}",
+                          "image": p.samples[i].image, "gt": p.samples[i].mask, "pred": p.probs[i] > p.record["threshold"]}
+                         for lab, (p, i) in (("best", flat[order[-1]]), ("worst", flat[order[0]]))],
+                        out / "overlays.png", name)
     return result
