@@ -14,7 +14,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -83,6 +83,8 @@ def plausible_spacing(values: object, what: str = "pixel spacing") -> tuple[tupl
     non-finite, or outside :data:`PIXEL_SPACING_RANGE_MM`. ``values=None`` gives ``(None, None)``."""
     if values is None:
         return None, None
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        values = [values]  # one value (a DS of multiplicity 1, or a bare number)
     try:
         v = [float(x) for x in values]  # type: ignore[union-attr]
     except (TypeError, ValueError) as e:
@@ -121,7 +123,7 @@ def read_raster(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Load
     against ``max_pixels`` from the header (after ``Image.open``, before decoding)."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
+            warnings.simplefilter("ignore")  # DecompressionBombWarning (our own limit decides, below), corrupt EXIF ...
             with Image.open(path) as im:
                 w, h = im.size
                 check_pixel_limit(path, h, w, max_pixels)
@@ -364,7 +366,8 @@ def classify_file(path: Path) -> str | None:
     return f"not an image (suffix {path.suffix or 'none'}, no DICM marker)"
 
 
-def _walk(root: Path, exclude: list[Path]) -> Iterator[tuple[Path, str | None]]:
+def _walk(root: Path, exclude: list[Path], skip_folder: Callable[[Path], str | None] | None
+          ) -> Iterator[tuple[Path, str | None]]:
     """Every entry under ``root`` (recursively, sorted, symbolic links to folders not followed) with the
     reason it is skipped, or ``None``."""
     stack = [root]
@@ -383,6 +386,8 @@ def _walk(root: Path, exclude: list[Path]) -> Iterator[tuple[Path, str | None]]:
                     yield q, OUTPUT_FOLDER_REASON
                 elif entry.name.startswith("."):
                     yield q, "hidden folder"
+                elif skip_folder is not None and (why := skip_folder(q)):
+                    yield q, why
                 else:
                     subdirs.append(q)
                 continue
@@ -396,7 +401,8 @@ def _walk(root: Path, exclude: list[Path]) -> Iterator[tuple[Path, str | None]]:
         stack.extend(reversed(subdirs))  # depth-first, in sorted order
 
 
-def scan_inputs(paths: Iterable[str | Path], *, exclude: Iterable[str | Path] = ()) -> InputListing:
+def scan_inputs(paths: Iterable[str | Path], *, exclude: Iterable[str | Path] = (),
+                skip_folder: Callable[[Path], str | None] | None = None) -> InputListing:
     """Expand files and folders into the inputs to read and the files skipped, each with its reason.
 
     Folders are read recursively (as PACS exports lay them out: ``DICOM/.../IM000001`` without suffix), in
@@ -405,6 +411,7 @@ def scan_inputs(paths: Iterable[str | Path], *, exclude: Iterable[str | Path] = 
     unreadable files, ``DICOMDIR``, symbolic links to folders (not followed). Files named explicitly are
     always inputs (a bad one fails when read), except inside an ``exclude`` folder (the run's output
     folder), which is never read. A file skipped in a folder but also named explicitly is read, not skipped.
+    ``skip_folder(folder)`` may give a reason to skip a sub-folder (e.g. an earlier run's outputs).
     """
     ex = []
     for e in exclude:
@@ -418,7 +425,7 @@ def scan_inputs(paths: Iterable[str | Path], *, exclude: Iterable[str | Path] = 
             if _inside(p, ex):
                 out.skipped.append(SkippedInput(p, OUTPUT_FOLDER_REASON))
                 continue
-            for q, reason in _walk(p, ex):
+            for q, reason in _walk(p, ex, skip_folder):
                 if reason is None:
                     out.files.append(q)
                 else:
@@ -432,6 +439,7 @@ def scan_inputs(paths: Iterable[str | Path], *, exclude: Iterable[str | Path] = 
     return out
 
 
-def list_inputs(paths: Iterable[str | Path], *, exclude: Iterable[str | Path] = ()) -> list[Path]:
+def list_inputs(paths: Iterable[str | Path], *, exclude: Iterable[str | Path] = (),
+                skip_folder: Callable[[Path], str | None] | None = None) -> list[Path]:
     """The input files of :func:`scan_inputs` (folders recursive; skipped files left out)."""
-    return scan_inputs(paths, exclude=exclude).files
+    return scan_inputs(paths, exclude=exclude, skip_folder=skip_folder).files

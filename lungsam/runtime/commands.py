@@ -47,14 +47,14 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     from ..imageio import scan_inputs
     from .backends import BackendUnavailableError
     from .bundle import BundleError
-    from .predict import PredictOutputError, check_out_dir, predict_files
+    from .predict import PredictOutputError, check_out_dir, earlier_run_folder, predict_files
     from .segmenter import LungSegmenter
 
     try:
         check_out_dir(out_dir, overwrite)  # before any work
     except PredictOutputError as e:
         raise click.ClickException(str(e)) from e
-    listing = scan_inputs(inputs, exclude=[out_dir])
+    listing = scan_inputs(inputs, exclude=[out_dir], skip_folder=earlier_run_folder)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         try:

@@ -181,6 +181,13 @@ def previous_run_files(out: Path) -> set[str] | None:
     return {n for n in names if n and "/" not in n and n not in (".", "..")}
 
 
+def earlier_run_folder(folder: Path) -> str | None:
+    """Why ``folder`` (met while scanning an input folder) is not read: it holds an earlier ``lungsam predict``
+    run's outputs (its ``predict.json``); ``None`` otherwise."""
+    return ("output folder of an earlier `lungsam predict` run (has its predict.json); not read as input"
+            if (folder / "predict.json").is_file() and previous_run_files(folder) is not None else None)
+
+
 def check_out_dir(out: str | Path, overwrite: bool = False) -> list[Path]:
     """Refuse an output folder that would mix runs; returns the files ``overwrite`` will remove.
 
@@ -243,7 +250,8 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    listing = inputs if isinstance(inputs, InputListing) else scan_inputs(list(inputs), exclude=[out])
+    listing = inputs if isinstance(inputs, InputListing) else scan_inputs(list(inputs), exclude=[out],
+                                                                           skip_folder=earlier_run_folder)
     for p in check_out_dir(out, overwrite):
         try:
             p.unlink()
@@ -268,13 +276,21 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_state()
-        f = open(summary.jsonl, "w", encoding="utf-8")
+        f = open(summary.jsonl, "wb", buffering=0)  # unbuffered: each line is in the kernel once written
     except OSError as e:
         raise PredictOutputError(f"cannot write to --out {out}: {_write_error(Path(e.filename or out), e)}") from e
+    complete = 0  # bytes of predictions.jsonl that hold whole lines
 
     def append(rec: dict) -> None:
-        f.write(dumps_json(rec) + "\n")
-        f.flush()
+        nonlocal complete
+        view = memoryview((dumps_json(rec) + "\n").encode("utf-8"))
+        try:
+            while view:
+                view = view[f.write(view):]
+        except OSError:
+            _try(lambda: os.ftruncate(f.fileno(), complete))  # never leave a partial last line
+            raise
+        complete = f.tell()
 
     gt_dir = None if ground_truth is None else Path(ground_truth)
     try:
