@@ -4,8 +4,6 @@ names, output folders a later reader can trust (refused unless empty / --overwri
 appended as they complete, write errors named), and no onnxruntime telemetry files outside --out."""
 from __future__ import annotations
 
-import io
-import json
 import os
 import resource
 import shutil
