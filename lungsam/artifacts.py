@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -12,6 +13,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -51,16 +54,55 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+def write_json_atomic(path: str | Path, obj: Any, *, nonfinite: str = "null") -> None:
+    """Write ``obj`` as strict JSON (see :func:`dumps_json`), atomically."""
+    write_text_atomic(path, dumps_json(obj, indent=2, nonfinite=nonfinite) + "\n")
 
 
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
+def dumps_json(obj: Any, *, indent: int | None = None, nonfinite: str = "null") -> str:
+    """``obj`` as strict JSON text: the one serialiser for every JSON file lungsam writes.
+
+    numpy scalars/arrays become numbers/lists and paths strings. A non-finite float (NaN, +-Infinity),
+    which JSON cannot express, becomes ``null`` (``nonfinite="null"``) or raises ``ValueError`` naming its
+    key path (``nonfinite="error"``, where a non-finite value is a bug). The text never contains the bare
+    ``NaN``/``Infinity`` tokens that Python's ``json`` writes by default and strict parsers reject."""
+    if nonfinite not in ("null", "error"):
+        raise ValueError(f"nonfinite must be 'null' or 'error', got {nonfinite!r}")
+    return json.dumps(_jsonable(obj, nonfinite, "$"), indent=indent, sort_keys=False, allow_nan=False)
+
+
+def _jsonable(o: Any, nonfinite: str, where: str) -> Any:
+    """``o`` with numpy values converted and non-finite floats handled (see :func:`dumps_json`)."""
+    if isinstance(o, dict):
+        return {k: _jsonable(v, nonfinite, f"{where}.{k}") for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v, nonfinite, f"{where}[{i}]") for i, v in enumerate(o)]
+    if isinstance(o, (bool, np.bool_)):
+        return bool(o)
+    if isinstance(o, (int, np.integer)):
+        return int(o)
+    if isinstance(o, (float, np.floating)):
+        f = float(o)
+        if math.isfinite(f):
+            return f
+        if nonfinite == "error":
+            raise ValueError(f"non-finite value {f} at {where} cannot be written as JSON")
+        return None
     if isinstance(o, Path):
         return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    if o is None or isinstance(o, str):
+        return o
+    if hasattr(o, "tolist"):  # numpy arrays (and tensors handed to a report)
+        return _jsonable(o.tolist(), nonfinite, where)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__} at {where}")
+
+
+def loads_json_strict(text: str) -> Any:
+    """Parse JSON text, refusing the non-standard ``NaN``/``Infinity``/``-Infinity`` tokens."""
+    def refuse(token: str) -> Any:
+        raise ValueError(f"non-standard JSON token {token!r}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def read_json(path: str | Path) -> Any:

@@ -80,10 +80,14 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"image has zero size {a.shape}")
     if a.dtype != np.uint8:
-        f = a.astype(np.float64)
-        lo, hi = float(f.min()), float(f.max())
-        f = (f - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(f)
-        a = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+        lo, hi = float(a.min()), float(a.max())  # == the float64 copy's min/max (conversion is monotonic)
+        out = np.zeros(a.shape, np.uint8)
+        if hi > lo:
+            rows = max(1, (1 << 22) // max(1, a[0].size))  # float64 work in ~32 MB row blocks: bounded memory
+            for r in range(0, a.shape[0], rows):
+                f = (a[r:r + rows].astype(np.float64) - lo) * (255.0 / (hi - lo))
+                out[r:r + rows] = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+        a = out
     return np.ascontiguousarray(a)
 
 
@@ -311,6 +315,10 @@ def postprocess_logits(low_res: np.ndarray, spec: PreprocessSpec, input_hw: tupl
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """Numerically stable logistic function, float32."""
-    x = np.asarray(x, np.float32)
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+    y = np.array(x, np.float32)  # one new array, the rest in place (bounded memory for large masks)
+    y *= np.float32(0.5)
+    np.tanh(y, out=y)
+    y += np.float32(1.0)
+    y *= np.float32(0.5)
+    return y if y.ndim else y[()]
 

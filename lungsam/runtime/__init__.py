@@ -12,10 +12,10 @@ Depends on numpy, Pillow and onnxruntime only; TensorRT (``lungsam[trt]``) and p
 from .backends import BackendChoice, BackendUnavailableError, OrtModel, TrtModel, resolve_backend
 from .bundle import BUNDLE_FORMAT, Bundle, BundleError, BundleIntegrityError
 from .segmenter import (LungSegmenter, Prepared, PromptRequiredError, SegmentationFailure,
-                        SegmentationResult)
+                        SegmentationResult, UnusableImageError)
 
 __all__ = [
     "BUNDLE_FORMAT", "BackendChoice", "BackendUnavailableError", "Bundle", "BundleError", "BundleIntegrityError",
     "LungSegmenter", "OrtModel", "Prepared", "PromptRequiredError", "SegmentationFailure", "SegmentationResult",
-    "TrtModel", "resolve_backend",
+    "TrtModel", "UnusableImageError", "resolve_backend",
 ]

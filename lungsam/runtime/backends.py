@@ -7,6 +7,7 @@ in which case :func:`resolve_backend` downgrades with a :class:`RuntimeWarning` 
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,28 @@ class BackendChoice:
 # onnxruntime
 # ---------------------------------------------------------------------------------------------
 
-def ort_available_providers() -> list[str]:
+ORT_TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+
+
+def import_onnxruntime():
+    """``onnxruntime`` with its telemetry off, the runtime's one way to import it.
+
+    onnxruntime's Linux/macOS builds create a device id and an event database under
+    ``$XDG_CACHE_HOME`` or ``~/.cache/Microsoft/DeveloperTools/.onnxruntime/`` when the library initialises
+    (at import), unless ``ORT_DISABLE_TELEMETRY=1`` is set before that (onnxruntime's documented opt-out,
+    latched for the process). This sets it unless the caller set the variable, imports onnxruntime and
+    calls ``onnxruntime.disable_telemetry_events()`` (the API switch, also for Windows' ETW events). An
+    onnxruntime imported earlier in the process by other code keeps what it was started with."""
+    os.environ.setdefault(ORT_TELEMETRY_ENV, "1")
     import onnxruntime as ort
+
+    if os.environ.get(ORT_TELEMETRY_ENV) == "1" and hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
+    return ort
+
+
+def ort_available_providers() -> list[str]:
+    ort = import_onnxruntime()
 
     return list(ort.get_available_providers())
 
@@ -85,7 +106,7 @@ class OrtModel:
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.path = Path(path)
         providers = ort_providers(device)

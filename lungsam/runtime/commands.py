@@ -29,9 +29,16 @@ import click
 @click.option("--expect-digest", default=None, metavar="HEX",
               help="Refuse the bundle unless its digest (sha256 of manifest.json, printed by lungsam export and "
                    "lungsam verify) is HEX: pins the exact bundle a site validated.")
+@click.option("--overwrite", is_flag=True,
+              help="--out holds a previous `lungsam predict` run: remove its files first (anything else there is "
+                   "refused). Without it a non-empty --out is refused.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=64_000_000, show_default=True,
+              help="Largest input (rows x columns) read, checked from each file's header before decoding; "
+                   "larger inputs fail with the reason. Bounds memory per image.")
 def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, backend: str, device: str,
             precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
-            box_from_first_pass: bool | None, no_progress: bool, expect_digest: str | None) -> None:
+            box_from_first_pass: bool | None, no_progress: bool, expect_digest: str | None, overwrite: bool,
+            max_pixels: int) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -41,18 +48,24 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
 
     from tqdm import tqdm
 
-    from ..imageio import list_inputs
+    from ..imageio import scan_inputs
     from .backends import BackendUnavailableError
     from .bundle import BundleError
-    from .predict import predict_files
+    from .predict import PredictOutputError, check_out_dir, earlier_run_folder, predict_files
     from .segmenter import LungSegmenter
 
+    try:
+        check_out_dir(out_dir, overwrite)  # before any work
+    except PredictOutputError as e:
+        raise click.ClickException(str(e)) from e
+    listing = scan_inputs(inputs, exclude=[out_dir], skip_folder=earlier_run_folder)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         try:
             seg = LungSegmenter.load(bundle, backend=backend, device=device, precision=precision,
                                      allow_fallback=allow_fallback, threads=threads,
-                                     box_from_first_pass=box_from_first_pass, expect_digest=expect_digest)
+                                     box_from_first_pass=box_from_first_pass, expect_digest=expect_digest,
+                                     max_pixels=max_pixels)
         except (BundleError, BackendUnavailableError, ValueError) as e:
             raise click.ClickException(str(e)) from e
     for w in caught:
@@ -64,9 +77,10 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
             "gives the box; `lungsam export --box-from-first-pass` makes it the bundle's default), use a bundle "
             "trained with --prompt points, auto-box or auto-both, or the Python API "
             "(LungSegmenter.segment(image, box=...))")
-    n = len(list_inputs(list(inputs)))
+    n = len(listing.files)
     if n == 0:
-        raise click.ClickException("no input images found (PNG/JPEG/TIFF/BMP/DICOM files or folders of them)")
+        why = "".join(f"\n  skipped: {s.path}: {s.reason}" for s in listing.skipped[:10])
+        raise click.ClickException("no input images found (PNG/JPEG/TIFF/BMP/DICOM files or folders of them)" + why)
     d = seg.describe()
     fp = " (box from the first pass)" if d["box_from_first_pass"] else ""
     click.echo(f"{n} inputs; {d['backend']} on {d['device']} ({d['precision']}), prompt {d['prompt_mode']}{fp}, "
@@ -75,11 +89,19 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     def progress(it):
         return tqdm(it, total=n, unit="img", desc="predict", disable=no_progress)
 
-    summary = predict_files(seg, inputs, out_dir, overlay=overlay, batch_size=batch_size, progress=progress,
-                            ground_truth=ground_truth)
+    def skipped(rec):
+        click.echo(f"skipped: {rec['file']}: {rec['reason']}", err=True)
+
+    try:
+        summary = predict_files(seg, listing, out_dir, overlay=overlay, batch_size=batch_size, progress=progress,
+                                ground_truth=ground_truth, overwrite=overwrite, on_skip=skipped)
+    except PredictOutputError as e:
+        raise click.ClickException(str(e)) from e
     for rec in summary.records:
-        if rec["status"] != "ok":
+        if rec["status"] == "error":
             click.echo(f"failed: {rec['error']}", err=True)
+        for w in rec.get("warnings") or []:
+            click.echo(f"warning: {rec['file']}: {w}", err=True)
     click.echo(f"{summary.line} ({summary.seconds:.1f} s); results in {summary.jsonl}")
     if summary.failed:
         raise SystemExit(1)

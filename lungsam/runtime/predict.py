@@ -1,11 +1,25 @@
-"""Batch prediction behind ``lungsam predict``: masks, overlays and ``predictions.jsonl``. Torch-free.
+"""Batch prediction behind ``lungsam predict``: masks, overlays, ``predictions.jsonl`` and ``predict.json``.
+Torch-free.
 
-Every output is written atomically (:func:`lungsam.artifacts.atomic_path`), so an interrupted run never
-leaves a partial PNG or JSONL. A bad input gets an ``error`` line and the batch goes on.
+Outputs a later reader can trust:
+
+* ``--out`` must be empty (or absent); ``overwrite=True`` first removes a previous ``lungsam predict`` run's
+  files there (those its ``predict.json`` and ``predictions.jsonl`` name) and refuses a folder holding anything
+  else. The output folder is never read as input.
+* ``predict.json`` is written first with ``"status": "incomplete"`` and the output names the run may write, and
+  rewritten with ``"status": "complete"`` at the end: a killed run says so.
+* ``predictions.jsonl`` gets one strict-JSON line per input as it completes (flushed; fsync at the end), after
+  that input's mask/overlay were written atomically: a kill loses at most the image in flight, and a line
+  always means its files are complete. Skipped folder entries come first, as ``"status": "skipped"`` lines.
+* A write that fails for lack of space or permission stops the run with :class:`PredictOutputError` naming the
+  path; the inputs completed before it stay recorded and ``predict.json`` says ``incomplete`` with the error.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,20 +28,29 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from ..artifacts import atomic_path, package_versions, utc_now, write_json_atomic
-from ..imageio import IMAGE_SUFFIXES, ImageReadError, list_inputs, read_mask
+from ..artifacts import atomic_path, dumps_json, package_versions, read_json, utc_now, write_json_atomic
+from ..imageio import IMAGE_SUFFIXES, ImageReadError, InputListing, read_mask, scan_inputs
 from ..metrics import f1_score, iou_score, summarize
-from ..preprocess import to_rgb_uint8
+from ..preprocess import grey_to_rgb, to_uint8
 from .segmenter import LungSegmenter, SegmentationFailure, SegmentationResult
 
 OVERLAY_COLOR = (0, 200, 80)
 OVERLAY_ALPHA = 0.4
+PREDICT_FORMAT = "lungsam-predict/1"
+RUN_FILES = ("predict.json", "predictions.jsonl", "metrics.json")
+_ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # lungsam.artifacts.atomic_path's temporary files
+FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+class PredictOutputError(RuntimeError):
+    """The output folder cannot be used (not empty, not ours to overwrite) or written (full, read-only)."""
 
 
 @dataclass
 class PredictSummary:
     ok: int = 0
     failed: int = 0
+    skipped: int = 0
     records: list[dict] = field(default_factory=list)
     jsonl: Path | None = None
     seconds: float = 0.0
@@ -36,27 +59,45 @@ class PredictSummary:
     @property
     def line(self) -> str:
         s = f"{self.ok} ok, {self.failed} failed"
+        if self.skipped:
+            s += f", {self.skipped} skipped"
         if self.scores and self.scores["n"]:
             s += (f"; vs ground truth ({self.scores['n']} images): F1 {self.scores['f1']['mean']:.4f} ± "
                   f"{self.scores['f1']['std']:.4f}, IoU {self.scores['iou']['mean']:.4f}")
         return s
 
 
+# ---------------------------------------------------------------------------------------------
+# ground truth
+# ---------------------------------------------------------------------------------------------
+
+def ground_truth_for(gt_dir: Path, stem: str) -> Path | None:
+    """The mask in ``gt_dir`` whose name is exactly ``<stem><image suffix>`` (no pattern matching: a stem
+    ``x[1]`` never matches ``x1.png``); the first in sorted order when several suffixes exist."""
+    found = sorted(p for p in gt_dir.iterdir()
+                   if p.stem == stem and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return found[0] if found else None
+
+
 def score_against(mask: np.ndarray, gt_dir: Path, stem: str) -> dict:
-    """F1/IoU of a predicted ``(H0, W0)`` mask against ``gt_dir/<stem>.*`` (same size), or the reason it
+    """F1/IoU of a predicted ``(H0, W0)`` mask against ``gt_dir/<stem>.<suffix>`` (same size), or the reason it
     could not be scored."""
-    found = [p for p in sorted(gt_dir.glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not found:
+    gt_path = ground_truth_for(gt_dir, stem)
+    if gt_path is None:
         return {"ground_truth": None, "score_error": f"no mask named {stem}.* in {gt_dir}"}
     try:
-        gt = read_mask(found[0])
+        gt = read_mask(gt_path)
     except ImageReadError as e:
-        return {"ground_truth": str(found[0]), "score_error": str(e)}
+        return {"ground_truth": str(gt_path), "score_error": str(e)}
     if gt.shape != mask.shape:
-        return {"ground_truth": str(found[0]),
+        return {"ground_truth": str(gt_path),
                 "score_error": f"mask size {gt.shape[1]}x{gt.shape[0]} differs from the image's {mask.shape[1]}x{mask.shape[0]}"}
-    return {"ground_truth": str(found[0]), "f1": round(f1_score(mask, gt), 6), "iou": round(iou_score(mask, gt), 6)}
+    return {"ground_truth": str(gt_path), "f1": round(f1_score(mask, gt), 6), "iou": round(iou_score(mask, gt), 6)}
 
+
+# ---------------------------------------------------------------------------------------------
+# images out
+# ---------------------------------------------------------------------------------------------
 
 def save_png(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array as PNG atomically."""
@@ -69,14 +110,23 @@ def mask_png(mask: np.ndarray) -> np.ndarray:
 
 
 def overlay_image(pixels: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = OVERLAY_COLOR,
-                  alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """The original image (as 8-bit RGB) with the mask tinted in ``color`` and its border drawn solid."""
-    rgb = to_rgb_uint8(pixels).astype(np.float32)
+                  alpha: float = OVERLAY_ALPHA, rows_per_block: int = 512) -> np.ndarray:
+    """The original image (as 8-bit RGB) with the mask tinted in ``color`` and its border drawn solid.
+
+    ``(H, W, 3)`` uint8. Blended in blocks of rows, so the float32 work is a few MB whatever the image size."""
+    u8 = to_uint8(pixels)  # one per-image scaling, as preprocess.to_rgb_uint8
     c = np.asarray(color, np.float32)
-    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * c
     edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
-    rgb[edge] = c
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    out = np.empty(mask.shape + (3,), np.uint8)
+    for r in range(0, mask.shape[0], rows_per_block):
+        sl = slice(r, r + rows_per_block)
+        block = u8[sl]
+        rgb = (grey_to_rgb(block) if block.ndim == 2 else block).astype(np.float32)
+        m = mask[sl]
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * c
+        rgb[edge[sl]] = c
+        out[sl] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return out
 
 
 def _output_stems(paths: list[Path]) -> list[str]:
@@ -100,66 +150,244 @@ def _round(d: dict[str, float]) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in d.items()}
 
 
-def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_dir: str | Path, *, overlay: bool = False,
-                  batch_size: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
-                  ground_truth: str | Path | None = None) -> PredictSummary:
-    """Segment files/folders into ``out_dir``: ``<stem>_mask.png`` (0/255, original size), optional
-    ``<stem>_overlay.png``, ``predictions.jsonl`` (one JSON line per input, in input order) and
-    ``predict.json`` (the backend, device and precision that ran, fallbacks taken, counts, versions).
+# ---------------------------------------------------------------------------------------------
+# the output folder
+# ---------------------------------------------------------------------------------------------
 
-    With ``ground_truth`` (a folder of masks named like the inputs), each line also carries F1/IoU at the
-    original size and ``metrics.json`` summarises them."""
+def previous_run_files(out: Path) -> set[str] | None:
+    """Names in ``out`` that a previous ``lungsam predict`` run wrote (its ``predict.json`` lists them, its
+    ``predictions.jsonl`` names each mask/overlay, and atomic temporary files), or ``None`` when ``out``
+    holds no ``predict.json`` of such a run."""
+    try:
+        run = read_json(out / "predict.json")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(run, dict) or not ("segmenter" in run or run.get("format") == PREDICT_FORMAT):
+        return None
+    names = set(RUN_FILES)
+    names |= {n for n in run.get("outputs_planned") or [] if isinstance(n, str)}
+    try:
+        with open(out / "predictions.jsonl", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict):
+                    names |= {rec[k] for k in ("mask", "overlay") if isinstance(rec.get(k), str)}
+    except OSError:
+        pass
+    names |= {p.name for p in out.iterdir() if _ATOMIC_TMP.match(p.name)}
+    return {n for n in names if n and "/" not in n and n not in (".", "..")}
+
+
+def earlier_run_folder(folder: Path) -> str | None:
+    """Why ``folder`` (met while scanning an input folder) is not read: it holds an earlier ``lungsam predict``
+    run's outputs (its ``predict.json``); ``None`` otherwise."""
+    return ("output folder of an earlier `lungsam predict` run (has its predict.json); not read as input"
+            if (folder / "predict.json").is_file() and previous_run_files(folder) is not None else None)
+
+
+def check_out_dir(out: str | Path, overwrite: bool = False) -> list[Path]:
+    """Refuse an output folder that would mix runs; returns the files ``overwrite`` will remove.
+
+    Raises:
+        PredictOutputError: ``out`` is a file; or not empty and ``overwrite`` is false; or, with
+            ``overwrite``, it holds files that no previous ``lungsam predict`` run there wrote.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PredictOutputError(f"--out {out} exists and is not a folder")
+    if not out.exists():
+        return []
+    entries = sorted(out.iterdir())
+    if not entries:
+        return []
+    names = ", ".join(p.name for p in entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+    if not overwrite:
+        raise PredictOutputError(
+            f"--out {out} is not empty ({names}): a previous run's files would sit beside this run's. Pass "
+            "--overwrite to replace a previous `lungsam predict` run there, or choose an empty folder")
+    ours = previous_run_files(out)
+    foreign = [p for p in entries if ours is None or p.name not in ours or not (p.is_file() or p.is_symlink())]
+    if foreign:
+        why = ("it has no predict.json of a previous `lungsam predict` run" if ours is None
+               else "these were not written by the previous `lungsam predict` run there")
+        raise PredictOutputError(
+            f"--out {out}: --overwrite removes only a previous run's outputs, and {why}: "
+            f"{', '.join(p.name for p in foreign[:5])}{' ...' if len(foreign) > 5 else ''}; choose an empty folder")
+    return entries
+
+
+def _fatal(e: OSError) -> bool:
+    return e.errno in FATAL_WRITE_ERRNOS
+
+
+def _write_error(path: Path, e: OSError) -> str:
+    return f"cannot write {path}: {e.strerror or e}"
+
+
+def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | InputListing, out_dir: str | Path, *,
+                  overlay: bool = False, batch_size: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
+                  ground_truth: str | Path | None = None, overwrite: bool = False,
+                  on_skip: Callable[[dict], None] | None = None) -> PredictSummary:
+    """Segment files/folders into ``out_dir``: ``<stem>_mask.png`` (0/255, original size), optional
+    ``<stem>_overlay.png``, ``predictions.jsonl`` (one strict-JSON line per input, in input order, after the
+    ``skipped`` lines of folder entries not read) and ``predict.json`` (``status`` ``incomplete``/``complete``,
+    the backend, device and precision that ran, fallbacks taken, counts, skipped files, versions).
+
+    Args:
+        inputs: files and folders (folders recursive, see :func:`lungsam.imageio.scan_inputs`; ``out_dir`` is
+            never read), or an :class:`~lungsam.imageio.InputListing` already made.
+        overwrite: remove a previous ``lungsam predict`` run's files in ``out_dir`` first (see :func:`check_out_dir`).
+        ground_truth: a folder of masks named exactly like the inputs: each line also carries F1/IoU at the
+            original size and ``metrics.json`` summarises them.
+        on_skip: called with each skipped record (the CLI prints them).
+
+    Raises:
+        PredictOutputError: ``out_dir`` not usable (see :func:`check_out_dir`), or a write failed for lack of
+            space/permission (the message names the path; what completed is recorded).
+    """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = list_inputs(list(inputs))
+    listing = inputs if isinstance(inputs, InputListing) else scan_inputs(list(inputs), exclude=[out],
+                                                                           skip_folder=earlier_run_folder)
+    for p in check_out_dir(out, overwrite):
+        try:
+            p.unlink()
+        except OSError as e:
+            raise PredictOutputError(f"--overwrite: cannot remove {p}: {e.strerror or e}") from e
+    paths = listing.files
     stems = _output_stems(paths)
     summary = PredictSummary(jsonl=out / "predictions.jsonl")
-    results = segmenter.segment_many(paths, batch_size=batch_size)
-    it = progress(results) if progress is not None else results
-    with atomic_path(summary.jsonl) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for path, stem, r in zip(paths, stems, it):
-            rec: dict = {"file": str(path)}
-            if isinstance(r, SegmentationResult):
-                try:
-                    mask_path = out / f"{stem}_mask.png"
-                    save_png(mask_path, mask_png(r.mask))
-                    rec.update(status="ok", error=None, mask=mask_path.name)
-                    if overlay:
-                        ov = out / f"{stem}_overlay.png"
-                        save_png(ov, overlay_image(r.pixels, r.mask))
-                        rec["overlay"] = ov.name
-                    if ground_truth is not None:
-                        rec.update(score_against(r.mask, Path(ground_truth), path.stem))
-                    rec.update(area_px=r.area_px, area_mm2=None if r.area_mm2 is None else round(r.area_mm2, 3),
-                               pixel_spacing_mm=None if r.pixel_spacing_mm is None else list(r.pixel_spacing_mm),
-                               score=round(r.score, 6), threshold=r.threshold, size=list(r.original_hw),
-                               timings=_round(r.timings))
-                except OSError as e:
-                    rec = {"file": str(path), "status": "error", "error": f"cannot write outputs: {e}",
-                           "stage": "write", "timings": _round(r.timings)}
-            else:
-                assert isinstance(r, SegmentationFailure)
-                rec.update(status="error", error=r.error, stage=r.stage, timings=_round(r.timings))
-            if rec["status"] == "ok":
-                summary.ok += 1
-            else:
-                summary.failed += 1
-            summary.records.append(rec)
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+    setup = segmenter.describe()
+    planned = list(RUN_FILES) + [f"{s}_mask.png" for s in stems] + ([f"{s}_overlay.png" for s in stems] if overlay else [])
+    skipped = [{"file": str(s.path), "status": "skipped", "reason": s.reason} for s in listing.skipped]
+    state = {"format": PREDICT_FORMAT, "status": "incomplete", "created": utc_now(), "finished": None,
+             "segmenter": setup, "inputs": len(paths), "ok": 0, "failed": 0, "skipped": len(skipped),
+             "seconds": None, "error": None,
+             "outputs": "predictions.jsonl (one line per input)" + (", metrics.json" if ground_truth is not None else ""),
+             "outputs_planned": planned, "skipped_files": skipped, "versions": package_versions()}
+
+    def write_state() -> None:
+        state.update(ok=summary.ok, failed=summary.failed, seconds=round(time.perf_counter() - t0, 3))
+        write_json_atomic(out / "predict.json", state)
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_state()
+        f = open(summary.jsonl, "wb", buffering=0)  # unbuffered: each line is in the kernel once written
+    except OSError as e:
+        raise PredictOutputError(f"cannot write to --out {out}: {_write_error(Path(e.filename or out), e)}") from e
+    complete = 0  # bytes of predictions.jsonl that hold whole lines
+
+    def append(rec: dict) -> None:
+        nonlocal complete
+        view = memoryview((dumps_json(rec) + "\n").encode("utf-8"))
+        try:
+            while view:
+                view = view[f.write(view):]
+        except OSError:
+            _try(lambda: os.ftruncate(f.fileno(), complete))  # never leave a partial last line
+            raise
+        complete = f.tell()
+
+    gt_dir = None if ground_truth is None else Path(ground_truth)
+    try:
+        with f:
+            for rec in skipped:
+                summary.skipped += 1
+                summary.records.append(rec)
+                append(rec)
+                if on_skip is not None:
+                    on_skip(rec)
+            results = segmenter.segment_many(paths, batch_size=batch_size)
+            it = progress(results) if progress is not None else results
+            for path, stem, r in zip(paths, stems, it):
+                rec = _record(path, stem, r, out, overlay, gt_dir)
+                summary.ok += rec["status"] == "ok"
+                summary.failed += rec["status"] != "ok"
+                fatal = rec.pop("_fatal", False)
+                summary.records.append(rec)
+                append(rec)
+                if fatal:
+                    raise PredictOutputError(
+                        f"{rec['error']}; stopped after {summary.ok} ok / {summary.failed} failed inputs, recorded in "
+                        f"{summary.jsonl} (predict.json says incomplete)")
+            os.fsync(f.fileno())
+    except OSError as e:
+        state["error"] = _write_error(Path(e.filename or summary.jsonl), e)
+        _try(write_state)
+        raise PredictOutputError(
+            f"{state['error']}; stopped after {summary.ok} ok / {summary.failed} failed inputs (the lines written to "
+            f"{summary.jsonl} before it are complete; predict.json says incomplete)") from e
+    except PredictOutputError as e:
+        state["error"] = str(e)
+        _try(write_state)
+        raise
+    except BaseException as e:  # Ctrl-C: say so, then stop
+        state["error"] = f"interrupted ({type(e).__name__})"
+        _try(write_state)
+        raise
     summary.seconds = time.perf_counter() - t0
-    setup = segmenter.describe()  # what actually ran (after any --allow-fallback), beside the figures it produced
-    write_json_atomic(out / "predict.json", {
-        "created": utc_now(), "segmenter": setup, "inputs": len(paths), "ok": summary.ok, "failed": summary.failed,
-        "seconds": round(summary.seconds, 3), "outputs": "predictions.jsonl (one line per input)" +
-        (", metrics.json" if ground_truth is not None else ""), "versions": package_versions()})
-    if ground_truth is not None:
-        scored = [r for r in summary.records if "f1" in r]
-        summary.scores = {"n": len(scored), "f1": summarize(r["f1"] for r in scored),
-                          "iou": summarize(r["iou"] for r in scored),
-                          "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
-        write_json_atomic(out / "metrics.json", {
-            "ground_truth": str(ground_truth), "threshold": segmenter.threshold, "frame": "original image size",
-            **summary.scores, "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision", "fallbacks")}})
+    try:
+        if ground_truth is not None:
+            scored = [r for r in summary.records if "f1" in r]
+            summary.scores = {"n": len(scored), "f1": summarize(r["f1"] for r in scored),
+                              "iou": summarize(r["iou"] for r in scored),
+                              "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
+            write_json_atomic(out / "metrics.json", {
+                "ground_truth": str(ground_truth), "threshold": segmenter.threshold, "frame": "original image size",
+                **summary.scores,
+                "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision", "fallbacks")}})
+        state.update(status="complete", finished=utc_now())
+        write_state()
+    except OSError as e:
+        state["error"] = _write_error(Path(e.filename or out), e)
+        state["status"] = "incomplete"
+        _try(write_state)
+        raise PredictOutputError(f"{state['error']}; every input is recorded in {summary.jsonl}, but the run's "
+                                 "summary could not be written (predict.json says incomplete)") from e
     return summary
+
+
+def _try(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except OSError:
+        pass  # the disk refused the status update as well; the error raised next names the cause
+
+
+def _record(path: Path, stem: str, r: SegmentationResult | SegmentationFailure, out: Path, overlay: bool,
+            gt_dir: Path | None) -> dict:
+    """One ``predictions.jsonl`` record, writing the input's mask (and overlay) first; on a write error the
+    input's files are removed and the record says ``stage: write`` (``_fatal`` when the folder is full or
+    read-only, which stops the run)."""
+    rec: dict = {"file": str(path)}
+    if not isinstance(r, SegmentationResult):
+        assert isinstance(r, SegmentationFailure)
+        rec.update(status="error", error=r.error, stage=r.stage, timings=_round(r.timings))
+        return rec
+    written: list[Path] = []
+    target = out / f"{stem}_mask.png"
+    try:
+        save_png(target, mask_png(r.mask))
+        written.append(target)
+        rec.update(status="ok", error=None, mask=target.name)
+        if overlay:
+            target = out / f"{stem}_overlay.png"
+            save_png(target, overlay_image(r.pixels, r.mask))
+            written.append(target)
+            rec["overlay"] = target.name
+    except OSError as e:
+        for p in written:  # a failed input keeps no mask
+            _try(p.unlink)
+        return {"file": str(path), "status": "error", "error": _write_error(target, e), "stage": "write",
+                "timings": _round(r.timings), "_fatal": _fatal(e)}
+    if gt_dir is not None:
+        rec.update(score_against(r.mask, gt_dir, path.stem))
+    rec.update(area_px=r.area_px, area_mm2=None if r.area_mm2 is None else round(r.area_mm2, 3),
+               pixel_spacing_mm=None if r.pixel_spacing_mm is None else list(r.pixel_spacing_mm),
+               score=round(r.score, 6), threshold=r.threshold, size=list(r.original_hw),
+               timings=_round(r.timings), warnings=list(r.warnings))
+    return rec

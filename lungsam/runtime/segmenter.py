@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 import numpy as np
 
 from .. import preprocess as pp
-from ..imageio import ImageReadError, LoadedImage, read_image
+from ..imageio import (DEFAULT_MAX_PIXELS, ImageReadError, LoadedImage, check_max_pixels, check_pixel_limit,
+                       plausible_spacing, read_image)
 from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_prompt
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from ..manifest import normalize_digest
@@ -34,6 +35,36 @@ ImageSource = Union[str, Path, LoadedImage, np.ndarray]
 
 class PromptRequiredError(ValueError):
     """The bundle's prompt mode needs a ground-truth box, and none was given."""
+
+
+class UnusableImageError(ImageReadError):
+    """An image that was read but is no radiograph to segment: too small, constant (blank), or non-finite."""
+
+
+MIN_IMAGE_SIDE = 32
+"""Smallest image side (pixels) segmented; smaller inputs are refused (a radiograph is thousands of pixels)."""
+
+
+def check_segmentable(pixels: np.ndarray, source: object, min_side: int = MIN_IMAGE_SIDE) -> None:
+    """Refuse, with the reason, an original-frame image ``(H, W)`` / ``(H, W, C)`` that would give a meaningless
+    mask: a side below ``min_side``, NaN/Inf values (e.g. after a DICOM rescale), or a constant (blank) image.
+
+    Raises:
+        UnusableImageError
+    """
+    a = np.asarray(pixels)
+    h, w = int(a.shape[0]), int(a.shape[1])
+    if min(h, w) < min_side:
+        raise UnusableImageError(f"{source}: image is {w}x{h}, below the minimum of {min_side} pixels on a side")
+    if a.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        if bad:
+            raise UnusableImageError(f"{source}: {bad} pixel value(s) are NaN or infinite (after rescale); refused")
+    if a.dtype.kind not in "biuf":
+        raise UnusableImageError(f"{source}: pixel type {a.dtype} is not numeric")
+    lo, hi = a.min(), a.max()
+    if lo == hi:
+        raise UnusableImageError(f"{source}: image is constant (every pixel {lo.item()!r}): blank, nothing to segment")
 
 
 @dataclass
@@ -50,6 +81,7 @@ class Prepared:
         source: path of the input (``None`` for arrays).
         pixels: the original pixels (kept for overlays).
         timings: ``read_s``, ``preprocess_s``.
+        warnings: what was ignored while reading (e.g. an implausible pixel spacing).
     """
 
     model_input: np.ndarray
@@ -60,6 +92,7 @@ class Prepared:
     source: Path | None = None
     pixels: np.ndarray | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +113,7 @@ class SegmentationResult:
             ``postprocess_s``, ``total_s`` (encode/decode are the batch's time divided by its size).
         prompt: ``"learned"`` (baked-in prompt), ``"interactive"`` or ``"first-pass box"`` (the learned
             points with the box of the model's own first mask).
+        warnings: what was ignored while reading (e.g. an implausible pixel spacing, so no ``area_mm2``).
     """
 
     mask: np.ndarray
@@ -94,6 +128,7 @@ class SegmentationResult:
     timings: dict[str, float]
     prompt: str = "learned"
     pixels: np.ndarray | None = field(default=None, repr=False)
+    warnings: list[str] = field(default_factory=list)
 
     ok = True
 
@@ -130,7 +165,8 @@ class LungSegmenter:
     """
 
     def __init__(self, bundle: Bundle, models: dict[str, Model], choice: BackendChoice, threads: int | None = None,
-                 box_from_first_pass: bool = False):
+                 box_from_first_pass: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.max_pixels = check_max_pixels(max_pixels)
         if box_from_first_pass:
             try:
                 first_pass_prompt(bundle.prompt)
@@ -154,7 +190,8 @@ class LungSegmenter:
     @classmethod
     def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
              allow_fallback: bool = False, threads: int | None = None,
-             box_from_first_pass: bool | None = None, expect_digest: str | None = None) -> "LungSegmenter":
+             box_from_first_pass: bool | None = None, expect_digest: str | None = None,
+             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "LungSegmenter":
         """Open a bundle (verifying every file's sha256) with the requested backend.
 
         Args:
@@ -173,6 +210,8 @@ class LungSegmenter:
                 records it as ``manifest["inference"]["box_from_first_pass"]``; absent = ``False``).
             expect_digest: refuse the bundle unless its digest (sha256 of ``manifest.json``, which lists
                 every file's sha256; ``lungsam export`` prints it) is this one: pins the validated bundle.
+            max_pixels: largest input (rows x columns) read or segmented, checked from each file's header
+                before decoding (``None``: no limit); bounds memory per image.
         Raises:
             BundleError / BundleIntegrityError: not a bundle, a malformed manifest, a listed file missing or
                 changed, or a digest other than ``expect_digest``.
@@ -195,7 +234,7 @@ class LungSegmenter:
                                   f"expected {want_in} / {want_out}")
         if box_from_first_pass is None:
             box_from_first_pass = bundle_box_from_first_pass(b)
-        return cls(b, models, choice, threads, box_from_first_pass)
+        return cls(b, models, choice, threads, box_from_first_pass, max_pixels)
 
     @property
     def backend(self) -> str:
@@ -227,28 +266,37 @@ class LungSegmenter:
                 "providers": {n: list(getattr(m, "providers", [])) for n, m in self._models.items()},
                 "prompt_mode": self.prompt.mode, "box_from_first_pass": self.box_from_first_pass,
                 "threshold": self.threshold, "working_size": self.working_size,
-                "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks)}
+                "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks),
+                "max_pixels": self.max_pixels}
 
     # -----------------------------------------------------------------------------------------
     # stages
     # -----------------------------------------------------------------------------------------
     @staticmethod
-    def read(source: ImageSource, pixel_spacing_mm: tuple[float, float] | None = None) -> LoadedImage:
-        """Path / LoadedImage / array -> :class:`LoadedImage` (raises :class:`ImageReadError`)."""
+    def read(source: ImageSource, pixel_spacing_mm: tuple[float, float] | None = None,
+             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
+        """Path / LoadedImage / array -> :class:`LoadedImage` (raises :class:`ImageReadError`). A caller's
+        ``pixel_spacing_mm`` (arrays) that is implausible is ignored with a warning in ``.warnings``."""
         if isinstance(source, LoadedImage):
+            check_pixel_limit(source.path, *source.hw, max_pixels)
             return source
         if isinstance(source, np.ndarray):
             if source.ndim < 2 or source.shape[0] == 0 or source.shape[1] == 0:
                 raise ImageReadError(f"array input has unusable shape {source.shape}")
-            return LoadedImage(pixels=source, path=Path("<array>"), pixel_spacing_mm=pixel_spacing_mm)
+            check_pixel_limit("<array>", source.shape[0], source.shape[1], max_pixels)
+            spacing, why = plausible_spacing(pixel_spacing_mm, "pixel_spacing_mm")
+            return LoadedImage(pixels=source, path=Path("<array>"), pixel_spacing_mm=spacing,
+                               warnings=[why] if why else [])
         if isinstance(source, (str, Path)):
-            return read_image(source)
+            return read_image(source, max_pixels)
         raise TypeError(f"expected a path, LoadedImage or numpy array, got {type(source).__name__}")
 
     def preprocess(self, image: ImageSource, pixel_spacing_mm: tuple[float, float] | None = None) -> Prepared:
-        """Read (if needed) and map original -> working -> raw model input."""
+        """Read (if needed), refuse an unusable image (:func:`check_segmentable`: too small, constant,
+        non-finite; raises :class:`UnusableImageError`), and map original -> working -> raw model input."""
         t0 = time.perf_counter()
-        img = self.read(image, pixel_spacing_mm)
+        img = self.read(image, pixel_spacing_mm, self.max_pixels)
+        check_segmentable(img.pixels, img.path)
         t1 = time.perf_counter()
         try:
             working = pp.to_working(img.pixels, self.working_size)
@@ -256,11 +304,15 @@ class LungSegmenter:
             raise ImageReadError(f"{img.path}: {e}") from e
         raw, input_hw = pp.model_input(working, self.spec)
         t2 = time.perf_counter()
-        spacing = img.pixel_spacing_mm if img.pixel_spacing_mm is not None else pixel_spacing_mm
+        notes = list(img.warnings)
+        spacing = img.pixel_spacing_mm
+        if spacing is None and pixel_spacing_mm is not None and not isinstance(image, np.ndarray):
+            spacing, why = plausible_spacing(pixel_spacing_mm, "pixel_spacing_mm")
+            notes += [why] if why else []
         src = None if str(img.path) == "<array>" else img.path
         return Prepared(model_input=raw, input_hw=input_hw, original_hw=img.hw, working_size=self.working_size,
                         pixel_spacing_mm=spacing, source=src, pixels=img.pixels,
-                        timings={"read_s": t1 - t0, "preprocess_s": t2 - t1})
+                        timings={"read_s": t1 - t0, "preprocess_s": t2 - t1}, warnings=notes)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         """``(B, 3, img, img)`` (or ``(3, img, img)``) raw model inputs -> ``(B, C, E, E)`` embeddings."""
@@ -412,7 +464,7 @@ class LungSegmenter:
             mask=mask, probability=prob, score=float(np.asarray(iou).reshape(-1)[0]), area_px=area,
             area_mm2=None if sp is None else float(area * sp[0] * sp[1]), threshold=self.threshold,
             original_hw=prepared.original_hw, pixel_spacing_mm=sp, source=prepared.source, timings=timings,
-            prompt=prompt_kind, pixels=prepared.pixels)
+            prompt=prompt_kind, pixels=prepared.pixels, warnings=list(prepared.warnings))
 
     def segment(self, image: ImageSource, points: np.ndarray | None = None, labels: np.ndarray | None = None,
                 box: np.ndarray | None = None, pixel_spacing_mm: tuple[float, float] | None = None
@@ -507,7 +559,8 @@ class LungSegmenter:
                         prompt = self.model_prompts(prepared.original_hw, p.get("points"), p.get("labels"), p.get("box"))
                         item: Any = (prepared, prompt)
                     except Exception as e:  # one bad input never stops the batch
-                        stage = "prompt" if isinstance(e, PromptRequiredError) else "read"
+                        stage = ("prompt" if isinstance(e, PromptRequiredError)
+                                 else "validate" if isinstance(e, UnusableImageError) else "read")
                         msg = str(e) if isinstance(e, (ImageReadError, ValueError)) and str(e) else f"{type(e).__name__}: {e}"
                         if path is not None and str(path) not in msg:
                             msg = f"{path}: {msg}"
