@@ -79,11 +79,20 @@ def read_dicom(path: Path) -> LoadedImage:
     MONOCHROME1 inverted so that bright means dense, as in MONOCHROME2. Needs ``lungsam[dicom]``."""
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as e:
         raise ImageReadError(f"{path}: DICOM input needs pydicom: pip install 'lungsam[dicom]'") from e
     try:
         ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for truncated/invalid files
+        raise ImageReadError(f"{path}: cannot read DICOM ({type(e).__name__}: {e})") from e
+    return read_dicom_dataset(ds, path)
+
+
+def read_dicom_dataset(ds, path: Path) -> LoadedImage:
+    """A pydicom Dataset -> :class:`LoadedImage`, as :func:`read_dicom` (``path`` names it in errors)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
         arr = ds.pixel_array
     except Exception as e:  # pydicom raises many types for truncated/invalid files
         raise ImageReadError(f"{path}: cannot read DICOM ({type(e).__name__}: {e})") from e
