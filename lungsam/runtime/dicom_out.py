@@ -21,6 +21,7 @@ This module is the one place that names, writes and reads back lungsam's DICOM r
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ CHEST_SOP_CLASSES = {
 }
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 OVERLAY_RGB = (0, 200, 80)
+_UID_NAMESPACE = uuid.UUID("5b0f3c2e-8a41-5d0e-9c55-6c756e677361")  # lungsam's own namespace
 
 
 class DicomOutputError(ValueError):
@@ -109,7 +111,7 @@ class DicomResults:
 # laterality
 # ---------------------------------------------------------------------------------------------
 
-def laterality_rule(ds: "Dataset") -> LateralityRule:
+def laterality_rule(ds: Dataset) -> LateralityRule:
     """Which image axis and side hold the patient's right, from ``PatientOrientation`` (see the module doc).
 
     Raises :class:`DicomOutputError` when ``PatientOrientation`` is present but names no left-right direction
@@ -165,7 +167,7 @@ def split_lungs(mask: np.ndarray, rule: LateralityRule) -> tuple[np.ndarray, np.
 # identification
 # ---------------------------------------------------------------------------------------------
 
-def bundle_digest(bundle: "Bundle") -> str:
+def bundle_digest(bundle: Bundle) -> str:
     """sha256 of the bundle's ``manifest.json`` bytes (the manifest lists every model file's sha256).
 
     Uses ``Bundle.digest`` where the runtime provides it (same definition)."""
@@ -183,14 +185,14 @@ def lungsam_version() -> str:
 
 
 def result_uid(source_sop_instance_uid: str, digest: str, kind: str) -> str:
-    """A UID (``2.25.<int>``) derived from the source instance, the bundle digest and ``kind`` (``seg``, ``sr``,
-    ``sc``, ``seg-series``, ...): the same inputs always give the same UID."""
-    from pydicom.uid import generate_uid
+    """A UID ``2.25.<int>`` (PS3.5 B.2: a UUID as an integer) from a name-based UUID (RFC 4122 version 5) of the
+    source instance, the bundle digest and ``kind`` (``seg``, ``sr``, ``sc``, ``seg-series``, ...): the same
+    inputs always give the same UID."""
+    name = "\x1f".join(("lungsam", str(source_sop_instance_uid), digest, kind))
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
-    return generate_uid(prefix=None, entropy_srcs=["lungsam", str(source_sop_instance_uid), digest, kind])
 
-
-def check_source(ds: "Dataset") -> None:
+def check_source(ds: Dataset) -> None:
     """Refuse a source that cannot be referenced: missing UIDs or geometry (names the attribute)."""
     for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows", "Columns"):
         if not ds.get(tag):
@@ -200,7 +202,7 @@ def check_source(ds: "Dataset") -> None:
         raise DicomOutputError(f"source has {frames} frames; lungsam segments single-frame radiographs")
 
 
-def pixel_spacing(ds: "Dataset") -> tuple[float, float] | None:
+def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     """``(row, col)`` mm per pixel: ``PixelSpacing``, else ``ImagerPixelSpacing`` (as :mod:`lungsam.imageio`)."""
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
         v = ds.get(tag)
@@ -217,7 +219,7 @@ def _dicom_text(s: str, n: int = 64) -> str:
 # objects
 # ---------------------------------------------------------------------------------------------
 
-def _algorithm(digest: str, bundle: "Bundle"):
+def _algorithm(digest: str, bundle: Bundle):
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -242,7 +244,7 @@ def _segment_descriptions(algorithm):
     return out
 
 
-def build_seg(ds: "Dataset", right: np.ndarray, left: np.ndarray, digest: str, bundle: "Bundle", *,
+def build_seg(ds: Dataset, right: np.ndarray, left: np.ndarray, digest: str, bundle: Bundle, *,
               probability: np.ndarray | None = None, right_side: np.ndarray | None = None):
     """The DICOM-SEG of one source image: ``right``/``left`` ``(H0, W0)`` bool masks are segments 1 and 2 (BINARY).
 
@@ -278,7 +280,7 @@ def build_seg(ds: "Dataset", right: np.ndarray, left: np.ndarray, digest: str, b
     return seg
 
 
-def _projection_geometry(seg: Any, ds: "Dataset") -> None:
+def _projection_geometry(seg: Any, ds: Dataset) -> None:
     """Carry a projection radiograph's geometry in its SEG: the source's ``PatientOrientation`` (Type 2C in the
     General Image module) and its pixel spacing as the same top-level attribute (``ImagerPixelSpacing`` or
     ``PixelSpacing``). The Pixel Measures functional group highdicom adds from ``PixelSpacing`` is removed: it needs
@@ -293,7 +295,7 @@ def _projection_geometry(seg: Any, ds: "Dataset") -> None:
             setattr(seg, tag, list(ds.get(tag)))
 
 
-def _quality(result: "SegmentationResult") -> dict[str, Any]:
+def _quality(result: SegmentationResult) -> dict[str, Any]:
     """The score the SR reports: the result's ``qc`` dict ``{score, flag, reasons}`` where present, else the
     decoder's predicted IoU."""
     qc = getattr(result, "qc", None)
@@ -311,8 +313,8 @@ def _segment_frame(seg: Any, segment_number: int) -> int:
     raise DicomOutputError(f"SEG {seg.SOPInstanceUID} has no frame for segment {segment_number}")
 
 
-def build_sr(ds: "Dataset", seg: Any, areas_mm2: dict[str, float] | None, quality: dict[str, Any], digest: str,
-             bundle: "Bundle"):
+def build_sr(ds: Dataset, seg: Any, areas_mm2: dict[str, float] | None, quality: dict[str, Any], digest: str,
+             bundle: Bundle):
     """TID 1500 measurement report (``Comprehensive3DSR``): one planar ROI group per lung referencing its SEG
     segment and the source image, with the lung's area (mm², when the pixel spacing is known) and the quality
     score (``99LUNGSAM`` code: ``predicted-iou`` or ``qc-score``; with a qc flag also a qualitative evaluation)."""
@@ -399,7 +401,7 @@ def overlay_rgb(pixels: np.ndarray, right: np.ndarray, left: np.ndarray, alpha: 
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def build_sc(ds: "Dataset", rgb: np.ndarray, digest: str):
+def build_sc(ds: Dataset, rgb: np.ndarray, digest: str):
     """Secondary Capture (RGB, 8-bit) of the overlay for viewers that cannot show SEG; same study, its own series."""
     import highdicom as hd
 
@@ -418,7 +420,7 @@ def build_sc(ds: "Dataset", rgb: np.ndarray, digest: str):
     return sc
 
 
-def dicom_results(ds: "Dataset", result: "SegmentationResult", bundle: "Bundle", *, fractional: bool = False,
+def dicom_results(ds: Dataset, result: SegmentationResult, bundle: Bundle, *, fractional: bool = False,
                   sr: bool = True, secondary_capture: bool = False) -> DicomResults:
     """SEG (and SR, SC) for ``result``, the segmentation of the source dataset ``ds`` (same ``Rows x Columns``).
 
@@ -483,3 +485,32 @@ def read_seg_masks(source: Any) -> dict[str, np.ndarray]:
         segment_numbers=[1, 2], rescale_fractional=True, dtype=np.float32 if fractional else np.uint8)
     out = {"right": frames[0, :, :, 0], "left": frames[0, :, :, 1]}
     return {k: (v.astype(np.float32) if fractional else v.astype(bool)) for k, v in out.items()}
+
+
+def dicom_record_hook(bundle: Bundle, *, fractional: bool = False, sr: bool = False,
+                      secondary_capture: bool = False):
+    """A ``record_hook`` for :func:`lungsam.runtime.predict.predict_files`: for a DICOM input, writes
+    ``<stem>_seg.dcm`` (and ``_sr.dcm``, ``_sc.dcm``) beside the mask and returns ``{"dicom": {"seg": ..., "sr": ...,
+    "sc": ..., "laterality": basis, "areas_mm2": {...}}}``; other inputs get ``{"dicom": None}``."""
+    from ..imageio import is_dicom
+
+    def hook(path: Path, stem: str, result: SegmentationResult, out_dir: Path) -> dict:
+        if not is_dicom(Path(path)):
+            return {"dicom": None}
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as e:  # pydicom raises many types
+            raise DicomOutputError(f"{path}: cannot read DICOM ({type(e).__name__}: {e})") from e
+        try:
+            made = dicom_results(ds, result, bundle, fractional=fractional, sr=sr,
+                                 secondary_capture=secondary_capture)
+        except DicomOutputError as e:
+            raise DicomOutputError(f"{path}: {e}") from e
+        names = write_dicom_results(made, out_dir, stem)
+        areas = None if made.areas_mm2 is None else {k: round(v, 3) for k, v in made.areas_mm2.items()}
+        return {"dicom": {**names, "laterality": made.rule.basis, "areas_mm2": areas,
+                          "seg_sop_instance_uid": str(made.seg.SOPInstanceUID)}}
+
+    return hook

@@ -102,13 +102,18 @@ def _round(d: dict[str, float]) -> dict[str, float]:
 
 def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_dir: str | Path, *, overlay: bool = False,
                   batch_size: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
-                  ground_truth: str | Path | None = None) -> PredictSummary:
+                  ground_truth: str | Path | None = None,
+                  record_hook: Callable[[Path, str, SegmentationResult, Path], dict] | None = None) -> PredictSummary:
     """Segment files/folders into ``out_dir``: ``<stem>_mask.png`` (0/255, original size), optional
     ``<stem>_overlay.png``, ``predictions.jsonl`` (one JSON line per input, in input order) and
     ``predict.json`` (the backend, device and precision that ran, fallbacks taken, counts, versions).
 
     With ``ground_truth`` (a folder of masks named like the inputs), each line also carries F1/IoU at the
-    original size and ``metrics.json`` summarises them."""
+    original size and ``metrics.json`` summarises them.
+
+    ``record_hook(path, stem, result, out_dir)`` runs for every segmented input and returns more outputs to record
+    on its line (e.g. :func:`lungsam.runtime.dicom_out.dicom_record_hook`: DICOM-SEG/SR/SC); a ``ValueError`` or
+    ``OSError`` from it makes that input an error line (stage ``write``)."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +140,9 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
                                pixel_spacing_mm=None if r.pixel_spacing_mm is None else list(r.pixel_spacing_mm),
                                score=round(r.score, 6), threshold=r.threshold, size=list(r.original_hw),
                                timings=_round(r.timings))
-                except OSError as e:
+                    if record_hook is not None:
+                        rec.update(record_hook(path, stem, r, out))
+                except (OSError, ValueError) as e:
                     rec = {"file": str(path), "status": "error", "error": f"cannot write outputs: {e}",
                            "stage": "write", "timings": _round(r.timings)}
             else:
