@@ -273,13 +273,20 @@ class Node:
         peer["calling_ae_title"] = str(event.assoc.requestor.primitive.calling_ae_title).strip()
         if lc.allowed_addresses and peer["address"] not in lc.allowed_addresses:
             self.audit.write("association_rejected", reason="address not allowed", **peer)
-            event.assoc.acse.send_reject(0x01, 0x01, 0x01)  # rejected permanent, service user, no reason given
+            self._reject(event, 0x01)  # rejected permanent, service user, no reason given
             return
         if lc.allowed_calling_ae_titles and peer["calling_ae_title"] not in lc.allowed_calling_ae_titles:
             self.audit.write("association_rejected", reason="calling AE title not allowed", **peer)
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # calling AE title not recognised
+            self._reject(event, 0x03)  # rejected permanent, service user, calling AE title not recognised
             return
         self.audit.write("association_accepted", **peer)
+
+    @staticmethod
+    def _reject(event, diagnostic: int) -> None:
+        """A-ASSOCIATE-RJ (permanent, by the service user) as pynetdicom's own negotiation sends it: the reject,
+        then the association is killed, which lets the DUL deliver the PDU before the socket closes."""
+        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        event.assoc.kill()
 
     def _on_released(self, event) -> None:
         self.audit.write("association_released", **self._peer(event))
