@@ -105,9 +105,8 @@ class Sender:
 
     def _stow(self, paths: list[Path], on_sent) -> None:
         import pydicom
-        from dicomweb_client.api import DICOMwebClient
 
-        client = DICOMwebClient(url=self.dest.url, session=self._session())
+        client = self._dicomweb()
         for p in paths:
             ds = pydicom.dcmread(p)
             try:
@@ -119,6 +118,14 @@ class Sender:
                 reason = failed[0].get("FailureReason", "?")
                 raise RuntimeError(f"STOW-RS of {p.name} to {self.dest.describe()}: failure reason {reason}")
             on_sent(p)
+
+    def _dicomweb(self):
+        """A DICOMweb client without its own retries: the outbox retries, with the configured backoff."""
+        from dicomweb_client.api import DICOMwebClient
+
+        client = DICOMwebClient(url=self.dest.url, session=self._session())
+        client.set_http_retry_params(retry=False)
+        return client
 
     def _session(self):
         """A requests session with the destination's credentials and every request bounded by ``timeout_s``."""
@@ -151,9 +158,7 @@ class Sender:
             if code != SUCCESS:
                 raise ConnectionError(f"{self.dest.describe()}: C-ECHO " + ("no response" if code < 0 else f"status 0x{code:04X}"))
             return f"{self.dest.describe()}: C-ECHO ok"
-        from dicomweb_client.api import DICOMwebClient
-
-        client = DICOMwebClient(url=self.dest.url, session=self._session())
+        client = self._dicomweb()
         try:
             client.search_for_studies(limit=1)
         except Exception as e:
