@@ -192,7 +192,7 @@ def test_node_killed_mid_batch_completes_after_restart_without_duplicates(stack,
     orthanc, _, _ = stack
     port = free_port()
     cfg = node_toml(tmp_path / "node.toml", work_dir=tmp_path / "work", port=port, bundle=tiny_bundle,
-                    destinations=[c_store_to(orthanc)], allowed=["MODALITY"])
+                    destinations=[c_store_to(orthanc)], allowed=["MODALITY", "ORTHANC"])
     node = NodeProcess(cfg, port, tmp_path / "node.log").start()
     audit = tmp_path / "work" / "audit.jsonl"
     files = [write_chest_dicom(p, tmp_path / f"{i}.dcm", index=400 + i) for i, p in enumerate(images(8, 10))]
