@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def main() -> None:
     pngs = sorted(args.data.glob("*.png"))
     if len(pngs) < args.batch + 1:
         sys.exit(f"{args.data}: need {args.batch + 1} images, found {len(pngs)}")
+    load_before = os.getloadavg()
     seg = LungSegmenter.load(args.bundle, threads=args.threads)
     digest = do.bundle_digest(seg.bundle)
     root = Path(tempfile.mkdtemp(prefix="lungsam_pacs_"))
@@ -109,7 +111,9 @@ def main() -> None:
             "backend": d["backend"], "device": d["device"], "precision": d["precision"], "threads": args.threads,
             "image_size": "512x512 8-bit DX (Montgomery)", "single": single, "batch": many,
             "node_seconds_per_image_median": seg_s[len(seg_s) // 2] if seg_s else None,
-            "dciodvfy": validation, "machine": machine_record(), "versions": package_versions()})
+            "dciodvfy": validation, "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
+                                                            "after": [round(x, 2) for x in os.getloadavg()]},
+            "machine": machine_record(), "versions": package_versions()})
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
