@@ -182,13 +182,15 @@ class NodeProcess:
         self.config, self.port, self.log = config, port, log
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 90) -> NodeProcess:
+    def start(self, timeout_s: float = 90, ready=None) -> NodeProcess:
+        """Start and wait until ``ready()`` (default: a plain C-ECHO from ORTHANC) succeeds."""
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         log = open(self.log, "ab")  # noqa: SIM115 (the process keeps it)
         self.proc = subprocess.Popen([sys.executable, "-c", "from lungsam.cli import main; main()", "node",
                                       "--config", str(self.config)], stdout=log, stderr=subprocess.STDOUT, env=env,
                                      cwd=REPO)
-        wait_until(lambda: self.echo() or self.proc.poll() is not None, timeout_s, "the node to answer C-ECHO", 0.3)
+        ready = ready or self.echo
+        wait_until(lambda: ready() or self.proc.poll() is not None, timeout_s, "the node to answer C-ECHO", 0.3)
         if self.proc.poll() is not None:
             raise RuntimeError(f"lungsam node exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -232,3 +233,44 @@ def test_node_check_reaches_destinations_and_reports_failures(stack, tiny_bundle
                         destinations=[dead])
     res = CliRunner().invoke(node_cmd, ["--config", str(bad_cfg), "--check"])
     assert res.exit_code == 1 and "FAILED: gone (C-STORE NOBODY@127.0.0.1" in res.output
+
+
+def tls_echo(port: int, ca: Path) -> bool:
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGSAM", tls_args=(ctx, "localhost"))
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0
+    finally:
+        assoc.release()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed (makes the test certificate)")
+def test_tls_listener_serves_tls_and_refuses_plain_connections(tiny_bundle, tmp_path):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True,
+                   timeout=60)
+    port = free_port()
+    cfg = node_toml(tmp_path / "node.toml", work_dir=tmp_path / "work", port=port, bundle=tiny_bundle,
+                    destinations=[{"name": "pacs", "kind": "c-store", "host": "127.0.0.1", "port": free_port(),
+                                   "ae_title": "PACS"}], allowed=["MODALITY", "ORTHANC"])
+    text = cfg.read_text().replace("[model]", f'[listen.tls]\ncertificate = "{tmp_path / "cert.pem"}"\n'
+                                              f'private_key = "{tmp_path / "key.pem"}"\n\n[model]')
+    cfg.write_text(text)
+    node = NodeProcess(cfg, port, tmp_path / "node.log").start(ready=lambda: tls_echo(port, tmp_path / "cert.pem"))
+    try:
+        assert tls_echo(port, tmp_path / "cert.pem")
+        assert not node.echo()  # plain DICOM (dcmtk's echoscu without TLS) gets nowhere
+    finally:
+        node.stop()

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser from PyPI (lungsam[dicom] depends on it there)
+    import tomli as tomllib
 
 #: SOP classes the node stores (DX for presentation / processing, CR) and, with ``accept_secondary_capture``, SC.
 CHEST_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1")

@@ -338,7 +338,12 @@ class Node:
             for path in items:
                 if self.stop_event.is_set():
                     return
-                self.process(path)
+                try:
+                    self.process(path)
+                except OSError as e:  # the work folder itself (disk full): keep the spool file, retry later
+                    self.audit.write("worker_error", spool=path.name, reason=f"{type(e).__name__}: {e}")
+                    self.stop_event.wait(5.0)
+                    break
             if not items:
                 self.spool_ready.wait(timeout=1.0)
 
