@@ -217,8 +217,6 @@ def read_dicom(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Loade
     before the pixel data is read or decoded. Needs ``lungsam[dicom]``."""
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-        from pydicom.pixels import pixel_array as decode_pixels
     except ImportError as e:
         raise ImageReadError(f"{path}: DICOM input needs pydicom: pip install 'lungsam[dicom]'") from e
     with warnings.catch_warnings():
@@ -230,6 +228,17 @@ def read_dicom(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Loade
             raise
         except Exception as e:  # pydicom raises many types for truncated/invalid files
             raise ImageReadError(f"{path}: cannot read DICOM ({type(e).__name__}: {e})") from e
+    return read_dicom_dataset(ds, path, max_pixels)
+
+
+def read_dicom_dataset(ds, path: Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """A pydicom Dataset -> :class:`LoadedImage`, as :func:`read_dicom` (``path`` names it in errors); the
+    header is checked against ``max_pixels`` before the pixel data is decoded."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import pixel_array as decode_pixels
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         frames = _dicom_geometry(path, ds, max_pixels)
         try:
             arr = decode_pixels(ds, index=0) if frames > 1 else ds.pixel_array

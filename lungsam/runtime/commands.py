@@ -25,6 +25,13 @@ import click
               help="Bundles prompted with a box: take each image's box from the model's own first mask "
                    "(two decoder passes), so a `both` bundle needs no annotation. Default: what the bundle was "
                    "exported with (lungsam export --box-from-first-pass).")
+@click.option("--dicom-seg", is_flag=True,
+              help="DICOM inputs: also write <stem>_seg.dcm, a DICOM Segmentation (right / left lung) in the "
+                   "source's study (needs lungsam[dicom]; docs/pacs.md).")
+@click.option("--fractional", is_flag=True, help="With --dicom-seg: a FRACTIONAL SEG (the probability map).")
+@click.option("--sr", is_flag=True, help="With --dicom-seg: also <stem>_sr.dcm, a TID 1500 measurement report.")
+@click.option("--secondary-capture", is_flag=True,
+              help="With --dicom-seg: also <stem>_sc.dcm, an RGB overlay for viewers without SEG support.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--expect-digest", default=None, metavar="HEX",
               help="Refuse the bundle unless its digest (sha256 of manifest.json, printed by lungsam export and "
@@ -37,8 +44,8 @@ import click
                    "larger inputs fail with the reason. Bounds memory per image.")
 def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, backend: str, device: str,
             precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
-            box_from_first_pass: bool | None, no_progress: bool, expect_digest: str | None, overwrite: bool,
-            max_pixels: int) -> None:
+            box_from_first_pass: bool | None, dicom_seg: bool, fractional: bool, sr: bool, secondary_capture: bool,
+            no_progress: bool, expect_digest: str | None, overwrite: bool, max_pixels: int) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -54,6 +61,8 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     from .predict import PredictOutputError, check_out_dir, earlier_run_folder, predict_files
     from .segmenter import LungSegmenter
 
+    if (fractional or sr or secondary_capture) and not dicom_seg:
+        raise click.UsageError("--fractional, --sr and --secondary-capture go with --dicom-seg")
     try:
         check_out_dir(out_dir, overwrite)  # before any work
     except PredictOutputError as e:
@@ -89,12 +98,22 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     def progress(it):
         return tqdm(it, total=n, unit="img", desc="predict", disable=no_progress)
 
+    hook = None
+    if dicom_seg:
+        from .dicom_out import dicom_record_hook
+
+        try:
+            import highdicom  # noqa: F401
+        except ImportError as e:
+            raise click.ClickException("--dicom-seg needs highdicom: pip install 'lungsam[dicom]'") from e
+        hook = dicom_record_hook(seg.bundle, fractional=fractional, sr=sr, secondary_capture=secondary_capture)
+
     def skipped(rec):
         click.echo(f"skipped: {rec['file']}: {rec['reason']}", err=True)
 
     try:
         summary = predict_files(seg, listing, out_dir, overlay=overlay, batch_size=batch_size, progress=progress,
-                                ground_truth=ground_truth, overwrite=overwrite, on_skip=skipped)
+                                ground_truth=ground_truth, overwrite=overwrite, on_skip=skipped, record_hook=hook)
     except PredictOutputError as e:
         raise click.ClickException(str(e)) from e
     for rec in summary.records:

@@ -175,6 +175,9 @@ def previous_run_files(out: Path) -> set[str] | None:
                     continue
                 if isinstance(rec, dict):
                     names |= {rec[k] for k in ("mask", "overlay") if isinstance(rec.get(k), str)}
+                    dicom = rec.get("dicom")
+                    if isinstance(dicom, dict):  # --dicom-seg outputs (seg, sr, sc file names)
+                        names |= {dicom[k] for k in ("seg", "sr", "sc") if isinstance(dicom.get(k), str)}
     except OSError:
         pass
     names |= {p.name for p in out.iterdir() if _ATOMIC_TMP.match(p.name)}
@@ -230,7 +233,8 @@ def _write_error(path: Path, e: OSError) -> str:
 def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | InputListing, out_dir: str | Path, *,
                   overlay: bool = False, batch_size: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
                   ground_truth: str | Path | None = None, overwrite: bool = False,
-                  on_skip: Callable[[dict], None] | None = None) -> PredictSummary:
+                  on_skip: Callable[[dict], None] | None = None,
+                  record_hook: Callable[[Path, str, SegmentationResult, Path], dict] | None = None) -> PredictSummary:
     """Segment files/folders into ``out_dir``: ``<stem>_mask.png`` (0/255, original size), optional
     ``<stem>_overlay.png``, ``predictions.jsonl`` (one strict-JSON line per input, in input order, after the
     ``skipped`` lines of folder entries not read) and ``predict.json`` (``status`` ``incomplete``/``complete``,
@@ -243,6 +247,10 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
         ground_truth: a folder of masks named exactly like the inputs: each line also carries F1/IoU at the
             original size and ``metrics.json`` summarises them.
         on_skip: called with each skipped record (the CLI prints them).
+        record_hook: ``record_hook(path, stem, result, out_dir)`` runs for every segmented input and returns more
+            outputs to record on its line (e.g. :func:`lungsam.runtime.dicom_out.dicom_record_hook`:
+            DICOM-SEG/SR/SC); a ``ValueError`` or ``OSError`` from it makes that input an error line (stage
+            ``write``) and removes the files written for it.
 
     Raises:
         PredictOutputError: ``out_dir`` not usable (see :func:`check_out_dir`), or a write failed for lack of
@@ -304,7 +312,7 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
             results = segmenter.segment_many(paths, batch_size=batch_size)
             it = progress(results) if progress is not None else results
             for path, stem, r in zip(paths, stems, it):
-                rec = _record(path, stem, r, out, overlay, gt_dir)
+                rec = _record(path, stem, r, out, overlay, gt_dir, record_hook)
                 summary.ok += rec["status"] == "ok"
                 summary.failed += rec["status"] != "ok"
                 fatal = rec.pop("_fatal", False)
@@ -359,7 +367,8 @@ def _try(fn: Callable[[], None]) -> None:
 
 
 def _record(path: Path, stem: str, r: SegmentationResult | SegmentationFailure, out: Path, overlay: bool,
-            gt_dir: Path | None) -> dict:
+            gt_dir: Path | None, record_hook: Callable[[Path, str, SegmentationResult, Path], dict] | None = None
+            ) -> dict:
     """One ``predictions.jsonl`` record, writing the input's mask (and overlay) first; on a write error the
     input's files are removed and the record says ``stage: write`` (``_fatal`` when the folder is full or
     read-only, which stops the run)."""
@@ -384,6 +393,14 @@ def _record(path: Path, stem: str, r: SegmentationResult | SegmentationFailure, 
             _try(p.unlink)
         return {"file": str(path), "status": "error", "error": _write_error(target, e), "stage": "write",
                 "timings": _round(r.timings), "_fatal": _fatal(e)}
+    if record_hook is not None:
+        try:
+            rec.update(record_hook(path, stem, r, out))
+        except (OSError, ValueError) as e:
+            for p in written:
+                _try(p.unlink)
+            return {"file": str(path), "status": "error", "error": f"cannot write outputs: {e}", "stage": "write",
+                    "timings": _round(r.timings), "_fatal": isinstance(e, OSError) and _fatal(e)}
     if gt_dir is not None:
         rec.update(score_against(r.mask, gt_dir, path.stem))
     rec.update(area_px=r.area_px, area_mm2=None if r.area_mm2 is None else round(r.area_mm2, 3),

@@ -479,6 +479,21 @@ class LungSegmenter:
         prompt = self.model_prompts(prepared.original_hw, points, labels, box)
         return self._run([prepared], [prompt])[0]
 
+    def segment_dicom(self, ds: Any, *, fractional: bool = False, sr: bool = True, secondary_capture: bool = False):
+        """Segment a chest radiograph given as a pydicom Dataset and return its DICOM results, without files.
+
+        Returns :class:`lungsam.runtime.dicom_out.DicomResults`: ``.seg`` (DICOM-SEG, right/left lung; FRACTIONAL
+        with ``fractional``), ``.sr`` (TID 1500 report, with ``sr``), ``.sc`` (overlay, with ``secondary_capture``)
+        and ``.result`` (the :class:`SegmentationResult`). Needs ``lungsam[dicom]``.
+        Raises :class:`~lungsam.imageio.ImageReadError` / ``DicomOutputError`` naming what is unusable."""
+        from ..imageio import read_dicom_dataset
+        from .dicom_out import dicom_results
+
+        image = read_dicom_dataset(ds, Path(f"<dataset {ds.get('SOPInstanceUID', '?')}>"), self.max_pixels)
+        result = self.segment(image)
+        return dicom_results(ds, result, self.bundle, fractional=fractional, sr=sr,
+                             secondary_capture=secondary_capture)
+
     def _run(self, batch: list[Prepared], prompts: list[Prompt | None]) -> list[SegmentationResult]:
         b = len(batch)
         t0 = time.perf_counter()
