@@ -250,9 +250,10 @@ def test_every_json_a_predict_export_and_bench_run_writes_is_strict(tiny_run, ti
     (d / "notes.txt").write_text("x")
     r = run_predict(tiny_bundle, d, demo_images(1)[0], "--out", out, "--ground-truth", DEMO.parent / "masks")
     assert r.exit_code == 1, r.output
-    run_bench(tiny_bundle, tmp_path / "bench", backends=["onnxruntime"], precisions=["fp32"], warmup=0, repeats=1,
-              limit=2)
-    files = [p for root in (out, tmp_path / "bench", tiny_bundle, tiny_run) for p in root.rglob("*.json*")]
+    run_bench(tiny_bundle, tmp_path / "bench", run_dir=str(tiny_run), backends=["onnxruntime"], precisions=["fp32"],
+              warmup=0, repeats=1, limit=2)
+    files = [p for root in (out, tmp_path / "bench", tiny_bundle, tiny_run) for p in root.rglob("*.json*")
+             if p.suffix in (".json", ".jsonl")]  # not manifest.json.sha256 (the digest, sha256sum's format)
     assert {"predict.json", "predictions.jsonl", "metrics.json", "manifest.json", "results.json", "run.json"} <= \
         {p.name for p in files}
     for p in files:
