@@ -192,7 +192,11 @@ class NodeProcess:
                                       "--config", str(self.config)], stdout=log, stderr=subprocess.STDOUT, env=env,
                                      cwd=REPO)
         ready = ready or self.echo
-        wait_until(lambda: ready() or self.proc.poll() is not None, timeout_s, "the node to answer C-ECHO", 0.3)
+        try:
+            wait_until(lambda: ready() or self.proc.poll() is not None, timeout_s, "the node to answer C-ECHO", 0.3)
+        except TimeoutError:
+            self.kill()  # never leave a node behind
+            raise
         if self.proc.poll() is not None:
             raise RuntimeError(f"lungsam node exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
         return self
