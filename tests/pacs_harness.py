@@ -159,12 +159,14 @@ def storescu(files: list[Path], port: int, called: str, calling: str = "MODALITY
 
 def node_toml(path: Path, *, work_dir: Path, port: int, bundle: Path, destinations: list[dict],
               allowed: list[str] | None = None, sr: bool = True, retry_initial_s: float = 0.3,
-              retry_max_s: float = 2.0, threads: int = 1) -> Path:
+              retry_max_s: float = 2.0, threads: int = 1, max_object_mb: float | None = None) -> Path:
     """Write a node.toml (the format of docs/pacs.md)."""
     lines = [f'work_dir = "{work_dir}"', "", "[listen]", 'ae_title = "LUNGSAM"', 'host = "127.0.0.1"',
              f"port = {port}"]
     if allowed is not None:
         lines.append("allowed_calling_ae_titles = [" + ", ".join(f'"{a}"' for a in allowed) + "]")
+    if max_object_mb is not None:
+        lines.append(f"max_object_mb = {max_object_mb}")
     lines += ["allowed_addresses = [\"127.0.0.1\"]", "", "[model]", f'bundle = "{bundle}"', f"threads = {threads}",
               f"sr = {'true' if sr else 'false'}", "", "[retry]", f"initial_s = {retry_initial_s}",
               f"max_s = {retry_max_s}"]
@@ -190,7 +192,11 @@ class NodeProcess:
                                       "--config", str(self.config)], stdout=log, stderr=subprocess.STDOUT, env=env,
                                      cwd=REPO)
         ready = ready or self.echo
-        wait_until(lambda: ready() or self.proc.poll() is not None, timeout_s, "the node to answer C-ECHO", 0.3)
+        try:
+            wait_until(lambda: ready() or self.proc.poll() is not None, timeout_s, "the node to answer C-ECHO", 0.3)
+        except TimeoutError:
+            self.kill()  # never leave a node behind
+            raise
         if self.proc.poll() is not None:
             raise RuntimeError(f"lungsam node exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
         return self

@@ -274,3 +274,20 @@ def test_tls_listener_serves_tls_and_refuses_plain_connections(tiny_bundle, tmp_
         assert not node.echo()  # plain DICOM (dcmtk's echoscu without TLS) gets nowhere
     finally:
         node.stop()
+
+
+def test_object_over_the_size_limit_is_refused_and_not_spooled(tiny_bundle, tmp_path):
+    port = free_port()
+    cfg = node_toml(tmp_path / "node.toml", work_dir=tmp_path / "work", port=port, bundle=tiny_bundle,
+                    destinations=[{"name": "pacs", "kind": "c-store", "host": "127.0.0.1", "port": free_port(),
+                                   "ae_title": "PACS"}], allowed=["MODALITY", "ORTHANC"], max_object_mb=0.1)
+    node = NodeProcess(cfg, port, tmp_path / "node.log").start()
+    try:
+        big = write_chest_dicom(images(1)[0], tmp_path / "big.dcm", index=500)  # 512 x 512 bytes > 0.1 MiB
+        r = storescu([big], port, "LUNGSAM", calling="MODALITY")
+        assert r.returncode != 0  # the sender keeps its copy: Refused, Out of Resources (A700)
+    finally:
+        node.stop()
+    refused = [e for e in read_jsonl(tmp_path / "work" / "audit.jsonl") if e["event"] == "store_refused"]
+    assert len(refused) == 1 and "exceeds listen.max_object_mb" in refused[0]["reason"]
+    assert not list((tmp_path / "work" / "spool").iterdir())

@@ -17,9 +17,11 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser from PyPI (lungsam[dicom] depends on it there)
     import tomli as tomllib
 
+from ..runtime import dicom_out
+from ..runtime.dicom_out import SECONDARY_CAPTURE
+
 #: SOP classes the node stores (DX for presentation / processing, CR) and, with ``accept_secondary_capture``, SC.
-CHEST_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1")
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+CHEST_SOP_CLASSES = tuple(dicom_out.CHEST_SOP_CLASSES)
 DESTINATION_KINDS = ("c-store", "stow-rs")
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 printable characters, no backslash
 
