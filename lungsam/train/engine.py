@@ -120,15 +120,27 @@ def predict_probabilities(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarr
                           spec: PreprocessSpec, size: int, device: str, batch_size: int = 8,
                           amp: bool = False) -> np.ndarray:
     """``(N, S, S)`` float32 probabilities for cached ``(N, C, E, E)`` embeddings (no box jitter)."""
+    return predict_with_iou(sam, embeddings, masks, prompt, spec, size, device, batch_size, amp)[0]
+
+
+@torch.no_grad()
+def predict_with_iou(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarray], prompt: LearnedPrompt,
+                     spec: PreprocessSpec, size: int, device: str, batch_size: int = 8,
+                     amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities (N, S, S) float32, predicted IoU (N,) float32)`` for cached ``(N, C, E, E)``
+    embeddings: :func:`predict_probabilities` plus the decoder's own score (what the runtime reports)."""
     sam.eval()
-    out = []
+    out, ious = [], []
+    input_hw = preprocess_shape(size, size, spec.img_size)
     for s in range(0, len(embeddings), batch_size):
         emb = torch.from_numpy(embeddings[s:s + batch_size].astype(np.float32)).to(device)
         pt = batch_prompts(prompt, spec, masks[s:s + batch_size], size, device)
         with autocast(device, amp):
-            logits = logits_at_working(sam, emb, pt, spec, size)
+            low_res, iou = decode(sam, emb, pt.coords, pt.labels, pt.boxes)
+            logits = sam.postprocess_masks(low_res.float(), input_hw, (size, size))
         out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
+        ious.append(iou.float().reshape(len(emb), -1)[:, 0].cpu().numpy())
+    return np.concatenate(out).astype(np.float32), np.concatenate(ious).astype(np.float32)
 
 
 @torch.no_grad()

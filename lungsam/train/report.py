@@ -90,6 +90,15 @@ def overlays(items: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def qc_note(d: dict) -> str:
+    """One line on the quality flag as a detector of bad masks (:func:`lungsam.qc.detection_summary`)."""
+    f = lambda x, fmt: "–" if x is None else format(x, fmt)  # noqa: E731
+    return (f"Quality flag (calibrated on the run's validation images, no ground truth used): AUROC "
+            f"{f(d['auroc'], '.3f')} for masks with F1 < {d['bad_below']:.2f} ({d['bad']} of {d['n']}); flagged "
+            f"{d['flagged']} ({f(d['flagged_share'], '.1%')}), catching {d['bad_caught']} of {d['bad']} bad masks "
+            f"({f(d['bad_caught_share'], '.0%')}).")
+
+
 def gt_note(prompt: str) -> str:
     if prompt in ("box", "both"):
         return "**Box prompts are taken from the ground-truth masks** (an upper bound, not usable without annotation)."
@@ -230,6 +239,9 @@ def eval_report(result: dict) -> str:
         s = result.get(k)
         if s and s.get("mean") is not None:
             lines.append(f"| {name} ({unit}) | {fmt_boundary(s)} | {s['min']:.2f} | {s['max']:.2f} |")
+    qc = result.get("qc_detection")
+    if qc:
+        lines += ["", qc_note(qc)]
     if len(parts) > 1:
         lines += ["", "| fold | images | threshold | F1 mean ± std | IoU mean ± std |", "|---|---|---|---|---|"]
         lines += [f"| {p['fold']} | {p['n']} | {p['threshold']:.2f} | {fmt_mean_std(p['f1'])} | {fmt_mean_std(p['iou'])} |"

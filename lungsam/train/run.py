@@ -18,12 +18,13 @@ from ..data import Dataset, Sample, dataset_of, kfold_splits, load_dataset, pool
 from ..embeddings import EmbeddingCache, weights_fingerprint
 from ..metrics import boundary_summary, summarize
 from ..postprocess import CleanupSpec
+from ..qc import QcCalibration, QcResult, calibrate, detection_summary, qc_features
 from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
 from . import report
 from .config import TrainConfig
 from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, binarize, boundary_scores,
                      choose_threshold_and_cleanup, mixed_precision, pick_device, predict_probabilities,
-                     predict_with_first_pass_box, score)
+                     predict_with_first_pass_box, predict_with_iou, score)
 
 Log = Callable[[str], None]
 
@@ -295,19 +296,21 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
                             progress=False) for k in ("val", "test")}
     else:
         E = X
-    val_probs = predict_probabilities(sam, E["val"], M["val"], prompt, spec, cfg.size, device, cfg.batch_size)
+    val_probs, val_iou = predict_with_iou(sam, E["val"], M["val"], prompt, spec, cfg.size, device, cfg.batch_size)
     choice = choose_threshold_and_cleanup(val_probs, M["val"], cfg.thresholds)
     thr, cleanup = choice.threshold, choice.cleanup
     if choice.edge_warning():
         log(f"fold {fold}: {choice.edge_warning()}")
     report.threshold_curve(choice.sweep, thr, fold_dir / "threshold_curve.png", title, cleanup.enabled)
     vf1, viou = score(val_probs, M["val"], thr, cleanup)
-    test_probs = predict_probabilities(sam, E["test"], M["test"], prompt, spec, cfg.size, device, cfg.batch_size)
+    qc_cal = calibrate_quality(val_probs, val_iou, thr, cleanup, f"fold {fold} validation images")
+    test_probs, test_iou = predict_with_iou(sam, E["test"], M["test"], prompt, spec, cfg.size, device, cfg.batch_size)
     test_masks = binarize(test_probs, thr, cleanup)
     tf1, tiou = score(test_probs, M["test"], thr, cleanup)
     thd, tasd = boundary_scores(test_masks, M["test"])
-    per_image = [{"id": s.id, "f1": a, "iou": b, "hd95": h, "asd": d}
-                 for s, a, b, h, d in zip(part["test"], tf1, tiou, thd, tasd)]
+    test_qc = assess_quality(qc_cal, test_probs, test_iou, thr, cleanup)
+    per_image = [{"id": s.id, "f1": a, "iou": b, "hd95": h, "asd": d, "qc": q.to_dict() if q else None}
+                 for s, a, b, h, d, q in zip(part["test"], tf1, tiou, thd, tasd, test_qc)]
     order = np.argsort(tf1)
     report.overlays([{"label": f"{lab}: {part['test'][i].id.split('/')[-1]} F1 {tf1[i]:.3f}",
                       "image": part["test"][i].image, "gt": M["test"][i], "pred": test_masks[i]}
@@ -321,6 +324,8 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
         "val": {"f1": summarize(vf1), "iou": summarize(viou)},
         "test": {"f1": summarize(tf1), "iou": summarize(tiou), **boundary_summary(thd, tasd)},
         "boundary_unit": "px (working frame)",
+        "qc": qc_cal.to_dict() if qc_cal is not None else None,
+        "test_qc_detection": detection_summary(test_qc, tf1) if qc_cal is not None else None,
         "prompt_uses_ground_truth": prompt.needs_ground_truth,
         "per_image": per_image,
     }
@@ -331,6 +336,23 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     log(f"fold {fold}: threshold {thr:.2f}{', clean-up on' if cleanup.enabled else ''}, val F1 {np.mean(vf1):.4f}, test F1 {np.mean(tf1):.4f} ± {np.std(tf1):.4f}, "
         f"IoU {np.mean(tiou):.4f}, HD95 {metrics['test']['hd95']['mean']:.2f} px")
     return metrics
+
+
+def calibrate_quality(probs: np.ndarray, iou: np.ndarray, threshold: float, cleanup: CleanupSpec,
+                      source: str) -> QcCalibration | None:
+    """The quality flag's normal ranges (:func:`lungsam.qc.calibrate`) from validation probabilities ``(N, S, S)``
+    and predicted IoU ``(N,)``; ``None`` with fewer than 3 validation images (then no result carries a flag)."""
+    if len(probs) < 3:
+        return None
+    return calibrate([qc_features(p, threshold, float(i), cleanup) for p, i in zip(probs, iou)], source=source)
+
+
+def assess_quality(cal: QcCalibration | None, probs: np.ndarray, iou: np.ndarray, threshold: float,
+                   cleanup: CleanupSpec) -> list[QcResult | None]:
+    """:meth:`lungsam.qc.QcCalibration.assess` of each image (``None`` each without a calibration)."""
+    if cal is None:
+        return [None] * len(probs)
+    return [cal.assess(qc_features(p, threshold, float(i), cleanup)) for p, i in zip(probs, iou)]
 
 
 def run_folds(out: Path, splits: list[dict], only_folds: tuple[int, ...] | None, log: Log,
@@ -495,6 +517,7 @@ class ScoredPart:
     iou: list[float]
     record: dict
     cleanup: CleanupSpec | None = None
+    qc: list[QcResult | None] | None = None
 
     def masks(self) -> list[np.ndarray]:
         """The scored masks ``(S, S)`` bool (threshold, then the clean-up when enabled)."""
@@ -505,7 +528,8 @@ def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str
                 samples: list[Sample], device: str, progress: bool, box_from_first_pass: bool = False,
                 cleanup: CleanupSpec | None = None) -> tuple[np.ndarray, list[float], list[float], dict]:
     """Probabilities ``(n, S, S)`` (S = ``cfg.size``), per-image F1/IoU of one model on ``samples``, and
-    the record's prompt fields (``prompt_uses_ground_truth``, ``box_source``, ``first_pass_empty``).
+    the record's prompt fields (``prompt_uses_ground_truth``, ``box_source``, ``first_pass_empty``) and, for
+    one-pass prompts, the decoder's predicted IoU ``pred_iou`` ``(n,)`` (popped by the caller).
 
     ``box_from_first_pass``: the box comes from the model's own first mask, not from the ground truth
     (:func:`lungsam.train.engine.predict_with_first_pass_box`). ``cleanup``: the masks are cleaned before scoring
@@ -517,8 +541,8 @@ def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str
         notes = {"prompt_uses_ground_truth": False, "box_source": "first pass (learned prompt with the mean-mask box)",
                  "first_pass_empty": kept}
     else:
-        probs = predict_probabilities(sam.to(device), emb, masks, prompt, spec, cfg.size, device)
-        notes = {"prompt_uses_ground_truth": prompt.needs_ground_truth,
+        probs, pred_iou = predict_with_iou(sam.to(device), emb, masks, prompt, spec, cfg.size, device)
+        notes = {"pred_iou": pred_iou, "prompt_uses_ground_truth": prompt.needs_ground_truth,
                  "box_source": ("ground truth" if prompt.needs_ground_truth else
                                 "mean training mask" if prompt.mode in AUTO_BOX_PROMPT_MODES else None),
                  "first_pass_empty": None}
@@ -572,11 +596,14 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
         probs, f1, iou, notes = score_model(rm.sam, rm.spec, rm.prompt, thr, cfg, cfg.checkpoint,
                                             rm.encoder_fingerprint, samples, device, progress, box_from_first_pass,
                                             cleanup)
+        pred_iou = notes.pop("pred_iou", None)
+        cal = QcCalibration.from_dict(rm.metrics.get("qc"))
+        qc = assess_quality(cal, probs, pred_iou, thr, cleanup) if pred_iou is not None else [None] * len(samples)
         parts.append(ScoredPart(samples, probs, f1, iou, {
             "fold": rm.fold, "n": len(samples), "threshold": thr, "threshold_source": thr_src,
             "postprocess": cleanup.to_dict(),
             "prompt": rm.prompt.mode, **notes, "learned_prompt": rm.prompt.to_dict(), "f1": summarize(f1), "iou": summarize(iou)},
-            cleanup))
+            cleanup, qc))
     what = "each on its own held-out test images" if split == "test" else "on every image"
     name = (f"run {run_dir}, fold{'s' if len(parts) > 1 else ''} {', '.join(str(p.record['fold']) for p in parts)} "
             f"({rm.backbone}, {rm.prompt.mode}) {what}")
@@ -639,6 +666,7 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         data = load_data(data_paths, size, log)
         probs, f1, iou, notes = score_model(sam, spec, prompt, thr, cfg, ckpt, None, data.samples, device, progress,
                                             box_from_first_pass)
+        notes.pop("pred_iou", None)
         parts = [ScoredPart(data.samples, probs, f1, iou, {
             "fold": None, "n": len(data.samples), "threshold": thr, "threshold_source": thr_src,
             "postprocess": CleanupSpec().to_dict(), "prompt": prompt.mode,
@@ -648,6 +676,7 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
     iou = [x for p in parts for x in p.iou]
     pred = [m for p in parts for m in p.masks()]
     hd95, asd = boundary_scores(pred, [s.mask for p in parts for s in p.samples])
+    qc = [q for p in parts for q in (p.qc or [None] * len(p.samples))]
     first = parts[0].record
     result = {
         "model": name, "data": data_paths, "split": split, "n": len(f1), "n_skipped": len(data.skipped),
@@ -659,9 +688,10 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         "learned_prompt": first["learned_prompt"] if len(parts) == 1 else None,
         "parts": [p.record for p in parts], "f1": summarize(f1), "iou": summarize(iou),
         **boundary_summary(hd95, asd), "boundary_unit": f"px ({size}x{size} frame)",
-        "per_image": [{**r, "hd95": h, "asd": d} for r, h, d in zip(
+        "qc_detection": detection_summary(qc, f1) if all(q is not None for q in qc) else None,
+        "per_image": [{**r, "hd95": h, "asd": d, "qc": q.to_dict(details=True) if q else None} for r, h, d, q in zip(
             ({"id": s.id, "fold": p.record["fold"], "f1": a, "iou": b} for p in parts
-             for s, a, b in zip(p.samples, p.f1, p.iou)), hd95, asd)],
+             for s, a, b in zip(p.samples, p.f1, p.iou)), hd95, asd, qc)],
         "created": utc_now(), "versions": package_versions(),
     }
     out = Path(out)
