@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts import machine_record, package_versions, read_json, sha256_file, utc_now, write_json_atomic
+from ..postprocess import CleanupSpec
+from ..qc import QcCalibration
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
 
 BUNDLE_FORMAT = "lungsam-bundle/1"
@@ -159,7 +161,19 @@ def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, l
             if dec in engines:
                 pipelines[f"trt-fp16/{dec}"] = engine_pipeline(tmp / engines["encoder"]["file"],
                                                                tmp / engines[dec]["file"], dec == "decoder_fixed")
-    return compare(pipelines, run_model.sam, run_model.spec, cases, run_model.threshold, log=log)
+    return compare(pipelines, run_model.sam, run_model.spec, cases, run_model.threshold, log=log,
+                   cleanup=run_cleanup(run_model))
+
+
+def run_cleanup(run_model) -> CleanupSpec:
+    """The fold's mask clean-up chosen on validation (``metrics.json`` ``postprocess``; absent: off)."""
+    return CleanupSpec.from_dict(run_model.metrics.get("postprocess"))
+
+
+def run_qc(run_model) -> dict | None:
+    """The fold's quality-flag calibration as the manifest section ``qc`` (validated), or ``None``."""
+    cal = QcCalibration.from_dict(run_model.metrics.get("qc"))
+    return None if cal is None else cal.to_dict()
 
 
 def file_records(root: Path) -> dict[str, dict]:
@@ -224,6 +238,8 @@ def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: d
         "prompt": run_model.prompt.to_dict(),
         "threshold": run_model.threshold,
         "inference": {"box_from_first_pass": box_from_first_pass},
+        "postprocess": run_cleanup(run_model).to_dict(),
+        **({"qc": run_qc(run_model)} if run_qc(run_model) is not None else {}),
         "opset": opset,
         "precisions": sorted({p for m in models.values() for p in m}),
         "models": {name: {prec: {"file": files[0].name, "files": [f.name for f in files], **io_signature(files[0]),
@@ -304,7 +320,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
         results = run_parity(run_model, tmp, models, engines, cases, log)
         table = format_table(results, min_agreement)
         parity = {"min_agreement": min_agreement, "threshold": run_model.threshold, "source": source,
-                  "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold); "
+                  "postprocess": run_cleanup(run_model).enabled,
+                  "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold, "
+                            "then the run's clean-up when on); "
                             "max_abs_logit_diff over low-res logits; torch = SAM preprocess + encoder + decode",
                   "onnxruntime": "CPUExecutionProvider, ORT_ENABLE_ALL",
                   "machine": machine_record(),  # int8 kernels (and so its agreement) depend on the CPU's instructions

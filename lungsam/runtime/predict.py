@@ -18,6 +18,7 @@ from ..artifacts import atomic_path, package_versions, utc_now, write_json_atomi
 from ..imageio import IMAGE_SUFFIXES, ImageReadError, list_inputs, read_mask
 from ..metrics import f1_score, iou_score, summarize
 from ..preprocess import to_rgb_uint8
+from .contact_sheet import ContactSheet, flag_frame
 from .segmenter import LungSegmenter, SegmentationFailure, SegmentationResult
 
 OVERLAY_COLOR = (0, 200, 80)
@@ -104,7 +105,8 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
                   batch_size: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
                   ground_truth: str | Path | None = None) -> PredictSummary:
     """Segment files/folders into ``out_dir``: ``<stem>_mask.png`` (0/255, original size), optional
-    ``<stem>_overlay.png``, ``predictions.jsonl`` (one JSON line per input, in input order) and
+    ``<stem>_overlay.png`` (a red frame on images the quality flag marks) with ``contact_sheet.png`` (all
+    overlays, flagged first), ``predictions.jsonl`` (with ``qc`` per line: :attr:`SegmentationResult.qc`) (one JSON line per input, in input order) and
     ``predict.json`` (the backend, device and precision that ran, fallbacks taken, counts, versions).
 
     With ``ground_truth`` (a folder of masks named like the inputs), each line also carries F1/IoU at the
@@ -116,6 +118,7 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
     stems = _output_stems(paths)
     summary = PredictSummary(jsonl=out / "predictions.jsonl")
     results = segmenter.segment_many(paths, batch_size=batch_size)
+    sheet = ContactSheet() if overlay else None
     it = progress(results) if progress is not None else results
     with atomic_path(summary.jsonl) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for path, stem, r in zip(paths, stems, it):
@@ -127,14 +130,18 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
                     rec.update(status="ok", error=None, mask=mask_path.name)
                     if overlay:
                         ov = out / f"{stem}_overlay.png"
-                        save_png(ov, overlay_image(r.pixels, r.mask))
+                        ov_rgb = overlay_image(r.pixels, r.mask)
+                        if r.qc and r.qc["flag"]:  # a flagged image carries a red frame
+                            ov_rgb = flag_frame(ov_rgb)
+                        save_png(ov, ov_rgb)
+                        sheet.add(ov_rgb, stem, r.qc)
                         rec["overlay"] = ov.name
                     if ground_truth is not None:
                         rec.update(score_against(r.mask, Path(ground_truth), path.stem))
                     rec.update(area_px=r.area_px, area_mm2=None if r.area_mm2 is None else round(r.area_mm2, 3),
                                pixel_spacing_mm=None if r.pixel_spacing_mm is None else list(r.pixel_spacing_mm),
                                score=round(r.score, 6), threshold=r.threshold, size=list(r.original_hw),
-                               timings=_round(r.timings))
+                               qc=r.qc, timings=_round(r.timings))
                 except OSError as e:
                     rec = {"file": str(path), "status": "error", "error": f"cannot write outputs: {e}",
                            "stage": "write", "timings": _round(r.timings)}
@@ -148,6 +155,8 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
             summary.records.append(rec)
             f.write(json.dumps(rec) + "\n")
             f.flush()
+    if sheet is not None:
+        sheet.write(out / "contact_sheet.png")
     summary.seconds = time.perf_counter() - t0
     setup = segmenter.describe()  # what actually ran (after any --allow-fallback), beside the figures it produced
     write_json_atomic(out / "predict.json", {
