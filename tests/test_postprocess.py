@@ -138,7 +138,7 @@ def test_cleanup_chosen_only_when_it_helps_on_validation():
 
 
 def test_boundary_scores_monai_hd95_and_asd():
-    from lungsam.train.engine import boundary_scores
+    from lungsam.boundary import boundary_scores
 
     gt = np.zeros((64, 64), bool)
     gt[10:40, 10:40] = True

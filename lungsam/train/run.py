@@ -14,6 +14,7 @@ import torch
 
 from ..artifacts import atomic_path, package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
 from ..backbones import build_backbone, get_backbone, preprocess_for
+from ..boundary import boundary_scores
 from ..data import Dataset, Sample, dataset_of, kfold_splits, load_dataset, pool
 from ..embeddings import EmbeddingCache, weights_fingerprint
 from ..metrics import boundary_summary, summarize
@@ -22,8 +23,8 @@ from ..qc import QcCalibration, QcResult, calibrate, detection_summary, qc_featu
 from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
 from . import report
 from .config import TrainConfig
-from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, binarize, boundary_scores,
-                     choose_threshold_and_cleanup, mixed_precision, pick_device, predict_probabilities,
+from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, binarize,
+                     choose_threshold_and_cleanup, mixed_precision, pick_device,
                      predict_with_first_pass_box, predict_with_iou, score)
 
 Log = Callable[[str], None]
