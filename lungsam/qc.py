@@ -13,7 +13,8 @@ threshold, the clean-up spec and the decoder's predicted IoU):
 * ``mean_probability``: mean probability over the mask (low is bad).
 
 Calibration (:func:`calibrate`) learns each signal's normal range on a run's validation images: its median
-and a robust scale (1.4826 x the median absolute deviation, floored at :data:`MIN_SCALE`). An image's
+and the spread of its bad-side tail (:func:`tail_scale`: the 90th (or 10th) percentile's distance from the
+median / 1.2816, floored at :data:`MIN_SCALE`). An image's
 deviation on a signal is ``z`` = how many scales it lies beyond the median on the signal's bad side
 (:data:`BAD_SIDE`); its score is ``1 / (1 + (max z / z_flag)^2)`` (1 = typical of validation, 0.5 at the flag
 line) and it is flagged when ``max z > z_flag`` or the mask is empty. ``reasons`` name the signals beyond
@@ -33,7 +34,7 @@ FEATURES = ("pred_iou", "area_fraction", "components", "stray_fraction", "hole_f
             "uncertain_fraction", "mean_probability")
 BAD_SIDE = {"pred_iou": "low", "area_fraction": "both", "components": "high", "stray_fraction": "high",
             "hole_fraction": "high", "balance": "low", "uncertain_fraction": "high", "mean_probability": "low"}
-MIN_SCALE = {"pred_iou": 0.005, "area_fraction": 0.01, "components": 0.5, "stray_fraction": 0.002,
+MIN_SCALE = {"pred_iou": 0.005, "area_fraction": 0.01, "components": 1.0, "stray_fraction": 0.002,
              "hole_fraction": 0.002, "balance": 0.02, "uncertain_fraction": 0.005, "mean_probability": 0.005}
 DEFAULT_Z_FLAG = 4.0
 UNCERTAIN = (0.1, 0.9)
@@ -192,6 +193,15 @@ class QcCalibration:
         return QcResult(score=score, flag=bool(reasons), reasons=reasons, features=dict(features), z=z)
 
 
+def tail_scale(values: np.ndarray, median: float, side: str) -> float:
+    """The spread of ``values`` on their bad ``side``: (90th percentile - median) / 1.2816 for ``high``,
+    (median - 10th percentile) / 1.2816 for ``low``, the larger of the two for ``both`` (a normal
+    distribution's standard deviation; measured on the tail that matters, so heavy tails widen the range)."""
+    hi = (float(np.quantile(values, 0.9)) - median) / 1.2816
+    lo = (median - float(np.quantile(values, 0.1))) / 1.2816
+    return hi if side == "high" else lo if side == "low" else max(hi, lo)
+
+
 def calibrate(features: list[dict], z_flag: float = DEFAULT_Z_FLAG, signals: tuple[str, ...] = FEATURES,
               source: str = "validation") -> QcCalibration:
     """Normal ranges of ``signals`` from validation images' :func:`qc_features` (at least 3 images)."""
@@ -202,7 +212,7 @@ def calibrate(features: list[dict], z_flag: float = DEFAULT_Z_FLAG, signals: tup
         v = np.asarray([x[f] for x in features], np.float64)
         med = float(np.median(v))
         center[f] = med
-        scale[f] = max(1.4826 * float(np.median(np.abs(v - med))), MIN_SCALE[f])
+        scale[f] = max(tail_scale(v, med, BAD_SIDE[f]), MIN_SCALE[f])
     return QcCalibration(center=center, scale=scale, z_flag=z_flag, features=tuple(signals), n=len(features),
                          source=source)
 
