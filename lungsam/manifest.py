@@ -364,7 +364,8 @@ class InferencePolicy:
 class ParityRecord:
     """``parity``: the export's gate. ``results[pipeline]`` are the figures of each exported pipeline
     (``"onnx-fp32/decoder"``...); ``source`` says which images (names and counts; ids only with
-    provenance); ``machine`` the CPU the figures were measured on."""
+    provenance); ``machine`` the CPU the figures were measured on; ``postprocess`` whether the masks compared
+    went through the run's clean-up (``lungsam.postprocess``; ``None`` in bundles from before it)."""
 
     min_agreement: float
     threshold: float
@@ -373,6 +374,7 @@ class ParityRecord:
     metric: str | None = None
     onnxruntime: str | None = None
     machine: dict = field(default_factory=dict)
+    postprocess: bool | None = None
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"min_agreement": self.min_agreement, "threshold": self.threshold, "source": self.source}
@@ -380,13 +382,16 @@ class ParityRecord:
             d["metric"] = self.metric
         if self.onnxruntime is not None:
             d["onnxruntime"] = self.onnxruntime
+        if self.postprocess is not None:
+            d["postprocess"] = self.postprocess
         d.update(machine=self.machine, results=self.results)
         return d
 
     @classmethod
     def from_dict(cls, v: Any, path: str) -> ParityRecord:
         d = _obj(v, path)
-        _keys(d, path, ("min_agreement", "threshold", "source", "metric", "onnxruntime", "machine", "results"))
+        _keys(d, path, ("min_agreement", "threshold", "source", "metric", "onnxruntime", "machine", "results",
+                        "postprocess"))
         results = _obj(_need(d, "results", path), f"{path}.results")
         for k, r in results.items():
             _obj(r, f"{path}.results.{k}")
@@ -395,7 +400,8 @@ class ParityRecord:
                    results=results, source=_opt(d, "source", _obj, path) or {},
                    metric=_opt(d, "metric", _str, path, max_len=MAX_STRING),
                    onnxruntime=_opt(d, "onnxruntime", _str, path),
-                   machine=_opt(d, "machine", _obj, path) or {})
+                   machine=_opt(d, "machine", _obj, path) or {},
+                   postprocess=_opt(d, "postprocess", _bool, path))
 
 
 @dataclass(frozen=True)

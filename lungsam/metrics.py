@@ -46,3 +46,15 @@ def summarize(values: Iterable[float]) -> dict[str, float]:
 def fmt_mean_std(s: dict[str, float], digits: int = 3) -> str:
     """``0.943 ± 0.007`` from a :func:`summarize` dict."""
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def boundary_summary(hd95: Iterable[float | None], asd: Iterable[float | None]) -> dict[str, dict]:
+    """``{"hd95": summary, "asd": summary}`` of per-image boundary distances (:func:`summarize` over the
+    defined ones); each summary adds ``"undefined"``: images whose distance is ``None`` (one mask empty)."""
+    out = {}
+    for name, vals in (("hd95", list(hd95)), ("asd", list(asd))):
+        s = summarize(v for v in vals if v is not None)
+        if s["n"] == 0:  # strict JSON: no NaN
+            s = {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+        out[name] = {**s, "undefined": sum(v is None for v in vals)}
+    return out

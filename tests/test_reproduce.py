@@ -10,6 +10,7 @@ from lungsam.cli import main
 from lungsam.data import demo_data_dir
 from lungsam.reproduce import paper
 from lungsam.reproduce.protocol import ProtocolError, protocol_settings
+from lungsam.train.config import DEFAULT_THRESHOLDS
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_results_json_schema(reproduced):
         assert 0.0 <= t["zero_shot"][s]["points"]["f1"]["mean"] <= 1.0
         assert set(t["kfold"][s]) == {"points", "box", "both", "auto-box"}
         assert t["kfold"][s]["points"]["paper_f1"] == paper.KFOLD[s]["points"] and t["kfold"][s]["box"]["paper_f1"] == "n/a"
-        assert [r["threshold"] for r in t["threshold_sweep"][s]["points"]] == [0.5, 0.55, 0.6, 0.65, 0.7]
+        assert tuple(r["threshold"] for r in t["threshold_sweep"][s]["points"]) == DEFAULT_THRESHOLDS  # 0.05-0.95
         assert len(t["grid"][s]) == 2 and sum(c["chosen"] for c in t["grid"][s]) == 1
     assert set(t["cross_dataset"]) == {"shenzhen->montgomery", "montgomery->shenzhen"}
     assert t["cross_dataset"]["shenzhen->montgomery"]["paper_f1"] == "0.924"

@@ -395,8 +395,13 @@ def time_batches(be, images: list[np.ndarray], masks: list[np.ndarray], batches:
 
 
 def accuracy(outputs: Outputs, data: Images) -> dict:
+    """F1 / IoU summaries against ground truth, and HD95 / ASD (pixels of the masks' frame, MONAI)."""
+    from ..boundary import boundary_scores
+    from ..metrics import boundary_summary
+
     return {"f1": summarize(f1_score(p, g) for p, g in zip(outputs.masks, data.masks)),
-            "iou": summarize(iou_score(p, g) for p, g in zip(outputs.masks, data.masks))}
+            "iou": summarize(iou_score(p, g) for p, g in zip(outputs.masks, data.masks)),
+            **boundary_summary(*boundary_scores(outputs.masks, data.masks))}
 
 
 def parity(outputs: Outputs, ref: Outputs) -> dict:

@@ -50,6 +50,8 @@ def markdown_table(results: dict) -> str:
         acc, par, lat = r["accuracy"], r.get("parity"), r["latency_ms"]
         f1 = f"{_f(acc['f1']['mean'])} ± {_f(acc['f1']['std'])} ({_f(acc['f1']['min'])})"
         iou = f"{_f(acc['iou']['mean'])} ± {_f(acc['iou']['std'])} ({_f(acc['iou']['min'])})"
+        if (acc.get("hd95") or {}).get("mean") is not None:  # results written before HD95 was kept have none
+            iou += f"; HD95 {acc['hd95']['mean']:.2f} px"
         if par:
             pf1 = f"{_f(par['mask_f1']['mean'], 4)} / {_f(par['mask_f1']['min'], 4)}"
             dl = f"{par['max_abs_logit_diff']:.2e}"

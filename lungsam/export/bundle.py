@@ -48,6 +48,8 @@ from ..manifest import (
     digest_line,
     manifest_digest,
 )
+from ..postprocess import CleanupSpec
+from ..qc import QcCalibration
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
 
 __all__ = ["BUNDLE_FORMAT", "ExportError", "ExportResult", "ParityGateError", "export_bundle"]
@@ -215,7 +217,19 @@ def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, l
             if dec in engines:
                 pipelines[f"trt-fp16/{dec}"] = engine_pipeline(tmp / engines["encoder"]["file"],
                                                                tmp / engines[dec]["file"], dec == "decoder_fixed")
-    return compare(pipelines, run_model.sam, run_model.spec, cases, run_model.threshold, log=log)
+    return compare(pipelines, run_model.sam, run_model.spec, cases, run_model.threshold, log=log,
+                   cleanup=run_cleanup(run_model))
+
+
+def run_cleanup(run_model) -> CleanupSpec:
+    """The fold's mask clean-up chosen on validation (``metrics.json`` ``postprocess``; absent: off)."""
+    return CleanupSpec.from_dict(run_model.metrics.get("postprocess"))
+
+
+def run_qc(run_model) -> dict | None:
+    """The fold's quality-flag calibration as the manifest section ``qc`` (validated), or ``None``."""
+    cal = QcCalibration.from_dict(run_model.metrics.get("qc"))
+    return None if cal is None else cal.to_dict()
 
 
 def file_records(root: Path) -> dict[str, FileRecord]:
@@ -332,6 +346,7 @@ def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: d
         format=BUNDLE_FORMAT, created=utc_now(), backbone=run_model.backbone, preprocess=run_model.spec,
         working_size=run_model.working_size, prompt=run_model.prompt, threshold=run_model.threshold,
         inference=InferencePolicy(box_from_first_pass=box_from_first_pass), opset=opset,
+        postprocess=run_cleanup(run_model).to_dict(), qc=run_qc(run_model),
         precisions=tuple(sorted({p for m in models.values() for p in m})), models=model_entries(models),
         quantization=({"int8": {**int8_record(), "fp32_models": list(INT8_FP32_MODELS)}}
                       if "int8" in models.get("encoder", {}) else {}),
@@ -489,7 +504,9 @@ def _build_in(tmp: Path, run_model, run_dir: Path, out: Path, cases: list, sourc
     results = run_parity(run_model, tmp, models, engines, cases, log)
     table = format_table(results, min_agreement)
     parity = {"min_agreement": min_agreement, "threshold": run_model.threshold, "source": source,
-              "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold); "
+              "postprocess": run_cleanup(run_model).enabled,
+              "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold, "
+                        "then the run's clean-up when on); "
                         "max_abs_logit_diff over low-res logits; torch = SAM preprocess + encoder + decode",
               "onnxruntime": "CPUExecutionProvider, ORT_ENABLE_ALL",
               "machine": machine_record(),  # int8 kernels (and so its agreement) depend on the CPU's instructions

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ..metrics import f1_score, summarize
+from ..postprocess import CleanupSpec, clean_mask
 from ..preprocess import PreprocessSpec, encoder_input, model_input, postprocess_logits, sigmoid
 from ..prompts import LearnedPrompt, labelled_points, mask_box, model_prompt
 
@@ -113,11 +114,17 @@ class ParityResult:
 
 
 def compare(pipelines: dict[str, Pipeline], sam, spec: PreprocessSpec, cases: list[ParityCase], threshold: float,
-            batch_size: int = 2, log=None) -> dict[str, ParityResult]:
+            batch_size: int = 2, log=None, cleanup: CleanupSpec | None = None) -> dict[str, ParityResult]:
     """Run torch and every pipeline over ``cases`` in batches; return a :class:`ParityResult` per pipeline.
 
-    Pipelines get batches of ``batch_size`` images (exercising the dynamic batch axis).
+    Pipelines get batches of ``batch_size`` images (exercising the dynamic batch axis). ``cleanup``: the run's
+    mask clean-up (:func:`lungsam.postprocess.clean_mask`), applied to torch's and the exported masks alike
+    when enabled, so the gate covers what the runtime returns.
     """
+    rules = cleanup or CleanupSpec()  # disabled: clean_mask returns the mask as it is
+
+    def finish(mask: np.ndarray) -> np.ndarray:
+        return clean_mask(mask, rules)
     results = {name: ParityResult(name) for name in pipelines}
     for start in range(0, len(cases), batch_size):
         batch = cases[start:start + batch_size]
@@ -125,13 +132,13 @@ def compare(pipelines: dict[str, Pipeline], sam, spec: PreprocessSpec, cases: li
         raw = np.stack([c.raw for c in batch])
         pts = np.stack([c.points for c in batch])
         pl = np.stack([c.point_labels for c in batch])
-        ref_masks = [sigmoid(working_logits(ref[i], c, spec)) > threshold for i, c in enumerate(batch)]
+        ref_masks = [finish(sigmoid(working_logits(ref[i], c, spec)) > threshold) for i, c in enumerate(batch)]
         for name, run in pipelines.items():
             out = run(raw, pts, pl)
             r = results[name]
             r.max_abs_logit_diff = max(r.max_abs_logit_diff, float(np.abs(out - ref).max()))
             for i, c in enumerate(batch):
-                m = sigmoid(working_logits(out[i], c, spec)) > threshold
+                m = finish(sigmoid(working_logits(out[i], c, spec)) > threshold)
                 r.agreement.append(f1_score(m, ref_masks[i]))
                 r.f1_gt.append(f1_score(m, c.mask))
                 r.f1_gt_torch.append(f1_score(ref_masks[i], c.mask))

@@ -32,12 +32,13 @@ from ..artifacts import atomic_path, dumps_json, package_versions, read_json, ut
 from ..imageio import IMAGE_SUFFIXES, ImageReadError, InputListing, read_mask, scan_inputs
 from ..metrics import f1_score, iou_score, summarize
 from ..preprocess import grey_to_rgb, to_uint8
+from .contact_sheet import ContactSheet, flag_frame
 from .segmenter import LungSegmenter, SegmentationFailure, SegmentationResult
 
 OVERLAY_COLOR = (0, 200, 80)
 OVERLAY_ALPHA = 0.4
 PREDICT_FORMAT = "lungsam-predict/1"
-RUN_FILES = ("predict.json", "predictions.jsonl", "metrics.json")
+RUN_FILES = ("predict.json", "predictions.jsonl", "metrics.json", "contact_sheet.png")
 _ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # lungsam.artifacts.atomic_path's temporary files
 FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
@@ -237,7 +238,9 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
                   record_hook: Callable[[Path, str, SegmentationResult, Path], dict] | None = None) -> PredictSummary:
     """Segment files/folders into ``out_dir``: ``<stem>_mask.png`` (0/255, original size), optional
     ``<stem>_overlay.png``, ``predictions.jsonl`` (one strict-JSON line per input, in input order, after the
-    ``skipped`` lines of folder entries not read) and ``predict.json`` (``status`` ``incomplete``/``complete``,
+    ``skipped`` lines of folder entries not read; each result line carries ``qc``, the quality flag of
+    :attr:`SegmentationResult.qc`), ``contact_sheet.png`` with ``overlay`` (all overlays, flagged first; a red
+    frame marks a flagged image) and ``predict.json`` (``status`` ``incomplete``/``complete``,
     the backend, device and precision that ran, fallbacks taken, counts, skipped files, versions).
 
     Args:
@@ -309,10 +312,11 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
                 append(rec)
                 if on_skip is not None:
                     on_skip(rec)
+            sheet = ContactSheet() if overlay else None
             results = segmenter.segment_many(paths, batch_size=batch_size)
             it = progress(results) if progress is not None else results
             for path, stem, r in zip(paths, stems, it):
-                rec = _record(path, stem, r, out, overlay, gt_dir, record_hook)
+                rec = _record(path, stem, r, out, overlay, gt_dir, record_hook, sheet)
                 summary.ok += rec["status"] == "ok"
                 summary.failed += rec["status"] != "ok"
                 fatal = rec.pop("_fatal", False)
@@ -323,6 +327,8 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
                         f"{rec['error']}; stopped after {summary.ok} ok / {summary.failed} failed inputs, recorded in "
                         f"{summary.jsonl} (predict.json says incomplete)")
             os.fsync(f.fileno())
+            if sheet is not None:
+                sheet.write(out / "contact_sheet.png")  # all overlays, flagged first
     except OSError as e:
         state["error"] = _write_error(Path(e.filename or summary.jsonl), e)
         _try(write_state)
@@ -367,9 +373,10 @@ def _try(fn: Callable[[], None]) -> None:
 
 
 def _record(path: Path, stem: str, r: SegmentationResult | SegmentationFailure, out: Path, overlay: bool,
-            gt_dir: Path | None, record_hook: Callable[[Path, str, SegmentationResult, Path], dict] | None = None
-            ) -> dict:
-    """One ``predictions.jsonl`` record, writing the input's mask (and overlay) first; on a write error the
+            gt_dir: Path | None, record_hook: Callable[[Path, str, SegmentationResult, Path], dict] | None = None,
+            sheet: ContactSheet | None = None) -> dict:
+    """One ``predictions.jsonl`` record, writing the input's mask (and overlay: a red frame where the quality
+    flag is raised, and a thumbnail on the contact ``sheet``) first; on a write error the
     input's files are removed and the record says ``stage: write`` (``_fatal`` when the folder is full or
     read-only, which stops the run)."""
     rec: dict = {"file": str(path)}
@@ -385,9 +392,14 @@ def _record(path: Path, stem: str, r: SegmentationResult | SegmentationFailure, 
         rec.update(status="ok", error=None, mask=target.name)
         if overlay:
             target = out / f"{stem}_overlay.png"
-            save_png(target, overlay_image(r.pixels, r.mask))
+            ov_rgb = overlay_image(r.pixels, r.mask)
+            if r.qc and r.qc["flag"]:  # a flagged image carries a red frame
+                ov_rgb = flag_frame(ov_rgb)
+            save_png(target, ov_rgb)
             written.append(target)
             rec["overlay"] = target.name
+            if sheet is not None:
+                sheet.add(ov_rgb, stem, r.qc)
     except OSError as e:
         for p in written:  # a failed input keeps no mask
             _try(p.unlink)
@@ -406,5 +418,5 @@ def _record(path: Path, stem: str, r: SegmentationResult | SegmentationFailure, 
     rec.update(area_px=r.area_px, area_mm2=None if r.area_mm2 is None else round(r.area_mm2, 3),
                pixel_spacing_mm=None if r.pixel_spacing_mm is None else list(r.pixel_spacing_mm),
                score=round(r.score, 6), threshold=r.threshold, size=list(r.original_hw),
-               timings=_round(r.timings), warnings=list(r.warnings))
+               qc=r.qc, timings=_round(r.timings), warnings=list(r.warnings))
     return rec

@@ -25,7 +25,9 @@ import numpy as np
 from .. import preprocess as pp
 from ..imageio import (DEFAULT_MAX_PIXELS, ImageReadError, LoadedImage, check_max_pixels, check_pixel_limit,
                        plausible_spacing, read_image)
+from ..postprocess import CleanupSpec, clean_mask
 from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_prompt
+from ..qc import QcCalibration, qc_features
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from ..manifest import normalize_digest
 from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
@@ -114,6 +116,9 @@ class SegmentationResult:
         prompt: ``"learned"`` (baked-in prompt), ``"interactive"`` or ``"first-pass box"`` (the learned
             points with the box of the model's own first mask).
         warnings: what was ignored while reading (e.g. an implausible pixel spacing, so no ``area_mm2``).
+        qc: the quality flag ``{"score": 0..1 (higher is better), "flag": bool (a human should look),
+            "reasons": [str]}`` (:mod:`lungsam.qc`, calibrated on the run's validation images), or ``None`` for a
+            bundle without a ``qc`` manifest section.
     """
 
     mask: np.ndarray
@@ -129,6 +134,7 @@ class SegmentationResult:
     prompt: str = "learned"
     pixels: np.ndarray | None = field(default=None, repr=False)
     warnings: list[str] = field(default_factory=list)
+    qc: dict | None = None
 
     ok = True
 
@@ -181,6 +187,11 @@ class LungSegmenter:
         self.working_size = bundle.working_size
         self.prompt = bundle.prompt
         self.threshold = bundle.threshold
+        try:  # optional manifest sections (absent: no clean-up, no quality flag)
+            self.cleanup = CleanupSpec.from_dict(bundle.manifest.get("postprocess"))
+            self.qc = QcCalibration.from_dict(bundle.manifest.get("qc"))
+        except ValueError as e:
+            raise BundleError(f"bundle {bundle.root}: {e}") from None
         self.choice = choice
         self.threads = threads
         self._models = models
@@ -266,6 +277,7 @@ class LungSegmenter:
                 "providers": {n: list(getattr(m, "providers", [])) for n, m in self._models.items()},
                 "prompt_mode": self.prompt.mode, "box_from_first_pass": self.box_from_first_pass,
                 "threshold": self.threshold, "working_size": self.working_size,
+                "postprocess": self.cleanup.enabled, "quality_flag": self.qc is not None,
                 "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks),
                 "max_pixels": self.max_pixels}
 
@@ -445,9 +457,19 @@ class LungSegmenter:
         return (my @ lr @ mx.T).astype(np.float32)
 
     def postprocess(self, low_res: np.ndarray, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
-        """Low-res logits of one image -> ``(mask (H0, W0) bool, probability (H0, W0) float32)``."""
+        """Low-res logits of one image -> ``(mask (H0, W0) bool, probability (H0, W0) float32)``; the mask is
+        ``probability > threshold``, cleaned when the bundle's ``postprocess`` section enables it."""
         prob = pp.sigmoid(self.postprocess_logits(low_res, prepared))
-        return prob > self.threshold, prob
+        return clean_mask(prob > self.threshold, self.cleanup), prob
+
+    def quality(self, low_res: np.ndarray, iou: float, prepared: Prepared) -> dict | None:
+        """The quality flag of one image (``SegmentationResult.qc``) from its low-res logits ``(1, L, L)`` and
+        predicted IoU, computed in the working frame (S x S) as calibrated; ``None`` without calibration."""
+        if self.qc is None:
+            return None
+        ay, ax = pp.postprocess_matrices(self.spec, tuple(prepared.input_hw), (self.working_size,) * 2)
+        prob = pp.sigmoid(ay @ np.asarray(low_res, np.float32).reshape(ay.shape[1], ax.shape[1]) @ ax.T)
+        return self.qc.assess(qc_features(prob, self.threshold, iou, self.cleanup)).to_dict()
 
     # -----------------------------------------------------------------------------------------
     # whole pipeline
@@ -456,12 +478,14 @@ class LungSegmenter:
                 prompt_kind: str) -> SegmentationResult:
         t0 = time.perf_counter()
         mask, prob = self.postprocess(low, prepared)
+        score = float(np.asarray(iou).reshape(-1)[0])
+        qc = self.quality(low, score, prepared)
         timings["postprocess_s"] = time.perf_counter() - t0
         timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
         area = int(np.count_nonzero(mask))
         sp = prepared.pixel_spacing_mm
         return SegmentationResult(
-            mask=mask, probability=prob, score=float(np.asarray(iou).reshape(-1)[0]), area_px=area,
+            mask=mask, probability=prob, score=score, area_px=area, qc=qc,
             area_mm2=None if sp is None else float(area * sp[0] * sp[1]), threshold=self.threshold,
             original_hw=prepared.original_hw, pixel_spacing_mm=sp, source=prepared.source, timings=timings,
             prompt=prompt_kind, pixels=prepared.pixels, warnings=list(prepared.warnings))

@@ -45,6 +45,8 @@ def _fail(msg: str) -> None:
 @click.option("--lora-targets", default="qkv", show_default=True,
               help="Comma-separated names of the encoder's linear layers to adapt (qkv, proj, fc1, fc2, ...).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--thresholds", default="0.05:0.95:0.05", show_default=True,
+              help="Probability thresholds swept on validation: LO:HI:STEP or a comma list (a choice at an edge is warned about).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (cuda: mixed precision).")
 @click.option("--cpu-bf16", is_flag=True,
               help="CPU only: train in bfloat16 autocast (needs AVX512-BF16 or AMX; an error elsewhere). About 1.5x faster "
@@ -55,13 +57,18 @@ def _fail(msg: str) -> None:
               help="Train just this fold now (repeatable); the rest follow later with --resume.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, patience, min_delta, lr, weight_decay, batch_size,
-          size, encoder_size, augment_views, lora_rank, lora_alpha, lora_targets, seed, device, cpu_bf16, out, resume,
-          only_folds, quiet):
+          size, encoder_size, augment_views, lora_rank, lora_alpha, lora_targets, seed, thresholds, device, cpu_bf16, out,
+          resume, only_folds, quiet):
     """Fine-tune SAM's mask decoder (encoders frozen) on chest X-rays."""
     from ..backbones import UnknownBackboneError
     from ..data import DataError
-    from .config import TrainConfig
+    from .config import TrainConfig, parse_thresholds
     from .run import train_run
+
+    try:
+        sweep = parse_thresholds(thresholds)
+    except ValueError as e:
+        _fail(str(e))
 
     cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt,
                       points_per_lung=points_per_lung, folds=folds, epochs=epochs, patience=patience, min_delta=min_delta, lr=lr,
@@ -69,7 +76,7 @@ def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, pa
                       augment_views=augment_views,
                       lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), seed=seed,
-                      device=device, cpu_bf16=cpu_bf16)
+                      thresholds=sweep, device=device, cpu_bf16=cpu_bf16)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         summary = train_run(cfg, out, resume=resume, only_folds=tuple(only_folds) or None, log=log, progress=not quiet)

@@ -33,8 +33,17 @@ def finished_folds(run_dir: Path) -> list[dict]:
 
 
 def per_image(folds: list[dict]) -> dict[str, dict[str, float]]:
-    """``{sample id: {"f1", "iou"}}`` over the test images of ``folds`` (:func:`finished_folds`)."""
-    return {r["id"]: {"f1": float(r["f1"]), "iou": float(r["iou"])} for f in folds for r in f["per_image"]}
+    """``{sample id: {"f1", "iou", "hd95"}}`` over the test images of ``folds`` (:func:`finished_folds`); ``hd95``
+    (pixels, working frame) is ``None`` for folds scored before it was kept or where it is undefined."""
+    return {r["id"]: {"f1": float(r["f1"]), "iou": float(r["iou"]), "hd95": r.get("hd95")}
+            for f in folds for r in f["per_image"]}
+
+
+def hd95_summary(values: list[float | None]) -> dict | None:
+    """Summary of per-image HD95 over the common images, ``None`` unless every image has one."""
+    if not values or any(v is None for v in values):
+        return None
+    return summarize(values)
 
 
 def test_ids_by_fold(run_dir: Path) -> list[list[str]] | None:
@@ -134,7 +143,8 @@ def compare_runs(run_dirs: list[str | Path], allow_partial: bool = False) -> dic
             changed = {k: list(v) for k, v in changed_settings(cfgs[0], c).items()}
         row = {"run": str(d), "changed": changed, "folds_finished": len(folds), "folds": t,
                "n_scored": len(s), "n_left_out": len(s) - len(ids),
-               "f1": summarize(f1), "iou": summarize([s[i]["iou"] for i in ids])}
+               "f1": summarize(f1), "iou": summarize([s[i]["iou"] for i in ids]),
+               "hd95": hd95_summary([s[i]["hd95"] for i in ids])}
         if d is not dirs[0]:
             row["f1_vs_baseline"] = paired([scores[0][i]["f1"] for i in ids], f1)
         row["best_epochs"] = [f["best_epoch"] for f in folds]
@@ -155,9 +165,9 @@ def format_markdown(result: dict) -> str:
         lines += [f"**Partial**: {'; '.join(result['partial'])}; only the finished folds' test images are compared "
                   "(per run: images scored, left out).", ""]
     lines += [
-             "| run | changed | folds | test F1 mean ± std (min) | IoU | Δ F1 vs baseline (± SE) | better / worse | p | "
+             "| run | changed | folds | test F1 mean ± std (min) | IoU | HD95 px | Δ F1 vs baseline (± SE) | better / worse | p | "
              "best epoch | threshold | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         ch = ", ".join(f"{k}: {a} → {b}" for k, (a, b) in r["changed"].items()) or "(baseline)"
         f1, iou = r["f1"], r["iou"]
@@ -175,6 +185,7 @@ def format_markdown(result: dict) -> str:
         fo = f"{r['folds_finished']}/{r['folds']}" if "folds" in r else "?"
         if r.get("n_left_out"):
             fo += f" ({r['n_left_out']} of {r['n_scored']} images left out)"
+        hd = f"{r['hd95']['mean']:.2f}" if r.get("hd95") else "–"
         lines.append(f"| `{Path(r['run']).name}` | {ch} | {fo} | {f1['mean']:.4f} ± {f1['std']:.4f} ({f1['min']:.3f}) | "
-                     f"{iou['mean']:.4f} | {delta} | {bw} | {pv} | {ep} | {th} | {ts} |")
+                     f"{iou['mean']:.4f} | {hd} | {delta} | {bw} | {pv} | {ep} | {th} | {ts} |")
     return "\n".join(lines) + "\n"

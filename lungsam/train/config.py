@@ -7,7 +7,30 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # Python 3.11+ (annotations are not evaluated at run time here)
     from typing import Self
 
-DEFAULT_THRESHOLDS = (0.50, 0.55, 0.60, 0.65, 0.70)
+DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05, 0.10, ..., 0.95
+
+
+def parse_thresholds(text: str) -> tuple[float, ...]:
+    """``"LO:HI:STEP"`` (both ends included) or ``"a,b,c"`` -> sorted unique probabilities in (0, 1).
+
+    Raises:
+        ValueError: naming ``--thresholds`` and what is wrong.
+    """
+    try:
+        if ":" in text:
+            lo, hi, step = (float(x) for x in text.split(":"))
+            if step <= 0 or hi < lo:
+                raise ValueError
+            vals = [round(lo + i * step, 6) for i in range(int(round((hi - lo) / step)) + 1)]
+        else:
+            vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--thresholds {text!r}: give LO:HI:STEP (e.g. 0.05:0.95:0.05) or a comma list") from None
+    bad = [v for v in vals if not 0.0 < v < 1.0]
+    if not vals or bad:
+        raise ValueError(f"--thresholds {text!r}: thresholds must be probabilities in (0, 1)"
+                         + (f" (got {bad[0]})" if bad else ""))
+    return tuple(sorted(set(vals)))
 
 
 class DictConfig:
@@ -46,7 +69,8 @@ class TrainConfig(DictConfig):
             The encoder then runs in every step (no embedding cache for training) (:mod:`lungsam.lora`).
         augment_views: augmented copies per training image (0: none), made once and encoded into the
             embedding cache; each epoch draws the original or one copy per image (:mod:`lungsam.train.augment`).
-        thresholds: probability thresholds swept on validation.
+        thresholds: probability thresholds swept on validation (default 0.05-0.95 in steps of 0.05; the
+            choice at either edge is warned about and recorded as ``threshold_edge`` in the fold's metrics).
         device: ``auto`` | ``cpu`` | ``cuda``; amp: mixed precision on cuda.
         cpu_bf16: on the CPU, train (and validate between epochs) in bfloat16 autocast; needs a CPU with
             native bfloat16 (AVX512-BF16 or AMX), an error elsewhere. The threshold sweep and test scores

@@ -16,6 +16,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from ..metrics import f1_score, iou_score
+from ..postprocess import CleanupSpec, clean_masks
 from ..modeling.decoder import decode
 from ..preprocess import PreprocessSpec, encoder_input, fractions_to_pixels, preprocess_shape
 from ..prompts import LearnedPrompt, first_pass_prompt, mask_box, model_prompt, perturb_box
@@ -119,15 +120,27 @@ def predict_probabilities(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarr
                           spec: PreprocessSpec, size: int, device: str, batch_size: int = 8,
                           amp: bool = False) -> np.ndarray:
     """``(N, S, S)`` float32 probabilities for cached ``(N, C, E, E)`` embeddings (no box jitter)."""
+    return predict_with_iou(sam, embeddings, masks, prompt, spec, size, device, batch_size, amp)[0]
+
+
+@torch.no_grad()
+def predict_with_iou(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarray], prompt: LearnedPrompt,
+                     spec: PreprocessSpec, size: int, device: str, batch_size: int = 8,
+                     amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities (N, S, S) float32, predicted IoU (N,) float32)`` for cached ``(N, C, E, E)``
+    embeddings: :func:`predict_probabilities` plus the decoder's own score (what the runtime reports)."""
     sam.eval()
-    out = []
+    out, ious = [], []
+    input_hw = preprocess_shape(size, size, spec.img_size)
     for s in range(0, len(embeddings), batch_size):
         emb = torch.from_numpy(embeddings[s:s + batch_size].astype(np.float32)).to(device)
         pt = batch_prompts(prompt, spec, masks[s:s + batch_size], size, device)
         with autocast(device, amp):
-            logits = logits_at_working(sam, emb, pt, spec, size)
+            low_res, iou = decode(sam, emb, pt.coords, pt.labels, pt.boxes)
+            logits = sam.postprocess_masks(low_res.float(), input_hw, (size, size))
         out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
+        ious.append(iou.float().reshape(len(emb), -1)[:, 0].cpu().numpy())
+    return np.concatenate(out).astype(np.float32), np.concatenate(ious).astype(np.float32)
 
 
 @torch.no_grad()
@@ -163,26 +176,95 @@ def predict_with_first_pass_box(sam: Sam, embeddings: np.ndarray, prompt: Learne
     return probs, len(empty)
 
 
-def score(probs: np.ndarray, masks: list[np.ndarray], threshold: float) -> tuple[list[float], list[float]]:
-    """Per-image F1 and IoU of ``probs > threshold`` against ``masks``."""
-    f1 = [f1_score(p > threshold, m) for p, m in zip(probs, masks)]
-    iou = [iou_score(p > threshold, m) for p, m in zip(probs, masks)]
-    return f1, iou
+def binarize(probs: np.ndarray, threshold: float, cleanup: CleanupSpec | None = None) -> list[np.ndarray]:
+    """Masks ``probs > threshold`` (``(N, S, S)`` -> N x ``(S, S)`` bool), cleaned by ``cleanup`` when given and
+    enabled (:func:`lungsam.postprocess.clean_mask`, the runtime's code)."""
+    masks = [p > threshold for p in probs]
+    return clean_masks(masks, cleanup) if cleanup is not None and cleanup.enabled else masks
 
 
-def sweep_thresholds(probs: np.ndarray, masks: list[np.ndarray], thresholds: tuple[float, ...]) -> list[dict]:
-    """Mean F1/IoU at each threshold: ``[{"threshold", "f1", "iou"}]``."""
+def score(probs: np.ndarray, masks: list[np.ndarray], threshold: float,
+          cleanup: CleanupSpec | None = None) -> tuple[list[float], list[float]]:
+    """Per-image F1 and IoU of ``probs > threshold`` (cleaned by ``cleanup`` when enabled) against ``masks``."""
+    pred = binarize(probs, threshold, cleanup)
+    return [f1_score(p, m) for p, m in zip(pred, masks)], [iou_score(p, m) for p, m in zip(pred, masks)]
+
+
+def sweep_thresholds(probs: np.ndarray, masks: list[np.ndarray], thresholds: tuple[float, ...],
+                     cleanup: CleanupSpec | None = None) -> list[dict]:
+    """Mean F1/IoU at each threshold: ``[{"threshold", "f1", "iou"}]``; with an enabled ``cleanup`` also
+    ``"f1_cleaned"`` and ``"iou_cleaned"`` (the same masks after :func:`lungsam.postprocess.clean_mask`)."""
     rows = []
     for t in thresholds:
         f1, iou = score(probs, masks, t)
-        rows.append({"threshold": float(t), "f1": float(np.mean(f1)), "iou": float(np.mean(iou))})
+        row = {"threshold": float(t), "f1": float(np.mean(f1)), "iou": float(np.mean(iou))}
+        if cleanup is not None and cleanup.enabled:
+            f1c, iouc = score(probs, masks, t, cleanup)
+            row.update(f1_cleaned=float(np.mean(f1c)), iou_cleaned=float(np.mean(iouc)))
+        rows.append(row)
     return rows
 
 
-def choose_threshold(sweep: list[dict]) -> float:
-    """The threshold with the best mean validation F1 (the lowest on ties)."""
-    best = max(r["f1"] for r in sweep)
-    return min(r["threshold"] for r in sweep if r["f1"] == best)
+def choose_threshold(sweep: list[dict], key: str = "f1") -> float:
+    """The threshold with the best mean validation F1 (``key``: ``f1`` or ``f1_cleaned``; the lowest on ties)."""
+    best = max(r[key] for r in sweep)
+    return min(r["threshold"] for r in sweep if r[key] == best)
+
+
+def threshold_edge(sweep: list[dict], chosen: float) -> str | None:
+    """``"low"`` / ``"high"`` when ``chosen`` is the sweep's lowest / highest threshold (the best may lie
+    outside the range swept), else ``None`` (also for a sweep of one threshold, which has no inside)."""
+    ts = sorted(r["threshold"] for r in sweep)
+    if len(ts) < 2:
+        return None
+    return "low" if chosen <= ts[0] else "high" if chosen >= ts[-1] else None
+
+
+@dataclass
+class ThresholdChoice:
+    """What validation chose: ``threshold``, ``cleanup`` (enabled or not), the ``sweep`` rows
+    (:func:`sweep_thresholds`), ``edge`` (:func:`threshold_edge`) and the best validation F1 without and
+    with clean-up (``val_f1_raw``, ``val_f1_cleaned``)."""
+
+    threshold: float
+    cleanup: CleanupSpec
+    sweep: list[dict]
+    edge: str | None
+    val_f1_raw: float
+    val_f1_cleaned: float
+
+    def record(self) -> dict:
+        """The ``metrics.json`` fields: ``threshold``, ``threshold_sweep``, ``threshold_range`` [lo, hi],
+        ``threshold_edge``, ``postprocess`` (:meth:`CleanupSpec.to_dict`) and ``postprocess_choice``."""
+        ts = [r["threshold"] for r in self.sweep]
+        return {"threshold": self.threshold, "threshold_sweep": self.sweep, "threshold_range": [min(ts), max(ts)],
+                "threshold_edge": self.edge, "postprocess": self.cleanup.to_dict(),
+                "postprocess_choice": {"chosen_on": "validation", "val_f1_raw": self.val_f1_raw,
+                                       "val_f1_cleaned": self.val_f1_cleaned,
+                                       "rule": "clean-up on when its best validation F1 is higher than without"}}
+
+    def edge_warning(self) -> str | None:
+        """A one-line warning when the threshold sits at the sweep's edge, else ``None``."""
+        if self.edge is None:
+            return None
+        ts = [r["threshold"] for r in self.sweep]
+        return (f"warning: the validation threshold {self.threshold:.2f} is the {self.edge} edge of the sweep "
+                f"{min(ts):.2f}-{max(ts):.2f}; the best may lie outside it: widen --thresholds")
+
+
+def choose_threshold_and_cleanup(probs: np.ndarray, masks: list[np.ndarray], thresholds: tuple[float, ...],
+                                 cleanup: CleanupSpec | None = None) -> ThresholdChoice:
+    """Sweep ``thresholds`` on validation probabilities ``(N, S, S)``, without and with clean-up (``cleanup``:
+    its size rules; default :class:`CleanupSpec`), and keep the better: clean-up is on only when its best mean
+    F1 is strictly higher."""
+    spec = replace(cleanup or CleanupSpec(), enabled=True)
+    sweep = sweep_thresholds(probs, masks, thresholds, spec)
+    t_raw, t_clean = choose_threshold(sweep, "f1"), choose_threshold(sweep, "f1_cleaned")
+    f_raw = max(r["f1"] for r in sweep)
+    f_clean = max(r["f1_cleaned"] for r in sweep)
+    on = f_clean > f_raw
+    thr = t_clean if on else t_raw
+    return ThresholdChoice(thr, replace(spec, enabled=on), sweep, threshold_edge(sweep, thr), f_raw, f_clean)
 
 
 @dataclass

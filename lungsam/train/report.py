@@ -47,12 +47,25 @@ def learning_curve(history: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def threshold_curve(sweep: list[dict], chosen: float, path: Path, title: str) -> None:
+def threshold_curve(sweep: list[dict], chosen: float, path: Path, title: str, cleaned: bool = False) -> None:
+    """Mean validation F1 against the threshold (and after clean-up where the sweep has ``f1_cleaned``), the
+    chosen threshold (``cleaned``: chosen with clean-up on) and the sweep's range, its edges shaded."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["threshold"] for r in sweep], [r["f1"] for r in sweep], marker="o", label="val F1")
-    ax.axvline(chosen, color="gray", ls="--", label=f"chosen {chosen:.2f}")
-    ax.set_xlabel("probability threshold")
+    ts = [r["threshold"] for r in sweep]
+    ax.plot(ts, [r["f1"] for r in sweep], marker="o", ms=3, label="val F1")
+    if "f1_cleaned" in sweep[0]:
+        ax.plot(ts, [r["f1_cleaned"] for r in sweep], marker="s", ms=3, label="val F1, cleaned")
+    ax.axvline(chosen, color="gray", ls="--", label=f"chosen {chosen:.2f}" + (" (clean-up on)" if cleaned else ""))
+    step = (max(ts) - min(ts)) / max(len(ts) - 1, 1)
+    for edge in (min(ts), max(ts)):  # a choice in a shaded band sits at the edge of what was swept
+        ax.axvspan(edge - step / 2, edge + step / 2, color="tab:red", alpha=0.08, lw=0)
+    if chosen in (min(ts), max(ts)) and len(ts) > 1:
+        ax.text(0.5, 0.02, "choice at the sweep's edge", transform=ax.transAxes, ha="center", color="tab:red", fontsize=8)
+    lo = min(min(r["f1"] for r in sweep), min(r.get("f1_cleaned", 1.0) for r in sweep))
+    best = max(max(r["f1"] for r in sweep), max(r.get("f1_cleaned", 0.0) for r in sweep))
+    ax.set_ylim(max(lo, best - 0.08), best + 0.005)  # the top of the curve, where the choice is made
+    ax.set_xlabel(f"probability threshold (swept {min(ts):.2f}-{max(ts):.2f})")
     ax.set_ylabel("mean F1")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
@@ -75,6 +88,15 @@ def overlays(items: list[dict], path: Path, title: str) -> None:
         ax.axis("off")
     fig.suptitle(f"{title}  (green: ground truth, red: prediction)", fontsize=9)
     save_figure(fig, path)
+
+
+def qc_note(d: dict) -> str:
+    """One line on the quality flag as a detector of bad masks (:func:`lungsam.qc.detection_summary`)."""
+    f = lambda x, fmt: "–" if x is None else format(x, fmt)  # noqa: E731
+    return (f"Quality flag (calibrated on the run's validation images, no ground truth used): AUROC "
+            f"{f(d['auroc'], '.3f')} for masks with F1 < {d['bad_below']:.2f} ({d['bad']} of {d['n']}); flagged "
+            f"{d['flagged']} ({f(d['flagged_share'], '.1%')}), catching {d['bad_caught']} of {d['bad']} bad masks "
+            f"({f(d['bad_caught_share'], '.0%')}).")
 
 
 def gt_note(prompt: str) -> str:
@@ -112,12 +134,24 @@ def precision_note(cfg: dict, device: str) -> str:
 
 def fold_table(folds: list[dict]) -> list[str]:
     """Markdown lines: one row per fold (sizes, best epoch, threshold, val F1, test F1 and IoU)."""
-    lines = ["| fold | train/val/test | best epoch | threshold | val F1 | test F1 | test IoU |", "|---|---|---|---|---|---|---|"]
+    lines = ["| fold | train/val/test | best epoch | threshold | clean-up | val F1 | test F1 | test IoU | test HD95 px |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for f in folds:
         n = f["n"]
-        lines.append(f"| {f['fold']} | {n['train']}/{n['val']}/{n['test']} | {f['best_epoch']} | {f['threshold']:.2f} | "
-                     f"{f['val']['f1']['mean']:.3f} | {fmt_mean_std(f['test']['f1'])} | {fmt_mean_std(f['test']['iou'])} |")
+        edge = f" ({f['threshold_edge']} edge)" if f.get("threshold_edge") else ""
+        clean = "on" if (f.get("postprocess") or {}).get("enabled") else "off"
+        lines.append(f"| {f['fold']} | {n['train']}/{n['val']}/{n['test']} | {f['best_epoch']} | {f['threshold']:.2f}{edge} | "
+                     f"{clean} | {f['val']['f1']['mean']:.3f} | {fmt_mean_std(f['test']['f1'])} | "
+                     f"{fmt_mean_std(f['test']['iou'])} | {fmt_boundary(f['test'].get('hd95'))} |")
     return lines
+
+
+def fmt_boundary(s: dict | None, digits: int = 2) -> str:
+    """``mean ± std`` of a boundary-distance summary (:func:`lungsam.metrics.boundary_summary`), ``–`` when absent."""
+    if not s or s.get("mean") is None:
+        return "–"
+    text = f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    return text + (f" ({s['undefined']} undefined)" if s.get("undefined") else "")
 
 
 def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
@@ -200,6 +234,14 @@ def eval_report(result: dict) -> str:
     for k in ("f1", "iou"):
         s = result[k]
         lines.append(f"| {k.upper()} | {fmt_mean_std(s)} | {s['min']:.3f} | {s['max']:.3f} |")
+    unit = result.get("boundary_unit", "px")
+    for k, name in (("hd95", "HD95"), ("asd", "ASD")):
+        s = result.get(k)
+        if s and s.get("mean") is not None:
+            lines.append(f"| {name} ({unit}) | {fmt_boundary(s)} | {s['min']:.2f} | {s['max']:.2f} |")
+    qc = result.get("qc_detection")
+    if qc:
+        lines += ["", qc_note(qc)]
     if len(parts) > 1:
         lines += ["", "| fold | images | threshold | F1 mean ± std | IoU mean ± std |", "|---|---|---|---|---|"]
         lines += [f"| {p['fold']} | {p['n']} | {p['threshold']:.2f} | {fmt_mean_std(p['f1'])} | {fmt_mean_std(p['iou'])} |"

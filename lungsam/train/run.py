@@ -14,14 +14,18 @@ import torch
 
 from ..artifacts import atomic_path, package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
 from ..backbones import get_backbone, preprocess_for
+from ..boundary import boundary_scores
 from ..data import Dataset, Sample, dataset_of, kfold_splits, load_dataset, pool
 from ..embeddings import EmbeddingCache, weights_fingerprint
-from ..metrics import summarize
+from ..metrics import boundary_summary, summarize
+from ..postprocess import CleanupSpec
+from ..qc import QcCalibration, QcResult, calibrate, detection_summary, qc_features
 from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
 from . import report
 from .config import TrainConfig
-from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, choose_threshold, mixed_precision,
-                     pick_device, predict_probabilities, predict_with_first_pass_box, score, sweep_thresholds)
+from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, binarize,
+                     choose_threshold_and_cleanup, mixed_precision, pick_device,
+                     predict_with_first_pass_box, predict_with_iou, score)
 
 Log = Callable[[str], None]
 
@@ -305,26 +309,36 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
                             progress=False) for k in ("val", "test")}
     else:
         E = X
-    val_probs = predict_probabilities(sam, E["val"], M["val"], prompt, spec, cfg.size, device, cfg.batch_size)
-    sweep = sweep_thresholds(val_probs, M["val"], cfg.thresholds)
-    thr = choose_threshold(sweep)
-    report.threshold_curve(sweep, thr, fold_dir / "threshold_curve.png", title)
-    vf1, viou = score(val_probs, M["val"], thr)
-    test_probs = predict_probabilities(sam, E["test"], M["test"], prompt, spec, cfg.size, device, cfg.batch_size)
-    tf1, tiou = score(test_probs, M["test"], thr)
-    per_image = [{"id": s.id, "f1": a, "iou": b} for s, a, b in zip(part["test"], tf1, tiou)]
+    val_probs, val_iou = predict_with_iou(sam, E["val"], M["val"], prompt, spec, cfg.size, device, cfg.batch_size)
+    choice = choose_threshold_and_cleanup(val_probs, M["val"], cfg.thresholds)
+    thr, cleanup = choice.threshold, choice.cleanup
+    if choice.edge_warning():
+        log(f"fold {fold}: {choice.edge_warning()}")
+    report.threshold_curve(choice.sweep, thr, fold_dir / "threshold_curve.png", title, cleanup.enabled)
+    vf1, viou = score(val_probs, M["val"], thr, cleanup)
+    qc_cal = calibrate_quality(val_probs, val_iou, thr, cleanup, f"fold {fold} validation images")
+    test_probs, test_iou = predict_with_iou(sam, E["test"], M["test"], prompt, spec, cfg.size, device, cfg.batch_size)
+    test_masks = binarize(test_probs, thr, cleanup)
+    tf1, tiou = score(test_probs, M["test"], thr, cleanup)
+    thd, tasd = boundary_scores(test_masks, M["test"])
+    test_qc = assess_quality(qc_cal, test_probs, test_iou, thr, cleanup)
+    per_image = [{"id": s.id, "f1": a, "iou": b, "hd95": h, "asd": d, "qc": q.to_dict() if q else None}
+                 for s, a, b, h, d, q in zip(part["test"], tf1, tiou, thd, tasd, test_qc)]
     order = np.argsort(tf1)
     report.overlays([{"label": f"{lab}: {part['test'][i].id.split('/')[-1]} F1 {tf1[i]:.3f}",
-                      "image": part["test"][i].image, "gt": M["test"][i], "pred": test_probs[i] > thr}
+                      "image": part["test"][i].image, "gt": M["test"][i], "pred": test_masks[i]}
                      for lab, i in (("best", order[-1]), ("worst", order[0]))], fold_dir / "overlays.png", title)
     metrics = {
-        "fold": fold, "threshold": thr, "threshold_sweep": sweep,
+        "fold": fold, **choice.record(),
         "n": {k: len(v) for k, v in part.items()},
         "best_epoch": stop.best_epoch, "epochs_run": len(history),
         "train_time_s": sum(h["epoch_s"] for h in history), "epochs_wall_s": epochs_wall_s(history),
         "fold_wall_s": wall_before + time.perf_counter() - t_fold,
         "val": {"f1": summarize(vf1), "iou": summarize(viou)},
-        "test": {"f1": summarize(tf1), "iou": summarize(tiou)},
+        "test": {"f1": summarize(tf1), "iou": summarize(tiou), **boundary_summary(thd, tasd)},
+        "boundary_unit": "px (working frame)",
+        "qc": qc_cal.to_dict() if qc_cal is not None else None,
+        "test_qc_detection": detection_summary(test_qc, tf1) if qc_cal is not None else None,
         "prompt_uses_ground_truth": prompt.needs_ground_truth,
         "per_image": per_image,
     }
@@ -332,9 +346,26 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     sam.mask_decoder.load_state_dict(initial)  # next fold starts from the pretrained decoder
     if lora:
         load_lora_state(sam.image_encoder, initial_adapter)
-    log(f"fold {fold}: threshold {thr:.2f}, val F1 {np.mean(vf1):.4f}, test F1 {np.mean(tf1):.4f} ± {np.std(tf1):.4f}, "
-        f"IoU {np.mean(tiou):.4f}")
+    log(f"fold {fold}: threshold {thr:.2f}{', clean-up on' if cleanup.enabled else ''}, val F1 {np.mean(vf1):.4f}, test F1 {np.mean(tf1):.4f} ± {np.std(tf1):.4f}, "
+        f"IoU {np.mean(tiou):.4f}, HD95 {metrics['test']['hd95']['mean']:.2f} px")
     return metrics
+
+
+def calibrate_quality(probs: np.ndarray, iou: np.ndarray, threshold: float, cleanup: CleanupSpec,
+                      source: str) -> QcCalibration | None:
+    """The quality flag's normal ranges (:func:`lungsam.qc.calibrate`) from validation probabilities ``(N, S, S)``
+    and predicted IoU ``(N,)``; ``None`` with fewer than 3 validation images (then no result carries a flag)."""
+    if len(probs) < 3:
+        return None
+    return calibrate([qc_features(p, threshold, float(i), cleanup) for p, i in zip(probs, iou)], source=source)
+
+
+def assess_quality(cal: QcCalibration | None, probs: np.ndarray, iou: np.ndarray, threshold: float,
+                   cleanup: CleanupSpec) -> list[QcResult | None]:
+    """:meth:`lungsam.qc.QcCalibration.assess` of each image (``None`` each without a calibration)."""
+    if cal is None:
+        return [None] * len(probs)
+    return [cal.assess(qc_features(p, threshold, float(i), cleanup)) for p, i in zip(probs, iou)]
 
 
 def run_folds(out: Path, splits: list[dict], only_folds: tuple[int, ...] | None, log: Log,
@@ -367,13 +398,21 @@ def aggregate_folds(folds: list[dict]) -> dict:
     per source data set."""
     pooled_f1 = [r["f1"] for f in folds for r in f["per_image"]]
     pooled_iou = [r["iou"] for f in folds for r in f["per_image"]]
+    boundary = {}
+    if all("hd95" in r for f in folds for r in f["per_image"]):  # folds scored before HD95 was kept have none
+        b = boundary_summary([r["hd95"] for f in folds for r in f["per_image"]],
+                             [r["asd"] for f in folds for r in f["per_image"]])
+        boundary = {"test_hd95_pooled": b["hd95"], "test_asd_pooled": b["asd"]}
     return {
         "test_by_dataset": per_dataset(folds),
         "test_f1_across_folds": summarize([f["test"]["f1"]["mean"] for f in folds]),
         "test_iou_across_folds": summarize([f["test"]["iou"]["mean"] for f in folds]),
         "test_f1_pooled": summarize(pooled_f1),
         "test_iou_pooled": summarize(pooled_iou),
+        **boundary,
         "thresholds": [f["threshold"] for f in folds],
+        "threshold_edges": [f.get("threshold_edge") for f in folds],
+        "postprocess_enabled": [bool((f.get("postprocess") or {}).get("enabled", False)) for f in folds],
         "prompt_uses_ground_truth": folds[0]["prompt_uses_ground_truth"],
     }
 
@@ -500,16 +539,24 @@ class ScoredPart:
     f1: list[float]
     iou: list[float]
     record: dict
+    cleanup: CleanupSpec | None = None
+    qc: list[QcResult | None] | None = None
+
+    def masks(self) -> list[np.ndarray]:
+        """The scored masks ``(S, S)`` bool (threshold, then the clean-up when enabled)."""
+        return binarize(self.probs, self.record["threshold"], self.cleanup)
 
 
 def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str | None, fingerprint: str | None,
-                samples: list[Sample], device: str, progress: bool, box_from_first_pass: bool = False
-                ) -> tuple[np.ndarray, list[float], list[float], dict]:
+                samples: list[Sample], device: str, progress: bool, box_from_first_pass: bool = False,
+                cleanup: CleanupSpec | None = None) -> tuple[np.ndarray, list[float], list[float], dict]:
     """Probabilities ``(n, S, S)`` (S = ``cfg.size``), per-image F1/IoU of one model on ``samples``, and
-    the record's prompt fields (``prompt_uses_ground_truth``, ``box_source``, ``first_pass_empty``).
+    the record's prompt fields (``prompt_uses_ground_truth``, ``box_source``, ``first_pass_empty``) and, for
+    one-pass prompts, the decoder's predicted IoU ``pred_iou`` ``(n,)`` (popped by the caller).
 
     ``box_from_first_pass``: the box comes from the model's own first mask, not from the ground truth
-    (:func:`lungsam.train.engine.predict_with_first_pass_box`)."""
+    (:func:`lungsam.train.engine.predict_with_first_pass_box`). ``cleanup``: the masks are cleaned before scoring
+    (:mod:`lungsam.postprocess`)."""
     emb, _ = embed_samples(sam, cfg, ckpt, samples, device, progress, fingerprint=fingerprint)
     masks = [s.mask for s in samples]
     if box_from_first_pass:
@@ -517,12 +564,12 @@ def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str
         notes = {"prompt_uses_ground_truth": False, "box_source": "first pass (learned prompt with the mean-mask box)",
                  "first_pass_empty": kept}
     else:
-        probs = predict_probabilities(sam.to(device), emb, masks, prompt, spec, cfg.size, device)
-        notes = {"prompt_uses_ground_truth": prompt.needs_ground_truth,
+        probs, pred_iou = predict_with_iou(sam.to(device), emb, masks, prompt, spec, cfg.size, device)
+        notes = {"pred_iou": pred_iou, "prompt_uses_ground_truth": prompt.needs_ground_truth,
                  "box_source": ("ground truth" if prompt.needs_ground_truth else
                                 "mean training mask" if prompt.mode in AUTO_BOX_PROMPT_MODES else None),
                  "first_pass_empty": None}
-    f1, iou = score(probs, masks, threshold)
+    f1, iou = score(probs, masks, threshold, cleanup)
     return probs, f1, iou, notes
 
 
@@ -568,12 +615,19 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
         cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"), size=size,
                           encoder_size=rm.run["config"].get("encoder_size"))
         thr, thr_src = (threshold, "given") if threshold is not None else (rm.threshold, "chosen on the fold's validation split")
+        cleanup = CleanupSpec.from_dict(rm.metrics.get("postprocess"))
         probs, f1, iou, notes = score_model(rm.sam, rm.spec, rm.prompt, thr, cfg, cfg.checkpoint,
-                                            rm.encoder_fingerprint, samples, device, progress, box_from_first_pass)
+                                            rm.encoder_fingerprint, samples, device, progress, box_from_first_pass,
+                                            cleanup)
+        pred_iou = notes.pop("pred_iou", None)
+        cal = QcCalibration.from_dict(rm.metrics.get("qc"))
+        qc = assess_quality(cal, probs, pred_iou, thr, cleanup) if pred_iou is not None else [None] * len(samples)
         parts.append(ScoredPart(samples, probs, f1, iou, {
             "fold": rm.fold, "n": len(samples), "threshold": thr, "threshold_source": thr_src,
+            "postprocess": cleanup.to_dict(),
             "prompt": rm.prompt.mode, **notes, "learned_prompt": rm.prompt.to_dict(), "checkpoint": rm.checkpoint,
-            "f1": summarize(f1), "iou": summarize(iou)}))
+            "f1": summarize(f1), "iou": summarize(iou)},
+            cleanup, qc))
     what = "each on its own held-out test images" if split == "test" else "on every image"
     name = (f"run {run_dir}, fold{'s' if len(parts) > 1 else ''} {', '.join(str(p.record['fold']) for p in parts)} "
             f"({rm.backbone}, {rm.prompt.mode}) {what}")
@@ -640,12 +694,17 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         data = load_data(data_paths, size, log)
         probs, f1, iou, notes = score_model(sam, spec, prompt, thr, cfg, ckpt, None, data.samples, device, progress,
                                             box_from_first_pass)
+        notes.pop("pred_iou", None)
         parts = [ScoredPart(data.samples, probs, f1, iou, {
-            "fold": None, "n": len(data.samples), "threshold": thr, "threshold_source": thr_src, "prompt": prompt.mode,
+            "fold": None, "n": len(data.samples), "threshold": thr, "threshold_source": thr_src,
+            "postprocess": CleanupSpec().to_dict(), "prompt": prompt.mode,
             **notes, "learned_prompt": prompt.to_dict(), "checkpoint": ckpt_record,
             "f1": summarize(f1), "iou": summarize(iou)})]
     f1 = [x for p in parts for x in p.f1]
     iou = [x for p in parts for x in p.iou]
+    pred = [m for p in parts for m in p.masks()]
+    hd95, asd = boundary_scores(pred, [s.mask for p in parts for s in p.samples])
+    qc = [q for p in parts for q in (p.qc or [None] * len(p.samples))]
     first = parts[0].record
     result = {
         "model": name, "data": data_paths, "split": split, "n": len(f1), "n_skipped": len(data.skipped),
@@ -657,8 +716,11 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         "learned_prompt": first["learned_prompt"] if len(parts) == 1 else None,
         "checkpoint": first["checkpoint"],  # backbone weights: path, sha256, official (yes/no/none pinned)
         "parts": [p.record for p in parts], "f1": summarize(f1), "iou": summarize(iou),
-        "per_image": [{"id": s.id, "fold": p.record["fold"], "f1": a, "iou": b}
-                      for p in parts for s, a, b in zip(p.samples, p.f1, p.iou)],
+        **boundary_summary(hd95, asd), "boundary_unit": f"px ({size}x{size} frame)",
+        "qc_detection": detection_summary(qc, f1) if all(q is not None for q in qc) else None,
+        "per_image": [{**r, "hd95": h, "asd": d, "qc": q.to_dict(details=True) if q else None} for r, h, d, q in zip(
+            ({"id": s.id, "fold": p.record["fold"], "f1": a, "iou": b} for p in parts
+             for s, a, b in zip(p.samples, p.f1, p.iou)), hd95, asd, qc)],
         "created": utc_now(), "versions": package_versions(),
     }
     out = Path(out)
@@ -670,7 +732,7 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         flat = [(p, i) for p in parts for i in range(len(p.samples))]
         order = np.argsort(f1)
         report.overlays([{"label": f"{lab}: {p.samples[i].id.split('/')[-1]} F1 {p.f1[i]:.3f}",
-                          "image": p.samples[i].image, "gt": p.samples[i].mask, "pred": p.probs[i] > p.record["threshold"]}
-                         for lab, (p, i) in (("best", flat[order[-1]]), ("worst", flat[order[0]]))],
+                          "image": p.samples[i].image, "gt": p.samples[i].mask, "pred": pred[j]}
+                         for lab, j in (("best", order[-1]), ("worst", order[0])) for p, i in [flat[j]]],
                         out / "overlays.png", name)
     return result

@@ -1,0 +1,132 @@
+"""The quality flag: signals on hand-made probability maps, calibration, detection figures, and the fields
+a tiny run, its bundle and the runtime carry."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lungsam.qc import FEATURES, QcCalibration, QcError, auroc, calibrate, detection_summary, qc_features
+
+S = 64
+
+
+def lungs(dy: int = 0, dx: int = 0, size: int = S) -> np.ndarray:
+    """A plausible probability map: two lung-shaped rectangles (p 0.97) with a soft one-pixel border."""
+    p = np.full((size, size), 0.02, np.float32)
+    p[12 + dy:52 + dy, 8 + dx:28 + dx] = 0.97
+    p[12 + dy:52 + dy, 36 + dx:56 + dx] = 0.97
+    return p
+
+
+def good_calibration() -> QcCalibration:
+    feats = [qc_features(lungs(dy, dx), 0.5, 0.95 + 0.005 * dy) for dy in (-2, -1, 0, 1, 2) for dx in (-1, 0, 1)]
+    return calibrate(feats)
+
+
+def test_features_of_hand_made_maps():
+    f = qc_features(lungs(), 0.5, 0.96)
+    assert set(f) == set(FEATURES)
+    assert f["components"] == 2 and f["stray_fraction"] == 0 and f["hole_fraction"] == 0
+    assert f["balance"] == pytest.approx(1.0) and f["area_fraction"] == pytest.approx(1600 / S**2)
+    blank = np.full((S, S), 0.95, np.float32)  # a blank image came back as 97 % lung
+    assert qc_features(blank, 0.5, 0.97)["area_fraction"] == 1.0
+    one = lungs()
+    one[:, 32:] = 0.02  # one lung missing
+    assert qc_features(one, 0.5, 0.9)["balance"] == 0.0
+    specks = lungs()
+    specks[2:4, 2:4] = specks[60:62, 30:32] = 0.9
+    fs = qc_features(specks, 0.5, 0.9)
+    assert fs["components"] == 4 and fs["stray_fraction"] > 0
+    holed = lungs()
+    holed[25:35, 12:24] = 0.3  # an opacified region the mask leaves out
+    assert qc_features(holed, 0.5, 0.9)["hole_fraction"] > 0.05
+    soft = np.where(lungs() > 0.5, 0.6, 0.3).astype(np.float32)
+    assert qc_features(soft, 0.5, 0.9)["uncertain_fraction"] > 1.0
+
+
+def test_calibrated_flag_marks_implausible_masks_only():
+    cal = good_calibration()
+    ok = cal.assess(qc_features(lungs(1, 0), 0.5, 0.955))
+    assert not ok.flag and ok.score > 0.5 and ok.reasons == []
+    blank = cal.assess(qc_features(np.full((S, S), 0.95, np.float32), 0.5, 0.97))
+    assert blank.flag and blank.score < 0.5 and any(r.startswith("area_fraction") for r in blank.reasons)
+    one = lungs()
+    one[:, 32:] = 0.02
+    r = cal.assess(qc_features(one, 0.5, 0.95))
+    assert r.flag and any(x.startswith("balance") for x in r.reasons)
+    empty = cal.assess(qc_features(np.zeros((S, S), np.float32), 0.5, 0.5))
+    assert empty.flag and empty.score == 0.0 and empty.reasons[0] == "empty mask"
+    d = blank.to_dict()
+    assert set(d) == {"score", "flag", "reasons"} and 0.0 <= d["score"] <= 1.0
+    json.dumps(blank.to_dict(details=True), allow_nan=False)
+
+
+def test_calibration_round_trip_and_validation():
+    cal = good_calibration()
+    d = cal.to_dict()
+    assert json.loads(json.dumps(d, allow_nan=False)) == d and d["format"] == "lungsam-qc/1" and d["n"] == 15
+    back = QcCalibration.from_dict(d)
+    assert back == cal and QcCalibration.from_dict(None) is None
+    with pytest.raises(QcError, match="format"):
+        QcCalibration.from_dict({**d, "format": "x"})
+    with pytest.raises(QcError, match="unknown key"):
+        QcCalibration.from_dict({**d, "extra": 1})
+    with pytest.raises(QcError, match="scale"):
+        QcCalibration.from_dict({**d, "scale": {**d["scale"], "balance": 0.0}})
+    with pytest.raises(QcError, match="bad_side"):
+        QcCalibration.from_dict({**d, "bad_side": {**d["bad_side"], "balance": "high"}})
+    with pytest.raises(QcError, match="unknown signal"):
+        QcCalibration.from_dict({**d, "features": ["nope"]})
+    with pytest.raises(ValueError, match="at least 3"):
+        calibrate([qc_features(lungs(), 0.5, 0.9)])
+
+
+def test_auroc_and_detection_summary():
+    assert auroc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 1.0
+    assert auroc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 0.0
+    assert auroc([0.5, 0.5], [True, False]) == 0.5
+    assert auroc([0.5, 0.5], [True, True]) is None
+    cal = good_calibration()
+    results = [cal.assess(qc_features(lungs(), 0.5, 0.95)), cal.assess(qc_features(np.full((S, S), 0.95, np.float32), 0.5, 0.97))]
+    s = detection_summary(results, [0.97, 0.40])
+    assert s["bad"] == 1 and s["bad_caught"] == 1 and s["flagged"] == 1 and s["auroc"] == 1.0
+    assert s["flagged_share"] == 0.5 and s["bad_caught_share"] == 1.0
+    json.dumps(detection_summary(results, [0.95, 0.95]), allow_nan=False)  # no bad mask: None, not NaN
+
+
+# ---- a tiny run, its bundle and the runtime ----------------------------------------------------------------
+
+def test_tiny_run_records_threshold_range_cleanup_and_qc(tiny_run):
+    m = json.loads((tiny_run / "folds" / "fold_0" / "metrics.json").read_text())
+    assert m["threshold_range"] == [0.05, 0.95] and m["threshold_edge"] in (None, "low", "high")
+    assert len(m["threshold_sweep"]) == 19 and "f1_cleaned" in m["threshold_sweep"][0]
+    assert m["postprocess"]["format"] == "lungsam-postprocess/1"
+    cal = QcCalibration.from_dict(m["qc"])
+    assert cal.n == m["n"]["val"] and set(cal.features) == set(FEATURES)
+    for r in m["per_image"]:
+        assert set(r["qc"]) == {"score", "flag", "reasons"} and 0 <= r["qc"]["score"] <= 1
+        assert "hd95" in r and "asd" in r
+    assert m["test_qc_detection"]["n"] == m["n"]["test"]
+    assert "hd95" in m["test"] and m["boundary_unit"].startswith("px")
+
+
+def test_bundle_and_runtime_carry_postprocess_and_qc(tiny_run, tiny_bundle, tmp_path):
+    from lungsam.data import demo_data_dir
+    from lungsam.runtime.predict import predict_files
+    from lungsam.runtime.segmenter import LungSegmenter
+
+    man = json.loads((tiny_bundle / "manifest.json").read_text())
+    fold = json.loads((tiny_run / "folds" / "fold_0" / "metrics.json").read_text())
+    assert man["postprocess"] == fold["postprocess"] and man["qc"] == fold["qc"]
+    assert man["parity"]["postprocess"] == fold["postprocess"]["enabled"]
+    seg = LungSegmenter.load(tiny_bundle)
+    images = sorted((demo_data_dir() / "images").iterdir())[:2]
+    r = seg.segment(images[0])
+    assert set(r.qc) == {"score", "flag", "reasons"} and 0.0 <= r.qc["score"] <= 1.0
+    out = tmp_path / "pred"
+    predict_files(seg, images, out, overlay=True)
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(set(x["qc"]) == {"score", "flag", "reasons"} for x in lines)
+    assert (out / "contact_sheet.png").is_file()
