@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from .errors import LungsamError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(LungsamError, ValueError):
     """An input that cannot be used, with the reason and the file."""
 
 

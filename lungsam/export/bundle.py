@@ -14,13 +14,14 @@ from typing import Callable
 
 from ..artifacts import machine_record, package_versions, read_json, sha256_file, utc_now, write_json_atomic
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
+from ..errors import LungsamError
 
 BUNDLE_FORMAT = "lungsam-bundle/1"
 
 Log = Callable[[str], None]
 
 
-class ExportError(RuntimeError):
+class ExportError(LungsamError, RuntimeError):
     pass
 
 

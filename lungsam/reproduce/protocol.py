@@ -30,6 +30,7 @@ from typing import Callable
 from ..artifacts import machine_record, package_versions, read_json, utc_now, write_json_atomic
 from ..data import DataError, shuffled_ids, kfold_splits, load_dataset
 from . import paper
+from ..errors import LungsamError
 
 Log = Callable[[str], None]
 SETS = ("montgomery", "shenzhen")
@@ -40,7 +41,7 @@ QUICK_SUBSET = 60  # images per set in --quick (seeded random subset; each set i
 QUICK_GRID = ((1e-4, 0.0), (1e-3, 0.0))
 
 
-class ProtocolError(RuntimeError):
+class ProtocolError(LungsamError, RuntimeError):
     pass
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from ..artifacts import sha256_file
 from ..preprocess import PreprocessSpec
 from ..prompts import LearnedPrompt
+from ..errors import LungsamError
 
 BUNDLE_FORMAT = "lungsam-bundle/1"
 MODEL_NAMES = ("encoder", "decoder", "decoder_fixed")
@@ -27,7 +28,7 @@ ONNX_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-class BundleError(ValueError):
+class BundleError(LungsamError, ValueError):
     """A bundle that cannot be used (not a bundle, unknown format, missing model)."""
 
 

@@ -27,11 +27,12 @@ from ..imageio import ImageReadError, LoadedImage, read_image
 from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_prompt
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError
+from ..errors import LungsamError
 
 ImageSource = Union[str, Path, LoadedImage, np.ndarray]
 
 
-class PromptRequiredError(ValueError):
+class PromptRequiredError(LungsamError, ValueError):
     """The bundle's prompt mode needs a ground-truth box, and none was given."""
 
 
