@@ -1,10 +1,15 @@
-"""``lungsam predict``; module level imports only click (the work lives in :mod:`lungsam.runtime.predict`)."""
+"""``lungsam predict``; module level imports only click and :mod:`lungsam.options` (the work lives in
+:mod:`lungsam.runtime.predict`)."""
 from __future__ import annotations
 
 import click
 
+from ..options import RUNTIME_DEVICE, Command, examples, verbosity
 
-@click.command("predict")
+
+@click.command("predict", cls=Command, epilog=examples(
+    "lungsam predict bundles/mobile_points xrays/ --out predictions",
+    "lungsam predict bundles/mobile_points test_images/ --out predictions --ground-truth test_masks/ --overlay"))
 @click.argument("bundle", type=click.Path(exists=True, path_type=str))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
@@ -12,7 +17,8 @@ import click
 @click.option("--overlay", is_flag=True, help="Also write <stem>_overlay.png (mask over the image).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
               help="auto: TensorRT on --device cuda when the bundle has engines usable here, else onnxruntime.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=RUNTIME_DEVICE, default="cpu", show_default=True,
+              help="Where the models run (cuda: onnxruntime-gpu or TensorRT).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="int8: the bundle's dynamically quantised encoder (lungsam export --int8), onnxruntime on CPU.")
 @click.option("--allow-fallback", is_flag=True,
@@ -25,10 +31,11 @@ import click
               help="Bundles prompted with a box: take each image's box from the model's own first mask "
                    "(two decoder passes), so a `both` bundle needs no annotation. Default: what the bundle was "
                    "exported with (lungsam export --box-from-first-pass).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--no-progress", is_flag=True, hidden=True, help="Same as --quiet (kept for existing scripts).")
+@verbosity
 def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, backend: str, device: str,
             precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
-            box_from_first_pass: bool | None, no_progress: bool) -> None:
+            box_from_first_pass: bool | None, no_progress: bool, quiet: bool) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -39,19 +46,15 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     from tqdm import tqdm
 
     from ..imageio import list_inputs
-    from .backends import BackendUnavailableError
-    from .bundle import BundleError
     from .predict import predict_files
     from .segmenter import LungSegmenter
 
+    no_progress = no_progress or quiet
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        try:
-            seg = LungSegmenter.load(bundle, backend=backend, device=device, precision=precision,
-                                     allow_fallback=allow_fallback, threads=threads,
-                                     box_from_first_pass=box_from_first_pass)
-        except (BundleError, BackendUnavailableError, ValueError) as e:
-            raise click.ClickException(str(e)) from e
+        seg = LungSegmenter.load(bundle, backend=backend, device=device, precision=precision,
+                                 allow_fallback=allow_fallback, threads=threads,
+                                 box_from_first_pass=box_from_first_pass)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     if seg.needs_box:
