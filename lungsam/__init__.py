@@ -1,5 +1,5 @@
-"""lungsam: Segment Anything fine-tuned for lung segmentation in chest X-rays, exported to ONNX/TensorRT, run by a
-torch-free runtime (:mod:`lungsam.runtime`). Importing the package loads nothing heavy."""
+"""lungsam: Segment Anything fine-tuned for lung segmentation in chest X-rays, exported to ONNX/TensorRT, run
+by a torch-free runtime (:mod:`lungsam.runtime`). Importing the package loads nothing heavy."""
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version

@@ -1,11 +1,12 @@
 """``lungsam`` command line. Each layer defines its commands in ``<layer>/commands.py``, whose
-module level imports only click and :mod:`lungsam.options` (click + torch-free helpers), so ``lungsam predict``
-never loads torch.
+module level imports only click and :mod:`lungsam.options` (click + torch-free helpers), so
+``lungsam predict`` never loads torch.
 
 Errors: every command is a :class:`lungsam.options.Command`, whose one handler turns a
-:class:`lungsam.errors.LungsamError` into ``error: <message>`` and exit code 1 (a failure) or 2 (an option this
-run cannot take, like click's usage errors); a missing optional dependency of a command becomes the extra to
-install (:data:`EXTRAS`); anything else is a programming error and keeps its traceback.
+:class:`lungsam.errors.LungsamError` into ``error: <message>`` and exit code 1 (a failure) or 2 (an option
+this run cannot take, like click's usage errors); a missing optional dependency of a command becomes the
+extra to install (:data:`lungsam.options.EXTRAS`); anything else is a programming error and keeps its
+traceback.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Every error a user can cause (a bad file, an option this run cannot honour, a mi
 :class:`LungsamError`; ``lungsam.cli`` turns it into one ``error: ...`` line and exit code
 :attr:`LungsamError.exit_code` (1: the work failed). :class:`ArgumentError` (exit 2, like click's usage
 errors) is for what only the library can tell is wrong with the command line: a combination of options, or an
-option this machine or this run cannot take. Anything else (``ValueError`` from a bug, ``TypeError``, ...) is a
-programming error and keeps its traceback.
+option this machine or this run cannot take. Anything else (``ValueError`` from a bug, ``TypeError``, ...) is
+a programming error and keeps its traceback.
 
 Subclasses keep a builtin second base (``class DataError(LungsamError, ValueError)``) so callers that catch
 ``ValueError`` or ``RuntimeError`` keep working.
@@ -20,7 +20,7 @@ class LungsamError(Exception):
 
 
 class ArgumentError(LungsamError, ValueError):
-    """An option (or combination of options) this command cannot take here; exit code 2, like a usage error."""
+    """An option (or a combination of options) this command cannot take here; exit 2, like a usage error."""
 
     exit_code = 2
 

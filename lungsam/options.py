@@ -1,13 +1,13 @@
 """Click building blocks shared by every ``<layer>/commands.py`` (imports only click and torch-free modules).
 
-* :class:`Command` / :class:`Group`: the one error handler. A :class:`lungsam.errors.LungsamError` becomes one
-  ``error: ...`` line on stderr and its exit code (1: the work failed; 2: an option this run cannot take); click's
-  own usage errors exit 2; anything else is a programming error and keeps its traceback. It sits on the command
-  class (not only the ``lungsam`` group) so a command invoked on its own behaves the same.
+* :class:`Command` / :class:`Group`: the one error handler. A :class:`lungsam.errors.LungsamError` becomes
+  one ``error: ...`` line on stderr and its exit code (1: the work failed; 2: an option this run cannot take);
+  click's own usage errors exit 2; anything else is a programming error and keeps its traceback. It sits on
+  the command class (not only the ``lungsam`` group) so a command invoked on its own behaves the same.
 * :func:`ranged`: a click type from :data:`lungsam.ranges.RANGES`, so options and configs share one range.
-* :func:`verbosity`: ``-q/--quiet``, ``-v/--verbose``, ``--log-file``: the same in every command, mapped to the
-  ``lungsam`` logger's level (default INFO: what the command reports as it goes; ``-q`` warnings only and no
-  progress bars; ``-v`` debug).
+* :func:`verbosity`: ``-q/--quiet``, ``-v/--verbose``, ``--log-file``: the same in every command, mapped to
+  the ``lungsam`` logger's level (default INFO: what the command reports as it goes; ``-q`` warnings only and
+  no progress bars; ``-v`` debug).
 * :data:`TRAIN_DEVICE`, :data:`RUNTIME_DEVICE`: ``--device`` as a choice everywhere.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def configure_logging(verbose: int = 0, quiet: bool = False, log_file: str | Non
 
 
 def log_to(name: str) -> Callable[[str], None]:
-    """A ``log(message)`` callback for the library's ``log=`` parameters: INFO on logger ``lungsam.<name>``."""
+    """A ``log(message)`` callback for the library's ``log=`` parameters: INFO on ``lungsam.<name>``."""
     return logging.getLogger(f"{LOGGER}.{name}").info
 
 
@@ -91,24 +91,31 @@ EXTRAS: dict[str, str] = {
 }
 
 
-def missing_extra(error: ModuleNotFoundError, command: str) -> MissingExtraError | None:
-    """The :class:`MissingExtraError` for a missing optional module, or ``None`` (then it is a bug)."""
+def missing_extra(error: ModuleNotFoundError, command: str,
+                  stack: str | None = None) -> MissingExtraError | None:
+    """The :class:`MissingExtraError` for a missing optional module, or ``None`` (then it is a bug).
+    ``stack``: the command's own extra, named instead of ``train``/``export`` (it includes them)."""
     top = (error.name or "").split(".")[0]
     extra = EXTRAS.get(top)
     if extra is None:
         return None
+    if stack and extra in ("train", "export"):
+        extra = stack
     if extra == "cpu":
-        return MissingExtraError(command, "cpu", "onnxruntime (choose one: lungsam[cpu], or lungsam[gpu] on an "
-                                                 "NVIDIA GPU)")
+        return MissingExtraError(command, "cpu",
+                                 "onnxruntime (choose one: lungsam[cpu], or lungsam[gpu] on an NVIDIA GPU)")
     return MissingExtraError(command, extra, top)
 
 
 class Command(click.Command):
     """A click command with the package's error handler and logging set-up (see the module docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, extra: str | None = None, **kwargs: Any):
+        """``extra``: the extra that installs this command's stack (``train``, ``export``); named when one of
+        torch and its companions is missing."""
         kwargs.setdefault("context_settings", CONTEXT_SETTINGS)
         super().__init__(*args, **kwargs)
+        self.extra = extra
 
     def invoke(self, ctx: click.Context) -> Any:
         _configure_logging(ctx)
@@ -118,7 +125,7 @@ class Command(click.Command):
             raise LungsamFailure(e) from e
         except ModuleNotFoundError as e:
             words = ctx.command_path.split()[1:] if ctx.parent else [ctx.info_name or self.name or ""]
-            extra = missing_extra(e, " ".join(["lungsam", *words]))
+            extra = missing_extra(e, " ".join(["lungsam", *words]), self.extra)
             if extra is None:
                 raise
             raise LungsamFailure(extra) from e
@@ -157,7 +164,8 @@ class RangeType(click.ParamType):
             try:
                 value = int(value) if self.rng.kind is int else float(value)
             except ValueError:
-                self.fail(f"{value!r} is not {'an integer' if self.rng.kind is int else 'a number'}", param, ctx)
+                what = "an integer" if self.rng.kind is int else "a number"
+                self.fail(f"{value!r} is not {what}", param, ctx)
         elif self.rng.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         why = self.rng.problem(value)
@@ -187,7 +195,8 @@ def int_list(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
         try:
             items = tuple(int(v) for v in value.split(",") if v.strip())
         except ValueError:
-            raise click.BadParameter(f"expected comma-separated integers, got {value!r}", ctx, param) from None
+            msg = f"expected comma-separated integers, got {value!r}"
+            raise click.BadParameter(msg, ctx, param) from None
         for v in items:
             why = rng.problem(v)
             if why:
@@ -209,7 +218,7 @@ RUNTIME_DEVICE = click.Choice(["cpu", "cuda"])
 
 
 def verbosity(f: Callable) -> Callable:
-    """``-q/--quiet`` (passed on as ``quiet``), ``-v/--verbose`` and ``--log-file`` (consumed by :class:`Command`)."""
+    """``-q/--quiet`` (passed on as ``quiet``), ``-v/--verbose``, ``--log-file`` (read by ``Command``)."""
     f = click.option("--log-file", type=click.Path(dir_okay=False, writable=True), default=None,
                      help="Also append every message, time-stamped and at debug level, to this file.")(f)
     f = click.option("-v", "--verbose", count=True, help="More detail (debug messages).")(f)

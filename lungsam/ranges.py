@@ -1,8 +1,8 @@
 """The allowed range of every numeric setting, defined once (torch-free, no click).
 
 The click options (:func:`lungsam.options.ranged`) and the config dataclasses (``__post_init__`` through
-:func:`check_fields`) both read :data:`RANGES`, so ``lungsam train --lr 0`` and ``TrainConfig(lr=0)`` are refused
-with the same rule before any work (no run folder is made). Floats must also be finite.
+:func:`check_fields`) both read :data:`RANGES`, so ``lungsam train --lr 0`` and ``TrainConfig(lr=0)`` are
+refused with the same rule before any work (no run folder is made). Floats must also be finite.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ RANGES: dict[str, Range] = {
     "size": Range(int, 32, 2048),
     "encoder_size": Range(int, 16, 4096, optional=True),  # each backbone checks its own grid multiple
     "points_per_lung": Range(int, 1, 64),
-    "folds": Range(int, 1, 100),             # 1 = one 60/20/20 split, k >= 3 = k-fold (2 refused by data.kfold_splits)
+    "folds": Range(int, 1, 100),  # 1 = one 60/20/20 split, k >= 3 = k-fold (data.kfold_splits refuses 2)
     "epochs": INT_POS,
     "patience": INT_POS,
     "min_delta": Range(float, 0.0),
@@ -122,4 +122,5 @@ def check_choice(name: str, value: Any, choices: Iterable[str], owner: str = "")
     """Raise :class:`ConfigError` when ``value`` is not one of ``choices``."""
     choices = tuple(choices)
     if value not in choices:
-        raise ConfigError(f"{owner + '.' if owner else ''}{name} must be one of {', '.join(choices)}, got {value!r}")
+        where = f"{owner}.{name}" if owner else name
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")

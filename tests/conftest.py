@@ -14,6 +14,26 @@ MOBILE_SAM = SHARED / "weights" / "mobile_sam.pt"
 LITE_MEDSAM = SHARED / "weights" / "lite_medsam.pth"
 
 
+# Test tiers (docs/DEVELOPING.md). ``e2e``: a test that trains or exports a model, through a session fixture
+# (any fixture below that builds on them counts: pytest lists fixtures transitively) or inline (E2E_INLINE).
+# ``fast``: every other test that needs neither ../shared (``integration``) nor the opt-in tiers; a developer runs
+# ``pytest -m fast`` on every change (under a minute).
+E2E_FIXTURES = {"tiny_run", "tiny_bundle", "tiny_both_bundle", "tiny_bench", "fp16_bundle", "lora_run", "reproduced"}
+E2E_INLINE = {
+    # module::test name prefix of tests that train, export or time a model themselves
+}
+OPT_IN = {"slow", "gpu", "trt", "integration"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = f"{Path(str(item.fspath)).name}::{item.originalname}"
+        if E2E_FIXTURES & set(item.fixturenames) or name in E2E_INLINE:
+            item.add_marker(pytest.mark.e2e)
+        elif not any(item.get_closest_marker(m) for m in OPT_IN):
+            item.add_marker(pytest.mark.fast)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Every test session gets its own LUNGSAM_CACHE (weights + embeddings), never the user's."""

@@ -24,7 +24,7 @@ def _ints(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from exc
 
 
-@click.command("bench", cls=Command, epilog=examples(
+@click.command("bench", cls=Command, extra="export", epilog=examples(
     "lungsam bench bundles/mobile_points --out bench/mobile_points --repeats 2 --warmup 1",
     "lungsam bench --sweep --run runs/mobile_points --sizes 1024,512 --out bench/sweep"))
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False), required=False)
@@ -86,7 +86,7 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
                   box_from_first_pass=box_from_first_pass)
 
 
-@click.command("bench-train", cls=Command, epilog=examples(
+@click.command("bench-train", cls=Command, extra="export", epilog=examples(
     "lungsam bench-train --backbone mobile_sam --out bench/train_speed",
     "lungsam bench-train --backbone lite_medsam --encoder-size 192 --cpu-bf16 --out bench/train_speed_bf16"))
 @click.option("--data", "data", multiple=True, default=["demo:montgomery"], show_default=True,

@@ -9,7 +9,7 @@ import click
 from ..options import Command, examples, log_to, ranged, verbosity
 
 
-@click.command("export", cls=Command, epilog=examples(
+@click.command("export", cls=Command, extra="export", epilog=examples(
     "lungsam export runs/mobile_points --out bundles/mobile_points --fp16",
     "lungsam export runs/lite_cv5 --out bundles/lite_int8 --int8 --parity-images 10"))
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False))

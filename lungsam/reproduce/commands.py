@@ -6,7 +6,7 @@ import click
 from ..options import TRAIN_DEVICE, Command, examples, log_to, ranged, verbosity
 
 
-@click.command(cls=Command, epilog=examples(
+@click.command(cls=Command, extra="train", epilog=examples(
     "lungsam reproduce --data-root ../shared/data --backbone lite_medsam --quick --out results",
     "lungsam reproduce --data-root ../shared/data --backbone mobile_sam --encoder-size 512 --jobs 2"))
 @click.option("--data-root", required=True, type=click.Path(exists=True, file_okay=False),

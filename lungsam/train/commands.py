@@ -13,7 +13,7 @@ from ..prompts import PROMPT_MODES
 PROMPTS = click.Choice(list(PROMPT_MODES))
 
 
-@click.command(cls=Command, epilog=examples(
+@click.command(cls=Command, extra="train", epilog=examples(
     "lungsam train --folds 1 --out runs/demo",
     "lungsam train --data ../shared/data/montgomery --backbone lite_medsam --lr 1e-4 --folds 5 --out runs/lite_cv5"))
 @click.option("--data", "data", multiple=True, default=["demo:montgomery"], show_default=True,
@@ -91,7 +91,7 @@ def f1_n(aggregate: dict) -> int:
     return aggregate["test_f1_pooled"]["n"]
 
 
-@click.command("eval", cls=Command, epilog=examples(
+@click.command("eval", cls=Command, extra="train", epilog=examples(
     "lungsam eval runs/mobile_points --data ../shared/data/shenzhen --out eval/mc_to_sz",
     "lungsam eval --backbone mobile_sam --prompt box --data ../shared/data/montgomery --out eval/zeroshot_box"))
 @click.argument("run", required=False, type=click.Path(exists=True, file_okay=False))
@@ -143,7 +143,8 @@ def weights():
 
 
 @weights.command("list", epilog=examples("lungsam weights list"))
-def weights_list():
+@verbosity
+def weights_list(quiet):
     """Known weights and whether they are cached."""
     from ..weights import cache_dir, weights_status
 
@@ -166,7 +167,7 @@ def weights_download(name, force, quiet):
     click.echo(str(p))
 
 
-@click.command("train-unet", cls=Command, epilog=examples(
+@click.command("train-unet", cls=Command, extra="train", epilog=examples(
     "lungsam train-unet --folds 1 --out runs/unet_demo",
     "lungsam train-unet --data ../shared/data/montgomery --folds 5 --out runs/unet_mc_cv5"))
 @click.option("--data", "data", multiple=True, default=["demo:montgomery"], show_default=True,
@@ -213,7 +214,7 @@ def train_unet(data, folds, size, seed, channels, res_units, epochs, patience, m
                f"{a['test_iou_pooled']['mean']:.4f} ({a['test_f1_pooled']['n']} test images); report: {out}/report.md")
 
 
-@click.command("compare", cls=Command, epilog=examples(
+@click.command("compare", cls=Command, extra="train", epilog=examples(
     "lungsam compare runs/mobile_points runs/lite_points --out results/options/compare",
     "lungsam compare runs/unet_mc_cv5 runs/lite_cv5 --allow-partial"))
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
@@ -221,7 +222,8 @@ def train_unet(data, folds, size, seed, channels, res_units, epochs, patience, m
 @click.option("--allow-partial", is_flag=True, default=False,
               help="Compare runs that have not finished every fold, on the finished folds' test images (the "
                    "table says so).")
-def compare(runs, out, allow_partial):
+@verbosity
+def compare(runs, out, allow_partial, quiet):
     """Paired comparison of RUNS (baseline first) on their common test images: F1, IoU, Δ F1, Wilcoxon p.
 
     The runs must have the same test splits (same data, --folds and --seed) and --size, so every test image
