@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable
 
 import click
@@ -46,14 +45,20 @@ def _configure_logging(ctx: click.Context) -> None:
     configure_logging(verbose=verbose, quiet=quiet, log_file=log_file)
 
 
-def configure_logging(verbose: int = 0, quiet: bool = False, log_file: str | None = None) -> logging.Logger:
-    """The ``lungsam`` logger: messages as plain lines on stderr at INFO (``quiet``: WARNING, ``verbose``:
-    DEBUG), and with ``log_file`` also every DEBUG record, time-stamped, appended to that file."""
+def release_logging() -> None:
+    """Detach (and close) the handlers :func:`configure_logging` added; a command does it when it ends."""
     logger = logging.getLogger(LOGGER)
     for h in list(logger.handlers):
         if getattr(h, "_lungsam_cli", False):
             logger.removeHandler(h)
             h.close()
+
+
+def configure_logging(verbose: int = 0, quiet: bool = False, log_file: str | None = None) -> logging.Logger:
+    """The ``lungsam`` logger: messages as plain lines on stderr at INFO (``quiet``: WARNING, ``verbose``:
+    DEBUG), and with ``log_file`` also every DEBUG record, time-stamped, appended to that file."""
+    release_logging()
+    logger = logging.getLogger(LOGGER)
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     err = logging.StreamHandler(click.get_text_stream("stderr"))
     err.setLevel(level)
@@ -129,6 +134,8 @@ class Command(click.Command):
             if extra is None:
                 raise
             raise LungsamFailure(extra) from e
+        finally:
+            release_logging()
 
 
 class Group(click.Group):
@@ -204,13 +211,6 @@ def int_list(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
         return items
 
     return parse
-
-
-def finite_float(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """A click callback refusing ``nan``/``inf`` for a float option without a range."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise click.BadParameter(f"must be a finite number, got {value!r}", ctx, param)
-    return value
 
 
 TRAIN_DEVICE = click.Choice(list(TRAIN_DEVICES))

@@ -20,7 +20,8 @@ LITE_MEDSAM = SHARED / "weights" / "lite_medsam.pth"
 # ``pytest -m fast`` on every change (under a minute).
 E2E_FIXTURES = {"tiny_run", "tiny_bundle", "tiny_both_bundle", "tiny_bench", "fp16_bundle", "lora_run", "reproduced"}
 E2E_INLINE = {
-    # module::test name prefix of tests that train, export or time a model themselves
+    # file::test of tests that train, export or time a model themselves
+    "test_cli.py::test_quiet_keeps_progress_off_stderr_and_the_log_file_keeps_it",
 }
 OPT_IN = {"slow", "gpu", "trt", "integration"}
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import lungsam
 from lungsam.cli import main
 from lungsam.errors import ArgumentError, ConfigError, LungsamError
-from lungsam.options import Command, configure_logging
+from lungsam.options import Command, configure_logging, release_logging
 from lungsam.ranges import RANGES, Range
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def all_commands(group: click.Group = main, prefix: tuple[str, ...] = ()):
             yield from all_commands(cmd, (*prefix, name))
 
 
-# --- bad values: exit 2, the option named, nothing written -------------------------------------------------------
+# --- bad values: exit 2, the option named, nothing written -----------------------------------------
 
 BAD = [
     (["export", "{run}", "--min-agreement", "-5"], "--min-agreement"),
@@ -121,12 +121,14 @@ def test_the_handler_maps_lungsam_errors_and_keeps_programming_errors():
     assert isinstance(r.exception, ValueError) and "error:" not in r.output
 
 
-# --- the same ranges in the config dataclasses -----------------------------------------------------------------
+# --- the same ranges in the config dataclasses -----------------------------------------------------
 
-@pytest.mark.parametrize("field,value", [("lr", 0), ("lr", float("nan")), ("patience", -1), ("min_delta", -1.0),
-                                         ("augment_views", -1), ("size", 7), ("epochs", 0), ("batch_size", -2),
-                                         ("points_per_lung", 0), ("thresholds", (0.5, 1.5)), ("device", "gpu"),
-                                         ("prompt", "nope"), ("epochs", True)])
+BAD_FIELDS = [("lr", 0), ("lr", float("nan")), ("patience", -1), ("min_delta", -1.0), ("augment_views", -1),
+              ("size", 7), ("epochs", 0), ("batch_size", -2), ("points_per_lung", 0),
+              ("thresholds", (0.5, 1.5)), ("device", "gpu"), ("prompt", "nope"), ("epochs", True)]
+
+
+@pytest.mark.parametrize("field,value", BAD_FIELDS)
 def test_train_config_validates_itself(field, value):
     from lungsam.train.config import TrainConfig
 
@@ -155,7 +157,7 @@ def test_click_types_and_configs_read_one_table():
         [False, True, False, False, False, False]
 
 
-# --- one spelling, help and examples everywhere ------------------------------------------------------------------
+# --- one spelling, help and examples everywhere ----------------------------------------------------
 
 def test_every_option_has_help_and_every_command_ends_with_examples():
     missing, no_examples = [], []
@@ -187,24 +189,31 @@ def test_log_file_and_levels(tmp_path):
     configure_logging(quiet=True, log_file=str(tmp_path / "run.log"))
     log.info("shown in the file only")
     log.warning("shown everywhere")
-    configure_logging()  # back to the default (stderr, INFO)
+    release_logging()
     text = (tmp_path / "run.log").read_text()
-    assert "INFO lungsam.test: shown in the file only" in text and "WARNING lungsam.test: shown everywhere" in text
+    assert "INFO lungsam.test: shown in the file only" in text
+    assert "WARNING lungsam.test: shown everywhere" in text
 
 
-def test_commands_write_their_messages_to_the_log_file(tmp_path):
-    """A real command (a refused --resume of a missing run is quick) logs through the lungsam logger."""
-    r = CliRunner().invoke(main, ["weights", "download", "nope", "--log-file", str(tmp_path / "w.log")])
-    assert r.exit_code == 1 and "error:" in r.output
-    assert (tmp_path / "w.log").exists()
+def test_quiet_keeps_progress_off_stderr_and_the_log_file_keeps_it(tmp_path):
+    """A real (one-epoch, tiny) training run: with -q its progress messages leave stderr, reach --log-file."""
+    log = tmp_path / "train.log"
+    tiny = ["train", "--backbone", "tiny", "--folds", "1", "--epochs", "1", "--size", "64"]
+    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "run"), "-q", "--log-file", str(log)])
+    assert r.exit_code == 0, r.output
+    assert "data: 16 pairs" not in r.output and "test F1" in r.output
+    text = log.read_text()
+    assert "INFO lungsam.train: data: 16 pairs from demo:montgomery" in text and "fold 0: threshold" in text
+    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "run2")])
+    assert r.exit_code == 0 and "data: 16 pairs" in r.output, r.output
 
 
-# --- install: version, python -m, a missing extra ----------------------------------------------------------------
+# --- install: version, python -m, a missing extra --------------------------------------------------
 
 def test_version_and_python_m():
     assert lungsam.__version__ and lungsam.__version__[0].isdigit()
-    r = subprocess.run([sys.executable, "-m", "lungsam", "--version"], cwd=REPO, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([sys.executable, "-m", "lungsam", "--version"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 0 and lungsam.__version__ in r.stdout, r.stderr
     r = subprocess.run([sys.executable, "-m", "lungsam", "train", "--lr", "0", "--out", "x"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
@@ -225,15 +234,16 @@ BLOCK_TORCH = (
                                         (["export", "{tmp}", "--out", "{tmp}/b"], "export")])
 def test_a_runtime_only_install_names_the_extra(tmp_path, args, extra):
     argv = [a.format(tmp=tmp_path) for a in args]
-    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *argv], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 1, r.stderr
     assert f"pip install 'lungsam[{extra}]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "r").exists()
 
 
 def test_predict_help_works_without_torch():
-    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "predict", "--help"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "predict", "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "Examples:" in r.stdout, r.stderr
 
 

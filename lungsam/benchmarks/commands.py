@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..prompts import PROMPT_MODES
 from ..options import RUNTIME_DEVICE, TRAIN_DEVICE, Command, examples, log_to, ranged, verbosity
+from ..prompts import PROMPT_MODES
 
 
 def _csv(value: str | None) -> list[str] | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import TRAIN_DEVICE, Command, Group, examples, log_to, ranged, verbosity, int_list
+from ..options import TRAIN_DEVICE, Command, Group, examples, int_list, log_to, ranged, verbosity
 from ..prompts import PROMPT_MODES
 
 PROMPTS = click.Choice(list(PROMPT_MODES))

@@ -66,7 +66,8 @@ class TrainConfig(DictConfig):
             ``lora_targets`` (0 = off: the paper's decoder-only recipe); scale ``lora_alpha / lora_rank``.
             The encoder then runs in every step (no embedding cache for training) (:mod:`lungsam.lora`).
         augment_views: augmented copies per training image (0: none), made once and encoded into the
-            embedding cache; each epoch draws the original or one copy per image (:mod:`lungsam.train.augment`).
+            embedding cache; each epoch draws the original or one copy per image
+            (:mod:`lungsam.train.augment`).
         thresholds: probability thresholds swept on validation.
         device: ``auto`` | ``cpu`` | ``cuda``; amp: mixed precision on cuda.
         cpu_bf16: on the CPU, train (and validate between epochs) in bfloat16 autocast; needs a CPU with
