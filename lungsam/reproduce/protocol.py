@@ -31,6 +31,7 @@ from ..artifacts import machine_record, package_versions, read_json, utc_now, wr
 from ..data import DataError, shuffled_ids, kfold_splits, load_dataset
 from . import paper
 from ..errors import LungsamError
+from ..ranges import check_fields
 
 Log = Callable[[str], None]
 SETS = ("montgomery", "shenzhen")
@@ -88,6 +89,10 @@ class Settings:
     seed: int = 0
     cpu_bf16: bool = False
     jobs: int = 1
+
+    def __post_init__(self) -> None:  # the same ranges as the click options (lungsam.ranges)
+        check_fields(self, ("folds", "epochs", "patience", "points_per_lung", "size", "encoder_size", "batch_size",
+                            "seed", "jobs"))
 
     @property
     def label(self) -> str:
