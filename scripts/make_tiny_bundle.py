@@ -1,5 +1,5 @@
-"""Train the ``tiny`` backbone briefly on the packaged demo sample and export it to a bundle (for CI's check of
-the runtime-only install: a real bundle without downloading weights). Needs the dev install (torch).
+"""Train the ``tiny`` backbone briefly on the packaged demo sample and export it to a bundle (for CI's check
+of the runtime-only install: a real bundle without downloading weights). Needs the dev install (torch).
 
     python scripts/make_tiny_bundle.py OUT_DIR      # OUT_DIR/run (the run), OUT_DIR/bundle (the bundle)
 """

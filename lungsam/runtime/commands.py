@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import RUNTIME_DEVICE, Command, examples, verbosity
+from ..options import RUNTIME_DEVICE, Command, examples, log_to, verbosity
 
 
 @click.command("predict", cls=Command, epilog=examples(
@@ -69,8 +69,8 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
         raise click.ClickException("no input images found (PNG/JPEG/TIFF/BMP/DICOM files or folders of them)")
     d = seg.describe()
     fp = " (box from the first pass)" if d["box_from_first_pass"] else ""
-    click.echo(f"{n} inputs; {d['backend']} on {d['device']} ({d['precision']}), prompt {d['prompt_mode']}{fp}, "
-               f"threshold {d['threshold']:.3f}", err=True)
+    log_to("predict")(f"{n} inputs; {d['backend']} on {d['device']} ({d['precision']}), prompt {d['prompt_mode']}{fp}, "
+                      f"threshold {d['threshold']:.3f}")
 
     def progress(it):
         return tqdm(it, total=n, unit="img", desc="predict", disable=no_progress)
