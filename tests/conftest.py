@@ -23,7 +23,8 @@ LITE_MEDSAM = SHARED / "weights" / "lite_medsam.pth"
 E2E_FIXTURES = {"tiny_run", "tiny_bundle", "tiny_both_bundle", "tiny_bench", "fp16_bundle", "lora_run", "reproduced",
                 "decoder_session", "seg"}
 E2E_CALLS = re.compile(r"\b(train_run|train_unet_run|train_fold|export_bundle|evaluate|run_protocol|run_train_speed|"
-                       r"run_bench|run_sweep|bench_train|build_backbone|embed_samples)\(|"
+                       r"run_bench|run_sweep|bench_train|build_backbone|embed_samples|export_encoder|export_decoder|"
+                       r"export_fixed_decoder|augmented_views)\(|gpu_check\.sh|"
                        r"\[\s*\"(train|train-unet|eval|export|reproduce|bench|bench-train)\"|"
                        r"invoke\((bench_train|bench|reproduce|export|train|eval_cmd|train_unet)\b")
 OPT_IN = {"slow", "gpu", "trt", "integration"}
