@@ -105,6 +105,8 @@ def test_the_handler_maps_lungsam_errors_and_keeps_programming_errors():
             raise ArgumentError("--x cannot be used with --y")
         if what == "extra":
             raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        if what == "engine":
+            raise ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")
         if what == "missing-own-module":
             raise ModuleNotFoundError("No module named 'lungsam.nothing'", name="lungsam.nothing")
         raise ValueError("a bug")
@@ -115,6 +117,8 @@ def test_the_handler_maps_lungsam_errors_and_keeps_programming_errors():
     assert (r.exit_code, r.output) == (2, "error: --x cannot be used with --y\n")
     r = CliRunner().invoke(boom, ["extra"])
     assert r.exit_code == 1 and "pip install 'lungsam[train]'" in r.output and "torch" in r.output
+    r = CliRunner().invoke(boom, ["engine"])  # the runtime without an inference engine: one of two extras
+    assert r.exit_code == 1 and "lungsam[cpu]" in r.output and "lungsam[gpu]" in r.output
     r = CliRunner().invoke(boom, ["missing-own-module"])  # not an optional dependency: a bug, raised as is
     assert isinstance(r.exception, ModuleNotFoundError)
     r = CliRunner().invoke(boom, ["bug"])
