@@ -43,7 +43,9 @@ QUICK_GRID = ((1e-4, 0.0), (1e-3, 0.0))
 
 
 class ProtocolError(LungsamError, RuntimeError):
-    pass
+    # exit 2: what it reports is the command line or --out's contents (data root layout, option values, a step
+    # folder holding other settings), as it always did
+    exit_code = 2
 
 
 @dataclass
