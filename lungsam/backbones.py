@@ -19,6 +19,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from .modeling.tiny_vit import PatchMerging, TinyViT, TinyViTBlock
 from .preprocess import PreprocessSpec
+from .errors import ArgumentError, LungsamError
 
 SAM_PREPROCESS = PreprocessSpec(img_size=1024)
 
@@ -133,7 +134,9 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-class UnknownBackboneError(KeyError):
+class UnknownBackboneError(LungsamError, KeyError):
+    exit_code = 2  # a bad --backbone value: a usage error
+
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 
@@ -183,7 +186,7 @@ def build_backbone(name: str, checkpoint: str | Path | None = None, *, random_in
 def _load_weights(sam: Sam, spec: BackboneSpec, checkpoint: str | Path | None) -> Sam:
     if checkpoint is None:
         if spec.weights is None:
-            raise ValueError(f"backbone {spec.name!r} has no downloadable weights: pass --checkpoint PATH")
+            raise ArgumentError(f"backbone {spec.name!r} has no downloadable weights: pass --checkpoint PATH")
         from .weights import ensure_weights
 
         checkpoint = ensure_weights(spec.weights)
@@ -206,7 +209,7 @@ def resize_encoder(sam: Sam, spec: PreprocessSpec, img_size: int) -> tuple[Sam, 
     if isinstance(enc, TinyViT):
         def scaled(res: tuple[int, int]) -> tuple[int, int]:
             if (res[0] * img_size) % old:
-                raise ValueError(f"encoder input {img_size} does not divide TinyViT's {res[0]}-token grid at {old}; "
+                raise ArgumentError(f"encoder input {img_size} does not divide TinyViT's {res[0]}-token grid at {old}; "
                                  "use a multiple of 64 (MobileSAM) or 4 (LiteMedSAM)")
             return (res[0] * img_size // old, res[1] * img_size // old)
 
@@ -219,7 +222,7 @@ def resize_encoder(sam: Sam, spec: PreprocessSpec, img_size: int) -> tuple[Sam, 
     elif isinstance(enc, ImageEncoderViT):
         patch = enc.patch_embed.proj.kernel_size[0]
         if img_size % patch:
-            raise ValueError(f"encoder input {img_size} is not a multiple of the ViT patch size {patch}")
+            raise ArgumentError(f"encoder input {img_size} is not a multiple of the ViT patch size {patch}")
         emb = img_size // patch
         if enc.pos_embed is not None:
             pe = enc.pos_embed.data.permute(0, 3, 1, 2)
@@ -245,6 +248,6 @@ def preprocess_for(name: str, encoder_size: int | None = None) -> PreprocessSpec
         return spec
     if encoder_size < 1 or (spec.embedding_size * encoder_size) % spec.img_size:
         step = spec.img_size // spec.embedding_size
-        raise ValueError(f"encoder size {encoder_size} does not fit {name}'s {spec.embedding_size}-token grid at "
+        raise ArgumentError(f"encoder size {encoder_size} does not fit {name}'s {spec.embedding_size}-token grid at "
                          f"{spec.img_size}: use a multiple of {step}")
     return replace(spec, img_size=encoder_size, embedding_size=spec.embedding_size * encoder_size // spec.img_size)

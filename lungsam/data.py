@@ -16,11 +16,12 @@ import numpy as np
 
 from .imageio import IMAGE_SUFFIXES, ImageReadError, read_image, read_mask
 from .preprocess import resize_mask, to_working
+from .errors import LungsamError
 
 DEMO_DATA = "demo:montgomery"
 
 
-class DataError(ValueError):
+class DataError(LungsamError, ValueError):
     pass
 
 

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from .errors import LungsamError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -31,7 +32,7 @@ DEFLATE_HEADER_ALLOWANCE = 16 << 20
 """Bytes of a deflated DICOM data set allowed beyond the pixel data (``max_pixels`` x 4 bytes)."""
 
 
-class ImageReadError(ValueError):
+class ImageReadError(LungsamError, ValueError):
     """An input that cannot be used, with the reason and the file."""
 
 

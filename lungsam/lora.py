@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from .artifacts import sha256_file
+from .errors import ArgumentError, LungsamError
 
 ADAPTER_NAME = "default"
 
 
-class LoraUnavailableError(RuntimeError):
+class LoraUnavailableError(LungsamError, RuntimeError):
     """PEFT is not installed."""
 
 
@@ -32,9 +33,9 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+            raise ArgumentError(f"LoRA rank must be >= 1, got {self.rank}")
         if not self.targets:
-            raise ValueError("LoRA needs at least one target layer name")
+            raise ArgumentError("LoRA needs at least one target layer name")
 
 
 def _peft():
@@ -50,7 +51,7 @@ def add_lora(encoder: torch.nn.Module, spec: LoraSpec) -> list[torch.nn.Paramete
     peft = _peft()
     linear = [n for n, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)]
     if not any(n == t or n.endswith("." + t) for n in linear for t in spec.targets):
-        raise ValueError(f"no linear layer of the encoder is named {', '.join(spec.targets)}; "
+        raise ArgumentError(f"no linear layer of the encoder is named {', '.join(spec.targets)}; "
                          f"its linear layers end in: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in linear}))}")
     cfg = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0,
                           bias="none")

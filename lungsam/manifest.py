@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import LungsamError
 from .preprocess import PreprocessSpec
 from .prompts import BOX_PROMPT_MODES, POINT_PROMPT_MODES, PROMPT_MODES, LearnedPrompt
 
@@ -77,7 +78,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
 
-class BundleError(ValueError):
+class BundleError(LungsamError, ValueError):
     """A bundle that cannot be used (not a bundle, unknown format, malformed manifest, missing model)."""
 
 

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from .preprocess import PreprocessSpec, boxes_to_model, coords_to_model, fractions_to_pixels
+from .errors import ArgumentError
 
 PromptMode = Literal["points", "box", "both", "auto-box", "auto-both"]
 PROMPT_MODES: tuple[str, ...] = ("points", "box", "both", "auto-box", "auto-both")
@@ -122,7 +123,7 @@ def interior_points(component: np.ndarray, k: int) -> np.ndarray:
 def learn_prompt(train_masks: list[np.ndarray], mode: str, points_per_lung: int = 3) -> LearnedPrompt:
     """Derive the prompt from the training split's masks (all ``(S, S)`` bool)."""
     if mode not in PROMPT_MODES:
-        raise ValueError(f"unknown prompt {mode!r}; choose from {', '.join(PROMPT_MODES)}")
+        raise ArgumentError(f"unknown prompt {mode!r}; choose from {', '.join(PROMPT_MODES)}")
     mm = mean_mask(train_masks)
     h, w = mm.shape
     binary = mm >= 0.5
@@ -141,7 +142,7 @@ def first_pass_prompt(prompt: LearnedPrompt) -> LearnedPrompt:
     any) with the mean-mask box (``auto-both`` / ``auto-box``). Raises ``ValueError`` for a model
     trained without a box."""
     if prompt.mode not in BOX_PROMPT_MODES or prompt.box is None:
-        raise ValueError("a box from a first pass needs a model prompted with a box (prompt "
+        raise ArgumentError("a box from a first pass needs a model prompted with a box (prompt "
                          f"{', '.join(BOX_PROMPT_MODES)}); this one was trained with {prompt.mode!r}")
     return replace(prompt, mode="auto-both" if prompt.uses_points else "auto-box")
 

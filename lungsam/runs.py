@@ -30,9 +30,10 @@ from .artifacts import read_json, sha256_file
 from .backbones import build_backbone, get_backbone, preprocess_for
 from .preprocess import PreprocessSpec
 from .prompts import LearnedPrompt
+from .errors import LungsamError
 
 
-class RunError(ValueError):
+class RunError(LungsamError, ValueError):
     pass
 
 

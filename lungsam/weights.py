@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import atomic_path, sha256_file
+from .errors import LungsamError
 
 CONNECT_TIMEOUT_S = 20.0
 
@@ -80,7 +81,7 @@ OFFICIAL_WEIGHTS: dict[str, WeightsEntry] = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(LungsamError, RuntimeError):
     pass
 
 

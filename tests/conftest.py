@@ -1,7 +1,9 @@
 """Shared fixtures. Real data and weights live beside the repo in ../shared (skipped when absent)."""
 from __future__ import annotations
 
+import inspect
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,36 @@ MONTGOMERY = SHARED / "data" / "montgomery"
 SHENZHEN = SHARED / "data" / "shenzhen"
 MOBILE_SAM = SHARED / "weights" / "mobile_sam.pt"
 LITE_MEDSAM = SHARED / "weights" / "lite_medsam.pth"
+
+
+# Test tiers (docs/DEVELOPING.md). ``e2e``: a test that trains, evaluates, exports or times a model, through a
+# session fixture (E2E_FIXTURES; pytest lists fixtures transitively, so those built on them count) or in its own
+# body (a call matching E2E_CALLS in its source). ``fast``: every other test that needs neither ../shared
+# (``integration``) nor the opt-in tiers; a developer runs ``pytest -m fast`` on every change.
+E2E_FIXTURES = {"tiny_run", "tiny_bundle", "tiny_both_bundle", "tiny_bench", "fp16_bundle", "lora_run", "reproduced",
+                "decoder_session", "seg"}
+E2E_CALLS = re.compile(r"\b(train_run|train_unet_run|train_fold|export_bundle|evaluate|run_protocol|run_train_speed|"
+                       r"run_bench|run_sweep|bench_train|build_backbone|embed_samples|export_encoder|export_decoder|"
+                       r"export_fixed_decoder|augmented_views)\(|gpu_check\.sh|"
+                       r"\[\s*\"(train|train-unet|eval|export|reproduce|bench|bench-train)\"|"
+                       r"invoke\((bench_train|bench|reproduce|export|train|eval_cmd|train_unet)\b")
+OPT_IN = {"slow", "gpu", "trt", "integration"}
+
+
+def _trains_inline(item) -> bool:
+    fn = getattr(item, "function", None)
+    try:
+        return bool(fn and E2E_CALLS.search(inspect.getsource(fn)))
+    except (OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_FIXTURES & set(item.fixturenames) or _trains_inline(item):
+            item.add_marker(pytest.mark.e2e)
+        elif not any(item.get_closest_marker(m) for m in OPT_IN):
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(scope="session", autouse=True)

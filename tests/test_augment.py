@@ -99,7 +99,7 @@ def test_compare_runs_pairs_test_images(tmp_path):
     # another seed tests other images: refused
     train_run(TrainConfig(**{**base.to_dict(), "seed": 1}), tmp_path / "s", log=lambda m: None, progress=False)
     r = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "s")])
-    assert r.exit_code == 2 and "different test splits" in r.output and "seed" in r.output
+    assert r.exit_code == 1 and "different test splits" in r.output and "seed" in r.output
     # the splits decide, not how --data was spelled
     shutil.copytree(tmp_path / "a", tmp_path / "a2")
     run = json.loads((tmp_path / "a2" / "run.json").read_text())
@@ -110,6 +110,6 @@ def test_compare_runs_pairs_test_images(tmp_path):
     run["config"]["folds"] = 2
     (tmp_path / "a2" / "run.json").write_text(json.dumps(run))
     r = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "a2")])
-    assert r.exit_code == 2 and "has 1 of 2 folds" in r.output and "--allow-partial" in r.output
+    assert r.exit_code == 1 and "has 1 of 2 folds" in r.output and "--allow-partial" in r.output
     r = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "a2"), "--allow-partial"])
     assert r.exit_code == 0 and "**Partial**" in r.output and "| 1/2 |" in r.output

@@ -327,7 +327,7 @@ def test_cli_errors_are_clear(tmp_path):
     (tmp_path / "empty" / "images").mkdir(parents=True)
     (tmp_path / "empty" / "masks").mkdir()
     r = CliRunner().invoke(main, ["train", "--backbone", "tiny", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "y")])
-    assert r.exit_code == 2 and "no usable" in r.output
+    assert r.exit_code == 1 and "no usable" in r.output
     r = CliRunner().invoke(main, ["train", "--backbone", "vit_b", "--out", str(tmp_path / "z")])
     assert r.exit_code == 2 and "--checkpoint" in r.output
 

@@ -39,11 +39,12 @@ from .report import compare, latency_chart, markdown_report
 from .schema import BACKENDS, FORMAT, PRECISIONS, check_results
 from .stats import (LATENCY_KEYS, StageTimer, ThreadMap, default_preprocess_threads, latency_summary, ratio,
                     stage_breakdown, throughput_summary)
+from ..errors import LungsamError
 
 FIRST_PASS_MODE = "first-pass box: two decoder calls"
 
 
-class BenchError(ValueError):
+class BenchError(LungsamError, ValueError):
     pass
 
 

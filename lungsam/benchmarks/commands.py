@@ -1,7 +1,11 @@
-"""``lungsam bench``; module level imports only click (the work lives in :mod:`lungsam.benchmarks.bench`)."""
+"""``lungsam bench``; module level imports only click and :mod:`lungsam.options` (the work lives in
+:mod:`lungsam.benchmarks.bench`)."""
 from __future__ import annotations
 
 import click
+
+from ..options import RUNTIME_DEVICE, TRAIN_DEVICE, Command, examples, log_to, ranged, verbosity
+from ..prompts import PROMPT_MODES
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -20,7 +24,9 @@ def _ints(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from exc
 
 
-@click.command("bench")
+@click.command("bench", cls=Command, extra="export", epilog=examples(
+    "lungsam bench bundles/mobile_points --out bench/mobile_points --repeats 2 --warmup 1",
+    "lungsam bench --sweep --run runs/mobile_points --sizes 1024,512 --out bench/sweep"))
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False), required=False)
 @click.option("--data", "data_dir", default=None,
               help="Data set directory (images/ + masks/) or demo:NAME; default: the bundle run's test split.")
@@ -31,10 +37,11 @@ def _ints(value: str | None) -> list[int] | None:
 @click.option("--precisions", default=None,
               help="Comma-separated: fp32, fp16, bf16, int8 (bf16: torch on GPU only; int8: onnxruntime on CPU, "
                    "from lungsam export --int8). Default: fp32,fp16,int8; with --sweep fp32,fp16.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=RUNTIME_DEVICE, default="cpu", show_default=True, help="Where every backend runs.")
 @click.option("--batch", "batches", default="1", show_default=True,
               help="Comma-separated batch sizes for the throughput measurement.")
-@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Untimed passes before the timed ones (per backend and precision).")
 @click.option("--repeats", default=None, type=click.IntRange(min=1),
               help="Timed passes over the images (per batch size). Default: 3 on cuda; 1 on cpu, where one pass of "
                    "28 images gives 28 timings per row and a MobileSAM bench on 2 cores stays under 10 minutes.")
@@ -56,8 +63,9 @@ def _ints(value: str | None) -> list[int] | None:
 @click.option("--box-from-first-pass/--no-box-from-first-pass", default=None,
               help="Bundles prompted with a box: every backend takes each image's box from the model's own first "
                    "mask (two decoder calls, no ground truth). Default: what the bundle was exported with.")
+@verbosity
 def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warmup, repeats, limit, compare_path,
-          threads, sweep, sizes, sweep_backbones, run_dir, box_from_first_pass) -> None:
+          threads, sweep, sizes, sweep_backbones, run_dir, box_from_first_pass, quiet) -> None:
     """Parity and latency of a BUNDLE across backends and precisions (writes results.json/.md/latency.png)."""
     repeats = repeats if repeats is not None else (3 if device == "cuda" else 1)
     if sweep:
@@ -78,31 +86,38 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
                   box_from_first_pass=box_from_first_pass)
 
 
-@click.command("bench-train")
-@click.option("--data", "data", multiple=True, default=["demo:montgomery"], show_default=True)
-@click.option("--backbone", default="mobile_sam", show_default=True)
-@click.option("--checkpoint", type=click.Path(dir_okay=False))
-@click.option("--prompt", default="points", show_default=True)
-@click.option("--images", "n_images", default=16, show_default=True, help="Images per timed epoch.")
-@click.option("--batch-size", default=4, show_default=True)
-@click.option("--size", default=256, show_default=True)
-@click.option("--encoder-size", type=click.IntRange(min=16), default=None,
+@click.command("bench-train", cls=Command, extra="export", epilog=examples(
+    "lungsam bench-train --backbone mobile_sam --out bench/train_speed",
+    "lungsam bench-train --backbone lite_medsam --encoder-size 192 --cpu-bf16 --out bench/train_speed_bf16"))
+@click.option("--data", "data", multiple=True, default=["demo:montgomery"], show_default=True,
+              help="Data set folder(s) whose first --images images are timed.")
+@click.option("--backbone", default="mobile_sam", show_default=True, help="mobile_sam, lite_medsam, vit_b, tiny.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Backbone weights (default: official weights, downloaded once).")
+@click.option("--prompt", type=click.Choice(list(PROMPT_MODES)), default="points",
+              show_default=True, help="Prompt mode of the timed decoder steps.")
+@click.option("--images", "n_images", type=ranged("images"), default=16, show_default=True,
+              help="Images per timed epoch.")
+@click.option("--batch-size", type=ranged("batch_size"), default=4, show_default=True, help="Images per step.")
+@click.option("--size", type=ranged("size"), default=256, show_default=True,
+              help="Working resolution (images and masks resized to SxS).")
+@click.option("--encoder-size", type=ranged("encoder_size"), default=None,
               help="Image encoder input side (default: the backbone's native size); the decoder's cost follows its grid.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", type=TRAIN_DEVICE, default="auto", show_default=True,
+              help="auto: cuda when torch sees a GPU, else cpu.")
 @click.option("--cpu-bf16", is_flag=True, help="Time every step in bfloat16 autocast (CPU with native bfloat16 only). "
               "Without it, such a CPU also times the bfloat16 decoder steps beside the float32 ones.")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for train_speed.json and train_speed.md.")
+@verbosity
 def bench_train(data, backbone, checkpoint, prompt, n_images, batch_size, size, encoder_size, device, cpu_bf16,
-                out) -> None:
+                out, quiet) -> None:
     """Training speed: epoch time with the embedding cache vs recomputing the encoder, and decoder time per sample."""
     from ..train.config import TrainConfig
     from .train_speed import run_train_speed
 
     cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt, batch_size=batch_size,
                       size=size, encoder_size=encoder_size, device=device, cpu_bf16=cpu_bf16)
-    try:
-        r = run_train_speed(cfg, n_images, out, log=lambda m: click.echo(m, err=True))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # unknown backbone or size, missing data or weights
-        raise click.ClickException(str(e)) from None
+    r = run_train_speed(cfg, n_images, out, log=log_to("bench-train"))
     click.echo(f"epoch with cache {r['epoch_cached_s']:.2f} s, recomputing the encoder {r['epoch_recompute_s']:.2f} s "
                f"({r['speedup_cached_vs_recompute']:.1f}x); report: {out}/train_speed.md")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from ..errors import LungsamError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # bf16: torch on GPU only; int8: onnxruntime on CPU only
@@ -177,7 +178,7 @@ def validate_results(results: Any) -> list[str]:
     return validate(results, RESULTS_SCHEMA) + _check_result_consistency(results)
 
 
-class SchemaError(ValueError):
+class SchemaError(LungsamError, ValueError):
     pass
 
 

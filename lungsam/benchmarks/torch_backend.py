@@ -21,11 +21,12 @@ from ..modeling.decoder import decode, decode_embedded, encode_prompts
 from ..preprocess import PreprocessSpec, encoder_input, preprocess_shape
 from ..prompts import LearnedPrompt, first_pass_box, first_pass_prompt, mask_box, model_prompt
 from .stats import ThreadMap
+from ..errors import LungsamError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class TorchUnavailable(RuntimeError):
+class TorchUnavailable(LungsamError, RuntimeError):
     """This torch precision/device combination cannot run here (reported as skipped)."""
 
 

@@ -51,6 +51,7 @@ from ..manifest import (
 from ..postprocess import CleanupSpec
 from ..qc import QcCalibration
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
+from ..errors import LungsamError
 
 __all__ = ["BUNDLE_FORMAT", "ExportError", "ExportResult", "ParityGateError", "export_bundle"]
 
@@ -62,7 +63,7 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQU
 Log = Callable[[str], None]
 
 
-class ExportError(RuntimeError):
+class ExportError(LungsamError, RuntimeError):
     pass
 
 

@@ -1,13 +1,17 @@
 """``lungsam export``: a trained run -> a torch-free bundle (ONNX FP32/FP16/INT8, optional TensorRT engines).
 
-Module level imports only click; torch, onnx and TensorRT load inside the command.
+Module level imports only click and :mod:`lungsam.options`; torch, onnx and TensorRT load inside the command.
 """
 from __future__ import annotations
 
 import click
 
+from ..options import Command, examples, log_to, ranged, verbosity
 
-@click.command("export")
+
+@click.command("export", cls=Command, extra="export", epilog=examples(
+    "lungsam export runs/mobile_points --out bundles/mobile_points --fp16",
+    "lungsam export runs/lite_cv5 --out bundles/lite_int8 --int8 --parity-images 10"))
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(), help="Bundle folder to create (must not exist, or be empty).")
 @click.option("--fp16", is_flag=True, help="Also write FP16 ONNX models (*_fp16.onnx; float32 inputs/outputs).")
@@ -16,11 +20,11 @@ import click
                    "quantisation of its weight MatMuls, for CPUs; gated on parity like the others.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT FP16 engines (implies --fp16; needs an NVIDIA GPU and pip install 'lungsam[trt]').")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 23), help="ONNX opset.")
-@click.option("--fold", default=None, type=int, help="Fold to export (default: best validation F1).")
+@click.option("--fold", default=None, type=ranged("fold"), help="Fold to export (default: best validation F1).")
 @click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Backbone checkpoint, when the one recorded in run.json is not found.")
-@click.option("--min-agreement", default=0.99, show_default=True, type=float,
-              help="Parity gate: every exported model's mean mask agreement (F1 vs torch) must reach this.")
+@click.option("--min-agreement", default=0.99, show_default=True, type=ranged("min_agreement"),
+              help="Parity gate, in [0, 1]: every exported model's mean mask agreement (F1 vs torch) must reach this.")
 @click.option("--parity-images", default=None, type=click.IntRange(min=1),
               help="Use at most N held-out images for the parity check (default: all).")
 @click.option("--data", "data_dir", default=None, type=str,
@@ -35,9 +39,10 @@ import click
               help="Also record local provenance in the manifest: the run folder, data folders, checkpoint path, host "
                    "name and the parity image ids (left out by default: a bundle leaves the building). lungsam bench "
                    "finds the run through it.")
+@verbosity
 def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int, fold: int | None,
            checkpoint: str | None, min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
-           box_from_first_pass: bool, provenance: bool) -> None:
+           box_from_first_pass: bool, provenance: bool, quiet: bool) -> None:
     """Export RUN's tuned model to a bundle checked against torch on held-out images.
 
     The bundle is built in a temporary folder and moved to --out only when the parity gate passes. The last
@@ -45,23 +50,18 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
     `lungsam verify BUNDLE --expect-digest HEX` or `lungsam predict --expect-digest HEX`.
     """
     if trt:  # fail before any heavy work
-        from .trt import TensorRTUnavailable, require_tensorrt
+        from .trt import require_tensorrt
 
-        try:
-            require_tensorrt()
-        except TensorRTUnavailable as e:
-            raise click.ClickException(str(e)) from None
+        require_tensorrt()
 
-    from .bundle import ExportError, ParityGateError, export_bundle
+    from .bundle import ParityGateError, export_bundle
 
     try:
         result = export_bundle(run_dir, out, fp16=fp16, int8=int8, trt=trt, opset=opset, fold=fold,
                                checkpoint=checkpoint, min_agreement=min_agreement, parity_images=parity_images, data_dir=data_dir,
                                max_batch=max_batch, box_from_first_pass=box_from_first_pass, provenance=provenance,
-                               log=lambda m: click.echo(m, err=True))
-    except ParityGateError as e:
+                               log=log_to("export"))
+    except ParityGateError as e:  # the table says which model missed the gate; the handler prints the error
         click.echo(e.table, err=True)
-        raise click.ClickException(str(e)) from None
-    except ExportError as e:
-        raise click.ClickException(str(e)) from None
+        raise
     click.echo(result.summary())

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from ..errors import LungsamError
 
 INSTALL_HINT = "pip install 'lungsam[trt]'"
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(LungsamError, RuntimeError):
     pass
 
 

@@ -30,6 +30,8 @@ from typing import Callable
 from ..artifacts import machine_record, package_versions, read_json, utc_now, write_json_atomic
 from ..data import DataError, shuffled_ids, kfold_splits, load_dataset
 from . import paper
+from ..errors import LungsamError
+from ..ranges import check_fields
 
 Log = Callable[[str], None]
 SETS = ("montgomery", "shenzhen")
@@ -40,8 +42,10 @@ QUICK_SUBSET = 60  # images per set in --quick (seeded random subset; each set i
 QUICK_GRID = ((1e-4, 0.0), (1e-3, 0.0))
 
 
-class ProtocolError(RuntimeError):
-    pass
+class ProtocolError(LungsamError, RuntimeError):
+    # exit 2: what it reports is the command line or --out's contents (data root layout, option values, a step
+    # folder holding other settings), as it always did
+    exit_code = 2
 
 
 @dataclass
@@ -87,6 +91,10 @@ class Settings:
     seed: int = 0
     cpu_bf16: bool = False
     jobs: int = 1
+
+    def __post_init__(self) -> None:  # the same ranges as the click options (lungsam.ranges)
+        check_fields(self, ("folds", "epochs", "patience", "points_per_lung", "size", "encoder_size", "batch_size",
+                            "seed", "jobs"))
 
     @property
     def label(self) -> str:

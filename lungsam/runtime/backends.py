@@ -16,12 +16,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from .bundle import PRECISIONS
+from ..errors import LungsamError
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(LungsamError, RuntimeError):
     """The requested backend/device/precision is not available here (and no fallback was allowed)."""
 
 

@@ -1,10 +1,15 @@
-"""``lungsam predict``; module level imports only click (the work lives in :mod:`lungsam.runtime.predict`)."""
+"""``lungsam predict``; module level imports only click and :mod:`lungsam.options` (the work lives in
+:mod:`lungsam.runtime.predict`)."""
 from __future__ import annotations
 
 import click
 
+from ..options import RUNTIME_DEVICE, Command, examples, log_to, verbosity
 
-@click.command("predict")
+
+@click.command("predict", cls=Command, epilog=examples(
+    "lungsam predict bundles/mobile_points xrays/ --out predictions",
+    "lungsam predict bundles/mobile_points test_images/ --out predictions --ground-truth test_masks/ --overlay"))
 @click.argument("bundle", type=click.Path(exists=True, path_type=str))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
@@ -12,7 +17,8 @@ import click
 @click.option("--overlay", is_flag=True, help="Also write <stem>_overlay.png (mask over the image).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
               help="auto: TensorRT on --device cuda when the bundle has engines usable here, else onnxruntime.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=RUNTIME_DEVICE, default="cpu", show_default=True,
+              help="Where the models run (cuda: onnxruntime-gpu or TensorRT).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="int8: the bundle's dynamically quantised encoder (lungsam export --int8), onnxruntime on CPU.")
 @click.option("--allow-fallback", is_flag=True,
@@ -32,7 +38,7 @@ import click
 @click.option("--sr", is_flag=True, help="With --dicom-seg: also <stem>_sr.dcm, a TID 1500 measurement report.")
 @click.option("--secondary-capture", is_flag=True,
               help="With --dicom-seg: also <stem>_sc.dcm, an RGB overlay for viewers without SEG support.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--no-progress", is_flag=True, hidden=True, help="Same as --quiet (kept for existing scripts).")
 @click.option("--expect-digest", default=None, metavar="HEX",
               help="Refuse the bundle unless its digest (sha256 of manifest.json, printed by lungsam export and "
                    "lungsam verify) is HEX: pins the exact bundle a site validated.")
@@ -42,10 +48,11 @@ import click
 @click.option("--max-pixels", type=click.IntRange(min=1), default=64_000_000, show_default=True,
               help="Largest input (rows x columns) read, checked from each file's header before decoding; "
                    "larger inputs fail with the reason. Bounds memory per image.")
+@verbosity
 def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, backend: str, device: str,
             precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
             box_from_first_pass: bool | None, dicom_seg: bool, fractional: bool, sr: bool, secondary_capture: bool,
-            no_progress: bool, expect_digest: str | None, overwrite: bool, max_pixels: int) -> None:
+            no_progress: bool, expect_digest: str | None, overwrite: bool, max_pixels: int, quiet: bool) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -61,6 +68,7 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     from .predict import PredictOutputError, check_out_dir, earlier_run_folder, predict_files
     from .segmenter import LungSegmenter
 
+    no_progress = no_progress or quiet
     if (fractional or sr or secondary_capture) and not dicom_seg:
         raise click.UsageError("--fractional, --sr and --secondary-capture go with --dicom-seg")
     try:
@@ -92,8 +100,8 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
         raise click.ClickException("no input images found (PNG/JPEG/TIFF/BMP/DICOM files or folders of them)" + why)
     d = seg.describe()
     fp = " (box from the first pass)" if d["box_from_first_pass"] else ""
-    click.echo(f"{n} inputs; {d['backend']} on {d['device']} ({d['precision']}), prompt {d['prompt_mode']}{fp}, "
-               f"threshold {d['threshold']:.3f}", err=True)
+    log_to("predict")(f"{n} inputs; {d['backend']} on {d['device']} ({d['precision']}), prompt {d['prompt_mode']}{fp}, "
+                      f"threshold {d['threshold']:.3f}")
 
     def progress(it):
         return tqdm(it, total=n, unit="img", desc="predict", disable=no_progress)

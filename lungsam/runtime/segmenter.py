@@ -29,13 +29,14 @@ from ..postprocess import CleanupSpec, clean_mask
 from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_prompt
 from ..qc import QcCalibration, qc_features
 from .backends import BackendChoice, Model, open_model, resolve_backend
+from ..errors import LungsamError
 from ..manifest import normalize_digest
 from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
 
 ImageSource = Union[str, Path, LoadedImage, np.ndarray]
 
 
-class PromptRequiredError(ValueError):
+class PromptRequiredError(LungsamError, ValueError):
     """The bundle's prompt mode needs a ground-truth box, and none was given."""
 
 

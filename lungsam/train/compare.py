@@ -14,11 +14,12 @@ import numpy as np
 
 from ..artifacts import read_json
 from ..metrics import summarize
+from ..errors import LungsamError
 
 SPLIT_KEYS = ("data", "folds", "seed", "size")  # settings that fix which images are tested, and at what size
 
 
-class CompareError(ValueError):
+class CompareError(LungsamError, ValueError):
     """The runs cannot be compared image by image."""
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
+from ..prompts import PROMPT_MODES
+from ..ranges import RANGES, TRAIN_DEVICES, check, check_choice, check_each
+
 if TYPE_CHECKING:  # Python 3.11+ (annotations are not evaluated at run time here)
     from typing import Self
 
@@ -36,7 +39,25 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
 class DictConfig:
     """``to_dict``/``from_dict`` for the training config dataclasses: JSON-ready dicts (tuples as lists), read
     back with tuple fields restored and keys this version does not know ignored. A tuple field is one whose
-    default is a tuple (a field typed ``tuple | None`` with default ``None`` would come back as a list)."""
+    default is a tuple (a field typed ``tuple | None`` with default ``None`` would come back as a list).
+
+    Built configs validate themselves (``__post_init__``): every field named in :data:`lungsam.ranges.RANGES`
+    (each item of a tuple field), ``thresholds`` in (0, 1), ``device`` one of ``auto``/``cpu``/``cuda``; a
+    value outside raises :class:`lungsam.errors.ConfigError` naming the class and field."""
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in RANGES:
+                if isinstance(value, (tuple, list)):
+                    check_each(f.name, value, owner)
+                else:
+                    check(f.name, value, owner)
+        if hasattr(self, "thresholds"):
+            check_each("thresholds", self.thresholds, owner, RANGES["threshold"])
+        if hasattr(self, "device"):
+            check_choice("device", self.device, TRAIN_DEVICES, owner)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -102,6 +123,10 @@ class TrainConfig(DictConfig):
     amp: bool = True
     cpu_bf16: bool = False
     embed_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("prompt", self.prompt, PROMPT_MODES, type(self).__name__)
 
     def lora_spec(self):
         """:class:`lungsam.lora.LoraSpec` of this run, or ``None`` when LoRA is off."""

@@ -20,6 +20,7 @@ from ..postprocess import CleanupSpec, clean_masks
 from ..modeling.decoder import decode
 from ..preprocess import PreprocessSpec, encoder_input, fractions_to_pixels, preprocess_shape
 from ..prompts import LearnedPrompt, first_pass_prompt, mask_box, model_prompt, perturb_box
+from ..errors import UnsupportedHereError
 
 
 def pick_device(device: str) -> str:
@@ -27,7 +28,7 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device (torch.cuda.is_available() is False)")
+        raise UnsupportedHereError("--device cuda was asked for but torch sees no CUDA device (torch.cuda.is_available() is False)")
     return device
 
 
@@ -96,10 +97,10 @@ def mixed_precision(device: str, amp: bool, cpu_bf16: bool) -> bool:
     """
     if device.startswith("cuda"):
         if cpu_bf16:
-            raise RuntimeError("--cpu-bf16 is for CPU runs; this run is on CUDA, where mixed precision is on by default")
+            raise UnsupportedHereError("--cpu-bf16 is for CPU runs; this run is on CUDA, where mixed precision is on by default")
         return amp
     if cpu_bf16 and not cpu_has_native_bf16():
-        raise RuntimeError("--cpu-bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); this CPU has neither, "
+        raise UnsupportedHereError("--cpu-bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); this CPU has neither, "
                            "so bfloat16 would be emulated and slower than float32: run without --cpu-bf16")
     return cpu_bf16
 

@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, binarize,
                      choose_threshold_and_cleanup, mixed_precision, pick_device,
                      predict_with_first_pass_box, predict_with_iou, score)
+from ..errors import ArgumentError, OutputExistsError
 
 Log = Callable[[str], None]
 
@@ -45,7 +46,7 @@ def checkpoint_for(cfg: TrainConfig) -> str | None:
     if spec.weights is None:
         if cfg.backbone == "tiny":
             return None
-        raise ValueError(f"backbone {cfg.backbone!r} has no downloadable weights: pass --checkpoint PATH")
+        raise ArgumentError(f"backbone {cfg.backbone!r} has no downloadable weights: pass --checkpoint PATH")
     from ..weights import ensure_weights
 
     return str(ensure_weights(spec.weights))
@@ -200,7 +201,7 @@ def check_resumed_splits(out: Path, splits: list[dict]) -> None:
     if before != splits:
         n_before = len({i for f in before for part in f.values() for i in part})
         n_now = len({i for f in splits for part in f.values() for i in part})
-        raise ValueError(f"--resume: the data in {out}'s run gives other splits now ({n_now} images, {n_before} when "
+        raise ArgumentError(f"--resume: the data in {out}'s run gives other splits now ({n_now} images, {n_before} when "
                          "it began): its folds would test different images. Restore the data or start a new --out")
 
 
@@ -454,22 +455,22 @@ def _train_run(cfg: TrainConfig, out: Path, *, resume: bool, only_folds: tuple[i
     if only_folds is not None:
         bad = sorted(set(only_folds) - set(range(cfg.folds)))
         if bad:
-            raise ValueError(f"--only-fold {bad[0]}: the run has folds 0-{cfg.folds - 1}")
+            raise ArgumentError(f"--only-fold {bad[0]}: the run has folds 0-{cfg.folds - 1}")
     t0 = time.perf_counter()
     old = None
     if (out / "run.json").exists():
         if not resume:
-            raise FileExistsError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+            raise OutputExistsError(f"{out} already holds a run; use --resume to continue it or choose another --out")
         old = read_json(out / "run.json")
     if cfg.lora_rank > 0 and cfg.augment_views > 0:
-        raise ValueError("--augment works on cached embeddings and --lora-rank trains the encoder; use one of them")
+        raise ArgumentError("--augment works on cached embeddings and --lora-rank trains the encoder; use one of them")
     ckpt = checkpoint_for(cfg)
     weights_sha256 = weights_fingerprint(cfg.backbone, ckpt)
     sam, ckpt_record = checked_backbone(cfg, ckpt, weights_sha256, log)  # before the run folder exists
     if old is not None:
         differ = resume_differences(old, cfg, weights_sha256)
         if differ:
-            raise ValueError(f"--resume: the settings differ from the run in {out} ({'; '.join(differ)}); "
+            raise ArgumentError(f"--resume: the settings differ from the run in {out} ({'; '.join(differ)}); "
                              "start a new --out instead")
     device = pick_device(cfg.device)
     data = load_data(cfg.data, cfg.size, log)
@@ -655,7 +656,7 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
     data itself, which the report states, since it uses the evaluated set's annotations).
     """
     if split not in EVAL_SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {', '.join(EVAL_SPLITS)}")
+        raise ArgumentError(f"unknown split {split!r}; choose from {', '.join(EVAL_SPLITS)}")
     device = pick_device(device)
     trained_size = None
     if run_dir:
@@ -665,7 +666,7 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
         if not run_json.exists():
             raise RunError(f"{run_dir}: not a lungsam run (no run.json)")
         if encoder_size is not None:
-            raise ValueError("--encoder-size is for zero-shot evaluation; a run is scored at its own encoder size")
+            raise ArgumentError("--encoder-size is for zero-shot evaluation; a run is scored at its own encoder size")
         run_cfg = read_json(run_json)["config"]
         trained_size, encoder_size = int(run_cfg["size"]), run_cfg.get("encoder_size")
         size = size or trained_size
@@ -678,9 +679,9 @@ def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = No
             log(warning)
     else:
         if backbone is None:
-            raise ValueError("give a RUN or --backbone for zero-shot evaluation")
+            raise ArgumentError("give a RUN or --backbone for zero-shot evaluation")
         if split != "all":
-            raise ValueError("--split test needs a RUN (zero-shot has no held-out split)")
+            raise ArgumentError("--split test needs a RUN (zero-shot has no held-out split)")
         size = size or 256
         cfg = TrainConfig(backbone=backbone, checkpoint=checkpoint, size=size, encoder_size=encoder_size)
         spec = preprocess_for(backbone, encoder_size)  # an encoder size that does not fit fails before any work

@@ -27,6 +27,7 @@ from ..metrics import fmt_mean_std, summarize
 from . import report
 from .config import DEFAULT_THRESHOLDS, DictConfig
 from .engine import EarlyStopping, autocast, choose_threshold, mixed_precision, pick_device, score, sweep_thresholds
+from ..errors import ArgumentError, OutputExistsError
 
 Log = Callable[[str], None]
 RUN_FORMAT = "lungsam-unet-run/1"
@@ -72,7 +73,7 @@ def build_unet(cfg: UNetConfig) -> torch.nn.Module:
     from monai.networks.nets import UNet
 
     if len(cfg.channels) < 2:
-        raise ValueError("--channels needs at least two levels")
+        raise ArgumentError("--channels needs at least two levels")
     return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels),
                 strides=(2,) * (len(cfg.channels) - 1), num_res_units=cfg.res_units)
 
@@ -269,13 +270,13 @@ def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
     old = read_json(out / "run.json") if (out / "run.json").exists() else None
     if old is not None:
         if not resume:
-            raise FileExistsError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+            raise OutputExistsError(f"{out} already holds a run; use --resume to continue it or choose another --out")
         before = UNetConfig.from_dict(old["config"]).comparable()
         differ = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in cfg.comparable().items() if before.get(k) != v]
         if differ:
-            raise ValueError(f"--resume: the settings differ from the run in {out} ({'; '.join(differ)})")
+            raise ArgumentError(f"--resume: the settings differ from the run in {out} ({'; '.join(differ)})")
     if only_folds is not None and set(only_folds) - set(range(cfg.folds)):
-        raise ValueError(f"--only-fold: the run has folds 0-{cfg.folds - 1}")
+        raise ArgumentError(f"--only-fold: the run has folds 0-{cfg.folds - 1}")
     device = pick_device(cfg.device)
     data = load_data(cfg.data, cfg.size, log)
     splits = kfold_splits([s.id for s in data.samples], cfg.folds, cfg.seed)
