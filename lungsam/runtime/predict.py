@@ -100,6 +100,59 @@ def _round(d: dict[str, float]) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in d.items()}
 
 
+def output_stems(paths: list[Path]) -> list[str]:
+    """Unique output stems for ``paths`` (public name of the stems ``predict_files`` uses; ``lungsam.runtime.ray_batch``
+    names its outputs with it)."""
+    return _output_stems(paths)
+
+
+def record_outputs(out: Path, path: Path, stem: str, r: SegmentationResult | SegmentationFailure, *,
+                   overlay: bool = False, ground_truth: str | Path | None = None) -> dict:
+    """One input's ``predictions.jsonl`` record; for a :class:`SegmentationResult` it first writes
+    ``out/<stem>_mask.png`` (and ``<stem>_overlay.png``) atomically. A write failure becomes an error record."""
+    rec: dict = {"file": str(path)}
+    if isinstance(r, SegmentationResult):
+        try:
+            mask_path = out / f"{stem}_mask.png"
+            save_png(mask_path, mask_png(r.mask))
+            rec.update(status="ok", error=None, mask=mask_path.name)
+            if overlay:
+                ov = out / f"{stem}_overlay.png"
+                save_png(ov, overlay_image(r.pixels, r.mask))
+                rec["overlay"] = ov.name
+            if ground_truth is not None:
+                rec.update(score_against(r.mask, Path(ground_truth), path.stem))
+            rec.update(area_px=r.area_px, area_mm2=None if r.area_mm2 is None else round(r.area_mm2, 3),
+                       pixel_spacing_mm=None if r.pixel_spacing_mm is None else list(r.pixel_spacing_mm),
+                       score=round(r.score, 6), threshold=r.threshold, size=list(r.original_hw),
+                       timings=_round(r.timings))
+        except OSError as e:
+            rec = {"file": str(path), "status": "error", "error": f"cannot write outputs: {e}",
+                   "stage": "write", "timings": _round(r.timings)}
+    else:
+        assert isinstance(r, SegmentationFailure)
+        rec.update(status="error", error=r.error, stage=r.stage, timings=_round(r.timings))
+    return rec
+
+
+def write_summary(out: Path, summary: PredictSummary, setup: dict, n_inputs: int, *,
+                  ground_truth: str | Path | None = None, extra: dict | None = None) -> None:
+    """Write ``out/predict.json`` (``setup``: :meth:`LungSegmenter.describe` of what ran; ``extra``: more
+    top-level keys, e.g. the Ray run's) and, with ``ground_truth``, ``metrics.json``; sets ``summary.scores``."""
+    write_json_atomic(out / "predict.json", {
+        "created": utc_now(), "segmenter": setup, "inputs": n_inputs, "ok": summary.ok, "failed": summary.failed,
+        "seconds": round(summary.seconds, 3), "outputs": "predictions.jsonl (one line per input)" +
+        (", metrics.json" if ground_truth is not None else ""), **(extra or {}), "versions": package_versions()})
+    if ground_truth is not None:
+        scored = [r for r in summary.records if "f1" in r]
+        summary.scores = {"n": len(scored), "f1": summarize(r["f1"] for r in scored),
+                          "iou": summarize(r["iou"] for r in scored),
+                          "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
+        write_json_atomic(out / "metrics.json", {
+            "ground_truth": str(ground_truth), "threshold": setup["threshold"], "frame": "original image size",
+            **summary.scores, "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision", "fallbacks")}})
+
+
 def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_dir: str | Path, *, overlay: bool = False,
                   batch_size: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
                   ground_truth: str | Path | None = None) -> PredictSummary:
@@ -119,28 +172,7 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
     it = progress(results) if progress is not None else results
     with atomic_path(summary.jsonl) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for path, stem, r in zip(paths, stems, it):
-            rec: dict = {"file": str(path)}
-            if isinstance(r, SegmentationResult):
-                try:
-                    mask_path = out / f"{stem}_mask.png"
-                    save_png(mask_path, mask_png(r.mask))
-                    rec.update(status="ok", error=None, mask=mask_path.name)
-                    if overlay:
-                        ov = out / f"{stem}_overlay.png"
-                        save_png(ov, overlay_image(r.pixels, r.mask))
-                        rec["overlay"] = ov.name
-                    if ground_truth is not None:
-                        rec.update(score_against(r.mask, Path(ground_truth), path.stem))
-                    rec.update(area_px=r.area_px, area_mm2=None if r.area_mm2 is None else round(r.area_mm2, 3),
-                               pixel_spacing_mm=None if r.pixel_spacing_mm is None else list(r.pixel_spacing_mm),
-                               score=round(r.score, 6), threshold=r.threshold, size=list(r.original_hw),
-                               timings=_round(r.timings))
-                except OSError as e:
-                    rec = {"file": str(path), "status": "error", "error": f"cannot write outputs: {e}",
-                           "stage": "write", "timings": _round(r.timings)}
-            else:
-                assert isinstance(r, SegmentationFailure)
-                rec.update(status="error", error=r.error, stage=r.stage, timings=_round(r.timings))
+            rec = record_outputs(out, path, stem, r, overlay=overlay, ground_truth=ground_truth)
             if rec["status"] == "ok":
                 summary.ok += 1
             else:
@@ -150,16 +182,5 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path], out_di
             f.flush()
     summary.seconds = time.perf_counter() - t0
     setup = segmenter.describe()  # what actually ran (after any --allow-fallback), beside the figures it produced
-    write_json_atomic(out / "predict.json", {
-        "created": utc_now(), "segmenter": setup, "inputs": len(paths), "ok": summary.ok, "failed": summary.failed,
-        "seconds": round(summary.seconds, 3), "outputs": "predictions.jsonl (one line per input)" +
-        (", metrics.json" if ground_truth is not None else ""), "versions": package_versions()})
-    if ground_truth is not None:
-        scored = [r for r in summary.records if "f1" in r]
-        summary.scores = {"n": len(scored), "f1": summarize(r["f1"] for r in scored),
-                          "iou": summarize(r["iou"] for r in scored),
-                          "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
-        write_json_atomic(out / "metrics.json", {
-            "ground_truth": str(ground_truth), "threshold": segmenter.threshold, "frame": "original image size",
-            **summary.scores, "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision", "fallbacks")}})
+    write_summary(out, summary, setup, len(paths), ground_truth=ground_truth)
     return summary
