@@ -227,6 +227,7 @@ def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str |
     setup: dict | None = None
     duplicates = 0
     started = False
+    arrivals: list[float] = []  # driver clock of each new record, for throughput without the start-up
     if todo:
         ray = _import_ray()
         started = connect(address, num_cpus=num_cpus)
@@ -247,6 +248,7 @@ def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str |
                         continue
                     rec = json.loads(row["record"])
                     records[i] = rec
+                    arrivals.append(time.perf_counter())
                     journal.write(row["record"] + "\n")
                     journal.flush()
                     if on_record is not None:
@@ -273,6 +275,9 @@ def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str |
                                             "fallbacks": []}
     extra = {"ray": {"address": address or LOCAL, "workers": workers, "cpus_per_worker": cpus_per_worker,
                      "gpus_per_worker": gpus_per_worker, "block_size": block_size, "ran": len(todo),
-                     "skipped_complete": len(paths) - len(todo), "duplicate_rows": duplicates}}
+                     "skipped_complete": len(paths) - len(todo), "duplicate_rows": duplicates,
+                     "seconds_to_first_record": round(arrivals[0] - t0, 3) if arrivals else None,
+                     "images_per_s_after_first": round((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]), 3)
+                     if len(arrivals) > 2 and arrivals[-1] > arrivals[0] else None}}
     write_summary(out, summary, setup, len(paths), ground_truth=options.ground_truth, extra=extra)
     return summary
