@@ -4,6 +4,7 @@ Module level imports: click and the (torch-free) prompt modes; the work is impor
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -75,6 +76,8 @@ def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, pa
         summary = train_run(cfg, out, resume=resume, only_folds=tuple(only_folds) or None, log=log, progress=not quiet)
     except (UnknownBackboneError, DataError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
         _fail(str(e))
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (lungsam.train.distributed)
+        return
     a = summary["aggregate"]
     if len(summary["folds"]) == 1:  # one split (or one fold so far): spread over test images
         where = "one 60/20/20 split" if folds == 1 else f"fold {summary['folds'][0]['fold']} of {folds}"
