@@ -141,3 +141,30 @@ def test_ray_worker_killed_mid_run_loses_and_duplicates_nothing(local_ray, tiny_
     recs = records(out)
     assert [r["file"] for r in recs] == [str(p) for p in inputs]  # one record per input, in input order
     same_outputs(plain, out)
+
+
+@pytest.mark.slow
+def test_reproduce_on_ray_records_the_same_steps_and_a_plain_rerun_reuses_them(tmp_path):
+    """``lungsam reproduce --ray``: the quick tiny protocol's training steps as Ray tasks on a local Ray (started
+    and stopped by the command); a rerun without --ray reuses every step (same step records and settings).
+    About 5 min on the shared 2-core machine (U-Net steps dominate), hence slow."""
+    from click.testing import CliRunner
+
+    from lungsam.cli import main
+    from lungsam.data import demo_data_dir
+
+    if ray.is_initialized():
+        ray.shutdown()
+    root = tmp_path / "cxr"
+    for name in ("montgomery", "shenzhen"):
+        shutil.copytree(demo_data_dir(), root / name, ignore=shutil.ignore_patterns("README*"))
+    args = ["reproduce", "--data-root", str(root), "--backbone", "tiny", "--quick", "--epochs", "1", "--subset", "10",
+            "--size", "64", "--out", str(tmp_path / "results"), "--quiet", "--device", "cpu"]
+    r = CliRunner().invoke(main, [*args, "--ray", "local"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "results" / "tiny" / "results.json").read_text())
+    trained = [s for s in res["steps"] if s["kind"] in ("grid", "k-fold", "pooled", "unet") and s["status"] == "ran"]
+    assert len(trained) >= 10 and all(s["info"]["ray"] == "local" for s in trained)
+    assert res["settings"]["ray"] == "local" and res["command"].endswith("--ray local")
+    again = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert again.exit_code == 0 and "(0 ran," in again.output, again.output

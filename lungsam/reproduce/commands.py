@@ -30,9 +30,15 @@ import click
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Training steps run at once, each in its own process with an equal share of the torch threads "
                    "(independent steps only: the grid cells; then the k-fold runs and the pooled run; then the U-Nets).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run the training steps as Ray tasks (one GPU each when the cluster has GPUs): 'local' (or no "
+                   "value, as the last option) starts a local Ray; 'auto', HOST:PORT or ray://HOST:10001 joins a "
+                   "cluster (--out on storage every node sees). Same steps, records and resume. docs/scale.md.")
+@click.option("--ray-cpus-per-step", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ray: CPUs (torch threads) per training step.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subset, size, encoder_size, cpu_bf16, jobs,
-              quiet):
+              ray_address, ray_cpus_per_step, quiet):
     """Run the paper's protocol (zero-shot, thresholds, lr x wd grid, 5-fold per prompt, cross-dataset)
     as resumable steps and write OUT/<backbone>/tables.md, results.json and figures."""
     from ..backbones import UnknownBackboneError
@@ -43,7 +49,8 @@ def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subse
     try:
         settings = protocol_settings(data_root=data_root, backbone=backbone, checkpoint=checkpoint, device=device,
                                      quick=quick, epochs=epochs, subset=subset, size=size, encoder_size=encoder_size,
-                                     cpu_bf16=cpu_bf16, jobs=jobs)
+                                     cpu_bf16=cpu_bf16, jobs=jobs,
+                                     ray=ray_address, ray_cpus=ray_cpus_per_step)
         res = run_protocol(settings, out, command=settings.command(out), log=lambda m: click.echo(m, err=True),
                            progress=not quiet)
     except (ProtocolError, UnknownBackboneError, DataError, RunError, FileNotFoundError, ValueError, RuntimeError) as e:
