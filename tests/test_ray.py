@@ -13,11 +13,16 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'lungsam[ray]')")
 pytest.importorskip("ray.data", reason="ray[data] is not installed (pip install 'lungsam[ray]')")
 
-from lungsam.runtime.predict import predict_files  # noqa: E402
-from lungsam.runtime.ray_batch import JOURNAL, RayBatchError, SegmenterOptions, predict_ray  # noqa: E402
-from lungsam.runtime.segmenter import LungSegmenter  # noqa: E402
+from lungsam.runtime.predict import predict_files
+from lungsam.runtime.ray_batch import (
+    JOURNAL,
+    RayBatchError,
+    SegmenterOptions,
+    predict_ray,
+)
+from lungsam.runtime.segmenter import LungSegmenter
 
-from .conftest import MONTGOMERY, REPO  # noqa: E402
+from .conftest import MONTGOMERY, REPO
 
 DEMO = REPO / "lungsam" / "demo_data" / "montgomery" / "images"
 
@@ -108,7 +113,7 @@ def _actor_processes() -> list:
 def _cmdline(p) -> list[str]:
     try:
         return p.cmdline()
-    except Exception:
+    except Exception:  # noqa: BLE001 -- a process that ended or is not ours
         return []
 
 
@@ -122,7 +127,7 @@ def test_ray_worker_killed_mid_run_loses_and_duplicates_nothing(local_ray, tiny_
         try:
             result["summary"] = predict_ray(tiny_bundle, inputs, out, workers=2, block_size=1,
                                             on_record=lambda rec: first.set())
-        except BaseException as e:  # reported by the assertion below
+        except BaseException as e:  # noqa: BLE001 -- reported by the assertion below
             result["error"] = e
 
     t = threading.Thread(target=run)

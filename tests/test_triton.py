@@ -9,11 +9,15 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed (lungsam[triton])")
 
-from lungsam.export.triton import (TritonRepositoryError, model_names, validate_config,  # noqa: E402
-                                   write_repository)
-from lungsam.runtime.segmenter import LungSegmenter  # noqa: E402
+from lungsam.export.triton import (
+    TritonRepositoryError,
+    model_names,
+    validate_config,
+    write_repository,
+)
+from lungsam.runtime.segmenter import LungSegmenter
 
-from .conftest import REPO  # noqa: E402
+from .conftest import REPO
 
 DEMO = REPO / "lungsam" / "demo_data" / "montgomery" / "images"
 

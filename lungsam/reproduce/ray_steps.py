@@ -13,7 +13,7 @@ dashboard and usage stats off) and stops at the end.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 LOCAL = "local"
 
