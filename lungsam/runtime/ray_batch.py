@@ -193,6 +193,12 @@ def completed(out: Path, identity: dict, options: SegmenterOptions) -> dict[str,
 # run
 # ---------------------------------------------------------------------------------------------
 
+def _last_line(e: BaseException) -> str:
+    """The innermost message of a (Ray-wrapped) exception: the last non-empty line of its text."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str | Path, *,
                 options: SegmenterOptions = SegmenterOptions(), address: str | None = None, workers: int = 1,
                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, block_size: int = 16,
@@ -254,6 +260,9 @@ def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str |
                     journal.flush()
                     if on_record is not None:
                         on_record(rec)
+        except Exception as e:  # noqa: BLE001 -- Ray wraps the workers' errors; say what failed, keep the journal
+            raise RayBatchError(f"the Ray run failed: {_last_line(e)}; {len(records)} inputs are complete in {out} "
+                                "(a rerun resumes)") from e
         finally:
             if started:
                 ray.shutdown()
