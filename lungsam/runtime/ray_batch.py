@@ -234,10 +234,11 @@ def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str |
     setup: dict | None = None
     duplicates = 0
     started = False
-    arrivals: list[float] = []  # driver clock of each new record, for throughput without the start-up
+    t_ray = t_last = None  # Ray connected / last new record (driver clock): throughput without Ray's start-up
     if todo:
         ray = _import_ray()
         started = connect(address, num_cpus=num_cpus)
+        t_ray = time.perf_counter()
         try:
             ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // block_size)))
             ds = ds.map_batches(SegmentBlocks, batch_size=block_size, num_cpus=cpus_per_worker,
@@ -255,7 +256,7 @@ def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str |
                         continue
                     rec = json.loads(row["record"])
                     records[i] = rec
-                    arrivals.append(time.perf_counter())
+                    t_last = time.perf_counter()
                     journal.write(row["record"] + "\n")
                     journal.flush()
                     if on_record is not None:
@@ -286,8 +287,8 @@ def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str |
     extra = {"ray": {"address": address or LOCAL, "workers": workers, "cpus_per_worker": cpus_per_worker,
                      "gpus_per_worker": gpus_per_worker, "block_size": block_size, "ran": len(todo),
                      "skipped_complete": len(paths) - len(todo), "duplicate_rows": duplicates,
-                     "seconds_to_first_record": round(arrivals[0] - t0, 3) if arrivals else None,
-                     "images_per_s_after_first": round((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]), 3)
-                     if len(arrivals) > 2 and arrivals[-1] > arrivals[0] else None}}
+                     "start_s": None if t_ray is None else round(t_ray - t0, 3),
+                     "ray_s": None if t_last is None else round(t_last - t_ray, 3),
+                     "images_per_s": None if t_last is None else round(len(todo) / max(t_last - t_ray, 1e-9), 4)}}
     write_summary(out, summary, setup, len(paths), ground_truth=options.ground_truth, extra=extra)
     return summary
