@@ -95,3 +95,23 @@ def test_live_triton_backend_gives_the_bundles_masks():
     for path in sorted(DEMO.glob("*.png"))[:4]:
         a, b = local.segment(path), remote.segment(path)
         assert (a.mask == b.mask).mean() > 0.999, path.name
+
+
+def test_triton_backend_without_a_server_says_what_is_missing(tiny_bundle, monkeypatch):
+    """No fake server: unset address, and an address where nothing listens, are refused with the reason."""
+    import socket
+
+    from lungsam.runtime.backends import BackendUnavailableError
+
+    monkeypatch.delenv("LUNGSAM_TRITON_URL", raising=False)
+    with pytest.raises(BackendUnavailableError, match="LUNGSAM_TRITON_URL"):
+        LungSegmenter.load(tiny_bundle, backend="triton")
+    with socket.socket() as s:  # a free loopback port: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("LUNGSAM_TRITON_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(BackendUnavailableError, match="not reachable"):
+        LungSegmenter.load(tiny_bundle, backend="triton")
+    monkeypatch.setenv("LUNGSAM_TRITON_URL", f"ftp://127.0.0.1:{port}")
+    with pytest.raises(BackendUnavailableError, match="use http://"):
+        LungSegmenter.load(tiny_bundle, backend="triton")
