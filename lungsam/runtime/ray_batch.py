@@ -101,8 +101,11 @@ class SegmentBlocks:
     first block, else "")}``.
     """
 
-    def __init__(self, bundle: str, out_dir: str, options: dict[str, Any]):
+    def __init__(self, bundle: str, out_dir: str, options: dict[str, Any], cwd: str | None = None):
         from .segmenter import LungSegmenter
+
+        if cwd and os.path.isdir(cwd):  # relative inputs/bundle/ground truth mean what they meant to the driver
+            os.chdir(cwd)
 
         self.options = SegmenterOptions(**options)
         o = self.options
@@ -245,7 +248,7 @@ def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str |
                                 compute=ray.data.ActorPoolStrategy(size=workers),
                                 num_gpus=gpus_per_worker or None, batch_format="numpy",
                                 fn_constructor_kwargs={"bundle": str(bundle), "out_dir": str(out.resolve()),
-                                                       "options": options.to_dict()})
+                                                       "options": options.to_dict(), "cwd": os.getcwd()})
             with open(out / JOURNAL, "a", encoding="utf-8") as journal:
                 for row in ds.iter_rows():
                     i = int(row["index"])
