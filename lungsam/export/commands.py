@@ -39,10 +39,25 @@ from ..options import Command, examples, log_to, ranged, verbosity
               help="Also record local provenance in the manifest: the run folder, data folders, checkpoint path, host "
                    "name and the parity image ids (left out by default: a bundle leaves the building). lungsam bench "
                    "finds the run through it.")
+@click.option("--triton", "triton_repo", default=None, type=click.Path(file_okay=False),
+              help="Also write a Triton Inference Server model repository here (encoder, decoders, image->logits "
+                   "ensemble; config.pbtxt checked against Triton's schema). docs/scale.md.")
+@click.option("--triton-name", default="lungsam", show_default=True,
+              help="Model name prefix in the repository (the ensemble's name).")
+@click.option("--triton-precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which of the bundle's ONNX models Triton serves (fp16 needs --fp16, int8 --int8).")
+@click.option("--triton-max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Triton max_batch_size (dynamic batching).")
+@click.option("--triton-instances", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Model instances per device (instance_group count).")
+@click.option("--triton-kind", type=click.Choice(["KIND_AUTO", "KIND_CPU", "KIND_GPU"]), default="KIND_AUTO",
+              show_default=True, help="instance_group kind (KIND_AUTO: GPU when the server has one).")
 @verbosity
 def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int, fold: int | None,
            checkpoint: str | None, min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
-           box_from_first_pass: bool, provenance: bool, quiet: bool) -> None:
+           box_from_first_pass: bool, provenance: bool, triton_repo: str | None, triton_name: str,
+           triton_precision: str, triton_max_batch: int, triton_instances: int, triton_kind: str,
+           quiet: bool) -> None:
     """Export RUN's tuned model to a bundle checked against torch on held-out images.
 
     The bundle is built in a temporary folder and moved to --out only when the parity gate passes. The last
@@ -53,6 +68,11 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
         from .trt import require_tensorrt
 
         require_tensorrt()
+
+    if triton_repo is not None:  # fail before any heavy work
+        from .triton import preflight
+
+        preflight(triton_repo, triton_name)
 
     from .bundle import ParityGateError, export_bundle
 
@@ -65,3 +85,13 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
         click.echo(e.table, err=True)
         raise
     click.echo(result.summary())
+    if triton_repo is not None:
+        from .triton import TritonRepositoryError, write_repository
+
+        try:
+            rec = write_repository(result.out, triton_repo, name=triton_name, precision=triton_precision,
+                                   max_batch=triton_max_batch, instances=triton_instances, kind=triton_kind)
+        except TritonRepositoryError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"Triton model repository {triton_repo}: {', '.join(rec['models'].values())} "
+                   f"(tritonserver --model-repository {triton_repo})")

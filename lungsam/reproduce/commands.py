@@ -34,16 +34,22 @@ from ..options import TRAIN_DEVICE, Command, examples, log_to, ranged, verbosity
 @click.option("--jobs", type=ranged("jobs"), default=1, show_default=True,
               help="Training steps run at once, each in its own process with an equal share of the torch threads "
                    "(independent steps only: the grid cells; then the k-fold runs and the pooled run; then the U-Nets).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run the training steps as Ray tasks (one GPU each when the cluster has GPUs): 'local' (or no "
+                   "value, as the last option) starts a local Ray; 'auto', HOST:PORT or ray://HOST:10001 joins a "
+                   "cluster (--out on storage every node sees). Same steps, records and resume. docs/scale.md.")
+@click.option("--ray-cpus-per-step", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ray: CPUs (torch threads) per training step.")
 @verbosity
 def reproduce(data_root, backbone, checkpoint, device, quick, out, epochs, subset, size, encoder_size, cpu_bf16, jobs,
-              quiet):
+              ray_address, ray_cpus_per_step, quiet):
     """Run the paper's protocol (zero-shot, thresholds, lr x wd grid, 5-fold per prompt, cross-dataset)
     as resumable steps and write OUT/<backbone>/tables.md, results.json and figures."""
     from .protocol import protocol_settings, run_protocol
 
     settings = protocol_settings(data_root=data_root, backbone=backbone, checkpoint=checkpoint, device=device,
                                  quick=quick, epochs=epochs, subset=subset, size=size, encoder_size=encoder_size,
-                                 cpu_bf16=cpu_bf16, jobs=jobs)
+                                 cpu_bf16=cpu_bf16, jobs=jobs, ray=ray_address, ray_cpus=ray_cpus_per_step)
     res = run_protocol(settings, out, command=settings.command(out), log=log_to("reproduce"), progress=not quiet)
     n = {k: sum(1 for s in res["steps"] if s["status"].startswith(k)) for k in ("ran", "reused", "shared")}
     click.echo(f"{len(res['steps'])} steps ({n['ran']} ran, {n['reused']} reused, {n['shared']} shared) in "

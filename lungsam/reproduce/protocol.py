@@ -91,6 +91,8 @@ class Settings:
     seed: int = 0
     cpu_bf16: bool = False
     jobs: int = 1
+    ray: str | None = None  # --ray ADDRESS ("local": a local Ray): training steps as Ray tasks (ray_steps.py)
+    ray_cpus: int = 1  # --ray-cpus-per-step: CPUs (torch threads) Ray reserves per training step
 
     def __post_init__(self) -> None:  # the same ranges as the click options (lungsam.ranges)
         check_fields(self, ("folds", "epochs", "patience", "points_per_lung", "size", "encoder_size", "batch_size",
@@ -133,13 +135,17 @@ class Settings:
             parts.append("--cpu-bf16")
         if self.jobs != 1:
             parts.append(f"--jobs {self.jobs}")
+        if self.ray is not None:
+            parts.append(f"--ray {self.ray}")
+            if self.ray_cpus != 1:
+                parts.append(f"--ray-cpus-per-step {self.ray_cpus}")
         return " ".join(parts)
 
 
 def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None = None, device: str = "auto",
                       quick: bool = False, epochs: int | None = None, subset: int | None = None,
                       size: int = 256, encoder_size: int | None = None, cpu_bf16: bool = False,
-                      jobs: int = 1) -> Settings:
+                      jobs: int = 1, ray: str | None = None, ray_cpus: int = 1) -> Settings:
     """The full protocol, or the ``--quick`` one: one 60/20/20 split, ``QUICK_EPOCHS`` epochs without early stop,
     the 2-cell grid ``QUICK_GRID`` and ``QUICK_SUBSET`` images per set (``epochs``/``subset`` override)."""
     from ..backbones import get_backbone, preprocess_for
@@ -161,8 +167,12 @@ def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None =
     ckpt = checkpoint_for(TrainConfig(backbone=backbone, checkpoint=checkpoint))
     if jobs < 1:
         raise ProtocolError("--jobs must be at least 1")
+    if ray is not None and jobs != 1:
+        raise ProtocolError("--jobs (a local process pool) and --ray (Ray tasks) schedule the same steps: choose one "
+                            "(with --ray, --ray-cpus-per-step sets each step's threads)")
     st = Settings(data_root=str(root), backbone=backbone, checkpoint=ckpt, device=device, quick=quick, size=size,
-                  encoder_size=encoder_size, cpu_bf16=cpu_bf16, jobs=jobs)
+                  encoder_size=encoder_size, cpu_bf16=cpu_bf16, jobs=jobs, ray=ray,
+                  ray_cpus=ray_cpus)
     if quick:
         st.folds, st.epochs = 1, QUICK_EPOCHS
         st.grid = list(QUICK_GRID)
@@ -251,9 +261,11 @@ def prepare_data(st: Settings, runs: Path, log: Log) -> dict[str, DataSet]:
 class Steps:
     """Runs steps once: ``step.json`` (settings, seconds, finish time) marks a finished step."""
 
-    def __init__(self, root: Path, log: Log):
+    def __init__(self, root: Path, log: Log, ray: str | None = None, ray_cpus: int = 1, device: str = "auto"):
         self.root, self.log = root, log
         self.records: list[dict] = []
+        # a Ray address: run_training sends its steps to Ray (lungsam.reproduce.ray_steps)
+        self.ray, self.ray_cpus, self.device = ray, ray_cpus, device
 
     def reuse(self, name: str, kind: str, out: Path, settings: dict,
               normalize: Callable[[dict], dict] | None = None) -> dict | None:
@@ -326,7 +338,11 @@ class Steps:
                 todo.append(s)
             else:
                 done(s)
-        if jobs <= 1 or len(todo) <= 1:
+        if self.ray is not None and todo:
+            from .ray_steps import run_on_ray
+
+            run_on_ray(self, todo, done, self.ray, cpus_per_step=self.ray_cpus, device=self.device)
+        elif jobs <= 1 or len(todo) <= 1:
             for s in todo:
                 self.execute(s.name, s.kind, s.out, s.settings,
                              lambda s=s: train_step(s.model, s.config, s.out, _quiet(self.log), progress))
@@ -464,7 +480,7 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
     device = pick_device(st.device)
     wsha = weights_fingerprint(st.backbone, st.checkpoint)
     data = prepare_data(st, runs, log)
-    steps = Steps(root, log)
+    steps = Steps(root, log, ray=st.ray, ray_cpus=st.ray_cpus, device=st.device)
     qlog = _quiet(log)
     enc = {} if st.encoder_size is None else {"encoder_size": st.encoder_size}  # step settings (absent: native)
 

@@ -18,7 +18,7 @@ import numpy as np
 from .bundle import PRECISIONS
 from ..errors import LungsamError
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "triton")  # triton: a server (runtime/triton_backend.py)
 DEVICES = ("cpu", "cuda")
 
 
@@ -321,6 +321,9 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     choice = BackendChoice(backend="onnxruntime", device=device, precision=precision,
                            requested=(backend, device, precision))
+    if backend == "triton":  # the server runs the models of the repository it serves (lungsam export --triton)
+        choice.backend, choice.device = "triton", "server"
+        return choice
     if backend == "tensorrt" or (backend == "auto" and device == "cuda"):
         try:
             if device != "cuda":
@@ -367,6 +370,10 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
 
 def open_model(bundle, name: str, choice: BackendChoice, threads: int | None = None) -> Model:
     """Open one bundle model with the chosen backend."""
+    if choice.backend == "triton":
+        from .triton_backend import open_triton_model
+
+        return open_triton_model(bundle, name)
     if choice.backend == "tensorrt":
         return TrtModel(bundle.engine_path(bundle.engine_entry(name, choice.precision)))
     return OrtModel(bundle.model_path(name, choice.precision), device=choice.device, threads=threads)

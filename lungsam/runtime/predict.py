@@ -420,3 +420,43 @@ def _record(path: Path, stem: str, r: SegmentationResult | SegmentationFailure, 
                score=round(r.score, 6), threshold=r.threshold, size=list(r.original_hw),
                qc=r.qc, timings=_round(r.timings), warnings=list(r.warnings))
     return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-input and summary steps, public for other drivers (lungsam.runtime.ray_batch)
+# ---------------------------------------------------------------------------------------------
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """Unique output stems for ``paths``, as :func:`predict_files` names its outputs."""
+    return _output_stems(paths)
+
+
+def record_outputs(out: Path, path: Path, stem: str, r: SegmentationResult | SegmentationFailure, *,
+                   overlay: bool = False, ground_truth: str | Path | None = None) -> dict:
+    """One input's ``predictions.jsonl`` record, written exactly as :func:`predict_files` writes it (mask and
+    overlay first, atomically; a write failure becomes an error record)."""
+    rec = _record(path, stem, r, out, overlay, None if ground_truth is None else Path(ground_truth))
+    rec.pop("_fatal", None)
+    return rec
+
+
+def write_summary(out: Path, summary: PredictSummary, setup: dict, n_inputs: int, *,
+                  ground_truth: str | Path | None = None, extra: dict | None = None) -> None:
+    """Write ``out/predict.json`` of a finished run (``status: complete``; ``setup``: :meth:`LungSegmenter.describe`
+    of what ran; ``extra``: more top-level keys, e.g. the Ray run's) and, with ``ground_truth``, ``metrics.json``;
+    sets ``summary.scores``."""
+    write_json_atomic(out / "predict.json", {
+        "format": PREDICT_FORMAT, "status": "complete", "created": utc_now(), "finished": utc_now(),
+        "segmenter": setup, "inputs": n_inputs, "ok": summary.ok, "failed": summary.failed,
+        "skipped": summary.skipped, "seconds": round(summary.seconds, 3), "error": None,
+        "outputs": "predictions.jsonl (one line per input)" + (", metrics.json" if ground_truth is not None else ""),
+        **(extra or {}), "versions": package_versions()})
+    if ground_truth is not None:
+        scored = [r for r in summary.records if "f1" in r]
+        summary.scores = {"n": len(scored), "f1": summarize(r["f1"] for r in scored),
+                          "iou": summarize(r["iou"] for r in scored),
+                          "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
+        write_json_atomic(out / "metrics.json", {
+            "ground_truth": str(ground_truth), "threshold": setup["threshold"], "frame": "original image size",
+            **summary.scores,
+            "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision", "fallbacks")}})

@@ -5,6 +5,8 @@ inside each command. Errors go through the one handler of :class:`lungsam.option
 """
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..options import TRAIN_DEVICE, Command, Group, examples, int_list, log_to, ranged, verbosity
@@ -85,6 +87,8 @@ def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, pa
                       thresholds=sweep, device=device, cpu_bf16=cpu_bf16)
     summary = train_run(cfg, out, resume=resume, only_folds=tuple(only_folds) or None, log=log_to("train"),
                         progress=not quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (lungsam.train.distributed)
+        return
     a = summary["aggregate"]
     if len(summary["folds"]) == 1:  # one split (or one fold so far): spread over test images
         where = "one 60/20/20 split" if folds == 1 else f"fold {summary['folds'][0]['fold']} of {folds}"

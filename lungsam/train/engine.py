@@ -335,6 +335,7 @@ class DecoderTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=not torch.cuda.is_bf16_supported()) \
             if self.mixed and device.startswith("cuda") else None
         self.rng = np.random.default_rng(seed)
+        self.distributed = None  # torchrun: a lungsam.train.distributed.DistributedStep (train/distributed.attach)
 
     def loop_state(self) -> dict:
         """What a resumed fold needs besides its weights, optimiser and epoch bookkeeping: the shuffling
@@ -380,6 +381,8 @@ class DecoderTrainer:
 
     def step(self, embeddings: np.ndarray, masks: list[np.ndarray]) -> float:
         """One optimisation step on a batch (``(B, C, E, E)`` embeddings, ``B`` masks); returns the loss."""
+        if self.distributed is not None:  # under torchrun: this rank's slice of the global batch, DDP
+            return self.distributed.step(self, embeddings, masks)
         self.sam.mask_decoder.train()
         _, loss = self._logits_and_loss(embeddings, masks, self.rng)
         self.optimizer.zero_grad(set_to_none=True)

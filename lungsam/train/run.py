@@ -1,6 +1,7 @@
 """Training runs (k folds) and evaluations, writing self-describing artifacts (see :mod:`lungsam.runs`)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,7 +22,7 @@ from ..metrics import boundary_summary, summarize
 from ..postprocess import CleanupSpec
 from ..qc import QcCalibration, QcResult, calibrate, detection_summary, qc_features
 from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
-from . import report
+from . import distributed, report
 from .config import TrainConfig
 from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, binarize,
                      choose_threshold_and_cleanup, mixed_precision, pick_device,
@@ -222,7 +223,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Sample], emb: dict[str, np.ndarray],
                sam, device: str, fold_dir: Path, log: Log, progress: bool = True,
-               aug: AugmentedViews | None = None, weights_sha256: str = "") -> dict:
+               aug: AugmentedViews | None = None, weights_sha256: str = "", dist_ctx=None) -> dict:
     """Train, select threshold and test one fold; resumable from ``train_state.pt``.
 
     ``weights_sha256`` (the backbone weights' fingerprint) keys the embedding cache of a LoRA run's
@@ -249,6 +250,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
                                      lora_params=[p for n, p in sam.image_encoder.named_parameters() if "lora_" in n])
     else:
         trainer = DecoderTrainer(sam, spec, cfg.size, prompt, **kw)
+    distributed.attach(trainer, dist_ctx, cfg.seed + fold)  # torchrun: data-parallel steps (no-op otherwise)
     state_path = fold_dir / "train_state.pt"
     history: list[dict] = []
     stop, start = EarlyStopping(cfg.patience, cfg.min_delta), 1
@@ -433,6 +435,20 @@ def resume_differences(old_run: dict, cfg: TrainConfig, weights_sha256: str) -> 
 
 def train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_folds: tuple[int, ...] | None = None,
               log: Log = print, progress: bool = True) -> dict:
+    """:func:`_train_run`, data-parallel under torchrun (``lungsam.train.distributed``; rank 0 writes ``out``)."""
+    d = distributed.from_env()
+    if d is None:
+        return _train_run(cfg, out, resume=resume, only_folds=only_folds, log=log, progress=progress)
+    try:
+        with d.output_dir(Path(out)) as here:
+            return _train_run(cfg, here, resume=resume, only_folds=only_folds, log=d.log(log),
+                              progress=progress and d.is_writer, dist_ctx=d)
+    finally:
+        distributed.shutdown(d)
+
+
+def _train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_folds: tuple[int, ...] | None = None,
+               log: Log = print, progress: bool = True, dist_ctx=None) -> dict:
     """Train the folds of a run into ``out``; returns the run's aggregate metrics.
 
     ``only_folds`` trains just those folds now (a long cross-validation done in sittings); folds
@@ -462,6 +478,7 @@ def _train_run(cfg: TrainConfig, out: Path, *, resume: bool, only_folds: tuple[i
         if not resume:
             raise OutputExistsError(f"{out} already holds a run; use --resume to continue it or choose another --out")
         old = read_json(out / "run.json")
+    distributed.check_resume_world_size(old, dist_ctx)
     if cfg.lora_rank > 0 and cfg.augment_views > 0:
         raise ArgumentError("--augment works on cached embeddings and --lora-rank trains the encoder; use one of them")
     ckpt = checkpoint_for(cfg)
@@ -484,6 +501,8 @@ def _train_run(cfg: TrainConfig, out: Path, *, resume: bool, only_folds: tuple[i
         "n_samples": len(data.samples), "n_skipped": len(data.skipped), "skipped": data.skipped,
         "started": utc_now(), "versions": package_versions(),
     }
+    if dist_ctx is not None:
+        run["distributed"] = dist_ctx.record()
     record_sitting(run, old)
     write_json_atomic(out / "run.json", run)
     write_json_atomic(out / "splits.json", splits)
@@ -497,7 +516,8 @@ def _train_run(cfg: TrainConfig, out: Path, *, resume: bool, only_folds: tuple[i
         log(f"LoRA: rank {lora.rank} on the encoder's {', '.join(lora.targets)} layers ({n_params} parameters)")
         emb = {}
     else:
-        emb_arr, cache = embed_samples(sam, cfg, ckpt, data.samples, device, progress)
+        with dist_ctx.rank_zero_first() if dist_ctx is not None else contextlib.nullcontext():
+            emb_arr, cache = embed_samples(sam, cfg, ckpt, data.samples, device, progress)
         emb = {s.id: e for s, e in zip(data.samples, emb_arr)}
         run["embedding"] = {"cache_dir": str(cache.directory), "hits": cache.hits, "computed": cache.misses,
                             "seconds": time.perf_counter() - t_emb}
@@ -508,7 +528,8 @@ def _train_run(cfg: TrainConfig, out: Path, *, resume: bool, only_folds: tuple[i
         sam.image_encoder.to("cpu")  # the decoder trains on cached embeddings only
     samples = data.by_id()
     folds = run_folds(out, splits, only_folds, log, lambda i, split, fd: train_fold(
-        cfg, i, split, samples, emb, sam, device, fd, log, progress, aug, weights_sha256=run["weights_sha256"]))
+        cfg, i, split, samples, emb, sam, device, fd, log, progress, aug, weights_sha256=run["weights_sha256"],
+        dist_ctx=dist_ctx))
     agg = aggregate_folds(folds)
     done = {f["fold"] for f in folds}
     pending = [i for i in range(len(splits)) if i not in done]
