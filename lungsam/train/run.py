@@ -461,11 +461,12 @@ def _train_run(cfg: TrainConfig, out: str | Path, *, resume: bool = False, only_
     from ..runs import run_folder_errors
 
     with run_folder_errors(Path(out)):
-        return _train_run(cfg, Path(out), resume=resume, only_folds=only_folds, log=log, progress=progress)
+        return _train_folds(cfg, Path(out), resume=resume, only_folds=only_folds, log=log, progress=progress,
+                            dist_ctx=dist_ctx)
 
 
-def _train_run(cfg: TrainConfig, out: Path, *, resume: bool, only_folds: tuple[int, ...] | None, log: Log,
-               progress: bool) -> dict:
+def _train_folds(cfg: TrainConfig, out: Path, *, resume: bool, only_folds: tuple[int, ...] | None, log: Log,
+                 progress: bool, dist_ctx=None) -> dict:
     preprocess_for(cfg.backbone, cfg.encoder_size)  # an encoder size that does not fit fails before any work
     mixed_precision(pick_device(cfg.device), cfg.amp, cfg.cpu_bf16)  # so does --cpu-bf16 where it cannot run
     if only_folds is not None:
