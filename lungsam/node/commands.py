@@ -1,16 +1,22 @@
-"""``lungsam node``; module level imports only click (the work lives in :mod:`lungsam.node.service`)."""
+"""``lungsam node``; module level imports only click and :mod:`lungsam.options` (the work lives in
+:mod:`lungsam.node.service`)."""
 from __future__ import annotations
 
 import click
 
+from ..options import Command, examples, verbosity
 
-@click.command("node")
+
+@click.command("node", cls=Command, extra="dicom", epilog=examples(
+    "lungsam node --config /etc/lungsam/node.toml --check",
+    "lungsam node --config /etc/lungsam/node.toml"))
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="node.toml: [listen], [model], [[destinations]], [retry], work_dir (docs/pacs.md).")
 @click.option("--check", is_flag=True,
               help="Validate the config, open the bundle and reach every destination (C-ECHO / QIDO-RS), then exit "
                    "(code 1 when anything fails).")
-def node(config_path: str, check: bool) -> None:
+@verbosity
+def node(config_path: str, check: bool, quiet: bool) -> None:
     """Run a DICOM node: receive chest radiographs (C-STORE), segment them in arrival order, send DICOM-SEG / SR
     to the configured destinations. Ctrl-C or SIGTERM stops it; a restart resumes the spool and the outbox."""
     try:

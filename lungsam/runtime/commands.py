@@ -157,16 +157,17 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
         raise SystemExit(1)
 
 
-@click.command("verify")
+@click.command("verify", cls=Command, epilog=examples(
+    "lungsam verify bundles/mobile_points",
+    "lungsam verify bundles/mobile_points --expect-digest 2061b51e..."))
 @click.argument("bundle", type=click.Path(exists=True, path_type=str))
 @click.option("--expect-digest", default=None, metavar="HEX",
               help="Also require this bundle digest (sha256 of manifest.json, as lungsam export printed it).")
-def verify(bundle: str, expect_digest: str | None) -> None:
+@verbosity
+def verify(bundle: str, expect_digest: str | None, quiet: bool) -> None:
     """Check a BUNDLE before use: the manifest against its schema, every listed file (regular file inside the
     bundle, no symlinks, size and sha256), the digest recorded at export and, with --expect-digest, the one
     you pinned. Prints what it checked and the digest; exit code 1 when any check fails.
-
-    Example: lungsam verify bundles/mobile_points --expect-digest 2061b51e...
     """
     from .bundle import Bundle, BundleError
 
