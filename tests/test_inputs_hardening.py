@@ -406,7 +406,7 @@ def test_killed_predict_keeps_every_completed_record_and_says_incomplete(tiny_bu
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         jsonl = out / "predictions.jsonl"
         while time.monotonic() < deadline and proc.poll() is None:
             if jsonl.exists() and jsonl.read_text().count("\n") >= 5:
