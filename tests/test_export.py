@@ -279,5 +279,5 @@ def test_run_trained_at_a_smaller_encoder_size_exports_and_runs(tmp_path):
     assert res.manifest["preprocess"]["img_size"] == 64
     assert res.manifest["parity"]["results"]["onnx-fp32/decoder"]["agreement_mean"] >= 0.99
     seg = LungSegmenter.load(tmp_path / "b", threads=1)
-    r = seg.segment(np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8))  # constant: refused
+    r = seg.segment(np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8))  # a constant one is refused
     assert r.mask.shape == (96, 80) and seg.describe()["img_size"] == 64
