@@ -407,7 +407,7 @@ def test_killed_predict_keeps_every_completed_record_and_says_incomplete(tiny_bu
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         jsonl = out / "predictions.jsonl"
         while time.monotonic() < deadline and proc.poll() is None:
             if jsonl.exists() and jsonl.read_text().count("\n") >= 5:
@@ -480,3 +480,37 @@ def test_predict_writes_nothing_outside_out_and_the_cache(tiny_bundle, tmp_path)
     for p in (home, cwd, tmp):
         assert sorted(str(q.relative_to(p)) for q in p.rglob("*")) == [], p
     assert (out / "predict.json").exists()
+
+
+def test_a_full_and_a_read_only_file_system_give_one_clear_error(tiny_bundle, tmp_path):
+    """A real 300 KiB tmpfs (needs root and mount rights; skipped elsewhere): ENOSPC part-way through the run,
+    then EROFS before it starts."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        d = tmp_path / "in"
+        d.mkdir()
+        for i in range(30):
+            shutil.copy(demo_images(1)[0], d / f"img{i:02d}.png")
+        r = run_predict(tiny_bundle, d, "--out", mnt / "out", "--overlay")
+        assert r.exit_code == 1 and "No space left on device" in r.output and "stopped after" in r.output
+        assert "Traceback" not in r.output
+        *recs, last = records(mnt / "out")
+        assert recs and all(rec["status"] == "ok" for rec in recs)
+        assert last["status"] == "error" and last["stage"] == "write" and "No space left" in last["error"]
+        made = {p.name for p in (mnt / "out").iterdir()}
+        assert made == {"predict.json", "predictions.jsonl"} | {rec["mask"] for rec in recs} | \
+            {rec["overlay"] for rec in recs}  # the failed input keeps no mask, no temporary file is left
+        run = loads_json_strict((mnt / "out" / "predict.json").read_text())
+        assert run["status"] == "incomplete" and "No space left on device" in run["error"]
+        shutil.rmtree(mnt / "out")
+        (mnt / "ro").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        r = run_predict(tiny_bundle, d, "--out", mnt / "ro")
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert f"--out {mnt / 'ro'} is not writable: cannot write {mnt / 'ro' / 'predict.json'}: Read-only" in r.output
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

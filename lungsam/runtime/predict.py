@@ -228,6 +228,9 @@ def _fatal(e: OSError) -> bool:
 
 
 def _write_error(path: Path, e: OSError) -> str:
+    """``cannot write PATH: reason``, naming the output file rather than its atomic temporary file."""
+    if _ATOMIC_TMP.match(path.name) and path.name.count(".") >= 3:
+        path = path.with_name(path.name[1:].rsplit(".", 2)[0])
     return f"cannot write {path}: {e.strerror or e}"
 
 
@@ -289,7 +292,7 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
         write_state()
         f = open(summary.jsonl, "wb", buffering=0)  # unbuffered: each line is in the kernel once written
     except OSError as e:
-        raise PredictOutputError(f"cannot write to --out {out}: {_write_error(Path(e.filename or out), e)}") from e
+        raise PredictOutputError(f"--out {out} is not writable: {_write_error(Path(e.filename or out), e)}") from e
     complete = 0  # bytes of predictions.jsonl that hold whole lines
 
     def append(rec: dict) -> None:
