@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts import machine_record, package_versions, read_json, sha256_file, utc_now, write_json_atomic
+from ..cpufeatures import cpu_features
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
 
 BUNDLE_FORMAT = "lungsam-bundle/1"
@@ -86,12 +87,18 @@ def parity_samples(run_model, data_dir: str | None, limit: int | None) -> tuple[
                      "ids": [s.id for s in samples]}
 
 
-def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int8: bool = False) -> tuple[dict, dict]:
-    """Write the ONNX models into ``tmp``: FP32, plus FP16 versions of each (``fp16``) and a dynamic INT8
-    encoder (``int8``; the int8 entries of the decoders name their FP32 files, see :data:`INT8_FP32_MODELS`).
-    Returns ``(models, skipped)``: ``models[name][precision] = [files]`` and ``skipped[name] = reason``."""
+def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int8: bool = False,
+                  int8_method: str = "static", calibration_images: int = 32) -> tuple[dict, dict, dict]:
+    """Write the ONNX models into ``tmp``: FP32, plus FP16 versions of each (``fp16``) and an INT8 encoder
+    (``int8``; the int8 entries of the decoders name their FP32 files, see :data:`INT8_FP32_MODELS`):
+    ``int8_method="static"`` calibrates on ``calibration_images`` training images (onnxruntime QDQ, and the
+    NNCF OpenVINO IR when openvino/nncf are installed; :mod:`lungsam.export.quantize`), ``"dynamic"`` is
+    onnxruntime's dynamic quantisation of the weight MatMuls.
+    Returns ``(models, skipped, int8_info)``: ``models[name][precision] = [files]``, ``skipped[name] = reason``,
+    ``int8_info = {"record": manifest quantization.int8 record, "openvino": {name: [IR files]}}`` (empty without int8)."""
     from .graphs import fixed_prompt_points
-    from .onnx_export import convert_fp16, export_decoder, export_encoder, export_fixed_decoder, quantize_int8
+    from .onnx_export import (convert_fp16, export_decoder, export_encoder, export_fixed_decoder, int8_record,
+                              quantize_int8)
 
     sam, spec = run_model.sam, run_model.spec
     models: dict[str, dict[str, list[Path]]] = {}
@@ -112,14 +119,38 @@ def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int
         for name in list(models):
             models[name]["fp16"] = convert_fp16(models[name]["fp32"][0], tmp / model_filename(name, "fp16"))
         log(f"converted to FP16 in {time.perf_counter() - t:.1f} s")
+    int8_info: dict = {}
     if int8:
         t = time.perf_counter()
-        models["encoder"]["int8"] = quantize_int8(models["encoder"]["fp32"][0], tmp / model_filename("encoder", "int8"))
+        src, dst = models["encoder"]["fp32"][0], tmp / model_filename("encoder", "int8")
+        if int8_method == "dynamic":
+            models["encoder"]["int8"] = quantize_int8(src, dst)
+            int8_info = {"record": int8_record(), "openvino": {}}
+            log(f"quantised the encoder to INT8 (dynamic, weight MatMuls) in {time.perf_counter() - t:.1f} s")
+        elif int8_method == "static":
+            from .quantize import (OPENVINO_INT8_SUFFIX, calibration_inputs, openvino_available, quantize_openvino,
+                                   quantize_static_onnx, static_record)
+
+            inputs, calib = calibration_inputs(run_model, calibration_images)
+            models["encoder"]["int8"] = quantize_static_onnx(src, dst, inputs)
+            log(f"quantised the encoder to INT8 (onnxruntime static QDQ, per-channel, {calib['n']} training images) "
+                f"in {time.perf_counter() - t:.1f} s")
+            ov_files = {}
+            if openvino_available():
+                t = time.perf_counter()
+                xml = tmp / f"{model_filename('encoder', 'int8')[:-5]}{OPENVINO_INT8_SUFFIX}.xml"
+                ov_files["encoder"] = quantize_openvino(src, xml, inputs)
+                log(f"quantised the encoder to INT8 for OpenVINO (NNCF, {calib['n']} training images) in "
+                    f"{time.perf_counter() - t:.1f} s")
+            else:
+                log("openvino/nncf not installed: no OpenVINO INT8 encoder (pip install 'lungsam[int8]')")
+            int8_info = {"record": static_record(calib, bool(ov_files)), "openvino": ov_files}
+        else:
+            raise ExportError(f"unknown --int8-method {int8_method!r}; choose static or dynamic")
         for name in INT8_FP32_MODELS:
             if name in models:
                 models[name]["int8"] = models[name]["fp32"]
-        log(f"quantised the encoder to INT8 (dynamic, weight MatMuls) in {time.perf_counter() - t:.1f} s")
-    return models, skipped
+    return models, skipped, int8_info
 
 
 def build_engines(run_model, tmp: Path, models: dict, max_batch: int, log: Log) -> dict:
@@ -142,9 +173,42 @@ def build_engines(run_model, tmp: Path, models: dict, max_batch: int, log: Log) 
     return engines
 
 
-def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, log: Log) -> dict:
-    """:class:`lungsam.export.parity.ParityResult` per pipeline ``"<precision>/<decoder>"``."""
-    from .parity import compare, onnx_pipeline
+def openvino_precisions(models: dict, int8_info: dict) -> list[str]:
+    """Precisions the parity gate checks with OpenVINO (empty when openvino is not installed): every exported
+    one (int8 only with an NNCF encoder), plus bf16 (OpenVINO's hint on the FP32 models) on a CPU with native
+    bfloat16."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return []
+    from ..cpufeatures import cpu_features
+
+    precs = [p for p in models["encoder"] if p != "int8" or (int8_info.get("openvino") or {}).get("encoder")]
+    return precs + (["bf16"] if cpu_features()["native_bf16"] else [])
+
+
+def _timed(run, times: list):
+    def timed(raw, points, labels):
+        t0 = time.perf_counter()
+        out = run(raw, points, labels)
+        times.append((time.perf_counter() - t0, len(raw)))
+        return out
+    return timed
+
+
+def ms_per_image(times: list[tuple[float, int]]) -> float | None:
+    """Mean wall ms per image over a pipeline's parity batches, the first (warm-up) batch left out."""
+    rest = times[1:] if len(times) > 1 else times
+    n = sum(k for _, k in rest)
+    return 1000.0 * sum(t for t, _ in rest) / n if n else None
+
+
+def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, log: Log,
+               int8_info: dict | None = None) -> dict:
+    """:class:`lungsam.export.parity.ParityResult` per pipeline ``"<onnx|openvino|trt>-<precision>/<decoder>"``,
+    each with ``ms_per_image``: its wall time on the parity batches, all pipelines interleaved batch by batch
+    (what ``--backend auto`` reads, :func:`lungsam.runtime.backends.auto_cpu_backend`)."""
+    from .parity import compare, onnx_pipeline, openvino_pipeline
 
     pipelines = {}
     for precision in models["encoder"]:
@@ -152,6 +216,14 @@ def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, l
             if dec in models:
                 pipelines[f"onnx-{precision}/{dec}"] = onnx_pipeline(models["encoder"][precision][0],
                                                                      models[dec][precision][0], dec == "decoder_fixed")
+    ov_files = (int8_info or {}).get("openvino") or {}
+    for precision in openvino_precisions(models, int8_info or {}):
+        src = "fp32" if precision == "bf16" else precision
+        enc = ov_files["encoder"][0] if precision == "int8" else models["encoder"][src][0]
+        for dec in ("decoder", "decoder_fixed"):
+            if dec in models:
+                pipelines[f"openvino-{precision}/{dec}"] = openvino_pipeline(enc, models[dec][src][0],
+                                                                             dec == "decoder_fixed", precision)
     if engines:
         from .trt import engine_pipeline
 
@@ -159,7 +231,32 @@ def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, l
             if dec in engines:
                 pipelines[f"trt-fp16/{dec}"] = engine_pipeline(tmp / engines["encoder"]["file"],
                                                                tmp / engines[dec]["file"], dec == "decoder_fixed")
-    return compare(pipelines, run_model.sam, run_model.spec, cases, run_model.threshold, log=log)
+    times: dict[str, list] = {name: [] for name in pipelines}
+    timed = {name: _timed(run, times[name]) for name, run in pipelines.items()}
+    results = compare(timed, run_model.sam, run_model.spec, cases, run_model.threshold, log=log)
+    for name, r in results.items():
+        r.ms_per_image = ms_per_image(times[name])
+    return results
+
+
+def int8_gate(results: dict, max_f1_drop: float) -> list[str]:
+    """INT8 pipelines whose mean F1 against ground truth is more than ``max_f1_drop`` below torch FP32's on the
+    same images (the agreement floor is :func:`lungsam.export.parity.gate`'s, for every pipeline)."""
+    failed = []
+    for name, r in results.items():
+        if "-int8/" in name:
+            s = r.summary()
+            if not s["f1_gt_mean"] >= s["f1_gt_torch_mean"] - max_f1_drop:
+                failed.append(name)
+    return failed
+
+
+def int8_hint(int8_method: str, calibration_images: int) -> str:
+    """Which option to change when an INT8 model fails the gate."""
+    if int8_method == "static":
+        return (f"try --int8-method dynamic (weight MatMuls only), more calibration images (--calibration-images, now "
+                f"{calibration_images}), or export without --int8")
+    return "export without --int8 (dynamic quantisation has no further setting), or try --int8-method static"
 
 
 def file_records(root: Path) -> dict[str, dict]:
@@ -211,9 +308,24 @@ def optional_exports(pipelines: list[str]) -> list[str]:
 
 
 def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: dict, engines: dict,
-                   parity: dict, opset: int, box_from_first_pass: bool = False) -> dict:
-    """The manifest (docs/DEVELOPING.md); ``files`` covers everything already in ``tmp``."""
-    from .onnx_export import int8_record, io_signature
+                   parity: dict, opset: int, box_from_first_pass: bool = False, int8_info: dict | None = None) -> dict:
+    """The manifest (docs/DEVELOPING.md); ``files`` covers everything already in ``tmp``.
+
+    INT8: ``quantization.int8`` is :func:`lungsam.export.quantize.static_record` (or ``onnx_export.int8_record``
+    for ``--int8-method dynamic``) plus ``fp32_models``; an NNCF encoder for OpenVINO is
+    ``models.encoder.int8.openvino = {file, files}`` beside the onnxruntime file.
+    """
+    from .onnx_export import io_signature
+
+    int8_info = int8_info or {}
+    ov_files = int8_info.get("openvino") or {}
+
+    def entry(name: str, prec: str, files: list[Path]) -> dict:
+        e = {"file": files[0].name, "files": [f.name for f in files], **io_signature(files[0]),
+             **({"same_as": "fp32"} if prec == "int8" and name in INT8_FP32_MODELS else {})}
+        if prec == "int8" and name in ov_files:
+            e["openvino"] = {"file": ov_files[name][0].name, "files": [f.name for f in ov_files[name]]}
+        return e
 
     return {
         "format": BUNDLE_FORMAT,
@@ -226,10 +338,9 @@ def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: d
         "inference": {"box_from_first_pass": box_from_first_pass},
         "opset": opset,
         "precisions": sorted({p for m in models.values() for p in m}),
-        "models": {name: {prec: {"file": files[0].name, "files": [f.name for f in files], **io_signature(files[0]),
-                                 **({"same_as": "fp32"} if prec == "int8" and name in INT8_FP32_MODELS else {})}
-                          for prec, files in precs.items()} for name, precs in models.items()},
-        "quantization": ({"int8": {**int8_record(), "fp32_models": list(INT8_FP32_MODELS)}}
+        "models": {name: {prec: entry(name, prec, files) for prec, files in precs.items()}
+                   for name, precs in models.items()},
+        "quantization": ({"int8": {**int8_info["record"], "fp32_models": list(INT8_FP32_MODELS)}}
                          if "int8" in models.get("encoder", {}) else {}),
         "skipped": skipped,
         "engines": engines,
@@ -255,7 +366,8 @@ def _make_readable(folder: Path) -> None:
 def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, int8: bool = False, trt: bool = False,
                   opset: int = 17, fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
                   parity_images: int | None = None, data_dir: str | None = None, max_batch: int = 8,
-                  box_from_first_pass: bool = False, log: Log = print) -> ExportResult:
+                  box_from_first_pass: bool = False, int8_method: str = "static", calibration_images: int = 32,
+                  max_int8_f1_drop: float = 0.002, log: Log = print) -> ExportResult:
     """Export a trained run to a bundle at ``out``.
 
     Steps: load the run (:func:`lungsam.runs.load_run`); write ONNX FP32 (+FP16 with ``fp16`` or ``trt``,
@@ -267,6 +379,10 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
     ``box_from_first_pass`` (models prompted with a box): the bundle's default inference takes each image's
     box from the model's own first mask (``manifest["inference"]``); its accuracy on the parity images,
     through the runtime, is measured and recorded in ``manifest["inference"]["first_pass_check"]``.
+
+    ``int8``: see :func:`export_models` (``int8_method``, ``calibration_images``); every INT8 pipeline must also
+    keep its mean F1 against ground truth within ``max_int8_f1_drop`` of torch FP32's (:func:`int8_gate`).
+    With openvino installed every precision is also gated through OpenVINO's CPU plugin (``openvino-*`` rows).
     """
     from ..runs import RunError, load_run
 
@@ -299,24 +415,39 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        models, skipped = export_models(run_model, tmp, fp16=fp16, int8=int8, opset=opset, log=log)
+        models, skipped, int8_info = export_models(run_model, tmp, fp16=fp16, int8=int8, opset=opset, log=log,
+                                                   int8_method=int8_method, calibration_images=calibration_images)
         engines = build_engines(run_model, tmp, models, max_batch, log) if trt else {}
-        results = run_parity(run_model, tmp, models, engines, cases, log)
+        results = run_parity(run_model, tmp, models, engines, cases, log, int8_info)
         table = format_table(results, min_agreement)
         parity = {"min_agreement": min_agreement, "threshold": run_model.threshold, "source": source,
                   "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold); "
                             "max_abs_logit_diff over low-res logits; torch = SAM preprocess + encoder + decode",
                   "onnxruntime": "CPUExecutionProvider, ORT_ENABLE_ALL",
-                  "machine": machine_record(),  # int8 kernels (and so its agreement) depend on the CPU's instructions
-                  "results": {name: r.summary() for name, r in results.items()}}
+                  # int8 kernels (and so its agreement) and the timings auto reads depend on the CPU's instructions
+                  "machine": {**machine_record(), "cpu_features": cpu_features()},
+                  "timing": "ms_per_image: wall time per image of each pipeline (encoder + decoder, batches of 2, "
+                            "the first batch left out), pipelines interleaved batch by batch on the same images",
+                  "results": {name: {**r.summary(), "ms_per_image": r.ms_per_image} for name, r in results.items()}}
+        if int8:
+            parity["max_int8_f1_drop"] = max_int8_f1_drop
+        failed_int8 = int8_gate(results, max_int8_f1_drop) if int8 else []
+        if failed_int8:
+            raise ParityGateError(f"INT8 gate failed for {', '.join(failed_int8)}: mean F1 against ground truth more than "
+                                  f"{max_int8_f1_drop} below torch FP32 on the same images; nothing was written to "
+                                  f"{out}; {int8_hint(int8_method, calibration_images)}", table, parity)
         failed = gate(results, min_agreement)
+        if failed and int8 and all("-int8/" in f for f in failed):
+            raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement with torch FP32 "
+                                  f"below {min_agreement}; nothing was written to {out}; "
+                                  f"{int8_hint(int8_method, calibration_images)}", table, parity)
         if failed:
             options = optional_exports(failed)
             hint = f" (export again without {', '.join(options)} to keep the other models)" if options else ""
             raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement below "
                                   f"{min_agreement}; nothing was written to {out}{hint}", table, parity)
         manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opset,
-                                  box_from_first_pass)
+                                  box_from_first_pass, int8_info)
         write_json_atomic(tmp / "manifest.json", manifest)
         if box_from_first_pass:  # manifest.json is not among the files it hashes: rewriting it is safe
             manifest["inference"]["first_pass_check"] = first_pass_check(tmp, cases, log)

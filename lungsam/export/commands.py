@@ -12,8 +12,16 @@ import click
 @click.option("--out", "out", required=True, type=click.Path(), help="Bundle folder to create (must not exist, or be empty).")
 @click.option("--fp16", is_flag=True, help="Also write FP16 ONNX models (*_fp16.onnx; float32 inputs/outputs).")
 @click.option("--int8", is_flag=True,
-              help="Also write an INT8 encoder (encoder_int8.onnx; the decoders stay FP32): onnxruntime dynamic "
-                   "quantisation of its weight MatMuls, for CPUs; gated on parity like the others.")
+              help="Also write an INT8 encoder for CPUs (the decoders stay FP32), calibrated on the fold's training "
+                   "images: encoder_int8.onnx (onnxruntime static QDQ, per-channel) and encoder_int8_ov.xml (NNCF, "
+                   "OpenVINO); gated on parity and on F1 (--max-int8-f1-drop).")
+@click.option("--int8-method", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="--int8: static (calibrated activations and weights) or dynamic (onnxruntime's dynamic "
+                   "quantisation of the weight MatMuls; no calibration, no OpenVINO model).")
+@click.option("--calibration-images", default=32, show_default=True, type=click.IntRange(min=1),
+              help="--int8 static: training-split images used to calibrate the activation ranges.")
+@click.option("--max-int8-f1-drop", default=0.002, show_default=True, type=click.FloatRange(min=0),
+              help="INT8 gate: largest allowed drop of mean F1 against ground truth below torch FP32.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT FP16 engines (implies --fp16; needs an NVIDIA GPU and pip install 'lungsam[trt]').")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 23), help="ONNX opset.")
 @click.option("--fold", default=None, type=int, help="Fold to export (default: best validation F1).")
@@ -33,7 +41,7 @@ import click
                    "on the parity images.")
 def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int, fold: int | None,
            checkpoint: str | None, min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
-           box_from_first_pass: bool) -> None:
+           box_from_first_pass: bool, int8_method: str, calibration_images: int, max_int8_f1_drop: float) -> None:
     """Export RUN's tuned model to a bundle checked against torch on held-out images.
 
     The bundle is built in a temporary folder and moved to --out only when the parity gate passes.
@@ -52,7 +60,8 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
         result = export_bundle(run_dir, out, fp16=fp16, int8=int8, trt=trt, opset=opset, fold=fold,
                                checkpoint=checkpoint, min_agreement=min_agreement, parity_images=parity_images, data_dir=data_dir,
                                max_batch=max_batch, box_from_first_pass=box_from_first_pass,
-                               log=lambda m: click.echo(m, err=True))
+                               int8_method=int8_method, calibration_images=calibration_images,
+                               max_int8_f1_drop=max_int8_f1_drop, log=lambda m: click.echo(m, err=True))
     except ParityGateError as e:
         click.echo(e.table, err=True)
         raise click.ClickException(str(e)) from None
