@@ -39,7 +39,7 @@ def decoder_session(tiny, tmp_path_factory):
 def fp16_bundle(tiny_run, tmp_path_factory) -> tuple[Path, str]:
     """``tiny_run`` exported through the CLI with --fp16 --int8 (parity on the fold's 3 test images)."""
     out = tmp_path_factory.mktemp("export") / "bundle"
-    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--fp16", "--int8"])
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--fp16", "--int8", "--int8-method", "dynamic"])
     assert res.exit_code == 0, res.output
     return out, res.output
 
