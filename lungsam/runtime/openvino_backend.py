@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..cpufeatures import cpu_features
+from .backends import BackendUnavailableError
 
 PERFORMANCE_HINTS = ("latency", "throughput")
 _OV_HINT = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
@@ -27,7 +28,7 @@ _OV_PRECISION = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf16"}
 _CORE = None  # one ov.Core per process, created on first use (no side effects at import)
 
 
-class OpenVINOUnavailable(RuntimeError):
+class OpenVINOUnavailable(BackendUnavailableError):
     """OpenVINO is not installed, or cannot run what was asked on this CPU."""
 
 
