@@ -41,6 +41,8 @@ from .stats import (LATENCY_KEYS, StageTimer, ThreadMap, default_preprocess_thre
                     stage_breakdown, throughput_summary)
 
 FIRST_PASS_MODE = "first-pass box: two decoder calls"
+INTERLEAVED_NOTE = ("interleaved with the other rows image by image; memory: RSS growth while this backend opened "
+                    "and warmed up")
 
 
 class BenchError(ValueError):
@@ -559,8 +561,7 @@ def bench_interleaved(plans: list[Plan], bundle, run_model, data: Images, device
                                      notes=notes)
                 rec.update(status="ok", reason=None, accuracy=accuracy(outputs, data), throughput=tput,
                            latency_ms={k: latency_summary(timer.samples[k]) for k in LATENCY_KEYS})
-                rec["notes"] = notes + ["interleaved with the other rows image by image; memory: RSS growth while "
-                                        "this backend opened and warmed up"]
+                rec["notes"] = [*notes, INTERLEAVED_NOTE]
                 results[idx] = (rec, outputs)
         finally:
             if hasattr(be, "close"):

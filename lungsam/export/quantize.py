@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+
 import numpy as np
 
 INT8_METHODS = ("static", "dynamic")
@@ -81,7 +82,12 @@ def quantize_static_onnx(src: str | Path, dst: str | Path, inputs: list[np.ndarr
     I/O unchanged: ``image (B, 3, img, img)`` float32 -> ``embeddings (B, C, E, E)`` float32.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from .onnx_export import _has_external_data, save_model
 
