@@ -234,3 +234,13 @@ def test_int8_gate_refuses_a_degraded_model(tiny_run, tmp_path, monkeypatch):
     res = e.value.parity["results"]
     assert res["onnx-int8/decoder_fixed"]["agreement_mean"] < 0.98
     assert res["onnx-fp32/decoder_fixed"]["agreement_mean"] >= 0.999  # the FP32 models were fine
+
+
+def test_int8_options_need_int8(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from lungsam.cli import main
+
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(tmp_path / "b"), "--int8-method", "dynamic"])
+    assert res.exit_code != 0 and "--int8-method only apply with --int8" in res.output
+    assert not (tmp_path / "b").exists()

@@ -46,6 +46,11 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
 
     The bundle is built in a temporary folder and moved to --out only when the parity gate passes.
     """
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in ("int8_method", "calibration_images", "max_int8_f1_drop")
+             if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+    if given and not int8:
+        raise click.UsageError(f"{', '.join(given)} only apply with --int8 (add --int8, or drop them)")
     if trt:  # fail before any heavy work
         from .trt import TensorRTUnavailable, require_tensorrt
 
