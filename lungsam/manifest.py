@@ -279,6 +279,26 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class OpenVinoModel:
+    """``models[name]["int8"].openvino``: an NNCF-quantised OpenVINO IR of the model (``file`` the ``.xml``,
+    ``files`` the IR's files), beside the onnxruntime INT8 file of the same entry."""
+
+    file: str
+    files: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "files": list(self.files)}
+
+    @classmethod
+    def from_dict(cls, v: Any, path: str) -> OpenVinoModel:
+        d = _obj(v, path)
+        _keys(d, path, ("file", "files"))
+        files = _arr(_need(d, "files", path), f"{path}.files", max_len=16)
+        return cls(file=_rel_path(_need(d, "file", path), f"{path}.file"),
+                   files=tuple(_rel_path(f, f"{path}.files[{i}]") for i, f in enumerate(files)))
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """``models[name][precision]``: the model file, all its files (model + external data), its I/O.
 
@@ -290,6 +310,7 @@ class ModelEntry:
     inputs: tuple[TensorSpec, ...] | None = None
     outputs: tuple[TensorSpec, ...] | None = None
     same_as: str | None = None
+    openvino: OpenVinoModel | None = None
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"file": self.file}
@@ -301,12 +322,14 @@ class ModelEntry:
             d["outputs"] = [t.to_dict() for t in self.outputs]
         if self.same_as is not None:
             d["same_as"] = self.same_as
+        if self.openvino is not None:
+            d["openvino"] = self.openvino.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, v: Any, path: str) -> ModelEntry:
         d = _obj(v, path)
-        _keys(d, path, ("file", "files", "inputs", "outputs", "same_as"))
+        _keys(d, path, ("file", "files", "inputs", "outputs", "same_as", "openvino"))
         files = _opt(d, "files", _arr, path, max_len=16)
         ios = {k: _opt(d, k, _arr, path, max_len=8) for k in ("inputs", "outputs")}
         return cls(file=_rel_path(_need(d, "file", path), f"{path}.file"),
@@ -316,7 +339,9 @@ class ModelEntry:
                        TensorSpec.from_dict(t, f"{path}.inputs[{i}]") for i, t in enumerate(ios["inputs"])),
                    outputs=None if ios["outputs"] is None else tuple(
                        TensorSpec.from_dict(t, f"{path}.outputs[{i}]") for i, t in enumerate(ios["outputs"])),
-                   same_as=_opt(d, "same_as", _str, path, ("fp32",)))
+                   same_as=_opt(d, "same_as", _str, path, ("fp32",)),
+                   openvino=None if d.get("openvino") is None else OpenVinoModel.from_dict(d["openvino"],
+                                                                                        f"{path}.openvino"))
 
 
 @dataclass(frozen=True)
@@ -376,6 +401,8 @@ class ParityRecord:
     onnxruntime: str | None = None
     machine: dict = field(default_factory=dict)
     postprocess: bool | None = None
+    timing: str | None = None
+    max_int8_f1_drop: float | None = None
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"min_agreement": self.min_agreement, "threshold": self.threshold, "source": self.source}
@@ -385,6 +412,10 @@ class ParityRecord:
             d["onnxruntime"] = self.onnxruntime
         if self.postprocess is not None:
             d["postprocess"] = self.postprocess
+        if self.timing is not None:
+            d["timing"] = self.timing
+        if self.max_int8_f1_drop is not None:
+            d["max_int8_f1_drop"] = self.max_int8_f1_drop
         d.update(machine=self.machine, results=self.results)
         return d
 
@@ -392,7 +423,7 @@ class ParityRecord:
     def from_dict(cls, v: Any, path: str) -> ParityRecord:
         d = _obj(v, path)
         _keys(d, path, ("min_agreement", "threshold", "source", "metric", "onnxruntime", "machine", "results",
-                        "postprocess"))
+                        "postprocess", "timing", "max_int8_f1_drop"))
         results = _obj(_need(d, "results", path), f"{path}.results")
         for k, r in results.items():
             _obj(r, f"{path}.results.{k}")
@@ -402,7 +433,9 @@ class ParityRecord:
                    metric=_opt(d, "metric", _str, path, max_len=MAX_STRING),
                    onnxruntime=_opt(d, "onnxruntime", _str, path),
                    machine=_opt(d, "machine", _obj, path) or {},
-                   postprocess=_opt(d, "postprocess", _bool, path))
+                   postprocess=_opt(d, "postprocess", _bool, path),
+                   timing=_opt(d, "timing", _str, path, max_len=MAX_STRING),
+                   max_int8_f1_drop=_opt(d, "max_int8_f1_drop", _num, path, 0.0, 1.0))
 
 
 @dataclass(frozen=True)

@@ -325,7 +325,8 @@ def tiny_bundle(tiny_run, tmp_path_factory):
     from lungsam.export.commands import export
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    res = CliRunner().invoke(export, [str(tiny_run), "--out", str(out), "--fp16", "--int8", "--provenance"],
+    res = CliRunner().invoke(export, [str(tiny_run), "--out", str(out), "--fp16", "--int8", "--int8-method", "dynamic",
+                                      "--provenance"],
                              catch_exceptions=False)  # --provenance: bench finds the run (torch reference)
     assert res.exit_code == 0, res.output
     return out

@@ -42,6 +42,8 @@ from .stats import (LATENCY_KEYS, StageTimer, ThreadMap, default_preprocess_thre
 from ..errors import LungsamError
 
 FIRST_PASS_MODE = "first-pass box: two decoder calls"
+INTERLEAVED_NOTE = ("interleaved with the other rows image by image; memory: RSS growth while this backend opened "
+                    "and warmed up")
 
 
 class BenchError(LungsamError, ValueError):
@@ -142,21 +144,38 @@ def make_plan(backends: list[str], precisions: list[str], device: str, bundle) -
                 plans.append(Plan("torch", p, "cuda_graph"))
             elif p != "fp32":
                 plans.append(Plan("torch", p, "eager"))
-    for b in ("onnxruntime", "tensorrt"):
+    for b in ("onnxruntime", "openvino", "tensorrt"):
         if b not in backends:
             continue
         for p in precisions:
             plan = Plan(b, p)
-            if p == "bf16":
-                plan.skip = "bundles carry fp32/fp16/int8 models only; bf16 is measured for torch (GPU) only"
+            if p == "bf16" and b != "openvino":
+                plan.skip = ("bundles carry fp32/fp16/int8 models only; bf16 is measured for torch (GPU) and OpenVINO "
+                             "(its bfloat16 hint on a CPU with native bfloat16)")
+            elif b == "openvino" and (why := openvino_unavailable(device, p)):
+                plan.skip = why
             elif b == "tensorrt" and device != "cuda":
                 plan.skip = "TensorRT runs on a GPU only (use --device cuda)"
             elif p == "int8" and (why := int8_unsupported(b, device)):
                 plan.skip = why
-            elif not bundle.has_model("encoder", p):
+            elif not bundle.has_model("encoder", "fp32" if p == "bf16" else p):
                 plan.skip = f"the bundle has no {p} models (export with --{p})"
             plans.append(plan)
     return plans
+
+
+def openvino_unavailable(device: str, precision: str) -> str | None:
+    """Why an OpenVINO row cannot run here (``None`` when it can, as far as the machine goes; the bundle's
+    own checks come when the runtime opens it)."""
+    from ..runtime.openvino_backend import bf16_unsupported, openvino_version
+
+    if device != "cpu":
+        return "OpenVINO is measured on the CPU only (use --device cpu)"
+    if openvino_version() is None:
+        return "openvino is not installed: pip install 'lungsam[openvino]'"
+    if precision == "bf16":
+        return bf16_unsupported()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,9 +448,8 @@ def bench_one(plan: Plan, bundle, run_model, data: Images, device: str, batches:
             rec["setup_s"] = time.perf_counter() - t0
             rec["mode"] = getattr(be, "mode", None) or plan.mode
             rec["providers"] = list(getattr(be, "providers", []) or [])
-            if plan.backend == "onnxruntime":  # the files this row ran: an int8 row's decoders are the FP32 ones
-                rec["models"] = {name: precs[plan.precision]["file"] for name, precs in bundle.manifest["models"].items()
-                                 if plan.precision in precs}
+            if plan.backend in ("onnxruntime", "openvino"):  # the files this row ran (int8 decoders: the FP32 ones)
+                rec["models"] = row_models(bundle, plan)
             if device == "cuda" and plan.backend == "torch":
                 import torch
 
@@ -465,6 +483,99 @@ def bench_one(plan: Plan, bundle, run_model, data: Images, device: str, batches:
         gc.collect()
 
 
+def row_models(bundle, plan: Plan) -> dict[str, str]:
+    """``{model name: file}`` a runtime row runs (OpenVINO int8: the NNCF IR; bf16: the FP32 files)."""
+    src = "fp32" if plan.precision == "bf16" else plan.precision
+    out = {}
+    for name, precs in bundle.manifest["models"].items():
+        if src in precs:
+            ov = precs[src].get("openvino") if plan.backend == "openvino" and src == "int8" else None
+            out[name] = ov["file"] if ov else precs[src]["file"]
+    return out
+
+
+def bench_interleaved(plans: list[Plan], bundle, run_model, data: Images, device: str, batches: list[int],
+                      warmup: int, repeats: int, threads: int | None, log: Callable[[str], None],
+                      progress: bool = True, box_from_first_pass: bool = False) -> list[tuple[dict, Outputs | None]]:
+    """Every runnable plan side by side: all backends are opened (each with its warm-up, its memory measured
+    as the RSS growth while it opens and warms up), then each image runs through every backend in turn (the
+    order rotated image by image) for ``repeats`` passes, so a machine shared with other jobs slows every row
+    alike and the ratios hold. Batch sizes > 1 are then timed backend after backend. Same records as
+    :func:`bench_one`."""
+    from tqdm import tqdm
+
+    recs: list[dict] = []
+    live: list[tuple[int, Any, StageTimer, Outputs]] = []
+    for plan in plans:
+        rec: dict[str, Any] = {"backend": plan.backend, "precision": plan.precision, "device": device,
+                               "status": "skipped", "reason": plan.skip, "mode": plan.mode}
+        recs.append(rec)
+        if plan.skip:
+            continue
+        try:
+            with MemorySampler(device) as mem:
+                t0 = time.perf_counter()
+                be = open_backend(plan, bundle, run_model, device, threads, box_from_first_pass)
+                rec["setup_s"] = time.perf_counter() - t0
+                for i in range(warmup):
+                    j = i % len(data.images)
+                    run_pipeline(be, [data.images[j]], [data.masks[j]])
+            rec["memory"] = mem.record()
+            rec["mode"] = getattr(be, "mode", None) or plan.mode
+            rec["providers"] = list(getattr(be, "providers", []) or [])
+            if plan.backend in ("onnxruntime", "openvino"):
+                rec["models"] = row_models(bundle, plan)
+            live.append((len(recs) - 1, be, StageTimer(sync=be.sync), Outputs()))
+        except Skip as e:
+            rec.update(status="skipped", reason=str(e))
+        except Exception as e:  # noqa: BLE001
+            log(f"{plan.backend} {plan.precision} failed:\n{traceback.format_exc()}")
+            rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
+    n = len(data.images)
+    bar = tqdm(total=repeats * n * len(live), unit="call", leave=False, disable=not progress, desc="interleaved")
+    failed: set[int] = set()
+    for rep in range(repeats):
+        for j in range(n):
+            k = (rep * n + j) % max(len(live), 1)
+            for idx, be, timer, outputs in live[k:] + live[:k]:
+                if idx in failed:
+                    continue
+                try:
+                    be.sync()
+                    t0 = time.perf_counter()
+                    out, dec = run_pipeline(be, [data.images[j]], [data.masks[j]], timer)
+                    be.sync()
+                    timer.add("end_to_end", time.perf_counter() - t0)
+                except Exception as e:  # noqa: BLE001
+                    log(f"{recs[idx]['backend']} {recs[idx]['precision']} failed:\n{traceback.format_exc()}")
+                    recs[idx].update(status="failed", reason=f"{type(e).__name__}: {e}")
+                    failed.add(idx)
+                    continue
+                if rep == 0:
+                    outputs.masks.append(np.asarray(out[0], bool))
+                    outputs.low_res.append(be.low_res(dec)[0])
+                bar.update(1)
+    bar.close()
+    results: list[tuple[dict, Outputs | None]] = [(r, None) for r in recs]
+    for idx, be, timer, outputs in live:
+        rec = recs[idx]
+        try:
+            if idx not in failed:
+                notes: list[str] = list(getattr(be, "notes", []) or [])
+                tput = [throughput_summary(1, timer.samples["end_to_end"]) | stage_breakdown(1, timer.samples)]
+                tput += time_batches(be, data.images, data.masks, [b for b in batches if b > 1], repeats,
+                                     notes=notes)
+                rec.update(status="ok", reason=None, accuracy=accuracy(outputs, data), throughput=tput,
+                           latency_ms={k: latency_summary(timer.samples[k]) for k in LATENCY_KEYS})
+                rec["notes"] = [*notes, INTERLEAVED_NOTE]
+                results[idx] = (rec, outputs)
+        finally:
+            if hasattr(be, "close"):
+                be.close()
+    gc.collect()
+    return results
+
+
 def add_reference_ratios(results: list[dict]) -> None:
     ref = next((r for r in results if (r["backend"], r["precision"], r.get("mode")) == ("torch", "fp32", "eager")
                 and r["status"] == "ok"), None)
@@ -489,8 +600,12 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
               backends: list[str] | None = None, precisions: list[str] | None = None, device: str = "cpu",
               batches: list[int] | None = None, warmup: int = 2, repeats: int = 3, limit: int | None = None,
               threads: int | None = None, compare_path: str | None = None, progress: bool = True,
-              box_from_first_pass: bool | None = None, log: Callable[[str], None] = print) -> dict:
+              box_from_first_pass: bool | None = None, interleave: bool = False,
+              log: Callable[[str], None] = print) -> dict:
     """Benchmark a bundle; writes ``results.json``, ``results.md`` and ``latency.png`` to ``out_dir``.
+
+    ``interleave``: every row side by side, image by image (:func:`bench_interleaved`), for ratios on a shared
+    machine; otherwise one row after the other.
 
     ``box_from_first_pass`` (bundles prompted with a box): every backend takes each image's box from the
     model's own first mask (two decoder calls, timed together in the decoder stage); ``None``: the bundle's
@@ -542,7 +657,17 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
     log(f"bench: {len(data.ids)} images, device {device}, batches {batches}, warm-up {warmup}, repeats {repeats}; "
         f"{sum(p.skip is None for p in plans)} backend/precision pairs to run")
     results, ref = [], None
-    for plan in plans:
+    if interleave:
+        rows = bench_interleaved(plans, bundle, run_model, data, device, batches, warmup, repeats, threads, log,
+                                 progress, box_from_first_pass)
+        ref = next((o for (r, o), p in zip(rows, plans) if o is not None
+                    and (p.backend, p.precision, p.mode) == ("torch", "fp32", "eager")), None)
+        for r, outputs in rows:
+            if outputs is not None and ref is not None:
+                r["parity"] = parity(outputs, ref)
+            results.append(r)
+            log(summary_line(r))
+    for plan in ([] if interleave else plans):
         r, outputs = bench_one(plan, bundle, run_model, data, device, batches, warmup, repeats, threads, ref, log,
                                progress, box_from_first_pass)
         if (plan.backend, plan.precision, plan.mode) == ("torch", "fp32", "eager") and outputs is not None:
@@ -569,7 +694,7 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path, *, data_dir: str | No
                    "run": None if run_path is None else str(run_path), "fold": rec_fold},
         "data": {"source": data.source, "n_images": len(data.ids), "ids": data.ids},
         "settings": {"device": device, "backends": backends, "precisions": precisions, "batches": batches,
-                     "warmup": warmup, "repeats": repeats, "threads": threads,
+                     "warmup": warmup, "repeats": repeats, "threads": threads, "interleave": interleave,
                      "preprocess_threads": default_preprocess_threads()},
         "machine": machine,
         "versions": versions(),
@@ -618,7 +743,7 @@ def summary_line(r: dict) -> str:
 
 
 def run_bench_cli(*, bundle, data_dir, out_dir, backends, precisions, device, batches, warmup, repeats, limit,
-                  compare_path, threads, run_dir=None, box_from_first_pass=None) -> None:
+                  compare_path, threads, run_dir=None, box_from_first_pass=None, interleave=False) -> None:
     import click
 
     from ..data import DataError
@@ -628,7 +753,7 @@ def run_bench_cli(*, bundle, data_dir, out_dir, backends, precisions, device, ba
     try:
         res = run_bench(bundle, out_dir, data_dir=data_dir, run_dir=run_dir, backends=backends, precisions=precisions,
                         device=device, batches=batches, warmup=warmup, repeats=repeats, limit=limit, threads=threads,
-                        compare_path=compare_path, box_from_first_pass=box_from_first_pass,
+                        compare_path=compare_path, box_from_first_pass=box_from_first_pass, interleave=interleave,
                         log=lambda m: click.echo(m, err=True))
     except (BenchError, BundleError, RunError, DataError) as e:
         raise click.ClickException(str(e)) from e

@@ -32,11 +32,15 @@ def _ints(value: str | None) -> list[int] | None:
               help="Data set directory (images/ + masks/) or demo:NAME; default: the bundle run's test split.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output directory for results.json, results.md and latency.png.")
-@click.option("--backends", default="torch,onnxruntime,tensorrt", show_default=True,
-              help="Comma-separated: torch, onnxruntime, tensorrt.")
+@click.option("--backends", default="torch,onnxruntime,openvino,tensorrt", show_default=True,
+              help="Comma-separated: torch, onnxruntime, openvino, tensorrt.")
 @click.option("--precisions", default=None,
-              help="Comma-separated: fp32, fp16, bf16, int8 (bf16: torch on GPU only; int8: onnxruntime on CPU, "
-                   "from lungsam export --int8). Default: fp32,fp16,int8; with --sweep fp32,fp16.")
+              help="Comma-separated: fp32, fp16, bf16, int8 (bf16: torch on GPU, OpenVINO on CPUs with native "
+                   "bfloat16; int8: onnxruntime / OpenVINO on CPU, from lungsam export --int8). Default: "
+                   "fp32,fp16,int8; with --sweep fp32,fp16.")
+@click.option("--interleave", is_flag=True,
+              help="Run every row side by side, image by image (ratios that hold on a machine shared with other "
+                   "jobs); memory is then each backend's RSS growth while it opens and warms up.")
 @click.option("--device", type=RUNTIME_DEVICE, default="cpu", show_default=True, help="Where every backend runs.")
 @click.option("--batch", "batches", default="1", show_default=True,
               help="Comma-separated batch sizes for the throughput measurement.")
@@ -65,7 +69,7 @@ def _ints(value: str | None) -> list[int] | None:
                    "mask (two decoder calls, no ground truth). Default: what the bundle was exported with.")
 @verbosity
 def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warmup, repeats, limit, compare_path,
-          threads, sweep, sizes, sweep_backbones, run_dir, box_from_first_pass, quiet) -> None:
+          threads, sweep, sizes, sweep_backbones, run_dir, box_from_first_pass, interleave, quiet) -> None:
     """Parity and latency of a BUNDLE across backends and precisions (writes results.json/.md/latency.png)."""
     repeats = repeats if repeats is not None else (3 if device == "cuda" else 1)
     if sweep:
@@ -83,7 +87,7 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
     run_bench_cli(bundle=bundle, data_dir=data_dir, out_dir=out_dir, backends=_csv(backends),
                   precisions=_csv(precisions), device=device, batches=_ints(batches), warmup=warmup,
                   repeats=repeats, limit=limit, compare_path=compare_path, threads=threads, run_dir=run_dir,
-                  box_from_first_pass=box_from_first_pass)
+                  box_from_first_pass=box_from_first_pass, interleave=interleave)
 
 
 @click.command("bench-train", cls=Command, extra="export", epilog=examples(

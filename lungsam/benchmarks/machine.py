@@ -13,6 +13,8 @@ import subprocess
 from typing import Any
 
 from ..artifacts import machine_record, package_versions
+from ..cpufeatures import cpu_features, isa_summary
+from ..runtime.openvino_backend import openvino_version
 
 
 def _nvidia_smi() -> dict[str, Any] | None:
@@ -85,11 +87,14 @@ def full_machine_record() -> dict[str, Any]:
     rec["torch_cuda"] = tc
     rec["onnxruntime_providers"] = onnxruntime_providers()
     rec["tensorrt"] = tensorrt_version()
+    rec["cpu_features"] = cpu_features()  # ISA flags (VNNI, AVX512-BF16, AMX), cores: results from other CPUs differ
+    rec["openvino"] = openvino_version()
     return rec
 
 
 def versions() -> dict[str, str]:
     v = package_versions()
+    v.update(package_versions(("openvino", "nncf")))
     trt = tensorrt_version()
     if trt and "tensorrt" not in v:
         v["tensorrt"] = trt
@@ -98,7 +103,8 @@ def versions() -> dict[str, str]:
 
 def describe_machine(rec: dict[str, Any]) -> str:
     """One line for reports: ``AMD EPYC (2 cores) | NVIDIA H100 (driver 550, CUDA 12.4)``."""
-    s = f"{rec.get('cpu') or 'unknown CPU'} ({rec.get('affinity_cpus') or rec.get('cpu_count')} cores)"
+    s = (isa_summary(rec["cpu_features"]) if rec.get("cpu_features") else
+         f"{rec.get('cpu') or 'unknown CPU'} ({rec.get('affinity_cpus') or rec.get('cpu_count')} cores)")
     g = rec.get("gpu")
     if g:
         s += f" | {g.get('name')} (driver {g.get('driver') or '?'}, CUDA {g.get('cuda') or '?'})"

@@ -76,7 +76,7 @@ def markdown_table(results: dict) -> str:
 def markdown_report(results: dict, compare_lines: list[str] | None = None) -> str:
     b, d, s = results["bundle"], results["data"], results["settings"]
     v = results["versions"]
-    vers = ", ".join(f"{k} {v[k]}" for k in ("lungsam", "python", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+    vers = ", ".join(f"{k} {v[k]}" for k in ("lungsam", "python", "torch", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "tensorrt")
                      if k in v)
     lines = [
         f"## lungsam bench: {b['backbone']} ({Path(b['path']).name})",

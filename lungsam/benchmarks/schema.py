@@ -10,8 +10,9 @@ import math
 from typing import Any
 from ..errors import LungsamError
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # bf16: torch on GPU only; int8: onnxruntime on CPU only
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
+# bf16: torch on GPU, OpenVINO on CPUs with native bfloat16; int8: onnxruntime / OpenVINO on CPU only
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 FORMAT = "lungsam-bench/1"
 

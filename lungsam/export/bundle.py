@@ -42,12 +42,14 @@ from ..manifest import (
     InferencePolicy,
     Manifest,
     ModelEntry,
+    OpenVinoModel,
     ParityRecord,
     RunRecord,
     TensorSpec,
     digest_line,
     manifest_digest,
 )
+from ..cpufeatures import cpu_features
 from ..postprocess import CleanupSpec
 from ..qc import QcCalibration
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
@@ -139,18 +141,18 @@ def parity_samples(run_model, data_dir: str | None, limit: int | None) -> tuple[
                      "ids": [s.id for s in samples]}
 
 
-def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int8: bool = False) -> tuple[dict, dict]:
-    """Write the ONNX models into ``tmp``: FP32, plus FP16 versions of each (``fp16``) and a dynamic INT8
-    encoder (``int8``; the int8 entries of the decoders name their FP32 files, see :data:`INT8_FP32_MODELS`).
-    Returns ``(models, skipped)``: ``models[name][precision] = [files]`` and ``skipped[name] = reason``."""
+def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int8: bool = False,
+                  int8_method: str = "static", calibration_images: int = 32) -> tuple[dict, dict, dict]:
+    """Write the ONNX models into ``tmp``: FP32, plus FP16 versions of each (``fp16``) and an INT8 encoder
+    (``int8``; the int8 entries of the decoders name their FP32 files, see :data:`INT8_FP32_MODELS`):
+    ``int8_method="static"`` calibrates on ``calibration_images`` training images (onnxruntime QDQ, and the
+    NNCF OpenVINO IR when openvino/nncf are installed; :mod:`lungsam.export.quantize`), ``"dynamic"`` is
+    onnxruntime's dynamic quantisation of the weight MatMuls.
+    Returns ``(models, skipped, int8_info)``: ``models[name][precision] = [files]``, ``skipped[name] = reason``,
+    ``int8_info = {"record": manifest quantization.int8 record, "openvino": {name: [IR files]}}`` (empty without int8)."""
     from .graphs import fixed_prompt_points
-    from .onnx_export import (
-        convert_fp16,
-        export_decoder,
-        export_encoder,
-        export_fixed_decoder,
-        quantize_int8,
-    )
+    from .onnx_export import (convert_fp16, export_decoder, export_encoder, export_fixed_decoder, int8_record,
+                              quantize_int8)
 
     sam, spec = run_model.sam, run_model.spec
     models: dict[str, dict[str, list[Path]]] = {}
@@ -171,14 +173,38 @@ def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int
         for name in list(models):
             models[name]["fp16"] = convert_fp16(models[name]["fp32"][0], tmp / model_filename(name, "fp16"))
         log(f"converted to FP16 in {time.perf_counter() - t:.1f} s")
+    int8_info: dict = {}
     if int8:
         t = time.perf_counter()
-        models["encoder"]["int8"] = quantize_int8(models["encoder"]["fp32"][0], tmp / model_filename("encoder", "int8"))
+        src, dst = models["encoder"]["fp32"][0], tmp / model_filename("encoder", "int8")
+        if int8_method == "dynamic":
+            models["encoder"]["int8"] = quantize_int8(src, dst)
+            int8_info = {"record": int8_record(), "openvino": {}}
+            log(f"quantised the encoder to INT8 (dynamic, weight MatMuls) in {time.perf_counter() - t:.1f} s")
+        elif int8_method == "static":
+            from .quantize import (OPENVINO_INT8_SUFFIX, calibration_inputs, openvino_available, quantize_openvino,
+                                   quantize_static_onnx, static_record)
+
+            inputs, calib = calibration_inputs(run_model, calibration_images)
+            models["encoder"]["int8"] = quantize_static_onnx(src, dst, inputs)
+            log(f"quantised the encoder to INT8 (onnxruntime static QDQ, per-channel, {calib['n']} training images) "
+                f"in {time.perf_counter() - t:.1f} s")
+            ov_files = {}
+            if openvino_available():
+                t = time.perf_counter()
+                xml = tmp / f"{model_filename('encoder', 'int8')[:-5]}{OPENVINO_INT8_SUFFIX}.xml"
+                ov_files["encoder"] = quantize_openvino(src, xml, inputs)
+                log(f"quantised the encoder to INT8 for OpenVINO (NNCF, {calib['n']} training images) in "
+                    f"{time.perf_counter() - t:.1f} s")
+            else:
+                log("openvino/nncf not installed: no OpenVINO INT8 encoder (pip install 'lungsam[int8]')")
+            int8_info = {"record": static_record(calib, bool(ov_files)), "openvino": ov_files}
+        else:
+            raise ExportError(f"unknown --int8-method {int8_method!r}; choose static or dynamic")
         for name in INT8_FP32_MODELS:
             if name in models:
                 models[name]["int8"] = models[name]["fp32"]
-        log(f"quantised the encoder to INT8 (dynamic, weight MatMuls) in {time.perf_counter() - t:.1f} s")
-    return models, skipped
+    return models, skipped, int8_info
 
 
 def build_engines(run_model, tmp: Path, models: dict, max_batch: int, log: Log) -> dict:
@@ -201,9 +227,42 @@ def build_engines(run_model, tmp: Path, models: dict, max_batch: int, log: Log) 
     return engines
 
 
-def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, log: Log) -> dict:
-    """:class:`lungsam.export.parity.ParityResult` per pipeline ``"<precision>/<decoder>"``."""
-    from .parity import compare, onnx_pipeline
+def openvino_precisions(models: dict, int8_info: dict) -> list[str]:
+    """Precisions the parity gate checks with OpenVINO (empty when openvino is not installed): every exported
+    one (int8 only with an NNCF encoder), plus bf16 (OpenVINO's hint on the FP32 models) on a CPU with native
+    bfloat16."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return []
+    from ..cpufeatures import cpu_features
+
+    precs = [p for p in models["encoder"] if p != "int8" or (int8_info.get("openvino") or {}).get("encoder")]
+    return precs + (["bf16"] if cpu_features()["native_bf16"] else [])
+
+
+def _timed(run, times: list):
+    def timed(raw, points, labels):
+        t0 = time.perf_counter()
+        out = run(raw, points, labels)
+        times.append((time.perf_counter() - t0, len(raw)))
+        return out
+    return timed
+
+
+def ms_per_image(times: list[tuple[float, int]]) -> float | None:
+    """Mean wall ms per image over a pipeline's parity batches, the first (warm-up) batch left out."""
+    rest = times[1:] if len(times) > 1 else times
+    n = sum(k for _, k in rest)
+    return 1000.0 * sum(t for t, _ in rest) / n if n else None
+
+
+def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, log: Log,
+               int8_info: dict | None = None) -> dict:
+    """:class:`lungsam.export.parity.ParityResult` per pipeline ``"<onnx|openvino|trt>-<precision>/<decoder>"``,
+    each with ``ms_per_image``: its wall time on the parity batches, all pipelines interleaved batch by batch
+    (what ``--backend auto`` reads, :func:`lungsam.runtime.backends.auto_cpu_backend`)."""
+    from .parity import compare, onnx_pipeline, openvino_pipeline
 
     pipelines = {}
     for precision in models["encoder"]:
@@ -211,6 +270,14 @@ def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, l
             if dec in models:
                 pipelines[f"onnx-{precision}/{dec}"] = onnx_pipeline(models["encoder"][precision][0],
                                                                      models[dec][precision][0], dec == "decoder_fixed")
+    ov_files = (int8_info or {}).get("openvino") or {}
+    for precision in openvino_precisions(models, int8_info or {}):
+        src = "fp32" if precision == "bf16" else precision
+        enc = ov_files["encoder"][0] if precision == "int8" else models["encoder"][src][0]
+        for dec in ("decoder", "decoder_fixed"):
+            if dec in models:
+                pipelines[f"openvino-{precision}/{dec}"] = openvino_pipeline(enc, models[dec][src][0],
+                                                                             dec == "decoder_fixed", precision)
     if engines:
         from .trt import engine_pipeline
 
@@ -218,8 +285,33 @@ def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, l
             if dec in engines:
                 pipelines[f"trt-fp16/{dec}"] = engine_pipeline(tmp / engines["encoder"]["file"],
                                                                tmp / engines[dec]["file"], dec == "decoder_fixed")
-    return compare(pipelines, run_model.sam, run_model.spec, cases, run_model.threshold, log=log,
-                   cleanup=run_cleanup(run_model))
+    times: dict[str, list] = {name: [] for name in pipelines}
+    timed = {name: _timed(run, times[name]) for name, run in pipelines.items()}
+    results = compare(timed, run_model.sam, run_model.spec, cases, run_model.threshold, log=log,
+                      cleanup=run_cleanup(run_model))
+    for name, r in results.items():
+        r.ms_per_image = ms_per_image(times[name])
+    return results
+
+
+def int8_gate(results: dict, max_f1_drop: float) -> list[str]:
+    """INT8 pipelines whose mean F1 against ground truth is more than ``max_f1_drop`` below torch FP32's on the
+    same images (the agreement floor is :func:`lungsam.export.parity.gate`'s, for every pipeline)."""
+    failed = []
+    for name, r in results.items():
+        if "-int8/" in name:
+            s = r.summary()
+            if not s["f1_gt_mean"] >= s["f1_gt_torch_mean"] - max_f1_drop:
+                failed.append(name)
+    return failed
+
+
+def int8_hint(int8_method: str, calibration_images: int) -> str:
+    """Which option to change when an INT8 model fails the gate."""
+    if int8_method == "static":
+        return (f"try --int8-method dynamic (weight MatMuls only), more calibration images (--calibration-images, now "
+                f"{calibration_images}), or export without --int8")
+    return "export without --int8 (dynamic quantisation has no further setting), or try --int8-method static"
 
 
 def run_cleanup(run_model) -> CleanupSpec:
@@ -323,8 +415,9 @@ def optional_exports(pipelines: list[str]) -> list[str]:
     return sorted(opts - {"--fp32"})
 
 
-def model_entries(models: dict) -> dict[str, dict[str, ModelEntry]]:
-    """``{name: {precision: ModelEntry}}`` of the exported files (I/O read from each ONNX file)."""
+def model_entries(models: dict, openvino_files: dict | None = None) -> dict[str, dict[str, ModelEntry]]:
+    """``{name: {precision: ModelEntry}}`` of the exported files (I/O read from each ONNX file); an NNCF INT8
+    model for OpenVINO (``openvino_files[name]``, IR files) is recorded as the int8 entry's ``openvino``."""
     from .onnx_export import io_signature
 
     def entry(name: str, prec: str, files: list[Path]) -> ModelEntry:
@@ -332,24 +425,33 @@ def model_entries(models: dict) -> dict[str, dict[str, ModelEntry]]:
         specs = {k: tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in io[k])
                  for k in ("inputs", "outputs")}
         same = "fp32" if prec == "int8" and name in INT8_FP32_MODELS else None
-        return ModelEntry(file=files[0].name, files=tuple(f.name for f in files), same_as=same, **specs)
+        ov = (openvino_files or {}).get(name) if prec == "int8" else None
+        return ModelEntry(file=files[0].name, files=tuple(f.name for f in files), same_as=same,
+                          openvino=None if not ov else OpenVinoModel(ov[0].name, tuple(f.name for f in ov)), **specs)
 
     return {name: {prec: entry(name, prec, files) for prec, files in precs.items()} for name, precs in models.items()}
 
 
 def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: dict, engines: dict,
-                   parity: dict, opset: int, box_from_first_pass: bool = False, provenance: bool = False) -> Manifest:
+                   parity: dict, opset: int, box_from_first_pass: bool = False, provenance: bool = False,
+                   int8_info: dict | None = None) -> Manifest:
     """The manifest (:mod:`lungsam.manifest`); ``files`` covers everything already in ``tmp``. Without
-    ``provenance`` it holds no host name, local path or held-out image id (see the module doc)."""
-    from .onnx_export import int8_record
+    ``provenance`` it holds no host name, local path or held-out image id (see the module doc).
+
+    INT8: ``quantization.int8`` is :func:`lungsam.export.quantize.static_record` (or ``onnx_export.int8_record``
+    for ``--int8-method dynamic``) plus ``fp32_models``; an NNCF encoder for OpenVINO is
+    ``models.encoder.int8.openvino = {file, files}`` beside the onnxruntime file.
+    """
+    int8_info = int8_info or {}
 
     return Manifest(
         format=BUNDLE_FORMAT, created=utc_now(), backbone=run_model.backbone, preprocess=run_model.spec,
         working_size=run_model.working_size, prompt=run_model.prompt, threshold=run_model.threshold,
         inference=InferencePolicy(box_from_first_pass=box_from_first_pass), opset=opset,
         postprocess=run_cleanup(run_model).to_dict(), qc=run_qc(run_model),
-        precisions=tuple(sorted({p for m in models.values() for p in m})), models=model_entries(models),
-        quantization=({"int8": {**int8_record(), "fp32_models": list(INT8_FP32_MODELS)}}
+        precisions=tuple(sorted({p for m in models.values() for p in m})),
+        models=model_entries(models, int8_info.get("openvino")),
+        quantization=({"int8": {**int8_info["record"], "fp32_models": list(INT8_FP32_MODELS)}}
                       if "int8" in models.get("encoder", {}) else {}),
         skipped=skipped, engines=engines, timing_cache="timing.cache" if engines else None,
         parity=ParityRecord.from_dict(parity if provenance else private_parity(parity), "parity"),
@@ -427,7 +529,8 @@ def _make_readable(folder: Path) -> None:
 def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, int8: bool = False, trt: bool = False,
                   opset: int = 17, fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
                   parity_images: int | None = None, data_dir: str | None = None, max_batch: int = 8,
-                  box_from_first_pass: bool = False, provenance: bool = False, log: Log = print) -> ExportResult:
+                  box_from_first_pass: bool = False, provenance: bool = False, int8_method: str = "static",
+                  calibration_images: int = 32, max_int8_f1_drop: float = 0.002, log: Log = print) -> ExportResult:
     """Export a trained run to a bundle at ``out``.
 
     Steps: load the run (:func:`lungsam.runs.load_run`); write ONNX FP32 (+FP16 with ``fp16`` or ``trt``,
@@ -443,6 +546,10 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
     ``provenance``: also record the run folder, data folders, checkpoint path, host name and parity image ids
     (left out by default: the bundle leaves the building). A full disk or a read-only folder raises
     :class:`ExportError` naming the path; nothing is left at ``out``.
+
+    ``int8``: see :func:`export_models` (``int8_method``, ``calibration_images``); every INT8 pipeline must also
+    keep its mean F1 against ground truth within ``max_int8_f1_drop`` of torch FP32's (:func:`int8_gate`).
+    With openvino installed every precision is also gated through OpenVINO's CPU plugin (``openvino-*`` rows).
     """
     from ..runs import RunError, load_run
 
@@ -476,7 +583,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
     try:
         manifest, digest, table = _build_in(tmp, run_model, run_dir, out, cases, source, fp16=fp16, int8=int8, trt=trt,
                                             opset=opset, max_batch=max_batch, min_agreement=min_agreement,
-                                            box_from_first_pass=box_from_first_pass, provenance=provenance, log=log)
+                                            box_from_first_pass=box_from_first_pass, provenance=provenance,
+                                            int8_method=int8_method, calibration_images=calibration_images,
+                                            max_int8_f1_drop=max_int8_f1_drop, log=log)
         _make_readable(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -494,15 +603,17 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
 
 def _build_in(tmp: Path, run_model, run_dir: Path, out: Path, cases: list, source: dict, *, fp16: bool, int8: bool,
               trt: bool, opset: int, max_batch: int, min_agreement: float, box_from_first_pass: bool,
-              provenance: bool, log: Log) -> tuple[Manifest, str, str]:
+              provenance: bool, int8_method: str, calibration_images: int, max_int8_f1_drop: float,
+              log: Log) -> tuple[Manifest, str, str]:
     """Models, engines, parity gate and manifest in ``tmp``; returns ``(manifest, digest, parity table)``."""
     from dataclasses import replace
 
     from .parity import format_table, gate
 
-    models, skipped = export_models(run_model, tmp, fp16=fp16, int8=int8, opset=opset, log=log)
+    models, skipped, int8_info = export_models(run_model, tmp, fp16=fp16, int8=int8, opset=opset, log=log,
+                                               int8_method=int8_method, calibration_images=calibration_images)
     engines = build_engines(run_model, tmp, models, max_batch, log) if trt else {}
-    results = run_parity(run_model, tmp, models, engines, cases, log)
+    results = run_parity(run_model, tmp, models, engines, cases, log, int8_info)
     table = format_table(results, min_agreement)
     parity = {"min_agreement": min_agreement, "threshold": run_model.threshold, "source": source,
               "postprocess": run_cleanup(run_model).enabled,
@@ -510,16 +621,30 @@ def _build_in(tmp: Path, run_model, run_dir: Path, out: Path, cases: list, sourc
                         "then the run's clean-up when on); "
                         "max_abs_logit_diff over low-res logits; torch = SAM preprocess + encoder + decode",
               "onnxruntime": "CPUExecutionProvider, ORT_ENABLE_ALL",
-              "machine": machine_record(),  # int8 kernels (and so its agreement) depend on the CPU's instructions
-              "results": {name: r.summary() for name, r in results.items()}}
+              # int8 kernels (and so its agreement) and the timings auto reads depend on the CPU's instructions
+              "machine": {**machine_record(), "cpu_features": cpu_features()},
+              "timing": "ms_per_image: wall time per image of each pipeline (encoder + decoder, batches of 2, "
+                        "the first batch left out), pipelines interleaved batch by batch on the same images",
+              "results": {name: {**r.summary(), "ms_per_image": r.ms_per_image} for name, r in results.items()}}
+    if int8:
+        parity["max_int8_f1_drop"] = max_int8_f1_drop
+    failed_int8 = int8_gate(results, max_int8_f1_drop) if int8 else []
+    if failed_int8:
+        raise ParityGateError(f"INT8 gate failed for {', '.join(failed_int8)}: mean F1 against ground truth more than "
+                              f"{max_int8_f1_drop} below torch FP32 on the same images; nothing was written to "
+                              f"{out}; {int8_hint(int8_method, calibration_images)}", table, parity)
     failed = gate(results, min_agreement)
+    if failed and int8 and all("-int8/" in f for f in failed):
+        raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement with torch FP32 "
+                              f"below {min_agreement}; nothing was written to {out}; "
+                              f"{int8_hint(int8_method, calibration_images)}", table, parity)
     if failed:
         options = optional_exports(failed)
         hint = f" (export again without {', '.join(options)} to keep the other models)" if options else ""
         raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement below "
                               f"{min_agreement}; nothing was written to {out}{hint}", table, parity)
     manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opset,
-                              box_from_first_pass, provenance)
+                              box_from_first_pass, provenance, int8_info)
     digest = write_manifest(tmp, manifest)
     if box_from_first_pass:  # manifest.json is not among the files it hashes: rewriting it is safe
         check = first_pass_check(tmp, cases, log)

@@ -16,8 +16,16 @@ from ..options import Command, examples, log_to, ranged, verbosity
 @click.option("--out", "out", required=True, type=click.Path(), help="Bundle folder to create (must not exist, or be empty).")
 @click.option("--fp16", is_flag=True, help="Also write FP16 ONNX models (*_fp16.onnx; float32 inputs/outputs).")
 @click.option("--int8", is_flag=True,
-              help="Also write an INT8 encoder (encoder_int8.onnx; the decoders stay FP32): onnxruntime dynamic "
-                   "quantisation of its weight MatMuls, for CPUs; gated on parity like the others.")
+              help="Also write an INT8 encoder for CPUs (the decoders stay FP32), calibrated on the fold's training "
+                   "images: encoder_int8.onnx (onnxruntime static QDQ, per-channel) and encoder_int8_ov.xml (NNCF, "
+                   "OpenVINO); gated on parity and on F1 (--max-int8-f1-drop).")
+@click.option("--int8-method", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="--int8: static (calibrated activations and weights) or dynamic (onnxruntime's dynamic "
+                   "quantisation of the weight MatMuls; no calibration, no OpenVINO model).")
+@click.option("--calibration-images", default=32, show_default=True, type=click.IntRange(min=1),
+              help="--int8 static: training-split images used to calibrate the activation ranges.")
+@click.option("--max-int8-f1-drop", default=0.002, show_default=True, type=click.FloatRange(min=0),
+              help="INT8 gate: largest allowed drop of mean F1 against ground truth below torch FP32.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT FP16 engines (implies --fp16; needs an NVIDIA GPU and pip install 'lungsam[trt]').")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 23), help="ONNX opset.")
 @click.option("--fold", default=None, type=ranged("fold"), help="Fold to export (default: best validation F1).")
@@ -57,13 +65,18 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
            checkpoint: str | None, min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
            box_from_first_pass: bool, provenance: bool, triton_repo: str | None, triton_name: str,
            triton_precision: str, triton_max_batch: int, triton_instances: int, triton_kind: str,
-           quiet: bool) -> None:
+           int8_method: str, calibration_images: int, max_int8_f1_drop: float, quiet: bool) -> None:
     """Export RUN's tuned model to a bundle checked against torch on held-out images.
 
     The bundle is built in a temporary folder and moved to --out only when the parity gate passes. The last
     line is the bundle digest (sha256 of manifest.json, which lists every file's sha256): pin it with
     `lungsam verify BUNDLE --expect-digest HEX` or `lungsam predict --expect-digest HEX`.
     """
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in ("int8_method", "calibration_images", "max_int8_f1_drop")
+             if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+    if given and not int8:
+        raise click.UsageError(f"{', '.join(given)} only apply with --int8 (add --int8, or drop them)")
     if trt:  # fail before any heavy work
         from .trt import require_tensorrt
 
@@ -80,7 +93,8 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
         result = export_bundle(run_dir, out, fp16=fp16, int8=int8, trt=trt, opset=opset, fold=fold,
                                checkpoint=checkpoint, min_agreement=min_agreement, parity_images=parity_images, data_dir=data_dir,
                                max_batch=max_batch, box_from_first_pass=box_from_first_pass, provenance=provenance,
-                               log=log_to("export"))
+                               int8_method=int8_method, calibration_images=calibration_images,
+                               max_int8_f1_drop=max_int8_f1_drop, log=log_to("export"))
     except ParityGateError as e:  # the table says which model missed the gate; the handler prints the error
         click.echo(e.table, err=True)
         raise

@@ -96,6 +96,7 @@ class ParityResult:
         max_abs_logit_diff: max |exported - torch| over all low-res logits.
         agreement: per-image F1 between exported and torch binary masks (working frame).
         f1_gt: per-image F1 of the exported masks against ground truth; f1_gt_torch: same for torch.
+        ms_per_image: the pipeline's wall time per image on the parity batches (``None`` until timed).
     """
 
     name: str
@@ -104,6 +105,7 @@ class ParityResult:
     f1_gt: list[float] = field(default_factory=list)
     f1_gt_torch: list[float] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
+    ms_per_image: float | None = None  # wall time, set by the export (lungsam.export.bundle.run_parity)
 
     def summary(self) -> dict:
         a = summarize(self.agreement)
@@ -167,6 +169,23 @@ def onnx_pipeline(encoder_path: str | Path, decoder_path: str | Path, fixed: boo
         feeds = {"embeddings": emb} if fixed else {"embeddings": emb, "point_coords": points.astype(np.float32),
                                                   "point_labels": labels.astype(np.float32)}
         return dec.run(["low_res_logits"], feeds)[0]
+
+    return run
+
+
+def openvino_pipeline(encoder_path: str | Path, decoder_path: str | Path, fixed: bool,
+                      precision: str = "fp32") -> Pipeline:
+    """The same as :func:`onnx_pipeline` through OpenVINO's CPU plugin (:class:`lungsam.runtime.openvino_backend.
+    OvModel`, latency hint, the precision hint of ``precision``); ``encoder_path`` may be an OpenVINO IR."""
+    from ..runtime.openvino_backend import OvModel
+
+    enc, dec = OvModel(encoder_path, precision), OvModel(decoder_path, precision)
+
+    def run(raw: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        emb = enc.run({"image": raw.astype(np.float32)})["embeddings"]
+        feeds = {"embeddings": emb} if fixed else {"embeddings": emb, "point_coords": points.astype(np.float32),
+                                                  "point_labels": labels.astype(np.float32)}
+        return dec.run(feeds)["low_res_logits"]
 
     return run
 

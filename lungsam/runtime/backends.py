@@ -1,4 +1,4 @@
-"""Inference backends: onnxruntime (CPU / CUDA) and TensorRT (optional). Torch-free.
+"""Inference backends: onnxruntime (CPU / CUDA), OpenVINO (CPU; optional) and TensorRT (optional). Torch-free.
 
 Nothing falls back silently. Asking for what this machine cannot give (CUDA without
 ``CUDAExecutionProvider``, TensorRT without the package, an engine built for another GPU or TensorRT
@@ -18,8 +18,11 @@ import numpy as np
 from .bundle import PRECISIONS
 from ..errors import LungsamError
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "triton")  # triton: a server (runtime/triton_backend.py)
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "openvino", "triton")  # triton: a server (runtime/triton_backend.py)
 DEVICES = ("cpu", "cuda")
+#: precisions a caller may ask for: the bundle's (fp32/fp16/int8) plus bf16, which is OpenVINO's inference
+#: precision hint on the FP32 models (CPUs with native bfloat16 only; :mod:`lungsam.runtime.openvino_backend`).
+RUNTIME_PRECISIONS = (*PRECISIONS, "bf16")
 
 
 class BackendUnavailableError(LungsamError, RuntimeError):
@@ -38,11 +41,12 @@ class BackendChoice:
     """What :func:`resolve_backend` settled on.
 
     Attributes:
-        backend: ``onnxruntime`` or ``tensorrt``.
+        backend: ``onnxruntime``, ``openvino`` or ``tensorrt``.
         device: ``cpu`` or ``cuda``.
-        precision: ``fp32``, ``fp16`` or ``int8`` (onnxruntime on CPU only).
+        precision: ``fp32``, ``fp16``, ``int8`` (CPU only) or ``bf16`` (OpenVINO on a CPU with native bfloat16).
         requested: the caller's ``(backend, device, precision)``.
         fallbacks: one line per downgrade taken (empty when the request was met).
+        why: how ``auto`` chose on the CPU (empty for explicit requests).
     """
 
     backend: str
@@ -50,6 +54,7 @@ class BackendChoice:
     precision: str
     requested: tuple[str, str, str]
     fallbacks: list[str] = field(default_factory=list)
+    why: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,15 +300,106 @@ def _downgrade(choice: BackendChoice, allow_fallback: bool, error: BackendUnavai
 def int8_unsupported(backend: str, device: str) -> str | None:
     """Why the bundle's INT8 models cannot run on ``backend``/``device`` (``None`` when they can).
 
-    INT8 is onnxruntime's dynamic quantisation of the encoder's MatMuls, executed by its CPU kernels;
-    no GPU kernels or TensorRT engines are built for it.
+    INT8 is a quantised encoder for CPUs (onnxruntime QDQ or dynamic quantisation, OpenVINO's NNCF model),
+    executed by CPU kernels; no GPU kernels or TensorRT engines are built for it.
     """
     if device == "cpu" and backend != "tensorrt":
         return None
     where = "TensorRT" if backend == "tensorrt" else f"device {device!r}"
-    return ("precision 'int8' is onnxruntime on CPU only (dynamically quantised MatMuls; no GPU kernels or "
-            f"TensorRT engines are built for it), not {where}: run int8 with --backend onnxruntime --device cpu, "
-            "or use --precision fp16 on a GPU")
+    return ("precision 'int8' is onnxruntime on CPU only (quantised for CPU kernels; no GPU kernels or "
+            f"TensorRT engines are built for it), not {where}: run int8 with --backend onnxruntime --device cpu "
+            "(or --backend openvino), or use --precision fp16 on a GPU")
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenVINO (optional: pip install 'lungsam[openvino]'; lungsam/runtime/openvino_backend.py)
+# ---------------------------------------------------------------------------------------------
+
+def bundle_model_precision(precision: str) -> str:
+    """The bundle precision whose files a runtime precision reads (``bf16`` runs the FP32 models)."""
+    return "fp32" if precision == "bf16" else precision
+
+
+def openvino_file(bundle, name: str, precision: str) -> Path:
+    """The file OpenVINO runs for ``name`` at ``precision``: the ONNX model, except an INT8 entry carrying an
+    ``openvino`` record (``{"file", "files"}``: the NNCF-quantised IR ``lungsam export --int8`` writes)."""
+    entry = bundle.model_entry(name, bundle_model_precision(precision))
+    ov = entry.get("openvino") if precision == "int8" else None
+    return bundle._listed_file(ov["file"] if ov else entry["file"])
+
+
+def _parity_key_gated(bundle, backend_prefix: str, precision: str) -> bool:
+    results = ((bundle.manifest.get("parity") or {}).get("results") or {})
+    return any(k.startswith(f"{backend_prefix}-{precision}/") for k in results)
+
+
+def check_openvino(bundle, device: str, precision: str, models: tuple[str, ...]) -> None:
+    """Raise :class:`BackendUnavailableError` unless OpenVINO can run ``models`` of ``bundle`` at ``precision``:
+    CPU only; the package installed; bf16 only on a CPU with native bfloat16; an int8 encoder quantised for
+    OpenVINO (NNCF); and the export's parity gate run with OpenVINO at that precision."""
+    from .openvino_backend import OpenVINOUnavailable, bf16_unsupported, import_openvino
+
+    if device != "cpu":
+        raise BackendUnavailableError("backend 'openvino' runs on the CPU here (its CPU plugin); use --device cpu, "
+                                      "or --backend onnxruntime / tensorrt on a GPU")
+    try:
+        import_openvino()
+    except OpenVINOUnavailable as e:
+        raise BackendUnavailableError(str(e)) from None
+    if precision == "bf16" and (why := bf16_unsupported()):
+        raise BackendUnavailableError(why)
+    src = bundle_model_precision(precision)
+    missing = [n for n in models if not bundle.has_model(n, src)]
+    if missing:
+        raise BackendUnavailableError(f"bundle {bundle.root} has no {src} ONNX model for {', '.join(missing)} "
+                                      f"(export with --{src} to add them)")
+    if precision == "int8" and not (bundle.model_entry("encoder", "int8").get("openvino")):
+        raise BackendUnavailableError(
+            f"bundle {bundle.root}: its int8 encoder has no OpenVINO (NNCF) model (dynamic int8, or exported without "
+            "openvino installed); re-export with `lungsam export RUN --int8` (static, the default) and openvino "
+            "installed, or use --backend onnxruntime")
+    if not _parity_key_gated(bundle, "openvino", precision):
+        where = " on a CPU with native bfloat16" if precision == "bf16" else " with openvino installed"
+        raise BackendUnavailableError(
+            f"bundle {bundle.root} was not checked with OpenVINO at {precision} by the export's parity gate "
+            f"(no openvino-{precision}/* in manifest['parity']['results']); re-export it{where}, or use "
+            "--backend onnxruntime")
+
+
+def auto_cpu_backend(bundle, precision: str, models: tuple[str, ...]) -> tuple[str, str]:
+    """``(backend, why)`` for ``--backend auto`` on the CPU.
+
+    Rule: onnxruntime, unless the bundle's export timed OpenVINO and onnxruntime on the parity images (same
+    images, interleaved batch by batch: ``manifest["parity"]["results"][*]["ms_per_image"]``) on a CPU with
+    this one's model name and ISA flags, OpenVINO was faster at the requested precision, and OpenVINO can run
+    it here (:func:`check_openvino`). ``bf16`` exists on OpenVINO only, so auto means OpenVINO for it. The
+    precision is never changed by ``auto``.
+    """
+    from ..cpufeatures import cpu_features
+
+    if precision == "bf16":
+        return "openvino", "bf16 runs on OpenVINO only"
+    parity = bundle.manifest.get("parity") or {}
+    recorded = (parity.get("machine") or {}).get("cpu_features")
+    here = cpu_features()
+    if not recorded or (recorded.get("model"), recorded.get("isa")) != (here["model"], here["isa"]):
+        return "onnxruntime", "auto: onnxruntime (the bundle's export timings are from another CPU, or absent)"
+    results = parity.get("results") or {}
+
+    def ms(prefix: str) -> float | None:
+        vals = [r.get("ms_per_image") for k, r in results.items() if k.startswith(f"{prefix}-{precision}/")]
+        vals = [v for v in vals if isinstance(v, (int, float))]
+        return sum(vals) / len(vals) if vals else None
+
+    ort_ms, ov_ms = ms("onnx"), ms("openvino")
+    if ort_ms is None or ov_ms is None or ov_ms >= ort_ms:
+        return "onnxruntime", f"auto: onnxruntime (export timing on this CPU: onnxruntime {ort_ms} ms, openvino {ov_ms} ms)"
+    try:
+        check_openvino(bundle, "cpu", precision, models)
+    except BackendUnavailableError as e:
+        return "onnxruntime", f"auto: onnxruntime (OpenVINO was faster at export but cannot run here: {e})"
+    return "openvino", (f"auto: openvino (export timing on this CPU, {precision}: {ov_ms:.0f} ms per image against "
+                        f"onnxruntime's {ort_ms:.0f} ms)")
 
 
 def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
@@ -317,13 +413,31 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision not in RUNTIME_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(RUNTIME_PRECISIONS)}")
     choice = BackendChoice(backend="onnxruntime", device=device, precision=precision,
                            requested=(backend, device, precision))
     if backend == "triton":  # the server runs the models of the repository it serves (lungsam export --triton)
         choice.backend, choice.device = "triton", "server"
         return choice
+    if backend == "auto" and device == "cpu":
+        backend, choice.why = auto_cpu_backend(bundle, precision, models)
+    if backend == "openvino":
+        try:
+            check_openvino(bundle, device, precision, models)
+            choice.backend = "openvino"
+            return choice
+        except BackendUnavailableError as e:
+            if precision == "bf16":  # no other backend runs bf16: a fallback keeps the backend and gives up bf16
+                _downgrade(choice, allow_fallback, e, "onnxruntime fp32")
+                choice.precision = precision = "fp32"
+            else:
+                _downgrade(choice, allow_fallback, e, f"onnxruntime on {device}")
+    elif precision == "bf16":
+        e = BackendUnavailableError(f"precision 'bf16' is OpenVINO's bfloat16 inference hint (--backend openvino, "
+                                    f"CPU with native bfloat16), not {backend}: use --backend openvino")
+        _downgrade(choice, allow_fallback, e, "fp32")
+        choice.precision = precision = "fp32"
     if backend == "tensorrt" or (backend == "auto" and device == "cuda"):
         try:
             if device != "cuda":
@@ -368,8 +482,21 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
     return choice
 
 
-def open_model(bundle, name: str, choice: BackendChoice, threads: int | None = None) -> Model:
-    """Open one bundle model with the chosen backend."""
+def open_model(bundle, name: str, choice: BackendChoice, threads: int | None = None,
+               performance_hint: str | None = None) -> Model:
+    """Open one bundle model with the chosen backend (``performance_hint``: OpenVINO's ``latency`` (default)
+    or ``throughput``; refused for the other backends, which have no such setting)."""
+    if performance_hint is not None and choice.backend != "openvino":
+        raise BackendUnavailableError(f"a performance hint ({performance_hint!r}) is an OpenVINO setting; the chosen "
+                                      f"backend is {choice.backend}: use --backend openvino or drop the hint")
+    if choice.backend == "openvino":
+        from .openvino_backend import OpenVINOUnavailable, OvModel
+
+        try:
+            return OvModel(openvino_file(bundle, name, choice.precision), choice.precision, threads,
+                           performance_hint or "latency")
+        except OpenVINOUnavailable as e:
+            raise BackendUnavailableError(str(e)) from None
     if choice.backend == "triton":
         from .triton_backend import open_triton_model
 

@@ -15,17 +15,23 @@ from ..options import RUNTIME_DEVICE, Command, examples, log_to, verbosity
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Output folder: <stem>_mask.png, <stem>_overlay.png, predictions.jsonl, predict.json.")
 @click.option("--overlay", is_flag=True, help="Also write <stem>_overlay.png (mask over the image).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "triton"]), default="auto",
-              show_default=True,
-              help="auto: TensorRT on --device cuda when the bundle has engines usable here, else onnxruntime; "
-                   "triton: the Triton server at $LUNGSAM_TRITON_URL serving this bundle (docs/scale.md).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt", "triton"]),
+              default="auto", show_default=True,
+              help="auto: TensorRT on --device cuda when the bundle has engines usable here, else onnxruntime; on the "
+                   "CPU OpenVINO when the bundle's export timed it faster on a CPU like this one "
+                   "(docs/cpu_inference.md); triton: the Triton server at $LUNGSAM_TRITON_URL serving this bundle "
+                   "(docs/scale.md).")
 @click.option("--device", type=RUNTIME_DEVICE, default="cpu", show_default=True,
               help="Where the models run (cuda: onnxruntime-gpu or TensorRT).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="int8: the bundle's dynamically quantised encoder (lungsam export --int8), onnxruntime on CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
+              help="int8: the bundle's INT8 encoder (lungsam export --int8), onnxruntime or OpenVINO on CPU; bf16: "
+                   "OpenVINO's bfloat16 hint, CPUs with AVX512-BF16/AMX only.")
 @click.option("--allow-fallback", is_flag=True,
               help="Downgrade (with a warning) when the backend/device/precision is unavailable, instead of failing.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads / OpenVINO INFERENCE_NUM_THREADS.")
+@click.option("--performance-hint", type=click.Choice(["latency", "throughput"]), default=None,
+              help="OpenVINO's PERFORMANCE_HINT (default latency); refused with other backends.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per model call.")
 @click.option("--ground-truth", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
               help="Folder of reference masks named like the inputs: adds F1/IoU per image and metrics.json.")
@@ -65,7 +71,8 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
             precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
             box_from_first_pass: bool | None, dicom_seg: bool, fractional: bool, sr: bool, secondary_capture: bool,
             no_progress: bool, expect_digest: str | None, overwrite: bool, max_pixels: int, ray_address: str | None,
-            ray_workers: int, ray_cpus_per_worker: float, ray_gpus_per_worker: float, quiet: bool) -> None:
+            ray_workers: int, ray_cpus_per_worker: float, ray_gpus_per_worker: float, performance_hint: str | None,
+            quiet: bool) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -105,7 +112,7 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
             seg = LungSegmenter.load(bundle, backend=backend, device=device, precision=precision,
                                      allow_fallback=allow_fallback, threads=threads,
                                      box_from_first_pass=box_from_first_pass, expect_digest=expect_digest,
-                                     max_pixels=max_pixels)
+                                     max_pixels=max_pixels, performance_hint=performance_hint)
         except (BundleError, BackendUnavailableError, ValueError) as e:
             raise click.ClickException(str(e)) from e
     for w in caught:

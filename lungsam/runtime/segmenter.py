@@ -203,18 +203,21 @@ class LungSegmenter:
     def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
              allow_fallback: bool = False, threads: int | None = None,
              box_from_first_pass: bool | None = None, expect_digest: str | None = None,
-             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "LungSegmenter":
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, performance_hint: str | None = None) -> "LungSegmenter":
         """Open a bundle (verifying every file's sha256) with the requested backend.
 
         Args:
             bundle: bundle folder (or its manifest.json), or a loaded :class:`Bundle`.
             backend: ``auto`` (TensorRT when ``device="cuda"`` and usable engines exist, else
-                onnxruntime), ``onnxruntime`` or ``tensorrt``.
+                onnxruntime; on the CPU OpenVINO where the bundle's export timed it faster on this CPU:
+                :func:`lungsam.runtime.backends.auto_cpu_backend`), ``onnxruntime``, ``openvino`` or ``tensorrt``.
             device: ``cpu`` or ``cuda``.
             precision: ``fp32``, ``fp16`` or ``int8`` (its models/engines must be in the bundle; ``int8`` is
                 onnxruntime on CPU only).
             allow_fallback: downgrade (with a warning) instead of raising when the request cannot be met.
-            threads: onnxruntime intra-op threads (``None``: onnxruntime's default).
+            threads: onnxruntime intra-op threads / OpenVINO ``INFERENCE_NUM_THREADS`` (``None``: the backend's
+                default).
+            performance_hint: OpenVINO only: ``latency`` (default) or ``throughput``.
             box_from_first_pass: for a bundle prompted with a box (``box``, ``both``, ``auto-box``,
                 ``auto-both``), take each image's box from the model's own first mask (learned points +
                 the mean-mask box, then the box of that mask): a ``both`` bundle then needs no box.
@@ -238,7 +241,7 @@ class LungSegmenter:
         if "encoder" not in names or not ({"decoder", "decoder_fixed"} & set(names)):
             raise BundleError(f"bundle {b.root} needs an encoder and a decoder (has: {', '.join(names) or 'none'})")
         choice = resolve_backend(b, backend, device, precision, allow_fallback, models=names)
-        models = {n: open_model(b, n, choice, threads) for n in names}
+        models = {n: open_model(b, n, choice, threads, performance_hint) for n in names}
         for n, m in models.items():
             want_in, want_out = ONNX_IO[n]
             if set(m.input_names) != set(want_in) or not set(want_out) <= set(m.output_names):
@@ -280,7 +283,7 @@ class LungSegmenter:
                 "threshold": self.threshold, "working_size": self.working_size,
                 "postprocess": self.cleanup.enabled, "quality_flag": self.qc is not None,
                 "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks),
-                "max_pixels": self.max_pixels}
+                "max_pixels": self.max_pixels, **({"backend_choice": self.choice.why} if self.choice.why else {})}
 
     # -----------------------------------------------------------------------------------------
     # stages

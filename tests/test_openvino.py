@@ -1,0 +1,246 @@
+"""OpenVINO backend, static INT8 and the CPU-feature rules (issue 19), on the real tiny bundle."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from lungsam.cpufeatures import cpu_features, isa_summary
+
+ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'lungsam[openvino]'); "
+                                            "CI installs it through .[dev]")
+
+
+def _demo_images(n: int = 2) -> list[np.ndarray]:
+    from lungsam.data import load_dataset
+
+    return [s.image for s in load_dataset("demo:montgomery", 256).samples[:n]]
+
+
+def _bundle(path, **changes):
+    """The bundle at ``path`` with its manifest changed in memory only (the files stay verified)."""
+    from lungsam.runtime.bundle import Bundle
+
+    b = Bundle.load(path)
+    b.manifest = copy.deepcopy(b.manifest)
+    for key, value in changes.items():
+        b.manifest[key] = value
+    return b
+
+
+def _features(native_bf16: bool) -> dict:
+    f = copy.deepcopy(cpu_features())
+    f["native_bf16"] = native_bf16
+    f["isa"]["avx512_bf16"] = native_bf16
+    return f
+
+
+def test_cpu_features_reads_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f avx512_vnni "
+                    "avx512_bf16\n\nprocessor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2\n")
+    f = cpu_features(info)
+    assert f["model"] == "Test CPU 9000" and f["vnni"] and f["native_bf16"] and not f["amx"]
+    assert f["isa"]["avx2"] and not f["isa"]["amx_int8"]
+    assert "avx512_vnni" in isa_summary(f) and "no amx_tile" in isa_summary(f)
+    empty = cpu_features(tmp_path / "absent")
+    assert not empty["native_bf16"] and empty["source"].startswith("no CPU flags")
+
+
+def test_openvino_bundle_matches_onnxruntime(tiny_bundle):
+    """The export gated OpenVINO too, and the runtime's openvino backend gives onnxruntime's masks."""
+    from lungsam.runtime import LungSegmenter
+
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    res = m["parity"]["results"]
+    for dec in ("decoder", "decoder_fixed"):
+        ovr = res[f"openvino-fp32/{dec}"]
+        assert ovr["agreement_min"] >= 0.999 and ovr["max_abs_logit_diff"] < 1e-3 and ovr["ms_per_image"] > 0
+    assert m["parity"]["machine"]["cpu_features"]["isa"] == cpu_features()["isa"]
+
+    seg_ov = LungSegmenter.load(tiny_bundle, backend="openvino", threads=1, performance_hint="throughput")
+    seg_ort = LungSegmenter.load(tiny_bundle, backend="onnxruntime", threads=1)
+    d = seg_ov.describe()
+    assert d["backend"] == "openvino" and d["providers"]["encoder"] == ["OpenVINO CPU (f32, throughput)"]
+    enc = seg_ov._models["encoder"].compiled
+    assert int(enc.get_property("INFERENCE_NUM_THREADS")) == 1
+    assert str(enc.get_property("PERFORMANCE_HINT")).endswith("THROUGHPUT")
+    for image in _demo_images():
+        a, b = seg_ov.segment(image), seg_ort.segment(image)
+        assert np.abs(a.probability - b.probability).max() < 1e-4
+        assert (a.mask == b.mask).mean() > 0.9999
+    # batched: the dynamic batch axis works through OpenVINO
+    x = np.stack([seg_ov.preprocess(i).model_input for i in _demo_images()])
+    np.testing.assert_allclose(seg_ov.encode(x), seg_ort.encode(x), atol=1e-4, rtol=0)
+
+
+def test_performance_hint_is_openvino_only(tiny_bundle):
+    from lungsam.runtime import LungSegmenter
+    from lungsam.runtime.backends import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="performance hint.*OpenVINO setting"):
+        LungSegmenter.load(tiny_bundle, backend="onnxruntime", performance_hint="latency")
+
+
+def test_bf16_refused_without_native_bfloat16(tiny_bundle, monkeypatch):
+    from lungsam.runtime import openvino_backend
+    from lungsam.runtime.backends import BackendUnavailableError, resolve_backend
+
+    b = _bundle(tiny_bundle)
+    monkeypatch.setattr(openvino_backend, "cpu_features", lambda: _features(False))
+    with pytest.raises(BackendUnavailableError, match="native bfloat16 \\(AVX512-BF16 or AMX-BF16\\).*--precision fp32"):
+        resolve_backend(b, "openvino", "cpu", "bf16")
+    with pytest.raises(BackendUnavailableError, match="native bfloat16"):
+        openvino_backend.OvModel(tiny_bundle / "encoder.onnx", "bf16")
+    with pytest.warns(RuntimeWarning, match="falling back"):  # a fallback says so and gives up bf16
+        c = resolve_backend(b, "openvino", "cpu", "bf16", allow_fallback=True)
+    assert c.precision == "fp32" and c.fallbacks and "native bfloat16" in c.fallbacks[0]
+    with pytest.raises(BackendUnavailableError, match="bf16.*--backend openvino"):
+        resolve_backend(b, "onnxruntime", "cpu", "bf16")
+    # a CPU with native bf16 passes the CPU check; this bundle was not gated at bf16 (made on a CPU without it)
+    monkeypatch.setattr(openvino_backend, "cpu_features", lambda: _features(True))
+    with pytest.raises(BackendUnavailableError, match="not checked with OpenVINO at bf16.*native bfloat16"):
+        resolve_backend(b, "openvino", "cpu", "bf16")
+    gated = _bundle(tiny_bundle, parity={**b.manifest["parity"], "results": {
+        **b.manifest["parity"]["results"], "openvino-bf16/decoder_fixed": {}}})
+    c = resolve_backend(gated, "openvino", "cpu", "bf16")
+    assert (c.backend, c.precision) == ("openvino", "bf16")
+    assert openvino_backend.compile_config("bf16", None, "latency")["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert openvino_backend.compile_config("fp32", 2, "latency") == {
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": "2"}
+
+
+def test_openvino_refusals(tiny_bundle):
+    from lungsam.runtime.backends import BackendUnavailableError, resolve_backend
+
+    b = _bundle(tiny_bundle)
+    with pytest.raises(BackendUnavailableError, match="openvino' runs on the CPU"):
+        resolve_backend(b, "openvino", "cuda", "fp32")
+    with pytest.raises(BackendUnavailableError, match="no int8 ONNX model"):
+        resolve_backend(b, "openvino", "cpu", "int8")
+    ungated = _bundle(tiny_bundle, parity={**b.manifest["parity"], "results": {
+        k: v for k, v in b.manifest["parity"]["results"].items() if not k.startswith("openvino-")}})
+    with pytest.raises(BackendUnavailableError, match="not checked with OpenVINO at fp32.*re-export"):
+        resolve_backend(ungated, "openvino", "cpu", "fp32")
+
+
+def test_auto_picks_the_recorded_fastest_on_this_cpu_only(tiny_bundle):
+    from lungsam.runtime.backends import resolve_backend
+
+    b = _bundle(tiny_bundle)
+    par = b.manifest["parity"]
+
+    def with_times(ort_ms, ov_ms, features=None):
+        res = {k: {**v, "ms_per_image": ort_ms if k.startswith("onnx-") else ov_ms} for k, v in par["results"].items()}
+        machine = {**par["machine"], "cpu_features": features or par["machine"]["cpu_features"]}
+        return _bundle(tiny_bundle, parity={**par, "results": res, "machine": machine})
+
+    c = resolve_backend(with_times(10.0, 5.0), "auto", "cpu", "fp32")
+    assert (c.backend, c.precision) == ("openvino", "fp32") and "openvino" in c.why and not c.fallbacks
+    c = resolve_backend(with_times(5.0, 10.0), "auto", "cpu", "fp32")
+    assert c.backend == "onnxruntime"
+    other = copy.deepcopy(par["machine"]["cpu_features"])
+    other["model"] = "another CPU"
+    c = resolve_backend(with_times(10.0, 5.0, other), "auto", "cpu", "fp32")
+    assert c.backend == "onnxruntime" and "from another CPU, or absent" in c.why
+    # auto never changes the precision: int8 is absent from this bundle, so it is refused as before
+    from lungsam.runtime.backends import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="no int8"):
+        resolve_backend(with_times(10.0, 5.0), "auto", "cpu", "int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# static INT8
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def static_int8_bundle(tiny_run, tmp_path_factory):
+    """``tiny_run`` exported with --int8 (static, the default), 4 calibration images. The tiny backbone is
+    untrained noise (F1 ~0.2, logits near the threshold), so its masks flip more easily than a real model's:
+    the agreement floor is 0.98 here (real bundles: the default 0.99)."""
+    from click.testing import CliRunner
+
+    from lungsam.cli import main
+
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--int8", "--calibration-images", "4",
+                                    "--min-agreement", "0.98"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_static_int8_export(static_int8_bundle, tiny_run):
+    import onnx
+
+    m = json.loads((static_int8_bundle / "manifest.json").read_text())
+    q = m["quantization"]["int8"]
+    split = json.loads((tiny_run / "folds" / "fold_0" / "split.json").read_text())
+    assert q["method"] == "static" and q["calibration"]["n"] == 4 and q["calibration"]["split"] == "train"
+    assert set(q["calibration"]["ids"]) <= set(split["train"]) and not set(q["calibration"]["ids"]) & set(split["test"])
+    assert q["onnxruntime"]["per_channel"] and q["onnxruntime"]["format"] == "QDQ"
+    assert q["openvino"]["function"] == "nncf.quantize" and q["openvino"]["model_type"] == "transformer"
+    enc = m["models"]["encoder"]["int8"]
+    assert enc["file"] == "encoder_int8.onnx" and enc["openvino"]["files"] == ["encoder_int8_ov.xml", "encoder_int8_ov.bin"]
+    assert {"encoder_int8_ov.xml", "encoder_int8_ov.bin"} <= set(m["files"])
+    graph = onnx.load(str(static_int8_bundle / "encoder_int8.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "MatMul"} <= ops and "MatMulInteger" not in ops
+    produced_by = {o: n.op_type for n in graph.node for o in n.output}
+    for n in graph.node:  # LayerNorm / Softmax read float tensors, not dequantised ones
+        if n.op_type in ("LayerNormalization", "Softmax"):
+            assert produced_by.get(n.input[0]) != "DequantizeLinear", n.name
+    assert m["parity"]["max_int8_f1_drop"] == 0.002
+    for backend in ("onnx", "openvino"):
+        r = m["parity"]["results"][f"{backend}-int8/decoder_fixed"]
+        assert r["agreement_mean"] >= 0.98 and r["f1_gt_mean"] >= r["f1_gt_torch_mean"] - 0.002
+
+
+def test_static_int8_runs_on_both_cpu_backends(static_int8_bundle):
+    from lungsam.runtime import LungSegmenter
+
+    ov_seg = LungSegmenter.load(static_int8_bundle, backend="openvino", precision="int8")
+    assert ov_seg._models["encoder"].path.name == "encoder_int8_ov.xml"
+    assert ov_seg._models["decoder_fixed"].path.name == "decoder_fixed.onnx"
+    ort_seg = LungSegmenter.load(static_int8_bundle, backend="onnxruntime", precision="int8")
+    fp32 = LungSegmenter.load(static_int8_bundle, backend="onnxruntime", precision="fp32")
+    for image in _demo_images():
+        ref = fp32.segment(image).mask
+        for seg in (ov_seg, ort_seg):
+            got = seg.segment(image).mask
+            assert 0.95 < (got == ref).mean() and not np.array_equal(seg.segment(image).probability,
+                                                                     fp32.segment(image).probability)
+
+
+def test_int8_gate_refuses_a_degraded_model(tiny_run, tmp_path, monkeypatch):
+    """A real INT8 encoder calibrated on images at 1/100 of their brightness (activation ranges far too narrow,
+    so real inputs saturate): refused, nothing written, and the message says which option to change."""
+    from lungsam.export import quantize
+    from lungsam.export.bundle import ParityGateError, export_bundle
+
+    real = quantize.calibration_inputs
+
+    def too_dark(run_model, n):
+        inputs, record = real(run_model, n)
+        return [x * 0.01 for x in inputs], record
+
+    monkeypatch.setattr(quantize, "calibration_inputs", too_dark)
+    out = tmp_path / "bad"
+    with pytest.raises(ParityGateError, match="int8.*--int8-method dynamic.*--calibration-images") as e:
+        export_bundle(tiny_run, out, int8=True, calibration_images=2, min_agreement=0.98, log=lambda m: None)
+    assert not out.exists() and not list(tmp_path.glob(".bad.*"))
+    res = e.value.parity["results"]
+    assert res["onnx-int8/decoder_fixed"]["agreement_mean"] < 0.98
+    assert res["onnx-fp32/decoder_fixed"]["agreement_mean"] >= 0.999  # the FP32 models were fine
+
+
+def test_int8_options_need_int8(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from lungsam.cli import main
+
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(tmp_path / "b"), "--int8-method", "dynamic"])
+    assert res.exit_code != 0 and "--int8-method only apply with --int8" in res.output
+    assert not (tmp_path / "b").exists()
