@@ -78,8 +78,14 @@ def configure_logging(verbose: int = 0, quiet: bool = False, log_file: str | Non
 
 
 def log_to(name: str) -> Callable[[str], None]:
-    """A ``log(message)`` callback for the library's ``log=`` parameters: INFO on ``lungsam.<name>``."""
-    return logging.getLogger(f"{LOGGER}.{name}").info
+    """A ``log(message)`` callback for the library's ``log=`` parameters: INFO on ``lungsam.<name>``, WARNING
+    for the library's ``"warning: ..."`` lines (so ``-q`` still shows them)."""
+    logger = logging.getLogger(f"{LOGGER}.{name}")
+
+    def log(message: str) -> None:
+        (logger.warning if message.startswith("warning:") else logger.info)(message)
+
+    return log
 
 
 #: Optional third-party modules -> the extra of ``pyproject.toml`` that installs them.

@@ -30,16 +30,16 @@ from .artifacts import read_json, sha256_file
 from .backbones import build_backbone, get_backbone, preprocess_for
 from .preprocess import PreprocessSpec
 from .prompts import LearnedPrompt
-from .errors import LungsamError
+from .errors import ArgumentError, LungsamError
 
 
 class RunError(LungsamError, ValueError):
     pass
 
 
-class CheckpointError(RunError):
+class CheckpointError(ArgumentError, RunError):
     """A ``--checkpoint`` that is not a checkpoint of its backbone (unreadable, not a state dict, other keys
-    or shapes)."""
+    or shapes): an option value this run cannot take (exit 2)."""
 
 
 class RunFolderError(RunError):

@@ -219,9 +219,9 @@ def test_fp16_bundle_runs_end_to_end_like_torch(fp16_bundle, tiny, tiny_run):
 
 def test_gate_failure_writes_nothing(tiny_run, tmp_path):
     out = tmp_path / "bundle"
-    # the INT8 encoder cannot agree on every pixel (0.995 here); --min-agreement is refused above 1
+    # the dynamic INT8 encoder cannot agree on every pixel (0.995 here); --min-agreement is refused above 1
     res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--min-agreement", "1", "--int8",
-                                    "--parity-images", "1"])
+                                    "--int8-method", "dynamic", "--parity-images", "1"])
     assert res.exit_code != 0
     assert "parity gate failed" in res.output and "agree mean" in res.output
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no temporary folder left either
