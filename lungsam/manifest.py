@@ -243,8 +243,8 @@ def _rel_path(v: Any, path: str) -> str:
     """A bundle file: a relative posix path inside the bundle (BundleIntegrityError otherwise)."""
     s = _str(v, path, max_len=255)
     pp = PurePosixPath(s)
-    if (not s or pp.is_absolute() or "\\" in s or ":" in pp.parts[0] or
-            any(part in ("..", ".", "") for part in s.split("/"))):
+    if (not s or pp.is_absolute() or "\\" in s or any(part in ("..", ".", "") for part in s.split("/"))
+            or ":" in s.split("/")[0]):
         raise BundleIntegrityError(f"{path}: manifest lists a path outside the bundle: {s!r}")
     if s in (MANIFEST_FILE, DIGEST_FILE):
         raise BundleIntegrityError(f"{path}: {s} cannot be a listed file")

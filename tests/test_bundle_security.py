@@ -292,7 +292,7 @@ def test_mutated_manifests_are_refused_or_identical_never_another_exception(tiny
     values = st.recursive(
         st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, -1, 32, 2048, 2049, 10**9])
         | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
-        | st.sampled_from(["points", "fp32", "encoder.onnx", "../x", "/etc/passwd", "batch"]),
+        | st.sampled_from(["points", "fp32", "encoder.onnx", "../x", "/etc/passwd", "batch", ".", "", "a/./b"]),
         lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=8)
 
     def mutate(d, path, action, value):
