@@ -158,7 +158,7 @@ def test_auto_picks_the_recorded_fastest_on_this_cpu_only(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def static_int8_bundle(tiny_run, tmp_path_factory):
-    """``tiny_run`` exported with --int8 (static, the default), 4 calibration images. The tiny backbone is
+    """``tiny_run`` exported with --int8 --int8-method static, 4 calibration images. The tiny backbone is
     untrained noise (F1 ~0.2, logits near the threshold), so its masks flip more easily than a real model's:
     the agreement floor is 0.98 here (real bundles: the default 0.99)."""
     from click.testing import CliRunner
@@ -166,8 +166,8 @@ def static_int8_bundle(tiny_run, tmp_path_factory):
     from lungsam.cli import main
 
     out = tmp_path_factory.mktemp("int8") / "bundle"
-    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--int8", "--calibration-images", "4",
-                                    "--min-agreement", "0.98"])
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--int8", "--int8-method", "static",
+                                    "--calibration-images", "4", "--min-agreement", "0.98"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -229,7 +229,8 @@ def test_int8_gate_refuses_a_degraded_model(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(quantize, "calibration_inputs", too_dark)
     out = tmp_path / "bad"
     with pytest.raises(ParityGateError, match="int8.*--int8-method dynamic.*--calibration-images") as e:
-        export_bundle(tiny_run, out, int8=True, calibration_images=2, min_agreement=0.98, log=lambda m: None)
+        export_bundle(tiny_run, out, int8=True, int8_method="static", calibration_images=2, min_agreement=0.98,
+                      log=lambda m: None)
     assert not out.exists() and not list(tmp_path.glob(".bad.*"))
     res = e.value.parity["results"]
     assert res["onnx-int8/decoder_fixed"]["agreement_mean"] < 0.98

@@ -142,7 +142,7 @@ def parity_samples(run_model, data_dir: str | None, limit: int | None) -> tuple[
 
 
 def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int8: bool = False,
-                  int8_method: str = "static", calibration_images: int = 32) -> tuple[dict, dict, dict]:
+                  int8_method: str = "dynamic", calibration_images: int = 32) -> tuple[dict, dict, dict]:
     """Write the ONNX models into ``tmp``: FP32, plus FP16 versions of each (``fp16``) and an INT8 encoder
     (``int8``; the int8 entries of the decoders name their FP32 files, see :data:`INT8_FP32_MODELS`):
     ``int8_method="static"`` calibrates on ``calibration_images`` training images (onnxruntime QDQ, and the
@@ -529,7 +529,7 @@ def _make_readable(folder: Path) -> None:
 def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, int8: bool = False, trt: bool = False,
                   opset: int = 17, fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
                   parity_images: int | None = None, data_dir: str | None = None, max_batch: int = 8,
-                  box_from_first_pass: bool = False, provenance: bool = False, int8_method: str = "static",
+                  box_from_first_pass: bool = False, provenance: bool = False, int8_method: str = "dynamic",
                   calibration_images: int = 32, max_int8_f1_drop: float = 0.002, log: Log = print) -> ExportResult:
     """Export a trained run to a bundle at ``out``.
 
