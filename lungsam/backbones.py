@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from .errors import ArgumentError, LungsamError
 from .modeling.tiny_vit import PatchMerging, TinyViT, TinyViTBlock
 from .preprocess import PreprocessSpec
-from .errors import ArgumentError, LungsamError
 
 SAM_PREPROCESS = PreprocessSpec(img_size=1024)
 

@@ -58,5 +58,6 @@ def isa_summary(features: dict[str, Any]) -> str:
     """One line for reports: ``Intel Xeon (2 cores): avx2 avx512f avx512_vnni; no avx512_bf16/amx``."""
     have = [f for f, on in features["isa"].items() if on and f not in ("sse4_2", "avx", "fma", "f16c")]
     missing = [f for f in ("avx512_vnni", "avx512_bf16", "amx_tile") if not features["isa"].get(f)]
-    s = f"{features.get('model') or 'unknown CPU'} ({features.get('affinity_cpus')} cores): {' '.join(have) or 'no flags'}"
+    cpu = features.get("model") or "unknown CPU"
+    s = f"{cpu} ({features.get('affinity_cpus')} cores): {' '.join(have) or 'no flags'}"
     return s + (f"; no {'/'.join(missing)}" if missing else "")

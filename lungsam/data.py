@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import LungsamError
 from .imageio import IMAGE_SUFFIXES, ImageReadError, read_image, read_mask
 from .preprocess import resize_mask, to_working
-from .errors import LungsamError
 
 DEMO_DATA = "demo:montgomery"
 

@@ -47,7 +47,8 @@ class CleanupSpec:
         if not isinstance(self.enabled, bool) or not isinstance(self.fill_holes, bool):
             raise PostprocessError("postprocess: 'enabled' and 'fill_holes' must be true or false")
         if not isinstance(self.max_components, int) or isinstance(self.max_components, bool) or self.max_components < 1:
-            raise PostprocessError(f"postprocess: 'max_components' must be an integer >= 1, got {self.max_components!r}")
+            raise PostprocessError("postprocess: 'max_components' must be an integer >= 1, "
+                                   f"got {self.max_components!r}")
         for name in ("min_component_fraction", "min_relative_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:

@@ -26,8 +26,8 @@ from typing import Literal
 
 import numpy as np
 
-from .preprocess import PreprocessSpec, boxes_to_model, coords_to_model, fractions_to_pixels
 from .errors import ArgumentError
+from .preprocess import PreprocessSpec, boxes_to_model, coords_to_model, fractions_to_pixels
 
 PromptMode = Literal["points", "box", "both", "auto-box", "auto-both"]
 PROMPT_MODES: tuple[str, ...] = ("points", "box", "both", "auto-box", "auto-both")

@@ -28,9 +28,9 @@ from segment_anything.modeling import Sam
 
 from .artifacts import read_json, sha256_file
 from .backbones import build_backbone, get_backbone, preprocess_for
+from .errors import ArgumentError, LungsamError
 from .preprocess import PreprocessSpec
 from .prompts import LearnedPrompt
-from .errors import ArgumentError, LungsamError
 
 
 class RunError(LungsamError, ValueError):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lungsam.benchmarks import report, schema, stats
-from lungsam.benchmarks.bench import Plan, bench_one, make_plan, parity, Outputs, Images
+from lungsam.benchmarks.bench import Images, Outputs, Plan, bench_one, make_plan, parity
 
 # ---------------------------------------------------------------------------------------------
 # statistics
@@ -296,8 +296,7 @@ def test_torch_batch_preprocess_in_threads_equals_image_by_image(tiny_run):
 def test_resize_encoder_equals_a_natively_built_encoder():
     import torch
 
-    from lungsam.backbones import TINY_PREPROCESS, build_tiny
-    from lungsam.backbones import resize_encoder
+    from lungsam.backbones import TINY_PREPROCESS, build_tiny, resize_encoder
     from lungsam.modeling.tiny_vit import TinyViT
 
     sam = build_tiny()

@@ -449,7 +449,8 @@ def test_a_full_disk_stops_with_the_path_named_and_what_completed_recorded(tiny_
     code = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384)); "
             "from lungsam.runtime.commands import predict; "
-            f"predict.main([{str(tiny_bundle)!r}, {str(d)!r}, '--out', {str(out)!r}, '--no-progress', '--threads', '1'])")
+            f"predict.main([{str(tiny_bundle)!r}, {str(d)!r}, '--out', {str(out)!r}, '--no-progress', "
+            "'--threads', '1'])")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr

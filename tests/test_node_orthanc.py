@@ -25,8 +25,7 @@ from lungsam.runtime.commands import predict
 
 from .conftest import MONTGOMERY, need
 from .dicom_samples import CT, chest_dataset, write_chest_dicom
-from .pacs_harness import (ECHOSCU, NodeProcess, Orthanc, free_port, missing_tools, node_toml, storescu,
-                           wait_until)
+from .pacs_harness import ECHOSCU, NodeProcess, Orthanc, free_port, missing_tools, node_toml, storescu, wait_until
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))]

@@ -90,7 +90,8 @@ def test_bf16_refused_without_native_bfloat16(tiny_bundle, monkeypatch):
 
     b = _bundle(tiny_bundle)
     monkeypatch.setattr(openvino_backend, "cpu_features", lambda: _features(False))
-    with pytest.raises(BackendUnavailableError, match="native bfloat16 \\(AVX512-BF16 or AMX-BF16\\).*--precision fp32"):
+    with pytest.raises(BackendUnavailableError,
+                       match="native bfloat16 \\(AVX512-BF16 or AMX-BF16\\).*--precision fp32"):
         resolve_backend(b, "openvino", "cpu", "bf16")
     with pytest.raises(BackendUnavailableError, match="native bfloat16"):
         openvino_backend.OvModel(tiny_bundle / "encoder.onnx", "bf16")
@@ -183,7 +184,8 @@ def test_static_int8_export(static_int8_bundle, tiny_run):
     assert q["onnxruntime"]["per_channel"] and q["onnxruntime"]["format"] == "QDQ"
     assert q["openvino"]["function"] == "nncf.quantize" and q["openvino"]["model_type"] == "transformer"
     enc = m["models"]["encoder"]["int8"]
-    assert enc["file"] == "encoder_int8.onnx" and enc["openvino"]["files"] == ["encoder_int8_ov.xml", "encoder_int8_ov.bin"]
+    assert enc["file"] == "encoder_int8.onnx"
+    assert enc["openvino"]["files"] == ["encoder_int8_ov.xml", "encoder_int8_ov.bin"]
     assert {"encoder_int8_ov.xml", "encoder_int8_ov.bin"} <= set(m["files"])
     graph = onnx.load(str(static_int8_bundle / "encoder_int8.onnx")).graph
     ops = {n.op_type for n in graph.node}

@@ -16,8 +16,7 @@ from lungsam import preprocess as pp
 from lungsam.imageio import read_image
 from lungsam.metrics import f1_score
 from lungsam.prompts import labelled_points, model_prompt
-from lungsam.runtime import (BackendUnavailableError, BundleIntegrityError, LungSegmenter,
-                             SegmentationResult)
+from lungsam.runtime import BackendUnavailableError, BundleIntegrityError, LungSegmenter, SegmentationResult
 from lungsam.runtime.backends import ort_available_providers
 from lungsam.runtime.commands import predict
 

@@ -89,7 +89,8 @@ def test_auroc_and_detection_summary():
     assert auroc([0.5, 0.5], [True, False]) == 0.5
     assert auroc([0.5, 0.5], [True, True]) is None
     cal = good_calibration()
-    results = [cal.assess(qc_features(lungs(), 0.5, 0.95)), cal.assess(qc_features(np.full((S, S), 0.95, np.float32), 0.5, 0.97))]
+    results = [cal.assess(qc_features(lungs(), 0.5, 0.95)),
+               cal.assess(qc_features(np.full((S, S), 0.95, np.float32), 0.5, 0.97))]
     s = detection_summary(results, [0.97, 0.40])
     assert s["bad"] == 1 and s["bad_caught"] == 1 and s["flagged"] == 1 and s["auroc"] == 1.0
     assert s["flagged_share"] == 0.5 and s["bad_caught_share"] == 1.0

@@ -17,8 +17,15 @@ from lungsam import preprocess as pp
 from lungsam.artifacts import sha256_file
 from lungsam.imageio import read_image
 from lungsam.prompts import LearnedPrompt
-from lungsam.runtime import (BackendUnavailableError, Bundle, BundleError, BundleIntegrityError, LungSegmenter,
-                             PromptRequiredError, resolve_backend)
+from lungsam.runtime import (
+    BackendUnavailableError,
+    Bundle,
+    BundleError,
+    BundleIntegrityError,
+    LungSegmenter,
+    PromptRequiredError,
+    resolve_backend,
+)
 from lungsam.runtime.backends import BackendChoice, ort_available_providers, ort_providers
 
 from .conftest import MONTGOMERY, REPO, need

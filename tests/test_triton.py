@@ -69,7 +69,8 @@ def test_ensemble_steps_run_in_order_give_the_bundles_masks(tiny_bundle, repo):
     prepared = [seg.preprocess(p) for p in images]
     tensors = {"image": np.stack([p.model_input for p in prepared])}  # batch of 3 <= max_batch_size
     for step in ens.ensemble_scheduling.step:
-        sess = ort.InferenceSession(str(repo / step.model_name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(repo / step.model_name / "1" / "model.onnx"),
+                                    providers=["CPUExecutionProvider"])
         feeds = {inner: tensors[outer] for inner, outer in step.input_map.items()}
         outs = sess.run(list(step.output_map), feeds)
         tensors.update({step.output_map[k]: v for k, v in zip(step.output_map, outs)})

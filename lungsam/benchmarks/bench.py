@@ -32,14 +32,22 @@ from typing import Any, Callable
 import numpy as np
 
 from ..artifacts import read_json, utc_now, write_json_atomic, write_text_atomic
+from ..errors import LungsamError
 from ..metrics import f1_score, iou_score, summarize
 from ..runtime.backends import int8_unsupported
 from .machine import full_machine_record, versions
 from .report import compare, latency_chart, markdown_report
 from .schema import BACKENDS, FORMAT, PRECISIONS, check_results
-from .stats import (LATENCY_KEYS, StageTimer, ThreadMap, default_preprocess_threads, latency_summary, ratio,
-                    stage_breakdown, throughput_summary)
-from ..errors import LungsamError
+from .stats import (
+    LATENCY_KEYS,
+    StageTimer,
+    ThreadMap,
+    default_preprocess_threads,
+    latency_summary,
+    ratio,
+    stage_breakdown,
+    throughput_summary,
+)
 
 FIRST_PASS_MODE = "first-pass box: two decoder calls"
 INTERLEAVED_NOTE = ("interleaved with the other rows image by image; memory: RSS growth while this backend opened "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
 from ..errors import LungsamError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
+from ..errors import LungsamError
 from ..modeling.decoder import decode, decode_embedded, encode_prompts
 from ..preprocess import PreprocessSpec, encoder_input, preprocess_shape
 from ..prompts import LearnedPrompt, first_pass_box, first_pass_prompt, mask_box, model_prompt
 from .stats import ThreadMap
-from ..errors import LungsamError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -34,6 +34,8 @@ from ..artifacts import (
     utc_now,
     write_bytes_atomic,
 )
+from ..cpufeatures import cpu_features
+from ..errors import LungsamError
 from ..manifest import (
     BUNDLE_FORMAT,
     DIGEST_FILE,
@@ -49,11 +51,9 @@ from ..manifest import (
     digest_line,
     manifest_digest,
 )
-from ..cpufeatures import cpu_features
 from ..postprocess import CleanupSpec
 from ..qc import QcCalibration
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
-from ..errors import LungsamError
 
 __all__ = ["BUNDLE_FORMAT", "ExportError", "ExportResult", "ParityGateError", "export_bundle"]
 
@@ -151,8 +151,14 @@ def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int
     Returns ``(models, skipped, int8_info)``: ``models[name][precision] = [files]``, ``skipped[name] = reason``,
     ``int8_info = {"record": manifest quantization.int8 record, "openvino": {name: [IR files]}}`` (empty without int8)."""
     from .graphs import fixed_prompt_points
-    from .onnx_export import (convert_fp16, export_decoder, export_encoder, export_fixed_decoder, int8_record,
-                              quantize_int8)
+    from .onnx_export import (
+        convert_fp16,
+        export_decoder,
+        export_encoder,
+        export_fixed_decoder,
+        int8_record,
+        quantize_int8,
+    )
 
     sam, spec = run_model.sam, run_model.spec
     models: dict[str, dict[str, list[Path]]] = {}
@@ -182,8 +188,14 @@ def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int
             int8_info = {"record": int8_record(), "openvino": {}}
             log(f"quantised the encoder to INT8 (dynamic, weight MatMuls) in {time.perf_counter() - t:.1f} s")
         elif int8_method == "static":
-            from .quantize import (OPENVINO_INT8_SUFFIX, calibration_inputs, openvino_available, quantize_openvino,
-                                   quantize_static_onnx, static_record)
+            from .quantize import (
+                OPENVINO_INT8_SUFFIX,
+                calibration_inputs,
+                openvino_available,
+                quantize_openvino,
+                quantize_static_onnx,
+                static_record,
+            )
 
             inputs, calib = calibration_inputs(run_model, calibration_images)
             models["encoder"]["int8"] = quantize_static_onnx(src, dst, inputs)

@@ -16,8 +16,16 @@ import torch
 from segment_anything.modeling import Sam
 
 from ..preprocess import PreprocessSpec
-from .graphs import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, FIXED_DECODER_INPUTS,
-                     DecoderGraph, EncoderGraph, FixedPromptDecoderGraph)
+from .graphs import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    FIXED_DECODER_INPUTS,
+    DecoderGraph,
+    EncoderGraph,
+    FixedPromptDecoderGraph,
+)
 
 DEFAULT_OPSET = 17
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GiB hard limit, with room for the graph itself

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 from ..errors import LungsamError
 
 INSTALL_HINT = "pip install 'lungsam[trt]'"

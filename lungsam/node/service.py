@@ -156,7 +156,8 @@ class Sender:
                 assoc.release()
             code = int(getattr(status, "Status", -1)) if status else -1
             if code != SUCCESS:
-                raise ConnectionError(f"{self.dest.describe()}: C-ECHO " + ("no response" if code < 0 else f"status 0x{code:04X}"))
+                why = "no response" if code < 0 else f"status 0x{code:04X}"
+                raise ConnectionError(f"{self.dest.describe()}: C-ECHO {why}")
             return f"{self.dest.describe()}: C-ECHO ok"
         client = self._dicomweb()
         try:

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts import machine_record, package_versions, read_json, utc_now, write_json_atomic
-from ..data import DataError, shuffled_ids, kfold_splits, load_dataset
-from . import paper
+from ..data import DataError, kfold_splits, load_dataset, shuffled_ids
 from ..errors import LungsamError
 from ..ranges import check_fields
+from . import paper
 
 Log = Callable[[str], None]
 SETS = ("montgomery", "shenzhen")

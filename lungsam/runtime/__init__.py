@@ -11,8 +11,14 @@ Depends on numpy, Pillow and onnxruntime only; TensorRT (``lungsam[trt]``) and p
 """
 from .backends import BackendChoice, BackendUnavailableError, OrtModel, TrtModel, resolve_backend
 from .bundle import BUNDLE_FORMAT, Bundle, BundleError, BundleIntegrityError
-from .segmenter import (LungSegmenter, Prepared, PromptRequiredError, SegmentationFailure,
-                        SegmentationResult, UnusableImageError)
+from .segmenter import (
+                        LungSegmenter,
+                        Prepared,
+                        PromptRequiredError,
+                        SegmentationFailure,
+                        SegmentationResult,
+                        UnusableImageError,
+)
 
 __all__ = [
     "BUNDLE_FORMAT", "BackendChoice", "BackendUnavailableError", "Bundle", "BundleError", "BundleIntegrityError",

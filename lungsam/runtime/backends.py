@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .bundle import PRECISIONS
 from ..errors import LungsamError
+from .bundle import PRECISIONS
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "openvino", "triton")  # triton: a server (runtime/triton_backend.py)
 DEVICES = ("cpu", "cuda")

@@ -23,14 +23,21 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 import numpy as np
 
 from .. import preprocess as pp
-from ..imageio import (DEFAULT_MAX_PIXELS, ImageReadError, LoadedImage, check_max_pixels, check_pixel_limit,
-                       plausible_spacing, read_image)
+from ..errors import LungsamError
+from ..imageio import (
+    DEFAULT_MAX_PIXELS,
+    ImageReadError,
+    LoadedImage,
+    check_max_pixels,
+    check_pixel_limit,
+    plausible_spacing,
+    read_image,
+)
+from ..manifest import normalize_digest
 from ..postprocess import CleanupSpec, clean_mask
 from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_prompt
 from ..qc import QcCalibration, qc_features
 from .backends import BackendChoice, Model, open_model, resolve_backend
-from ..errors import LungsamError
-from ..manifest import normalize_digest
 from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
 
 ImageSource = Union[str, Path, LoadedImage, np.ndarray]

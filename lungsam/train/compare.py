@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import read_json
-from ..metrics import summarize
 from ..errors import LungsamError
+from ..metrics import summarize
 
 SPLIT_KEYS = ("data", "folds", "seed", "size")  # settings that fix which images are tested, and at what size
 

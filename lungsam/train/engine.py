@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
+from ..errors import UnsupportedHereError
 from ..metrics import f1_score, iou_score
-from ..postprocess import CleanupSpec, clean_masks
 from ..modeling.decoder import decode
+from ..postprocess import CleanupSpec, clean_masks
 from ..preprocess import PreprocessSpec, encoder_input, fractions_to_pixels, preprocess_shape
 from ..prompts import LearnedPrompt, first_pass_prompt, mask_box, model_prompt, perturb_box
-from ..errors import UnsupportedHereError
 
 
 def pick_device(device: str) -> str:

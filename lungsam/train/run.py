@@ -18,16 +18,25 @@ from ..backbones import get_backbone, preprocess_for
 from ..boundary import boundary_scores
 from ..data import Dataset, Sample, dataset_of, kfold_splits, load_dataset, pool
 from ..embeddings import EmbeddingCache, weights_fingerprint
+from ..errors import ArgumentError, OutputExistsError
 from ..metrics import boundary_summary, summarize
 from ..postprocess import CleanupSpec
-from ..qc import QcCalibration, QcResult, calibrate, detection_summary, qc_features
 from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
+from ..qc import QcCalibration, QcResult, calibrate, detection_summary, qc_features
 from . import distributed, report
 from .config import TrainConfig
-from .engine import (DecoderTrainer, EarlyStopping, EncoderLoraTrainer, binarize,
-                     choose_threshold_and_cleanup, mixed_precision, pick_device,
-                     predict_with_first_pass_box, predict_with_iou, score)
-from ..errors import ArgumentError, OutputExistsError
+from .engine import (
+    DecoderTrainer,
+    EarlyStopping,
+    EncoderLoraTrainer,
+    binarize,
+    choose_threshold_and_cleanup,
+    mixed_precision,
+    pick_device,
+    predict_with_first_pass_box,
+    predict_with_iou,
+    score,
+)
 
 Log = Callable[[str], None]
 

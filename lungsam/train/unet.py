@@ -23,11 +23,11 @@ import torch
 
 from ..artifacts import package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
 from ..data import kfold_splits
+from ..errors import ArgumentError, OutputExistsError
 from ..metrics import fmt_mean_std, summarize
 from . import report
 from .config import DEFAULT_THRESHOLDS, DictConfig
 from .engine import EarlyStopping, autocast, choose_threshold, mixed_precision, pick_device, score, sweep_thresholds
-from ..errors import ArgumentError, OutputExistsError
 
 Log = Callable[[str], None]
 RUN_FORMAT = "lungsam-unet-run/1"
