@@ -103,6 +103,25 @@ def test_ray_outputs_equal_plain_predict_and_rerun_skips_complete(local_ray, tin
         predict_ray(tiny_bundle, inputs, out, options=SegmenterOptions(overlay=True))
 
 
+def test_ray_writes_the_same_dicom_seg_and_sr_as_plain_predict(local_ray, tiny_bundle, tmp_path):
+    pytest.importorskip("highdicom", reason="highdicom is not installed (pip install 'lungsam[dicom]')")
+    from lungsam.runtime.dicom_out import dicom_record_hook, read_seg_masks
+
+    from .dicom_samples import write_chest_dicom
+
+    files = [write_chest_dicom(p, tmp_path / "in" / f"{p.stem}.dcm", index=i)
+             for i, p in enumerate(sorted(DEMO.glob("*.png"))[:2])]
+    seg = LungSegmenter.load(tiny_bundle)
+    predict_files(seg, files, tmp_path / "plain", record_hook=dicom_record_hook(seg.bundle, sr=True))
+    s = predict_ray(tiny_bundle, files, tmp_path / "ray", options=SegmenterOptions(dicom_seg=True, sr=True))
+    assert (s.ok, s.failed) == (2, 0)
+    same_outputs(tmp_path / "plain", tmp_path / "ray")  # the records name the same SEG/SR instances
+    for r in records(tmp_path / "ray"):
+        assert (tmp_path / "ray" / r["dicom"]["sr"]).is_file()
+        a, b = (read_seg_masks(tmp_path / d / r["dicom"]["seg"]) for d in ("ray", "plain"))
+        assert all((a[k] == b[k]).all() for k in ("right", "left"))
+
+
 def _actor_processes() -> list:
     import psutil
 

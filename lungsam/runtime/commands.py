@@ -92,14 +92,15 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     if (fractional or sr or secondary_capture) and not dicom_seg:
         raise click.UsageError("--fractional, --sr and --secondary-capture go with --dicom-seg")
     if ray_address is not None:
-        unsupported = [flag for flag, on in (("--dicom-seg", dicom_seg), ("--overwrite", overwrite),
-                                             ("--expect-digest", expect_digest is not None)) if on]
-        if unsupported:  # not silently dropped: the Ray path does not implement them yet
-            raise click.UsageError(f"{', '.join(unsupported)} cannot be combined with --ray yet")
+        if overwrite:  # a Ray rerun resumes its folder (ray_run.json); it never clears it
+            raise click.UsageError("--overwrite cannot be combined with --ray: a rerun skips the inputs already "
+                                   "complete; choose an empty --out for a new run")
         return _predict_ray(bundle, inputs, out_dir, ray_address, ray_workers, ray_cpus_per_worker,
                             ray_gpus_per_worker, overlay=overlay, backend=backend, device=device,
                             precision=precision, allow_fallback=allow_fallback, threads=threads,
                             batch_size=batch_size, ground_truth=ground_truth, box_from_first_pass=box_from_first_pass,
+                            expect_digest=expect_digest, max_pixels=max_pixels, dicom_seg=dicom_seg,
+                            fractional=fractional, sr=sr, secondary_capture=secondary_capture,
                             no_progress=no_progress)
     try:
         check_out_dir(out_dir, overwrite)  # before any work

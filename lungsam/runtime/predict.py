@@ -435,10 +435,12 @@ def output_stems(paths: list[Path]) -> list[str]:
 
 
 def record_outputs(out: Path, path: Path, stem: str, r: SegmentationResult | SegmentationFailure, *,
-                   overlay: bool = False, ground_truth: str | Path | None = None) -> dict:
+                   overlay: bool = False, ground_truth: str | Path | None = None,
+                   record_hook: Callable[[Path, str, SegmentationResult, Path], dict] | None = None) -> dict:
     """One input's ``predictions.jsonl`` record, written exactly as :func:`predict_files` writes it (mask and
-    overlay first, atomically; a write failure becomes an error record)."""
-    rec = _record(path, stem, r, out, overlay, None if ground_truth is None else Path(ground_truth))
+    overlay first, atomically; then ``record_hook``'s outputs, e.g. DICOM-SEG; a write failure becomes an error
+    record)."""
+    rec = _record(path, stem, r, out, overlay, None if ground_truth is None else Path(ground_truth), record_hook)
     rec.pop("_fatal", None)
     return rec
 

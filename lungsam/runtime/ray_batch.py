@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import atomic_path, read_json, sha256_file, write_json_atomic
+from ..artifacts import atomic_path, dumps_json, read_json, sha256_file, write_json_atomic
 from ..imageio import list_inputs
 from .predict import PredictSummary, output_stems, record_outputs, write_summary
 
@@ -58,6 +58,12 @@ class SegmenterOptions:
     batch_size: int = 1
     overlay: bool = False
     ground_truth: str | None = None
+    expect_digest: str | None = None
+    max_pixels: int | None = 64_000_000
+    dicom_seg: bool = False  # DICOM-SEG (and SR / SC) beside the masks, as `lungsam predict --dicom-seg`
+    fractional: bool = False
+    sr: bool = False
+    secondary_capture: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -112,7 +118,14 @@ class SegmentBlocks:
         self.out = Path(out_dir)
         self.segmenter = LungSegmenter.load(bundle, backend=o.backend, device=o.device, precision=o.precision,
                                             allow_fallback=o.allow_fallback, threads=o.threads,
-                                            box_from_first_pass=o.box_from_first_pass)
+                                            box_from_first_pass=o.box_from_first_pass,
+                                            expect_digest=o.expect_digest, max_pixels=o.max_pixels)
+        self.record_hook = None
+        if o.dicom_seg:
+            from .dicom_out import dicom_record_hook
+
+            self.record_hook = dicom_record_hook(self.segmenter.bundle, fractional=o.fractional, sr=o.sr,
+                                                 secondary_capture=o.secondary_capture)
         self._described = False
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -121,11 +134,12 @@ class SegmentBlocks:
         records = []
         results = self.segmenter.segment_many(paths, batch_size=o.batch_size)
         for path, stem, r in zip(paths, batch["stem"], results):
-            rec = record_outputs(self.out, path, str(stem), r, overlay=o.overlay, ground_truth=o.ground_truth)
-            records.append(json.dumps(rec))
+            rec = record_outputs(self.out, path, str(stem), r, overlay=o.overlay, ground_truth=o.ground_truth,
+                                 record_hook=self.record_hook)
+            records.append(dumps_json(rec))
         setup = [""] * len(records)
         if records and not self._described:
-            setup[0] = json.dumps(self.segmenter.describe())
+            setup[0] = dumps_json(self.segmenter.describe())
             self._described = True
         return {"index": np.asarray(batch["index"], np.int64), "record": np.asarray(records, dtype=object),
                 "setup": np.asarray(setup, dtype=object)}
@@ -279,7 +293,7 @@ def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str |
     summary.failed = len(summary.records) - summary.ok
     with atomic_path(summary.jsonl) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in summary.records:
-            f.write(json.dumps(rec) + "\n")
+            f.write(dumps_json(rec) + "\n")
     (out / JOURNAL).unlink(missing_ok=True)
     summary.seconds = time.perf_counter() - t0
     if setup is None:  # everything was complete already: keep what the earlier run recorded
