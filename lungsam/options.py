@@ -41,8 +41,8 @@ def _configure_logging(ctx: click.Context) -> None:
         return
     verbose = ctx.params.pop("verbose", 0) or 0
     log_file = ctx.params.pop("log_file", None)
-    quiet = ctx.params.get("quiet", False)
-    configure_logging(verbose=verbose, quiet=quiet, log_file=log_file)
+    quiet = ctx.params.get("quiet", 0) or 0  # -q: no progress bars; -qq: warnings and errors only
+    configure_logging(verbose=verbose, quiet=quiet >= 2, log_file=log_file)
 
 
 def release_logging() -> None:
@@ -228,7 +228,8 @@ def verbosity(f: Callable) -> Callable:
     f = click.option("--log-file", type=click.Path(dir_okay=False, writable=True), default=None,
                      help="Also append every message, time-stamped and at debug level, to this file.")(f)
     f = click.option("-v", "--verbose", count=True, help="More detail (debug messages).")(f)
-    f = click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")(f)
+    f = click.option("-q", "--quiet", count=True,
+                     help="No progress bars; twice (-qq) also no messages but warnings and errors.")(f)
     return f
 
 

@@ -200,10 +200,10 @@ def test_log_file_and_levels(tmp_path):
 
 
 def test_quiet_keeps_progress_off_stderr_and_the_log_file_keeps_it(tmp_path):
-    """A real (one-epoch, tiny) training run: with -q its progress messages leave stderr, reach --log-file."""
+    """A real (one-epoch, tiny) training run: with -qq its progress messages leave stderr, reach --log-file."""
     log = tmp_path / "train.log"
     tiny = ["train", "--backbone", "tiny", "--folds", "1", "--epochs", "1", "--size", "64"]
-    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "run"), "-q", "--log-file", str(log)])
+    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "run"), "-qq", "--log-file", str(log)])
     assert r.exit_code == 0, r.output
     assert "data: 16 pairs" not in r.output and "test F1" in r.output
     text = log.read_text()

@@ -129,7 +129,10 @@ def test_segment_dicom_seg_sr_sc_validate_and_read_back(seg, tmp_path):
         values[site] = {m.name.value: m.value for m in g.get_measurements()}
     assert values["3341006"]["42798000"] == pytest.approx(right.sum() * 0.49, abs=1e-3)
     assert values["44029006"]["42798000"] == pytest.approx(left.sum() * 0.49, abs=1e-3)
-    assert values["3341006"]["predicted-iou"] == pytest.approx(r.score, abs=1e-6)
+    if r.qc is None:  # a bundle without a quality calibration: the decoder's predicted IoU
+        assert values["3341006"]["predicted-iou"] == pytest.approx(r.score, abs=1e-6)
+    else:  # the calibrated quality flag's score (lungsam.qc)
+        assert values["3341006"]["qc-score"] == pytest.approx(r.qc["score"], abs=1e-6)
 
     sc = pydicom.dcmread(tmp_path / "x_sc.dcm")
     assert sc.StudyInstanceUID == ds.StudyInstanceUID and sc.PhotometricInterpretation == "RGB"

@@ -66,7 +66,7 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
            checkpoint: str | None, min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
            box_from_first_pass: bool, provenance: bool, triton_repo: str | None, triton_name: str,
            triton_precision: str, triton_max_batch: int, triton_instances: int, triton_kind: str,
-           int8_method: str, calibration_images: int, max_int8_f1_drop: float, quiet: bool) -> None:
+           int8_method: str, calibration_images: int, max_int8_f1_drop: float, quiet: int) -> None:
     """Export RUN's tuned model to a bundle checked against torch on held-out images.
 
     The bundle is built in a temporary folder and moved to --out only when the parity gate passes. The last

@@ -16,7 +16,7 @@ from ..options import Command, examples, verbosity
               help="Validate the config, open the bundle and reach every destination (C-ECHO / QIDO-RS), then exit "
                    "(code 1 when anything fails).")
 @verbosity
-def node(config_path: str, check: bool, quiet: bool) -> None:
+def node(config_path: str, check: bool, quiet: int) -> None:
     """Run a DICOM node: receive chest radiographs (C-STORE), segment them in arrival order, send DICOM-SEG / SR
     to the configured destinations. Ctrl-C or SIGTERM stops it; a restart resumes the spool and the outbox."""
     try:

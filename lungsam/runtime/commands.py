@@ -72,7 +72,7 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
             box_from_first_pass: bool | None, dicom_seg: bool, fractional: bool, sr: bool, secondary_capture: bool,
             no_progress: bool, expect_digest: str | None, overwrite: bool, max_pixels: int, ray_address: str | None,
             ray_workers: int, ray_cpus_per_worker: float, ray_gpus_per_worker: float, performance_hint: str | None,
-            quiet: bool) -> None:
+            quiet: int) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -172,7 +172,7 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
 @click.option("--expect-digest", default=None, metavar="HEX",
               help="Also require this bundle digest (sha256 of manifest.json, as lungsam export printed it).")
 @verbosity
-def verify(bundle: str, expect_digest: str | None, quiet: bool) -> None:
+def verify(bundle: str, expect_digest: str | None, quiet: int) -> None:
     """Check a BUNDLE before use: the manifest against its schema, every listed file (regular file inside the
     bundle, no symlinks, size and sha256), the digest recorded at export and, with --expect-digest, the one
     you pinned. Prints what it checked and the digest; exit code 1 when any check fails.
