@@ -405,14 +405,24 @@ def render_header(res: dict) -> list[str]:
                  + (" (a seeded random subset)" if d["subset"] else "")
                  + f"; {scheme}; split 0 train/val/test = "
                  f"{d['split0']['train']}/{d['split0']['val']}/{d['split0']['test']}.")
-    L += _protocol_lines(st)
+    L += _protocol_lines(st, _sweep_range(res))
     if quick:
         L += [f"- **--quick**: one split instead of 5 folds, {st['epochs']} epochs without early stopping, a "
               f"{len(st['grid'])}-cell grid, subsets as listed. Numbers are indicative only."]
     return L + [""]
 
 
-def _protocol_lines(st: dict) -> list[str]:
+def _sweep_range(res: dict) -> str:
+    """``"LO-HI"`` of the validation threshold sweep the k-fold runs recorded (the runs' own setting)."""
+    for sweeps in res["tables"]["threshold_sweep"].values():
+        for rows in sweeps.values():
+            ths = [r["threshold"] for r in rows]
+            if ths:
+                return f"{min(ths):.2f}-{max(ths):.2f}"
+    return "the runs' sweep"
+
+
+def _protocol_lines(st: dict, sweep: str) -> list[str]:
     """The protocol's steps as bullet lines (zero-shot, grid, k-fold, cross-dataset, U-Net, pooled)."""
     return [
         f"- Zero-shot (Tables 1-2): the untuned backbone; point prompts ({st['points_per_lung']} per lung) and the "
@@ -424,7 +434,7 @@ def _protocol_lines(st: dict) -> list[str]:
         "the best validation F1 is used for every k-fold run of that set.",
         f"- k-fold per prompt (Tables 3-4, 7-8): prompts {', '.join(st['prompts'])}; decoder only (encoders frozen), "
         f"Adam, DiceFocal loss, batch {st['batch_size']}, box jitter 5 %; the threshold is chosen on each fold's "
-        "validation split from 0.50-0.70.",
+        f"validation split from {sweep}.",
         "- Cross-dataset (Tables 5-6): the point-prompt k-fold run of the training set, its fold with the best "
         "validation F1 (trained on that fold's 60 % training split, threshold from its validation split), "
         "scored on **every image** of the other set.",
