@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from .errors import LungsamError
+
 FORMAT = "lungsam-postprocess/1"
 
 
-class PostprocessError(ValueError):
+class PostprocessError(LungsamError, ValueError):
     """A ``postprocess`` section that is not a valid :class:`CleanupSpec`."""
 
 

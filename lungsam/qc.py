@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import LungsamError
 from .postprocess import CleanupSpec, components, kept_components
 
 FORMAT = "lungsam-qc/1"
@@ -40,7 +41,7 @@ DEFAULT_Z_FLAG = 4.0
 UNCERTAIN = (0.1, 0.9)
 
 
-class QcError(ValueError):
+class QcError(LungsamError, ValueError):
     """A ``qc`` section that is not a valid :class:`QcCalibration`."""
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import LungsamError
+
 INT8_METHODS = ("static", "dynamic")
 DEFAULT_CALIBRATION_IMAGES = 32
 STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -29,7 +31,7 @@ STATIC_EXTRA_OPTIONS = {"MatMulConstBOnly": True, "WeightSymmetric": True, "Acti
 OPENVINO_INT8_SUFFIX = "_ov"  # encoder_int8_ov.xml / .bin
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(LungsamError, RuntimeError):
     pass
 
 

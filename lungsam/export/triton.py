@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import sha256_file, utc_now, write_text_atomic
+from ..errors import LungsamError
 
 BUNDLE_SHA_PARAMETER = "lungsam_bundle_manifest_sha256"
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
@@ -35,7 +36,7 @@ REPOSITORY_FORMAT = "lungsam-triton-repository/1"
 ENSEMBLE_OUTPUTS = ("low_res_logits", "iou_predictions")
 
 
-class TritonRepositoryError(RuntimeError):
+class TritonRepositoryError(LungsamError, RuntimeError):
     """The repository cannot be written (message names the file or option)."""
 
 

@@ -17,6 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser from PyPI (lungsam[dicom] depends on it there)
     import tomli as tomllib
 
+from ..errors import LungsamError
 from ..runtime import dicom_out
 from ..runtime.dicom_out import SECONDARY_CAPTURE
 
@@ -26,7 +27,7 @@ DESTINATION_KINDS = ("c-store", "stow-rs")
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 printable characters, no backslash
 
 
-class ConfigError(ValueError):
+class ConfigError(LungsamError, ValueError):
     """An invalid node configuration; the message names the file and the key."""
 
 

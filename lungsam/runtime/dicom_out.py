@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..artifacts import atomic_path, sha256_file
+from ..errors import LungsamError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
@@ -57,7 +58,7 @@ OVERLAY_RGB = (0, 200, 80)
 _UID_NAMESPACE = uuid.UUID("5b0f3c2e-8a41-5d0e-9c55-6c756e677361")  # lungsam's own namespace
 
 
-class DicomOutputError(ValueError):
+class DicomOutputError(LungsamError, ValueError):
     """A source dataset that cannot carry lungsam's DICOM results (the reason names the attribute)."""
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..artifacts import atomic_path, dumps_json, package_versions, read_json, utc_now, write_json_atomic
+from ..errors import LungsamError
 from ..imageio import IMAGE_SUFFIXES, ImageReadError, InputListing, read_mask, scan_inputs
 from ..metrics import f1_score, iou_score, summarize
 from ..preprocess import grey_to_rgb, to_uint8
@@ -43,7 +44,7 @@ _ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # lungsam.artifacts.atomic_path's temp
 FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
 
-class PredictOutputError(RuntimeError):
+class PredictOutputError(LungsamError, RuntimeError):
     """The output folder cannot be used (not empty, not ours to overwrite) or written (full, read-only)."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import atomic_path, dumps_json, read_json, sha256_file, write_json_atomic
+from ..errors import LungsamError
 from ..imageio import list_inputs
 from .predict import PredictSummary, output_stems, record_outputs, write_summary
 
@@ -41,7 +42,7 @@ RUN_FORMAT = "lungsam-ray-predict/1"
 LOCAL = "local"  # --ray without an address: start a local Ray on this machine
 
 
-class RayBatchError(RuntimeError):
+class RayBatchError(LungsamError, RuntimeError):
     """A Ray batch run cannot start or resume (message names the file or option)."""
 
 
