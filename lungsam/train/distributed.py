@@ -154,13 +154,7 @@ class DistributedStep:
         else:  # fewer images than ranks in the last batch: join with a zero gradient
             loss = self.ddp(embeddings[:1], [masks[0]], self.jitter_rng)
             weighted = loss * 0.0
-        if trainer.scaler is not None:
-            trainer.scaler.scale(weighted).backward()
-            trainer.scaler.step(trainer.optimizer)
-            trainer.scaler.update()
-        else:
-            weighted.backward()
-            trainer.optimizer.step()
+        trainer.backward_and_step(weighted)
         total = torch.tensor([float(loss.detach()) * len(mine)], dtype=torch.float64,
                              device=f"cuda:{self.d.local_rank}" if self.d.backend == "nccl" else "cpu")
         dist.all_reduce(total)

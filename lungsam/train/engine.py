@@ -386,6 +386,11 @@ class DecoderTrainer:
         self.sam.mask_decoder.train()
         _, loss = self._logits_and_loss(embeddings, masks, self.rng)
         self.optimizer.zero_grad(set_to_none=True)
+        self.backward_and_step(loss)
+        return float(loss.detach())
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` and take the optimiser step (through the AMP scaler on CUDA)."""
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -393,7 +398,6 @@ class DecoderTrainer:
         else:
             loss.backward()
             self.optimizer.step()
-        return float(loss.detach())
 
     @torch.no_grad()
     def validate(self, embeddings: np.ndarray, masks: list[np.ndarray], threshold: float = 0.5) -> dict:
