@@ -230,3 +230,22 @@ class ReproduceLayout:
     @property
     def figures_dir(self) -> Path:
         return Path(self.root) / "figures"
+
+
+@dataclass(frozen=True)
+class EvalLayout:
+    """``lungsam eval --out OUT``: the scores (per image and aggregated), their report and the overlays."""
+
+    root: Path
+
+    @property
+    def metrics_json(self) -> Path:
+        return Path(self.root) / "metrics.json"
+
+    @property
+    def report_md(self) -> Path:
+        return Path(self.root) / "report.md"
+
+    @property
+    def overlays_png(self) -> Path:
+        return Path(self.root) / "overlays.png"

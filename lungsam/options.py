@@ -9,11 +9,15 @@
   the ``lungsam`` logger's level (default INFO: what the command reports as it goes; ``-q`` warnings only and
   no progress bars; ``-v`` debug).
 * :data:`TRAIN_DEVICE`, :data:`RUNTIME_DEVICE`: ``--device`` as a choice everywhere.
+* :func:`option` / :func:`options_from` / :func:`config_from`: a config dataclass's fields carry their option's
+  metadata (help, flag, range, choices, text form), and the click options are generated from them, so a
+  setting's default and its help are written once, on the field.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from dataclasses import MISSING, Field, dataclass, fields
+from typing import Any, Callable, Iterable, Sequence
 
 import click
 
@@ -236,3 +240,135 @@ def verbosity(f: Callable) -> Callable:
 def examples(*lines: str) -> str:
     """A command's ``epilog``: its ``--help`` ends with these example command lines, kept verbatim."""
     return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+#: The key of a config field's ``metadata`` under which :func:`option` stores its :class:`OptionSpec`.
+OPTION_KEY = "lungsam.option"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How a config dataclass field appears on the command line (see :func:`option`)."""
+
+    help: str
+    flag: str | None = None
+    range: str | None = None
+    choices: tuple[str, ...] | None = None
+    path: str | None = None
+    parse: Callable[[str], Any] | None = None
+    text: Callable[[Any], str] | None = None
+    multiple: bool = False
+    metavar: str | None = None
+
+
+def option(help: str, *, flag: str | None = None, range: str | None = None, choices: Sequence[str] | None = None,
+           path: str | None = None, parse: Callable[[str], Any] | None = None, text: Callable[[Any], str] | None = None,
+           multiple: bool = False, metavar: str | None = None) -> dict:
+    """The ``metadata`` of a config field that is also a command-line option, for ``dataclasses.field``.
+
+    Args:
+        help: the option's help sentence. flag: its name (default ``--`` + the field name with dashes).
+        range: a key of :data:`lungsam.ranges.RANGES` (the option's type is then :func:`ranged`).
+        choices: the allowed strings. path: ``"file"`` (an existing file) or ``"dir"`` (a folder to write).
+        parse: text -> value (raises ``ValueError`` with the reason); text: value -> the text shown as the
+            default (both for a field whose value is not what one types, like a tuple).
+        multiple: the option may be repeated (a list field). metavar: the value's name in ``--help``.
+    """
+    spec = OptionSpec(help, flag, range, tuple(choices) if choices is not None else None, path, parse, text,
+                      multiple, metavar)
+    return {OPTION_KEY: spec}
+
+
+def option_fields(cls: type, exclude: Iterable[str] = ()) -> list[Field]:
+    """The fields of dataclass ``cls`` that carry an :func:`option` (in field order), less ``exclude``."""
+    skip = set(exclude)
+    unknown = skip - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+    return [f for f in fields(cls) if OPTION_KEY in f.metadata and f.name not in skip]
+
+
+def field_default(f: Field) -> Any:
+    """The default value of dataclass field ``f`` (its factory called), ``None`` when it has none."""
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def _click_type(spec: OptionSpec, default: Any) -> Any:
+    if spec.range is not None:
+        return ranged(spec.range)
+    if spec.choices is not None:
+        return click.Choice(list(spec.choices))
+    if spec.path == "file":
+        return click.Path(exists=True, dir_okay=False)
+    if spec.path == "dir":
+        return click.Path(file_okay=False)
+    if spec.parse is not None or spec.multiple:
+        return None if spec.parse is not None else click.STRING
+    return type(default) if default is not None else click.STRING
+
+
+def _parser(spec: OptionSpec) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback running ``spec.parse`` on text values (click's usage error on ``ValueError``)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return spec.parse(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+
+    return parse
+
+
+def click_option(f: Field) -> Callable[[Callable], Callable]:
+    """The ``click.option`` decorator of config field ``f`` (which carries an :func:`option`)."""
+    spec: OptionSpec = f.metadata[OPTION_KEY]
+    default = field_default(f)
+    flag = spec.flag or "--" + f.name.replace("_", "-")
+    kw: dict[str, Any] = {"help": spec.help}
+    if isinstance(default, bool):
+        return click.option(flag, f.name, is_flag=True, **({"default": True} if default else {}), **kw)
+    if spec.multiple:
+        kw.update(default=list(default or []), show_default=True, multiple=True)
+    elif default is not None:
+        kw.update(default=spec.text(default) if spec.text is not None else default, show_default=True)
+    if (t := _click_type(spec, default)) is not None:
+        kw["type"] = t
+    if spec.parse is not None:
+        kw["callback"] = _parser(spec)
+    if spec.metavar is not None:
+        kw["metavar"] = spec.metavar
+    return click.option(flag, f.name, **kw)
+
+
+def options_from(cls: type, exclude: Iterable[str] = ()) -> Callable[[Callable], Callable]:
+    """A decorator adding one click option per :func:`option` field of dataclass ``cls`` (in field order), each
+    with the field's default, help, range and choices; ``exclude``: fields the command does not offer."""
+    decorators = [click_option(f) for f in option_fields(cls, exclude)]
+
+    def add(fn: Callable) -> Callable:
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return add
+
+
+def config_values(cls: type, params: dict[str, Any], exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The values of ``cls``'s option fields in a command's ``params`` (repeated options as lists)."""
+    out = {}
+    for f in option_fields(cls, exclude):
+        value = params[f.name]
+        out[f.name] = list(value) if f.metadata[OPTION_KEY].multiple else value
+    return out
+
+
+def explicit_params(ctx: click.Context, names: Iterable[str]) -> set[str]:
+    """Which of ``names`` the user gave on the command line (or in the environment), not left at the default."""
+    default = click.core.ParameterSource.DEFAULT
+    return {n for n in names if ctx.get_parameter_source(n) not in (default, None)}

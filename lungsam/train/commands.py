@@ -9,94 +9,76 @@ import os
 
 import click
 
-from ..options import TRAIN_DEVICE, Command, Group, examples, int_list, log_to, ranged, verbosity
+from ..layout import EvalLayout, RunLayout
+from ..options import (
+    TRAIN_DEVICE,
+    Command,
+    Group,
+    config_values,
+    examples,
+    explicit_params,
+    log_to,
+    options_from,
+    ranged,
+    verbosity,
+)
 from ..prompts import PROMPT_MODES
+from .config import TrainConfig, UNetConfig
+from .recipes import RECIPES, apply_recipe, recipe_list
 
 PROMPTS = click.Choice(list(PROMPT_MODES))
 
 
+def _recipe_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--recipe NAME``: a known recipe; ``--recipe`` alone or an unknown name is a usage error listing them."""
+    if value is None or value in RECIPES:
+        return value
+    what = "needs a recipe name" if value == "" else f"{value!r} is not a recipe"
+    raise click.BadParameter(f"{what}; choose one of:\n{recipe_list()}", ctx, param)
+
+
 @click.command(cls=Command, extra="train", epilog=examples(
     "lungsam train --folds 1 --out runs/demo",
-    "lungsam train --data ../shared/data/montgomery --backbone lite_medsam --lr 1e-4 --folds 5 --out runs/lite_cv5"))
-@click.option("--data", "data", multiple=True, default=["demo:montgomery"], show_default=True,
-              help="Data set folder with images/ and masks/ (repeat to pool sets); demo:montgomery is the packaged sample.")
-@click.option("--backbone", default="mobile_sam", show_default=True, help="mobile_sam, lite_medsam, vit_b, vit_l, vit_h, tiny.")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
-              help="Backbone weights (default: official weights, downloaded once).")
-@click.option("--prompt", type=PROMPTS, default="points", show_default=True,
-              help="Prompt the decoder is tuned with: learned points, a ground-truth box, both, or automatic boxes.")
-@click.option("--points-per-lung", type=ranged("points_per_lung"), default=3, show_default=True,
-              help="Learned point prompts per lung (points, both, auto-both).")
-@click.option("--folds", type=ranged("folds"), default=5, show_default=True,
-              help="1 = one 60/20/20 split; k>=3 = k-fold cross-validation.")
-@click.option("--epochs", type=ranged("epochs"), default=100, show_default=True, help="Maximum training epochs per fold.")
-@click.option("--patience", type=ranged("patience"), default=10, show_default=True,
-              help="Early stopping: epochs allowed without a val F1 gain of --min-delta.")
-@click.option("--min-delta", type=ranged("min_delta"), default=1e-3, show_default=True,
-              help="Smallest val F1 gain that counts for early stopping.")
-@click.option("--lr", type=ranged("lr"), default=1e-5, show_default=True, help="Adam learning rate.")
-@click.option("--weight-decay", type=ranged("weight_decay"), default=0.0, show_default=True, help="Adam weight decay.")
-@click.option("--batch-size", type=ranged("batch_size"), default=4, show_default=True,
-              help="Images per step (one prompt each).")
-@click.option("--size", type=ranged("size"), default=256, show_default=True,
-              help="Working resolution (images and masks resized to SxS).")
-@click.option("--encoder-size", type=ranged("encoder_size"), default=None,
-              help="Image encoder input side (default: the backbone's native size, 1024 MobileSAM/SAM, 256 LiteMedSAM); "
-                   "smaller is cheaper at inference: the same weights, the decoder tuned at that size.")
-@click.option("--augment", "augment_views", type=ranged("augment_views"), default=0, show_default=True,
-              help="Augmented copies per training image (affine + gamma, made once and cached; 0 = none).")
-@click.option("--lora-rank", type=ranged("lora_rank"), default=0, show_default=True,
-              help="Also train LoRA adapters of this rank on the image encoder (0 = off, the paper's decoder-only "
-                   "recipe; needs pip install 'lungsam[lora]'; the encoder then runs every step).")
-@click.option("--lora-alpha", type=ranged("lora_alpha"), default=8.0, show_default=True,
-              help="LoRA scale numerator (scale = alpha / rank).")
-@click.option("--lora-targets", default="qkv", show_default=True,
-              help="Comma-separated names of the encoder's linear layers to adapt (qkv, proj, fc1, fc2, ...).")
-@click.option("--seed", type=ranged("seed"), default=0, show_default=True, help="Seed of the splits and of training.")
-@click.option("--thresholds", default="0.05:0.95:0.05", show_default=True,
-              help="Probability thresholds swept on validation: LO:HI:STEP or a comma list (a choice at an edge is "
-                   "warned about).")
-@click.option("--device", type=TRAIN_DEVICE, default="auto", show_default=True,
-              help="auto: cuda when torch sees a GPU, else cpu (cuda: mixed precision).")
-@click.option("--cpu-bf16", is_flag=True,
-              help="CPU only: train in bfloat16 autocast (needs AVX512-BF16 or AMX; an error elsewhere). About 1.5x faster "
-                   "training on such CPUs; thresholds and test scores stay float32.")
+    "lungsam train --recipe recommended --data ../shared/data/montgomery --folds 5 --out runs/lite_cv5"))
+@click.option("--recipe", is_flag=False, flag_value="", default=None, metavar="NAME", callback=_recipe_name,
+              help="Start from a named recipe's settings; options given explicitly win (run.json records the recipe "
+                   "and what it set). recommended: today's best measured (LiteMedSAM, points, lr 1e-4); paper: "
+                   "Carvalho & Almeida's SAM ViT-B settings (docs/training.md).")
+@options_from(TrainConfig)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue a killed or partial run in --out.")
 @click.option("--only-fold", "only_folds", type=ranged("fold"), multiple=True,
               help="Train just this fold now (repeatable); the rest follow later with --resume.")
 @verbosity
-def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, patience, min_delta, lr, weight_decay, batch_size,
-          size, encoder_size, augment_views, lora_rank, lora_alpha, lora_targets, seed, thresholds, device, cpu_bf16, out,
-          resume, only_folds, quiet):
+def train(recipe: str | None, out: str, resume: bool, only_folds: tuple[int, ...], quiet: int, **settings) -> None:
     """Fine-tune SAM's mask decoder (encoders frozen) on chest X-rays."""
-    from .config import TrainConfig, parse_thresholds
     from .run import train_run
 
-    try:
-        sweep = parse_thresholds(thresholds)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--thresholds") from None
-
-    cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt,
-                      points_per_lung=points_per_lung, folds=folds, epochs=epochs, patience=patience, min_delta=min_delta, lr=lr,
-                      weight_decay=weight_decay, batch_size=batch_size, size=size, encoder_size=encoder_size,
-                      augment_views=augment_views,
-                      lora_rank=lora_rank, lora_alpha=lora_alpha,
-                      lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), seed=seed,
-                      thresholds=sweep, device=device, cpu_bf16=cpu_bf16)
+    cfg = train_config(click.get_current_context(), recipe, settings)
     summary = train_run(cfg, out, resume=resume, only_folds=tuple(only_folds) or None, log=log_to("train"),
                         progress=not quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (lungsam.train.distributed)
         return
+    click.echo(train_summary(summary, cfg.folds, out))
+
+
+def train_config(ctx: click.Context, recipe: str | None, settings: dict) -> TrainConfig:
+    """The run's :class:`TrainConfig`: the options' values, with ``recipe``'s values where the user gave none."""
+    values = config_values(TrainConfig, settings)
+    return TrainConfig(**apply_recipe(recipe, values, explicit_params(ctx, values)))
+
+
+def train_summary(summary: dict, folds: int, out: str) -> str:
+    """The last line of ``lungsam train``: test F1 and IoU (over test images, or across folds) and the report."""
     a = summary["aggregate"]
     if len(summary["folds"]) == 1:  # one split (or one fold so far): spread over test images
         where = "one 60/20/20 split" if folds == 1 else f"fold {summary['folds'][0]['fold']} of {folds}"
         f1, iou, what = a["test_f1_pooled"], a["test_iou_pooled"], f"{f1_n(a)} test images, {where}"
     else:  # k folds: spread of the fold means
-        f1, iou, what = a["test_f1_across_folds"], a["test_iou_across_folds"], f"mean ± std of {len(summary['folds'])} folds"
-    click.echo(f"test F1 {f1['mean']:.4f} ± {f1['std']:.4f}, IoU {iou['mean']:.4f} ± {iou['std']:.4f} ({what}); "
-               f"report: {out}/report.md")
+        f1, iou = a["test_f1_across_folds"], a["test_iou_across_folds"]
+        what = f"mean ± std of {len(summary['folds'])} folds"
+    return (f"test F1 {f1['mean']:.4f} ± {f1['std']:.4f}, IoU {iou['mean']:.4f} ± {iou['std']:.4f} ({what}); "
+            f"report: {RunLayout(out).report_md}")
 
 
 def f1_n(aggregate: dict) -> int:
@@ -146,7 +128,7 @@ def eval_cmd(run, data, out, fold, split, backbone, checkpoint, prompt, points_p
                  box_from_first_pass=box_from_first_pass, device=device, log=log_to("eval"), progress=not quiet)
     gt = f" (box from {r['box_source']})" if r["box_source"] else ""
     click.echo(f"F1 {r['f1']['mean']:.4f} ± {r['f1']['std']:.4f}  IoU {r['iou']['mean']:.4f} ± {r['iou']['std']:.4f}  "
-               f"n={r['n']}  prompt {r['prompt']}{gt}; report: {out}/report.md")
+               f"n={r['n']}  prompt {r['prompt']}{gt}; report: {EvalLayout(out).report_md}")
 
 
 @click.group(cls=Group, epilog=examples("lungsam weights list", "lungsam weights download mobile_sam"))
@@ -182,48 +164,22 @@ def weights_download(name, force, quiet):
 @click.command("train-unet", cls=Command, extra="train", epilog=examples(
     "lungsam train-unet --folds 1 --out runs/unet_demo",
     "lungsam train-unet --data ../shared/data/montgomery --folds 5 --out runs/unet_mc_cv5"))
-@click.option("--data", "data", multiple=True, default=["demo:montgomery"], show_default=True,
-              help="Data set folder(s), as for lungsam train (the same --data/--folds/--seed/--size give the same test images).")
-@click.option("--folds", type=ranged("folds"), default=5, show_default=True,
-              help="1 = one 60/20/20 split; k>=3 = k-fold cross-validation.")
-@click.option("--size", type=ranged("size"), default=256, show_default=True,
-              help="Working resolution (images and masks resized to SxS).")
-@click.option("--seed", type=ranged("seed"), default=0, show_default=True, help="Seed of the splits and of training.")
-@click.option("--channels", default="16,32,64,128,256", show_default=True, callback=int_list("channels"),
-              help="Feature maps per U-Net level (comma-separated, at least two levels).")
-@click.option("--res-units", type=ranged("res_units"), default=2, show_default=True, help="Residual units per level.")
-@click.option("--epochs", type=ranged("epochs"), default=100, show_default=True, help="Maximum training epochs per fold.")
-@click.option("--patience", type=ranged("patience"), default=10, show_default=True,
-              help="Early stopping: epochs allowed without a val F1 gain of --min-delta.")
-@click.option("--min-delta", type=ranged("min_delta"), default=1e-3, show_default=True,
-              help="Smallest val F1 gain that counts for early stopping.")
-@click.option("--lr", type=ranged("lr"), default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--weight-decay", type=ranged("weight_decay"), default=0.0, show_default=True, help="Adam weight decay.")
-@click.option("--batch-size", type=ranged("batch_size"), default=8, show_default=True, help="Images per step.")
-@click.option("--device", type=TRAIN_DEVICE, default="auto", show_default=True,
-              help="auto: cuda when torch sees a GPU, else cpu.")
-@click.option("--cpu-bf16", is_flag=True,
-              help="CPU only: train in bfloat16 autocast (needs AVX512-BF16 or AMX; an error elsewhere). About 1.3x faster "
-                   "U-Net epochs on such CPUs; thresholds and test scores stay float32.")
+@options_from(UNetConfig)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Reuse the finished folds in --out and train the rest.")
 @click.option("--only-fold", "only_folds", type=ranged("fold"), multiple=True,
               help="Train just this fold now (repeatable).")
 @verbosity
-def train_unet(data, folds, size, seed, channels, res_units, epochs, patience, min_delta, lr, weight_decay, batch_size,
-               device, cpu_bf16, out, resume, only_folds, quiet):
+def train_unet(out: str, resume: bool, only_folds: tuple[int, ...], quiet: int, **settings) -> None:
     """Train a U-Net baseline (MONAI, from scratch) on the same folds as lungsam train, for lungsam compare."""
-    from .unet import UNetConfig, train_unet_run
+    from .unet import train_unet_run
 
-    cfg = UNetConfig(data=list(data), size=size, folds=folds, seed=seed, channels=channels, res_units=res_units,
-                     epochs=epochs,
-                     patience=patience, min_delta=min_delta, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                     device=device, cpu_bf16=cpu_bf16)
+    cfg = UNetConfig(**config_values(UNetConfig, settings))
     s = train_unet_run(cfg, out, resume=resume, only_folds=tuple(only_folds) or None, log=log_to("train-unet"),
                        progress=not quiet)
-    a = s["aggregate"]
-    click.echo(f"U-Net test F1 {a['test_f1_pooled']['mean']:.4f} ± {a['test_f1_pooled']['std']:.4f}, IoU "
-               f"{a['test_iou_pooled']['mean']:.4f} ({a['test_f1_pooled']['n']} test images); report: {out}/report.md")
+    f1, iou = s["aggregate"]["test_f1_pooled"], s["aggregate"]["test_iou_pooled"]
+    click.echo(f"U-Net test F1 {f1['mean']:.4f} ± {f1['std']:.4f}, IoU {iou['mean']:.4f} ({f1['n']} test images); "
+               f"report: {RunLayout(out).report_md}")
 
 
 @click.command("compare", cls=Command, extra="train", epilog=examples(

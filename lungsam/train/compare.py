@@ -14,7 +14,9 @@ import numpy as np
 
 from ..artifacts import read_json
 from ..errors import LungsamError
+from ..layout import FoldLayout, RunLayout
 from ..metrics import summarize
+from .config import TrainConfig, UNetConfig
 
 SPLIT_KEYS = ("data", "folds", "seed", "size")  # settings that fix which images are tested, and at what size
 
@@ -25,11 +27,11 @@ class CompareError(LungsamError, ValueError):
 
 def finished_folds(run_dir: Path) -> list[dict]:
     """The ``metrics.json`` of every finished fold of ``run_dir`` (training and test scoring done), in fold order."""
-    from ..runs import finished_fold_dirs
-
-    folds = [read_json(d / "metrics.json") for d in finished_fold_dirs(run_dir)]
+    layout = RunLayout(run_dir)
+    folds = [read_json(f.metrics_json) for f in layout.existing_folds() if f.metrics_json.exists()]
     if not folds:
-        raise CompareError(f"{run_dir}: no finished fold (folds/fold_*/metrics.json)")
+        raise CompareError(f"{run_dir}: no finished fold (no {FoldLayout(layout.folds_dir).metrics_json.name} "
+                           f"in {layout.folds_dir}/fold_*)")
     return folds
 
 
@@ -49,7 +51,7 @@ def hd95_summary(values: list[float | None]) -> dict | None:
 
 def test_ids_by_fold(run_dir: Path) -> list[list[str]] | None:
     """Each fold's test image ids from the run's ``splits.json`` (``None`` for a run that has none)."""
-    p = run_dir / "splits.json"
+    p = RunLayout(run_dir).splits_json
     return [sorted(f["test"]) for f in read_json(p)] if p.exists() else None
 
 
@@ -69,20 +71,23 @@ def check_same_images(dirs: list[Path], cfgs: list[dict]) -> None:
                                "train both with the same --data, --folds, --seed and --size")
         if base_ids is not None and ids is not None and ids != base_ids:
             bad = [i for i, (a, b) in enumerate(zip(base_ids, ids)) if a != b] or ["count"]
-            raise CompareError(f"{d} and {dirs[0]} have different test splits (splits.json; fold {bad[0]} differs): "
+            raise CompareError(f"{d} and {dirs[0]} have different test splits ({RunLayout(d).splits_json.name}; "
+                               f"fold {bad[0]} differs): "
                                "train both on the same data with the same --folds and --seed")
 
 
 def _config(run_dir: Path) -> dict:
-    p = run_dir / "run.json"
+    """The run's recorded config, with the defaults of the settings an older run did not record (what it did)."""
+    p = RunLayout(run_dir).run_json
     if not p.exists():
-        raise CompareError(f"{run_dir}: not a run folder (no run.json)")
-    return read_json(p)["config"]
+        raise CompareError(f"{run_dir}: not a run folder (no {p.name})")
+    c = read_json(p)["config"]
+    return {**(UNetConfig if c.get("model") == "unet" else TrainConfig).from_dict(c).to_dict(), **c}
 
 
 def changed_settings(base: dict, other: dict) -> dict[str, tuple]:
     """Settings whose values differ (``{key: (base, other)}``), ignoring device-only ones."""
-    skip = {"device", "embed_batch_size", "checkpoint"}
+    skip = {"device", "embed_batch_size", "checkpoint", "recipe_values"}
     keys = sorted((set(base) | set(other)) - skip)
     return {k: (base.get(k), other.get(k)) for k in keys if base.get(k) != other.get(k)}
 
@@ -117,13 +122,8 @@ def compare_runs(run_dirs: list[str | Path], allow_partial: bool = False) -> dic
     """
     if len(run_dirs) < 2:
         raise CompareError("give at least two runs: the baseline first")
-    from .config import TrainConfig
-    from .unet import UNetConfig
-
     dirs = [Path(d) for d in run_dirs]
-    # settings an older run did not record take their defaults (what that run did)
-    cfgs = [{**(UNetConfig if c.get("model") == "unet" else TrainConfig).from_dict(c).to_dict(), **c}
-            for c in map(_config, dirs)]
+    cfgs = [_config(d) for d in dirs]
     check_same_images(dirs, cfgs)
     done = [finished_folds(d) for d in dirs]
     total = [int(c.get("folds") or 1) for c in cfgs]  # folds the run was set up for
@@ -135,25 +135,31 @@ def compare_runs(run_dirs: list[str | Path], allow_partial: bool = False) -> dic
     ids = sorted(set(scores[0]).intersection(*scores[1:]))
     if not ids:
         raise CompareError("the runs share no test image")
-    rows = []
-    for d, c, s, folds, t in zip(dirs, cfgs, scores, done, total):
-        f1 = [s[i]["f1"] for i in ids]
-        if cfgs[0].get("model") != c.get("model"):  # a U-Net beside a SAM run: name the models, not every field
-            changed = {"model": [model_label(cfgs[0]), model_label(c)]}
-        else:
-            changed = {k: list(v) for k, v in changed_settings(cfgs[0], c).items()}
-        row = {"run": str(d), "changed": changed, "folds_finished": len(folds), "folds": t,
-               "n_scored": len(s), "n_left_out": len(s) - len(ids),
-               "f1": summarize(f1), "iou": summarize([s[i]["iou"] for i in ids]),
-               "hd95": hd95_summary([s[i]["hd95"] for i in ids])}
-        if d is not dirs[0]:
-            row["f1_vs_baseline"] = paired([scores[0][i]["f1"] for i in ids], f1)
-        row["best_epochs"] = [f["best_epoch"] for f in folds]
-        row["thresholds"] = [f["threshold"] for f in folds]
-        row["train_time_s"] = sum(f["train_time_s"] for f in folds)
-        rows.append(row)
+    rows = [run_row(d, c, s, folds, t, cfgs[0], scores[0] if i else None, ids)
+            for i, (d, c, s, folds, t) in enumerate(zip(dirs, cfgs, scores, done, total))]
     return {"baseline": str(dirs[0]), "n_images": len(ids), "split_settings": {k: cfgs[0].get(k) for k in SPLIT_KEYS},
             "partial": partial, "runs": rows}
+
+
+def run_row(run_dir: Path, cfg: dict, scores: dict, folds: list[dict], total: int, base_cfg: dict,
+            base_scores: dict | None, ids: list[str]) -> dict:
+    """One run's row of :func:`compare_runs` on the common images ``ids`` (``base_scores``: the baseline's
+    per-image scores, ``None`` for the baseline itself)."""
+    f1 = [scores[i]["f1"] for i in ids]
+    if base_cfg.get("model") != cfg.get("model"):  # a U-Net beside a SAM run: name the models, not every field
+        changed = {"model": [model_label(base_cfg), model_label(cfg)]}
+    else:
+        changed = {k: list(v) for k, v in changed_settings(base_cfg, cfg).items()}
+    row = {"run": str(run_dir), "changed": changed, "folds_finished": len(folds), "folds": total,
+           "n_scored": len(scores), "n_left_out": len(scores) - len(ids),
+           "f1": summarize(f1), "iou": summarize([scores[i]["iou"] for i in ids]),
+           "hd95": hd95_summary([scores[i]["hd95"] for i in ids])}
+    if base_scores is not None:
+        row["f1_vs_baseline"] = paired([base_scores[i]["f1"] for i in ids], f1)
+    row["best_epochs"] = [f["best_epoch"] for f in folds]
+    row["thresholds"] = [f["threshold"] for f in folds]
+    row["train_time_s"] = sum(f["train_time_s"] for f in folds)
+    return row
 
 
 def format_markdown(result: dict) -> str:

@@ -1,9 +1,12 @@
-"""Training configuration, saved with every run (``run.json``) and checkpoint."""
+"""Training configurations (:class:`TrainConfig`, :class:`UNetConfig`), saved with every run (``run.json``) and
+checkpoint. Torch-free: ``lungsam train --help`` builds its options from these fields (:func:`lungsam.options.option`
+metadata: help, flag, range, choices), so a setting's default and its help live here, once."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
+from ..options import option
 from ..prompts import PROMPT_MODES
 from ..ranges import RANGES, TRAIN_DEVICES, check, check_choice, check_each
 
@@ -36,6 +39,54 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
     return tuple(sorted(set(vals)))
 
 
+def format_thresholds(values: tuple[float, ...]) -> str:
+    """The ``--thresholds`` text of a sweep: ``LO:HI:STEP`` when evenly spaced (3 or more), else a comma list;
+    :func:`parse_thresholds` reads it back to ``values``."""
+    vals = sorted(values)
+    if len(vals) >= 3:
+        step = round(vals[1] - vals[0], 6)
+        if step > 0 and all(abs(b - a - step) < 1e-9 for a, b in zip(vals, vals[1:])):
+            return f"{vals[0]:g}:{vals[-1]:g}:{step:g}"
+    return ",".join(f"{v:g}" for v in vals)
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """``"qkv, proj"`` -> ``("qkv", "proj")`` (blank items dropped)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """``"16,32,64"`` -> ``(16, 32, 64)``; ``ValueError`` naming the text when an item is not an integer."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def join(values: tuple) -> str:
+    """A tuple field's default as typed on the command line: ``a,b,c``."""
+    return ",".join(str(v) for v in values)
+
+
+#: How a run's masks are cleaned (:mod:`lungsam.postprocess`: keep the two lungs, fill holes).
+CLEANUP_CHOICES = ("validation", "off")
+
+# Help sentences the SAM and U-Net options share.
+DATA_HELP = "Data set folder with images/ and masks/ (repeat to pool sets); demo:montgomery is the packaged sample."
+FOLDS_HELP = "1 = one 60/20/20 split; k>=3 = k-fold cross-validation."
+SIZE_HELP = "Working resolution (images and masks resized to SxS)."
+SEED_HELP = "Seed of the splits and of training."
+EPOCHS_HELP = "Maximum training epochs per fold."
+PATIENCE_HELP = "Early stopping: epochs allowed without a val F1 gain of --min-delta."
+MIN_DELTA_HELP = "Smallest val F1 gain that counts for early stopping."
+LR_HELP = "Adam learning rate."
+WD_HELP = "Adam weight decay."
+THRESHOLDS_HELP = ("Probability thresholds swept on validation: LO:HI:STEP or a comma list (a choice at an edge is "
+                   "warned about).")
+BF16_HELP = ("CPU only: train in bfloat16 autocast (needs AVX512-BF16 or AMX; an error elsewhere). About {x} faster "
+             "{what} on such CPUs; thresholds and test scores stay float32.")
+
+
 class DictConfig:
     """``to_dict``/``from_dict`` for the training config dataclasses: JSON-ready dicts (tuples as lists), read
     back with tuple fields restored and keys this version does not know ignored. A tuple field is one whose
@@ -58,6 +109,8 @@ class DictConfig:
             check_each("thresholds", self.thresholds, owner, RANGES["threshold"])
         if hasattr(self, "device"):
             check_choice("device", self.device, TRAIN_DEVICES, owner)
+        if hasattr(self, "cleanup"):
+            check_choice("cleanup", self.cleanup, CLEANUP_CHOICES, owner)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -66,6 +119,15 @@ class DictConfig:
     def from_dict(cls, d: dict) -> Self:
         return cls(**{f.name: tuple(d[f.name]) if isinstance(f.default, tuple) else d[f.name]
                       for f in fields(cls) if f.name in d})
+
+
+def parse_channels(text: str) -> tuple[int, ...]:
+    """``--channels`` text -> U-Net feature maps per level, each within ``RANGES["channels"]``."""
+    values = parse_ints(text)
+    for v in values:
+        if why := RANGES["channels"].problem(v):
+            raise ValueError(f"every item {why}")
+    return values
 
 
 @dataclass
@@ -92,37 +154,63 @@ class TrainConfig(DictConfig):
             embedding cache; each epoch draws the original or one copy per image (:mod:`lungsam.train.augment`).
         thresholds: probability thresholds swept on validation (default 0.05-0.95 in steps of 0.05; the
             choice at either edge is warned about and recorded as ``threshold_edge`` in the fold's metrics).
+        cleanup: ``validation``: the mask clean-up (:mod:`lungsam.postprocess`) is on when it raises the best
+            validation F1 (recorded in each fold's metrics); ``off``: never (the paper's thresholded masks).
         device: ``auto`` | ``cpu`` | ``cuda``; amp: mixed precision on cuda.
         cpu_bf16: on the CPU, train (and validate between epochs) in bfloat16 autocast; needs a CPU with
             native bfloat16 (AVX512-BF16 or AMX), an error elsewhere. The threshold sweep and test scores
             are computed in float32 either way.
+        recipe, recipe_values: the ``--recipe`` the run was built from (``None``: none) and the values it
+            set, the fields the user did not give (:mod:`lungsam.train.recipes`); a record, not a setting.
     """
 
-    data: list[str] = field(default_factory=lambda: ["demo:montgomery"])
-    backbone: str = "mobile_sam"
-    checkpoint: str | None = None
-    prompt: str = "points"
-    points_per_lung: int = 3
-    size: int = 256
-    encoder_size: int | None = None
-    folds: int = 5
-    epochs: int = 100
-    patience: int = 10
-    min_delta: float = 1e-3
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    batch_size: int = 4
+    data: list[str] = field(default_factory=lambda: ["demo:montgomery"],
+                            metadata=option(DATA_HELP, multiple=True))
+    backbone: str = field(default="mobile_sam", metadata=option("mobile_sam, lite_medsam, vit_b, vit_l, vit_h, tiny."))
+    checkpoint: str | None = field(default=None, metadata=option(
+        "Backbone weights (default: official weights, downloaded once).", path="file"))
+    prompt: str = field(default="points", metadata=option(
+        "Prompt the decoder is tuned with: learned points, a ground-truth box, both, or automatic boxes.",
+        choices=PROMPT_MODES))
+    points_per_lung: int = field(default=3, metadata=option(
+        "Learned point prompts per lung (points, both, auto-both).", range="points_per_lung"))
+    size: int = field(default=256, metadata=option(SIZE_HELP, range="size"))
+    encoder_size: int | None = field(default=None, metadata=option(
+        "Image encoder input side (default: the backbone's native size, 1024 MobileSAM/SAM, 256 LiteMedSAM); "
+        "smaller is cheaper at inference: the same weights, the decoder tuned at that size.", range="encoder_size"))
+    folds: int = field(default=5, metadata=option(FOLDS_HELP, range="folds"))
+    epochs: int = field(default=100, metadata=option(EPOCHS_HELP, range="epochs"))
+    patience: int = field(default=10, metadata=option(PATIENCE_HELP, range="patience"))
+    min_delta: float = field(default=1e-3, metadata=option(MIN_DELTA_HELP, range="min_delta"))
+    lr: float = field(default=1e-5, metadata=option(LR_HELP, range="lr"))
+    weight_decay: float = field(default=0.0, metadata=option(WD_HELP, range="weight_decay"))
+    batch_size: int = field(default=4, metadata=option("Images per step (one prompt each).", range="batch_size"))
     box_jitter: float = 0.05
-    augment_views: int = 0
-    lora_rank: int = 0
-    lora_alpha: float = 8.0
-    lora_targets: tuple[str, ...] = ("qkv",)
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    seed: int = 0
-    device: str = "auto"
+    augment_views: int = field(default=0, metadata=option(
+        "Augmented copies per training image (affine + gamma, made once and cached; 0 = none).",
+        flag="--augment", range="augment_views"))
+    lora_rank: int = field(default=0, metadata=option(
+        "Also train LoRA adapters of this rank on the image encoder (0 = off, the paper's decoder-only recipe; "
+        "needs pip install 'lungsam[lora]'; the encoder then runs every step).", range="lora_rank"))
+    lora_alpha: float = field(default=8.0, metadata=option(
+        "LoRA scale numerator (scale = alpha / rank).", range="lora_alpha"))
+    lora_targets: tuple[str, ...] = field(default=("qkv",), metadata=option(
+        "Comma-separated names of the encoder's linear layers to adapt (qkv, proj, fc1, fc2, ...).",
+        parse=parse_names, text=join))
+    thresholds: tuple[float, ...] = field(default=DEFAULT_THRESHOLDS, metadata=option(
+        THRESHOLDS_HELP, parse=parse_thresholds, text=format_thresholds))
+    cleanup: str = field(default="validation", metadata=option(
+        "Mask clean-up (keep the two lungs, fill holes): validation = on when it raises the best validation F1 "
+        "(the choice is recorded per fold); off = never, the plain thresholded masks (the paper's).",
+        choices=CLEANUP_CHOICES))
+    seed: int = field(default=0, metadata=option(SEED_HELP, range="seed"))
+    device: str = field(default="auto", metadata=option(
+        "auto: cuda when torch sees a GPU, else cpu (cuda: mixed precision).", choices=TRAIN_DEVICES))
     amp: bool = True
-    cpu_bf16: bool = False
+    cpu_bf16: bool = field(default=False, metadata=option(BF16_HELP.format(x="1.5x", what="training")))
     embed_batch_size: int = 4
+    recipe: str | None = None
+    recipe_values: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,8 +225,48 @@ class TrainConfig(DictConfig):
         return LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.lora_targets))
 
     def comparable(self) -> dict:
-        """The settings that must match for ``--resume`` to continue a run."""
+        """The settings that must match for ``--resume`` to continue a run (how they were given, by a recipe
+        or by hand, does not matter)."""
         d = self.to_dict()
-        d.pop("device", None)
-        d.pop("embed_batch_size", None)
+        for k in ("device", "embed_batch_size", "recipe", "recipe_values"):
+            d.pop(k, None)
+        return d
+
+
+@dataclass
+class UNetConfig(DictConfig):
+    """U-Net baseline settings (saved in ``run.json`` and with every checkpoint).
+
+    Attributes:
+        data, size, folds, seed: as :class:`TrainConfig` (they fix the test images).
+        channels: feature maps per level of MONAI's UNet (each level after the first halves the resolution).
+        res_units: residual units per level.
+        epochs, patience, min_delta, lr, weight_decay, batch_size, thresholds, device, cpu_bf16: as for SAM runs
+            (there is no CUDA mixed precision for the U-Net: it trains in float32 unless ``cpu_bf16``).
+    """
+
+    data: list[str] = field(default_factory=lambda: ["demo:montgomery"], metadata=option(
+        "Data set folder(s), as for lungsam train (the same --data/--folds/--seed/--size give the same test images).",
+        multiple=True))
+    size: int = field(default=256, metadata=option(SIZE_HELP, range="size"))
+    folds: int = field(default=5, metadata=option(FOLDS_HELP, range="folds"))
+    seed: int = field(default=0, metadata=option(SEED_HELP, range="seed"))
+    channels: tuple[int, ...] = field(default=(16, 32, 64, 128, 256), metadata=option(
+        "Feature maps per U-Net level (comma-separated, at least two levels).", parse=parse_channels, text=join))
+    res_units: int = field(default=2, metadata=option("Residual units per level.", range="res_units"))
+    epochs: int = field(default=100, metadata=option(EPOCHS_HELP, range="epochs"))
+    patience: int = field(default=10, metadata=option(PATIENCE_HELP, range="patience"))
+    min_delta: float = field(default=1e-3, metadata=option(MIN_DELTA_HELP, range="min_delta"))
+    lr: float = field(default=1e-3, metadata=option(LR_HELP, range="lr"))
+    weight_decay: float = field(default=0.0, metadata=option(WD_HELP, range="weight_decay"))
+    batch_size: int = field(default=8, metadata=option("Images per step.", range="batch_size"))
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    device: str = field(default="auto", metadata=option(
+        "auto: cuda when torch sees a GPU, else cpu.", choices=TRAIN_DEVICES))
+    cpu_bf16: bool = field(default=False, metadata=option(BF16_HELP.format(x="1.3x", what="U-Net epochs")))
+    model: str = "unet"
+
+    def comparable(self) -> dict:
+        d = self.to_dict()
+        d.pop("device")
         return d

@@ -233,6 +233,7 @@ class ThresholdChoice:
     edge: str | None
     val_f1_raw: float
     val_f1_cleaned: float
+    rule: str = "clean-up on when its best validation F1 is higher than without"
 
     def record(self) -> dict:
         """The ``metrics.json`` fields: ``threshold``, ``threshold_sweep``, ``threshold_range`` [lo, hi],
@@ -242,7 +243,7 @@ class ThresholdChoice:
                 "threshold_edge": self.edge, "postprocess": self.cleanup.to_dict(),
                 "postprocess_choice": {"chosen_on": "validation", "val_f1_raw": self.val_f1_raw,
                                        "val_f1_cleaned": self.val_f1_cleaned,
-                                       "rule": "clean-up on when its best validation F1 is higher than without"}}
+                                       "rule": self.rule}}
 
     def edge_warning(self) -> str | None:
         """A one-line warning when the threshold sits at the sweep's edge, else ``None``."""
@@ -254,18 +255,20 @@ class ThresholdChoice:
 
 
 def choose_threshold_and_cleanup(probs: np.ndarray, masks: list[np.ndarray], thresholds: tuple[float, ...],
-                                 cleanup: CleanupSpec | None = None) -> ThresholdChoice:
+                                 cleanup: CleanupSpec | None = None, allow_cleanup: bool = True) -> ThresholdChoice:
     """Sweep ``thresholds`` on validation probabilities ``(N, S, S)``, without and with clean-up (``cleanup``:
     its size rules; default :class:`CleanupSpec`), and keep the better: clean-up is on only when its best mean
-    F1 is strictly higher."""
+    F1 is strictly higher. ``allow_cleanup=False`` (``TrainConfig.cleanup == "off"``): it stays off (both
+    sweeps are still recorded)."""
     spec = replace(cleanup or CleanupSpec(), enabled=True)
     sweep = sweep_thresholds(probs, masks, thresholds, spec)
     t_raw, t_clean = choose_threshold(sweep, "f1"), choose_threshold(sweep, "f1_cleaned")
     f_raw = max(r["f1"] for r in sweep)
     f_clean = max(r["f1_cleaned"] for r in sweep)
-    on = f_clean > f_raw
+    on = allow_cleanup and f_clean > f_raw
     thr = t_clean if on else t_raw
-    return ThresholdChoice(thr, replace(spec, enabled=on), sweep, threshold_edge(sweep, thr), f_raw, f_clean)
+    rule = {} if allow_cleanup else {"rule": "off (cleanup = off)"}
+    return ThresholdChoice(thr, replace(spec, enabled=on), sweep, threshold_edge(sweep, thr), f_raw, f_clean, **rule)
 
 
 @dataclass

@@ -322,7 +322,7 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
     else:
         E = X
     val_probs, val_iou = predict_with_iou(sam, E["val"], M["val"], prompt, spec, cfg.size, device, cfg.batch_size)
-    choice = choose_threshold_and_cleanup(val_probs, M["val"], cfg.thresholds)
+    choice = choose_threshold_and_cleanup(val_probs, M["val"], cfg.thresholds, allow_cleanup=cfg.cleanup != "off")
     thr, cleanup = choice.threshold, choice.cleanup
     if choice.edge_warning():
         log(f"fold {fold}: {choice.edge_warning()}")

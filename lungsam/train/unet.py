@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,46 +25,11 @@ from ..data import kfold_splits
 from ..errors import ArgumentError, OutputExistsError
 from ..metrics import fmt_mean_std, summarize
 from . import report
-from .config import DEFAULT_THRESHOLDS, DictConfig
+from .config import UNetConfig  # defined with the other configs (torch-free, the CLI reads its fields)
 from .engine import EarlyStopping, autocast, choose_threshold, mixed_precision, pick_device, score, sweep_thresholds
 
 Log = Callable[[str], None]
 RUN_FORMAT = "lungsam-unet-run/1"
-
-
-@dataclass
-class UNetConfig(DictConfig):
-    """U-Net baseline settings (saved in ``run.json`` and with every checkpoint).
-
-    Attributes:
-        data, size, folds, seed: as :class:`~lungsam.train.config.TrainConfig` (they fix the test images).
-        channels: feature maps per level of MONAI's UNet (each level after the first halves the resolution).
-        res_units: residual units per level.
-        epochs, patience, min_delta, lr, weight_decay, batch_size, thresholds, device, cpu_bf16: as for SAM runs
-            (there is no CUDA mixed precision for the U-Net: it trains in float32 unless ``cpu_bf16``).
-    """
-
-    data: list[str] = field(default_factory=lambda: ["demo:montgomery"])
-    size: int = 256
-    folds: int = 5
-    seed: int = 0
-    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
-    res_units: int = 2
-    epochs: int = 100
-    patience: int = 10
-    min_delta: float = 1e-3
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    device: str = "auto"
-    cpu_bf16: bool = False
-    model: str = "unet"
-
-    def comparable(self) -> dict:
-        d = self.to_dict()
-        d.pop("device")
-        return d
 
 
 def build_unet(cfg: UNetConfig) -> torch.nn.Module:
