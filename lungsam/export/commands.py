@@ -13,7 +13,8 @@ from ..options import Command, examples, log_to, ranged, verbosity
     "lungsam export runs/mobile_points --out bundles/mobile_points --fp16",
     "lungsam export runs/lite_cv5 --out bundles/lite_int8 --int8 --parity-images 10"))
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out", required=True, type=click.Path(), help="Bundle folder to create (must not exist, or be empty).")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help="Bundle folder to create (must not exist, or be empty).")
 @click.option("--fp16", is_flag=True, help="Also write FP16 ONNX models (*_fp16.onnx; float32 inputs/outputs).")
 @click.option("--int8", is_flag=True,
               help="Also write an INT8 encoder for CPUs (the decoders stay FP32), gated on parity and on F1 "
@@ -27,7 +28,9 @@ from ..options import Command, examples, log_to, ranged, verbosity
               help="--int8 static: training-split images used to calibrate the activation ranges.")
 @click.option("--max-int8-f1-drop", default=0.002, show_default=True, type=click.FloatRange(min=0),
               help="INT8 gate: largest allowed drop of mean F1 against ground truth below torch FP32.")
-@click.option("--trt", is_flag=True, help="Also build TensorRT FP16 engines (implies --fp16; needs an NVIDIA GPU and pip install 'lungsam[trt]').")
+@click.option("--trt", is_flag=True,
+              help="Also build TensorRT FP16 engines (implies --fp16; needs an NVIDIA GPU and pip install "
+                   "'lungsam[trt]').")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 23), help="ONNX opset.")
 @click.option("--fold", default=None, type=ranged("fold"), help="Fold to export (default: best validation F1).")
 @click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -63,7 +66,8 @@ from ..options import Command, examples, log_to, ranged, verbosity
               show_default=True, help="instance_group kind (KIND_AUTO: GPU when the server has one).")
 @verbosity
 def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int, fold: int | None,
-           checkpoint: str | None, min_agreement: float, parity_images: int | None, data_dir: str | None, max_batch: int,
+           checkpoint: str | None, min_agreement: float, parity_images: int | None, data_dir: str | None,
+           max_batch: int,
            box_from_first_pass: bool, provenance: bool, triton_repo: str | None, triton_name: str,
            triton_precision: str, triton_max_batch: int, triton_instances: int, triton_kind: str,
            int8_method: str, calibration_images: int, max_int8_f1_drop: float, quiet: int) -> None:
@@ -92,7 +96,8 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
 
     try:
         result = export_bundle(run_dir, out, fp16=fp16, int8=int8, trt=trt, opset=opset, fold=fold,
-                               checkpoint=checkpoint, min_agreement=min_agreement, parity_images=parity_images, data_dir=data_dir,
+                               checkpoint=checkpoint, min_agreement=min_agreement, parity_images=parity_images,
+                               data_dir=data_dir,
                                max_batch=max_batch, box_from_first_pass=box_from_first_pass, provenance=provenance,
                                int8_method=int8_method, calibration_images=calibration_images,
                                max_int8_f1_drop=max_int8_f1_drop, log=log_to("export"))
@@ -101,12 +106,9 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
         raise
     click.echo(result.summary())
     if triton_repo is not None:
-        from .triton import TritonRepositoryError, write_repository
+        from .triton import write_repository
 
-        try:
-            rec = write_repository(result.out, triton_repo, name=triton_name, precision=triton_precision,
-                                   max_batch=triton_max_batch, instances=triton_instances, kind=triton_kind)
-        except TritonRepositoryError as e:
-            raise click.ClickException(str(e)) from None
+        rec = write_repository(result.out, triton_repo, name=triton_name, precision=triton_precision,
+                               max_batch=triton_max_batch, instances=triton_instances, kind=triton_kind)
         click.echo(f"Triton model repository {triton_repo}: {', '.join(rec['models'].values())} "
                    f"(tritonserver --model-repository {triton_repo})")

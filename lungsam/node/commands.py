@@ -1,10 +1,17 @@
 """``lungsam node``; module level imports only click and :mod:`lungsam.options` (the work lives in
-:mod:`lungsam.node.service`)."""
+:mod:`lungsam.node.service`). Errors go through the one handler of :class:`lungsam.options.Command`: a bad
+config (:class:`lungsam.node.config.ConfigError`) or bundle is one ``error:`` line and exit 1, a missing
+``lungsam[dicom]`` names the extra."""
 from __future__ import annotations
 
 import click
 
-from ..options import Command, examples, verbosity
+from ..errors import LungsamError
+from ..options import Command, examples, log_to, verbosity
+
+
+class NodeStartError(LungsamError, OSError):
+    """The node could not start or keep running (a port in use, a work folder it cannot write)."""
 
 
 @click.command("node", cls=Command, extra="dicom", epilog=examples(
@@ -19,26 +26,20 @@ from ..options import Command, examples, verbosity
 def node(config_path: str, check: bool, quiet: int) -> None:
     """Run a DICOM node: receive chest radiographs (C-STORE), segment them in arrival order, send DICOM-SEG / SR
     to the configured destinations. Ctrl-C or SIGTERM stops it; a restart resumes the spool and the outbox."""
-    try:
-        import highdicom  # noqa: F401
-        import pynetdicom  # noqa: F401
-    except ImportError as e:
-        raise click.ClickException(f"lungsam node needs lungsam[dicom] ({e.name} is missing): "
-                                   "pip install 'lungsam[dicom]'") from e
-    from .config import ConfigError, load_config
+    import highdicom  # noqa: F401  (a missing lungsam[dicom] is named before the config is read)
+    import pynetdicom  # noqa: F401
 
-    try:
-        config = load_config(config_path)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from e
-    if check:
+    from .config import load_config
+
+    config = load_config(config_path)
+    if check:  # the check's lines are the command's result: stdout
         from .service import run_check
 
-        ok = run_check(config, log=lambda m: click.echo(m))
+        ok = run_check(config, log=click.echo)
         raise SystemExit(0 if ok else 1)
     from .service import run_node
 
     try:
-        run_node(config, log=lambda m: click.echo(m, err=True))
-    except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        run_node(config, log=log_to("node"))
+    except OSError as e:
+        raise NodeStartError(str(e)) from e

@@ -33,7 +33,8 @@ from ..options import TRAIN_DEVICE, Command, examples, log_to, ranged, verbosity
                    "results go to OUT/<backbone>[-enc<S>]-bf16/.")
 @click.option("--jobs", type=ranged("jobs"), default=1, show_default=True,
               help="Training steps run at once, each in its own process with an equal share of the torch threads "
-                   "(independent steps only: the grid cells; then the k-fold runs and the pooled run; then the U-Nets).")
+                   "(independent steps only: the grid cells; then the k-fold runs and the pooled run; then the "
+                   "U-Nets).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Run the training steps as Ray tasks (one GPU each when the cluster has GPUs): 'local' (or no "
                    "value, as the last option) starts a local Ray; 'auto', HOST:PORT or ray://HOST:10001 joins a "

@@ -102,7 +102,8 @@ def f1_n(aggregate: dict) -> int:
 @click.option("--prompt", type=PROMPTS, default="points", show_default=True, help="Zero-shot prompt.")
 @click.option("--points-per-lung", type=ranged("points_per_lung"), default=3, show_default=True,
               help="Zero-shot: point prompts per lung.")
-@click.option("--prompt-from", multiple=True, help="Zero-shot: data set(s) whose mean mask gives the prompt (default: --data).")
+@click.option("--prompt-from", multiple=True,
+              help="Zero-shot: data set(s) whose mean mask gives the prompt (default: --data).")
 @click.option("--threshold", type=ranged("threshold"),
               help="Probability threshold in (0, 1) (default: the run's, or 0.5 zero-shot).")
 @click.option("--size", type=ranged("size"), help="Resolution S at which images are fed and masks scored (default: the "
@@ -145,7 +146,8 @@ def weights_list(quiet):
     click.echo(f"cache: {cache_dir()}  (override with LUNGSAM_CACHE)")
     for r in weights_status():
         state = r["cached"] or "not cached"
-        click.echo(f"{r['name']:12s} {r['file']:16s} {r['bytes']:>10d} B  sha256 {r['sha256'][:16]}…  {r['licence']}  {state}")
+        click.echo(f"{r['name']:12s} {r['file']:16s} {r['bytes']:>10d} B  sha256 {r['sha256'][:16]}…  "
+                   f"{r['licence']}  {state}")
 
 
 @weights.command("download", epilog=examples("lungsam weights download mobile_sam",

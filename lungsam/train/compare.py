@@ -162,37 +162,45 @@ def run_row(run_dir: Path, cfg: dict, scores: dict, folds: list[dict], total: in
     return row
 
 
+TABLE_HEAD = ("| run | changed | folds | test F1 mean ± std (min) | IoU | HD95 px | Δ F1 vs baseline (± SE) "
+              "| better / worse | p | best epoch | threshold | train s |")
+
+
 def format_markdown(result: dict) -> str:
     """One table: a row per run, the baseline first."""
-    lines = [f"Paired comparison on the same {result['n_images']} test images "
-             f"({', '.join(f'{k}={v}' for k, v in result['split_settings'].items())}); baseline `{result['baseline']}`. "
-             "Δ F1 = mean per-image difference to the baseline ± its standard error (SE); p = Wilcoxon signed-rank.",
-             ""]
+    settings = ", ".join(f"{k}={v}" for k, v in result["split_settings"].items())
+    lines = [f"Paired comparison on the same {result['n_images']} test images ({settings}); baseline "
+             f"`{result['baseline']}`. Δ F1 = mean per-image difference to the baseline ± its standard error (SE); "
+             "p = Wilcoxon signed-rank.", ""]
     if result.get("partial"):
         lines += [f"**Partial**: {'; '.join(result['partial'])}; only the finished folds' test images are compared "
                   "(per run: images scored, left out).", ""]
-    lines += [
-             "| run | changed | folds | test F1 mean ± std (min) | IoU | HD95 px | Δ F1 vs baseline (± SE) | better / worse | p | "
-             "best epoch | threshold | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["runs"]:
-        ch = ", ".join(f"{k}: {a} → {b}" for k, (a, b) in r["changed"].items()) or "(baseline)"
-        f1, iou = r["f1"], r["iou"]
-        if "f1_vs_baseline" in r:
-            p = r["f1_vs_baseline"]
-            delta = f"{p['mean']:+.4f} ± {p['se']:.4f}"
-            bw = f"{p['improved']} / {p['worse']}"
-            pv = ("–" if np.isnan(p["wilcoxon_p"]) else "< 0.001" if p["wilcoxon_p"] < 1e-3
-                  else f"{p['wilcoxon_p']:.3f}")
-        else:
-            delta, bw, pv = "–", "–", "–"
-        ep = ", ".join(str(e) for e in r.get("best_epochs", [])) or "?"
-        th = ", ".join(f"{t:.2f}" for t in r.get("thresholds", [])) or "?"
-        ts = f"{r['train_time_s']:.0f}" if "train_time_s" in r else "?"
-        fo = f"{r['folds_finished']}/{r['folds']}" if "folds" in r else "?"
-        if r.get("n_left_out"):
-            fo += f" ({r['n_left_out']} of {r['n_scored']} images left out)"
-        hd = f"{r['hd95']['mean']:.2f}" if r.get("hd95") else "–"
-        lines.append(f"| `{Path(r['run']).name}` | {ch} | {fo} | {f1['mean']:.4f} ± {f1['std']:.4f} ({f1['min']:.3f}) | "
-                     f"{iou['mean']:.4f} | {hd} | {delta} | {bw} | {pv} | {ep} | {th} | {ts} |")
+    lines += [TABLE_HEAD, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [markdown_row(r) for r in result["runs"]]
     return "\n".join(lines) + "\n"
+
+
+def _paired_cells(r: dict) -> tuple[str, str, str]:
+    """The Δ F1, better / worse and p cells of a row (dashes for the baseline)."""
+    if "f1_vs_baseline" not in r:
+        return "–", "–", "–"
+    p = r["f1_vs_baseline"]
+    pv = ("–" if p["wilcoxon_p"] is None or np.isnan(p["wilcoxon_p"]) else "< 0.001" if p["wilcoxon_p"] < 1e-3
+          else f"{p['wilcoxon_p']:.3f}")
+    return f"{p['mean']:+.4f} ± {p['se']:.4f}", f"{p['improved']} / {p['worse']}", pv
+
+
+def markdown_row(r: dict) -> str:
+    """One run's row of :func:`format_markdown` (a row of :func:`compare_runs`)."""
+    ch = ", ".join(f"{k}: {a} → {b}" for k, (a, b) in r["changed"].items()) or "(baseline)"
+    f1, iou = r["f1"], r["iou"]
+    delta, bw, pv = _paired_cells(r)
+    ep = ", ".join(str(e) for e in r.get("best_epochs", [])) or "?"
+    th = ", ".join(f"{t:.2f}" for t in r.get("thresholds", [])) or "?"
+    ts = f"{r['train_time_s']:.0f}" if "train_time_s" in r else "?"
+    fo = f"{r['folds_finished']}/{r['folds']}" if "folds" in r else "?"
+    if r.get("n_left_out"):
+        fo += f" ({r['n_left_out']} of {r['n_scored']} images left out)"
+    hd = f"{r['hd95']['mean']:.2f}" if r.get("hd95") else "–"
+    return (f"| `{Path(r['run']).name}` | {ch} | {fo} | {f1['mean']:.4f} ± {f1['std']:.4f} ({f1['min']:.3f}) | "
+            f"{iou['mean']:.4f} | {hd} | {delta} | {bw} | {pv} | {ep} | {th} | {ts} |")
