@@ -1,7 +1,8 @@
-"""``lungsam train``, ``lungsam eval``, ``lungsam weights``.
+"""``lungsam train``, ``lungsam train-unet``, ``lungsam eval``, ``lungsam compare``, ``lungsam weights``.
 
-Module level imports: click, :mod:`lungsam.options` and the (torch-free) prompt modes; the work is imported
-inside each command. Errors go through the one handler of :class:`lungsam.options.Command`.
+Module level imports: click, :mod:`lungsam.options` and torch-free modules (the prompt modes, the layout, the
+config dataclasses whose fields make the train options, the recipes); the work is imported inside each
+command. Errors go through the one handler of :class:`lungsam.options.Command`.
 """
 from __future__ import annotations
 
