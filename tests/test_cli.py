@@ -169,6 +169,10 @@ def test_every_option_has_help_and_every_command_ends_with_examples():
         for p in cmd.params:
             if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip():
                 missing.append(f"{' '.join(path)} {p.opts[0]}")
+            elif isinstance(p, click.Option) and not p.help.rstrip().endswith((".", ")")):  # a sentence, ended
+                missing.append(f"{' '.join(path)} {p.opts[0]}: {p.help!r} is not a sentence")
+        if not (cmd.help or "").strip():
+            missing.append(f"{' '.join(path)}: no description")
         if not isinstance(cmd, click.Group):
             text = CliRunner().invoke(main, [*path, "--help"]).output
             tail = text.rstrip().splitlines()[-3:]
