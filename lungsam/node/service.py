@@ -196,8 +196,8 @@ class Node:
         self.config = config
         self.log = log or _LOG.info
         self.work = WorkDir(config.work_dir, tuple(d.name for d in config.destinations))
-        self.audit = AuditLog(config.work_dir / "audit.jsonl")
-        self.ledger = SentLedger(config.work_dir / "sent.jsonl")
+        self.audit = AuditLog(self.work.audit_jsonl)
+        self.ledger = SentLedger(self.work.sent_jsonl)
         self.stop_event = threading.Event()
         self.spool_ready = threading.Event()
         self.outbox_ready = {d.name: threading.Event() for d in config.destinations}
