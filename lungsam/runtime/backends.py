@@ -200,7 +200,8 @@ def check_engine_compatible(entry: dict[str, Any], engine_path: Path) -> None:
     rebuild = "rebuild it on this machine with `lungsam export RUN --trt`"
     problems = []
     if str(entry.get("compute_capability")) != here["compute_capability"]:
-        problems.append(f"compute capability {entry.get('compute_capability')} (this GPU: {here['compute_capability']})")
+        problems.append(f"compute capability {entry.get('compute_capability')} "
+                        f"(this GPU: {here['compute_capability']})")
     if str(entry.get("tensorrt")) != here["tensorrt"]:
         problems.append(f"TensorRT {entry.get('tensorrt')} (installed: {here['tensorrt']})")
     if not problems and entry.get("gpu") and str(entry["gpu"]) != here["gpu"]:
@@ -393,7 +394,8 @@ def auto_cpu_backend(bundle, precision: str, models: tuple[str, ...]) -> tuple[s
 
     ort_ms, ov_ms = ms("onnx"), ms("openvino")
     if ort_ms is None or ov_ms is None or ov_ms >= ort_ms:
-        return "onnxruntime", f"auto: onnxruntime (export timing on this CPU: onnxruntime {ort_ms} ms, openvino {ov_ms} ms)"
+        return "onnxruntime", (f"auto: onnxruntime (export timing on this CPU: onnxruntime {ort_ms} ms, "
+                               f"openvino {ov_ms} ms)")
     try:
         check_openvino(bundle, "cpu", precision, models)
     except BackendUnavailableError as e:
@@ -471,7 +473,8 @@ def check_tensorrt(bundle, device: str, precision: str, models: tuple[str, ...])
             have = [p for p in PRECISIONS if bundle.engine_entry(name, p) is not None]
             hint = (f"it has {', '.join(have)} engines: use --precision {have[0]}" if have else
                     "build engines on this machine with `lungsam export RUN --trt`")
-            raise BackendUnavailableError(f"bundle {bundle.root} has no {precision} TensorRT engine for {name!r}; {hint}")
+            raise BackendUnavailableError(
+                f"bundle {bundle.root} has no {precision} TensorRT engine for {name!r}; {hint}")
         check_engine_compatible(entry, bundle.engine_path(entry))
 
 

@@ -97,8 +97,8 @@ def score_against(mask: np.ndarray, gt_dir: Path, stem: str) -> dict:
     except ImageReadError as e:
         return {"ground_truth": str(gt_path), "score_error": str(e)}
     if gt.shape != mask.shape:
-        return {"ground_truth": str(gt_path),
-                "score_error": f"mask size {gt.shape[1]}x{gt.shape[0]} differs from the image's {mask.shape[1]}x{mask.shape[0]}"}
+        return {"ground_truth": str(gt_path), "score_error": f"mask size {gt.shape[1]}x{gt.shape[0]} differs from "
+                                                              f"the image's {mask.shape[1]}x{mask.shape[0]}"}
     return {"ground_truth": str(gt_path), "f1": round(f1_score(mask, gt), 6), "iou": round(iou_score(mask, gt), 6)}
 
 
