@@ -157,6 +157,11 @@ class PredictLayout:
     def contact_sheet_png(self) -> Path:
         return self.root / "contact_sheet.png"
 
+    @property
+    def metrics_json(self) -> Path:
+        """With ``--ground-truth``: F1/IoU over the scored images."""
+        return self.root / "metrics.json"
+
     def mask_png(self, stem: str) -> Path:
         return self.root / f"{stem}_mask.png"
 

@@ -364,16 +364,41 @@ class FileRecord:
         return cls(sha256=sha, bytes=_opt(d, "bytes", _int, path, 0, MAX_FILE_BYTES))
 
 
+BOX_SOURCES = ("learned", "given", "first-pass")
+"""Where an image's box comes from (the prompt policy's ``box_source``): ``learned`` (the learned prompt's
+mean-mask box; none for a points prompt), ``given`` (the caller's, one per image) or ``first-pass`` (the bounding
+box of the model's own first mask)."""
+
+
 @dataclass(frozen=True)
 class InferencePolicy:
-    """``inference``: the runtime's default prompt policy (``box_from_first_pass``: the box comes from the
-    model's own first mask) and, when set, its check on the parity images (an open record)."""
+    """``inference``: the runtime's default prompt policy and, when set, its check on the parity images (an open
+    record).
+
+    ``box_source`` is one of :data:`BOX_SOURCES`, or ``None`` (manifests before it): the prompt mode's own,
+    ``given`` for ``box``/``both`` and ``learned`` otherwise. ``box_from_first_pass`` is its boolean alias
+    (``box_source == "first-pass"``), still written for older readers; either one given sets the other.
+    """
 
     box_from_first_pass: bool = False
     first_pass_check: dict | None = None
+    box_source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.box_source is None:
+            if self.box_from_first_pass:
+                object.__setattr__(self, "box_source", "first-pass")
+            return
+        if self.box_source not in BOX_SOURCES:
+            raise ValueError(f"box_source {self.box_source!r}: expected one of {', '.join(BOX_SOURCES)}")
+        if self.box_from_first_pass and self.box_source != "first-pass":
+            raise ValueError(f"box_from_first_pass is true but box_source is {self.box_source!r}")
+        object.__setattr__(self, "box_from_first_pass", self.box_source == "first-pass")
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"box_from_first_pass": self.box_from_first_pass}
+        if self.box_source is not None:
+            d["box_source"] = self.box_source
         if self.first_pass_check is not None:
             d["first_pass_check"] = self.first_pass_check
         return d
@@ -381,8 +406,12 @@ class InferencePolicy:
     @classmethod
     def from_dict(cls, v: Any, path: str) -> InferencePolicy:
         d = _obj(v, path)
-        _keys(d, path, ("box_from_first_pass", "first_pass_check"))
-        return cls(box_from_first_pass=_bool(d.get("box_from_first_pass", False), f"{path}.box_from_first_pass"),
+        _keys(d, path, ("box_from_first_pass", "box_source", "first_pass_check"))
+        first_pass = _bool(d.get("box_from_first_pass", False), f"{path}.box_from_first_pass")
+        source = _opt(d, "box_source", _str, path, BOX_SOURCES)
+        if source is not None and "box_from_first_pass" in d and first_pass != (source == "first-pass"):
+            raise _fail(f"{path}.box_source", f"{source!r} contradicts box_from_first_pass: {str(first_pass).lower()}")
+        return cls(box_from_first_pass=first_pass, box_source=source,
                    first_pass_check=_opt(d, "first_pass_check", _obj, path))
 
 
@@ -760,6 +789,9 @@ class Manifest:
                             f"needs a model prompted with a box, not prompt mode {self.prompt.mode!r}")
             if "decoder" not in self.models:
                 raise _fail(f"{path}.inference.box_from_first_pass", "needs the prompted decoder (models.decoder)")
+        if self.inference.box_source == "learned" and self.prompt.needs_ground_truth:
+            raise _fail(f"{path}.inference.box_source", f"'learned': prompt mode {self.prompt.mode!r} has no learned "
+                                                        "box (it needs each image's box: 'given' or 'first-pass')")
 
     # -- writing ------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -64,6 +64,13 @@ def test_config_parses_with_defaults_and_relative_paths(tmp_path):
     (('bundle = "bundles/lite"', 'bundle = 3'), "model.bundle: expected str"),
     (('name = "web"', 'name = "pacs"'), "name 'pacs' is used twice"),
     (('work_dir = "work"', ""), "work_dir: missing"),
+    (('ae_title = "ORTHANC"\n[[destinations]]', 'ae_title = "ORTHANC"\nurl = "http://x"\n[[destinations]]'),
+     "destinations[0].url: only for kind stow-rs"),
+    (('url = "https://pacs.example/dicom-web/"', 'url = "https://pacs.example/dicom-web/"\nport = 80'),
+     "destinations[1].port: only for kind c-store"),
+    (('url = "https://pacs.example/dicom-web/"', 'url = "https://pacs.example/dicom-web/"\nusername = "u"'),
+     "destinations[1].password_env: username and password_env go together"),
+    (('url = "https://pacs.example/dicom-web/"\n', ""), "destinations[1].url: missing (needed for kind stow-rs"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, change, message):
     p = write(tmp_path, GOOD.replace(*change))

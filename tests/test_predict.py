@@ -250,6 +250,8 @@ def test_predict_all_good_exits_zero(tiny_bundle, tmp_path):
     r = CliRunner().invoke(predict, [str(tiny_bundle), *map(str, demo_images(2)), "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert "2 ok, 0 failed" in r.output
+    records = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert [rec["prompt"] for rec in records] == [{"kind": "learned", "box_source": None}] * 2  # points: no box
 
 
 def test_predict_scores_against_ground_truth(tiny_bundle, seg, tmp_path):
@@ -365,6 +367,21 @@ def test_box_from_first_pass_matches_training_code_and_needs_no_box(tmp_path, ti
                                        "--no-progress"])
     assert out.exit_code == 0, out.output
     assert "box from the first pass" in out.output
+    assert inference["box_source"] == "first-pass" and seg2.box_source == "first-pass"
+    assert r.box_source == "first-pass"
+    records = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert [rec["prompt"] for rec in records] == [{"kind": "first-pass box", "box_source": "first-pass"}] * 2
+    out = CliRunner().invoke(predict, [str(bundle), *map(str, demo_images(2)), "--out", str(tmp_path / "pred_src"),
+                                       "--no-progress", "--box-source", "first-pass"])
+    assert out.exit_code == 0, out.output  # the policy and its alias: the same masks
+    for rec in records:
+        assert (tmp_path / "pred_src" / rec["mask"]).read_bytes() == (tmp_path / "pred" / rec["mask"]).read_bytes()
+    out = CliRunner().invoke(predict, [str(bundle), str(demo_images(1)[0]), "--out", str(tmp_path / "p3"),
+                                       "--box-source", "learned"])
+    assert out.exit_code != 0 and "has no learned box" in out.output
+    out = CliRunner().invoke(predict, [str(bundle), str(demo_images(1)[0]), "--out", str(tmp_path / "p4"),
+                                       "--box-source", "learned", "--box-from-first-pass"])
+    assert out.exit_code == 2 and "contradicts" in out.output
     out = CliRunner().invoke(predict, [str(bundle), str(demo_images(1)[0]), "--out", str(tmp_path / "p2"),
                                        "--no-box-from-first-pass"])
     assert out.exit_code != 0 and "--box-from-first-pass" in out.output

@@ -227,6 +227,38 @@ def _model(src: Path, t: dict, base: Path) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def _c_store_keys(src: Path, where: str, t: dict) -> dict[str, Any]:
+    """A ``c-store`` destination's ``host``, ``port`` and ``ae_title`` (required; the STOW-RS keys refused)."""
+    for k in ("host", "port", "ae_title"):
+        if k not in t:
+            raise _err(src, where + k, "missing (needed for kind c-store)")
+    for k in ("url", "username", "password_env"):
+        if k in t:
+            raise _err(src, where + k, "only for kind stow-rs")
+    return {"host": _typed(src, where + "host", t["host"], str), "port": _port(src, where + "port", t["port"]),
+            "ae_title": _ae(src, where + "ae_title", t["ae_title"])}
+
+
+def _stow_rs_keys(src: Path, where: str, t: dict) -> dict[str, Any]:
+    """A ``stow-rs`` destination's ``url`` (required, http(s)) and optional ``username`` with ``password_env``
+    (together or not at all; the C-STORE keys refused)."""
+    if "url" not in t:
+        raise _err(src, where + "url", "missing (needed for kind stow-rs, e.g. http://pacs:8042/dicom-web)")
+    for k in ("host", "port", "ae_title"):
+        if k in t:
+            raise _err(src, where + k, "only for kind c-store")
+    url = _typed(src, where + "url", t["url"], str)
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise _err(src, where + "url", f"{url!r} is not an http(s) URL")
+    kw: dict[str, Any] = {"url": url.rstrip("/")}
+    for k in ("username", "password_env"):
+        if k in t:
+            kw[k] = _typed(src, where + k, t[k], str)
+    if ("username" in kw) != ("password_env" in kw):
+        raise _err(src, where + "password_env", "username and password_env go together")
+    return kw
+
+
 def _destination(src: Path, i: int, t: dict) -> Destination:
     where = f"destinations[{i}]."
     _check_keys(src, where, t, Destination)
@@ -240,30 +272,7 @@ def _destination(src: Path, i: int, t: dict) -> Destination:
     if kind not in DESTINATION_KINDS:
         raise _err(src, where + "kind", f"{kind!r} is not one of {', '.join(DESTINATION_KINDS)}")
     kw: dict[str, Any] = {"name": name, "kind": kind}
-    if kind == "c-store":
-        for k in ("host", "port", "ae_title"):
-            if k not in t:
-                raise _err(src, where + k, "missing (needed for kind c-store)")
-        for k in ("url", "username", "password_env"):
-            if k in t:
-                raise _err(src, where + k, "only for kind stow-rs")
-        kw.update(host=_typed(src, where + "host", t["host"], str), port=_port(src, where + "port", t["port"]),
-                  ae_title=_ae(src, where + "ae_title", t["ae_title"]))
-    else:
-        if "url" not in t:
-            raise _err(src, where + "url", "missing (needed for kind stow-rs, e.g. http://pacs:8042/dicom-web)")
-        for k in ("host", "port", "ae_title"):
-            if k in t:
-                raise _err(src, where + k, "only for kind c-store")
-        url = _typed(src, where + "url", t["url"], str)
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise _err(src, where + "url", f"{url!r} is not an http(s) URL")
-        kw["url"] = url.rstrip("/")
-        for k in ("username", "password_env"):
-            if k in t:
-                kw[k] = _typed(src, where + k, t[k], str)
-        if ("username" in kw) != ("password_env" in kw):
-            raise _err(src, where + "password_env", "username and password_env go together")
+    kw.update(_c_store_keys(src, where, t) if kind == "c-store" else _stow_rs_keys(src, where, t))
     if "timeout_s" in t:
         v = float(_typed(src, where + "timeout_s", t["timeout_s"], (int, float)))
         if not v > 0:

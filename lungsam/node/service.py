@@ -14,14 +14,18 @@ Guarantees (tests/test_node_orthanc.py checks them against a real Orthanc):
 """
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import CHEST_SOP_CLASSES, Destination, ModelConfig, NodeConfig
 from .store import AuditLog, SentLedger, WorkDir
+
+_LOG = logging.getLogger(__name__)
+Log = Callable[[str], None]
 
 #: C-STORE statuses (PS3.4 Annex B, PS3.7 C.4.2).
 SUCCESS = 0x0000
@@ -188,12 +192,12 @@ def load_segmenter(m: ModelConfig):
 class Node:
     """One running node: :meth:`start` (load the bundle, resume, listen), :meth:`stop`."""
 
-    def __init__(self, config: NodeConfig, log=print):
+    def __init__(self, config: NodeConfig, log: Log | None = None):
         self.config = config
-        self.log = log
+        self.log = log or _LOG.info
         self.work = WorkDir(config.work_dir, tuple(d.name for d in config.destinations))
-        self.audit = AuditLog(config.work_dir / "audit.jsonl")
-        self.ledger = SentLedger(config.work_dir / "sent.jsonl")
+        self.audit = AuditLog(self.work.audit_jsonl)
+        self.ledger = SentLedger(self.work.sent_jsonl)
         self.stop_event = threading.Event()
         self.spool_ready = threading.Event()
         self.outbox_ready = {d.name: threading.Event() for d in config.destinations}
@@ -430,9 +434,11 @@ class Node:
                 self.stop_event.wait(wait)
 
 
-def run_check(config: NodeConfig, log=print) -> bool:
+def run_check(config: NodeConfig, log: Log | None = None) -> bool:
     """``lungsam node --check``: the config is valid (already parsed), the bundle opens (sha256 verified) and every
-    destination answers. Returns whether all passed; each step logs one line."""
+    destination answers. Returns whether all passed; each step logs one line (``log``; default this module's
+    logger at INFO)."""
+    log = log or _LOG.info
     ok = True
     log(f"config {config.source}: ok ({len(config.destinations)} destinations, work_dir {config.work_dir})")
     try:
@@ -450,10 +456,11 @@ def run_check(config: NodeConfig, log=print) -> bool:
     return ok
 
 
-def run_node(config: NodeConfig, log=print) -> None:
-    """Run until SIGINT / SIGTERM."""
+def run_node(config: NodeConfig, log: Log | None = None) -> None:
+    """Run until SIGINT / SIGTERM (``log``: where the node's lines go; default this module's logger at INFO)."""
     import signal
 
+    log = log or _LOG.info
     node = Node(config, log=log)
     stop = threading.Event()
 

@@ -132,6 +132,16 @@ class WorkDir:
     def outbox(self, destination: str) -> Path:
         return self.outbox_root / destination
 
+    @property
+    def audit_jsonl(self) -> Path:
+        """The audit log (:class:`AuditLog`)."""
+        return self.root / "audit.jsonl"
+
+    @property
+    def sent_jsonl(self) -> Path:
+        """The ledger of results sent (:class:`SentLedger`)."""
+        return self.root / "sent.jsonl"
+
     # -----------------------------------------------------------------------------------------
     def _commit(self, write: Callable[[Path], None], dest: Path) -> Path:
         """Write via ``write(tmp)`` in ``incoming/``, fsync, rename onto ``dest``, fsync its folder."""

@@ -200,7 +200,8 @@ def check_engine_compatible(entry: dict[str, Any], engine_path: Path) -> None:
     rebuild = "rebuild it on this machine with `lungsam export RUN --trt`"
     problems = []
     if str(entry.get("compute_capability")) != here["compute_capability"]:
-        problems.append(f"compute capability {entry.get('compute_capability')} (this GPU: {here['compute_capability']})")
+        problems.append(f"compute capability {entry.get('compute_capability')} "
+                        f"(this GPU: {here['compute_capability']})")
     if str(entry.get("tensorrt")) != here["tensorrt"]:
         problems.append(f"TensorRT {entry.get('tensorrt')} (installed: {here['tensorrt']})")
     if not problems and entry.get("gpu") and str(entry["gpu"]) != here["gpu"]:
@@ -393,7 +394,8 @@ def auto_cpu_backend(bundle, precision: str, models: tuple[str, ...]) -> tuple[s
 
     ort_ms, ov_ms = ms("onnx"), ms("openvino")
     if ort_ms is None or ov_ms is None or ov_ms >= ort_ms:
-        return "onnxruntime", f"auto: onnxruntime (export timing on this CPU: onnxruntime {ort_ms} ms, openvino {ov_ms} ms)"
+        return "onnxruntime", (f"auto: onnxruntime (export timing on this CPU: onnxruntime {ort_ms} ms, "
+                               f"openvino {ov_ms} ms)")
     try:
         check_openvino(bundle, "cpu", precision, models)
     except BackendUnavailableError as e:
@@ -407,14 +409,10 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
     """Decide backend, device and precision for ``bundle`` (a :class:`~lungsam.runtime.bundle.Bundle`).
 
     ``auto`` means TensorRT when ``device == "cuda"`` and the bundle carries engines usable here,
-    else onnxruntime. Explicit requests that cannot be met raise unless ``allow_fallback``.
+    else onnxruntime (on the CPU, OpenVINO where the bundle's export timed it faster here:
+    :func:`auto_cpu_backend`). Explicit requests that cannot be met raise unless ``allow_fallback``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
-    if precision not in RUNTIME_PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(RUNTIME_PRECISIONS)}")
+    _check_request(backend, device, precision)
     choice = BackendChoice(backend="onnxruntime", device=device, precision=precision,
                            requested=(backend, device, precision))
     if backend == "triton":  # the server runs the models of the repository it serves (lungsam export --triton)
@@ -423,46 +421,81 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
     if backend == "auto" and device == "cpu":
         backend, choice.why = auto_cpu_backend(bundle, precision, models)
     if backend == "openvino":
-        try:
-            check_openvino(bundle, device, precision, models)
-            choice.backend = "openvino"
+        if _chose_openvino(choice, bundle, models, allow_fallback):
             return choice
-        except BackendUnavailableError as e:
-            if precision == "bf16":  # no other backend runs bf16: a fallback keeps the backend and gives up bf16
-                _downgrade(choice, allow_fallback, e, "onnxruntime fp32")
-                choice.precision = precision = "fp32"
-            else:
-                _downgrade(choice, allow_fallback, e, f"onnxruntime on {device}")
-    elif precision == "bf16":
+    elif choice.precision == "bf16":
         e = BackendUnavailableError(f"precision 'bf16' is OpenVINO's bfloat16 inference hint (--backend openvino, "
                                     f"CPU with native bfloat16), not {backend}: use --backend openvino")
         _downgrade(choice, allow_fallback, e, "fp32")
-        choice.precision = precision = "fp32"
+        choice.precision = "fp32"
     if backend == "tensorrt" or (backend == "auto" and device == "cuda"):
-        try:
-            if device != "cuda":
-                raise BackendUnavailableError("backend 'tensorrt' runs on a GPU only; use --device cuda")
-            if precision == "int8":
-                raise BackendUnavailableError(int8_unsupported("tensorrt", device))
-            _import_tensorrt()
-            for name in models:
-                entry = bundle.engine_entry(name, precision)
-                if entry is None:
-                    have = [p for p in PRECISIONS if bundle.engine_entry(name, p) is not None]
-                    hint = (f"it has {', '.join(have)} engines: use --precision {have[0]}" if have else
-                            "build engines on this machine with `lungsam export RUN --trt`")
-                    raise BackendUnavailableError(
-                        f"bundle {bundle.root} has no {precision} TensorRT engine for {name!r}; {hint}")
-                check_engine_compatible(entry, bundle.engine_path(entry))
-            choice.backend = "tensorrt"
+        if _chose_tensorrt(choice, bundle, backend, models, allow_fallback):
             return choice
-        except BackendUnavailableError as e:
-            if backend == "auto":  # auto only prefers TensorRT; onnxruntime on the same device is the plain choice
-                choice.fallbacks.append(f"auto: not using TensorRT ({e})")
-            else:
-                _downgrade(choice, allow_fallback, e, f"onnxruntime on {device}")
+    _settle_onnxruntime(choice, bundle, models, allow_fallback)
+    return choice
 
-    # onnxruntime
+
+def _check_request(backend: str, device: str, precision: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if precision not in RUNTIME_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(RUNTIME_PRECISIONS)}")
+
+
+def _chose_openvino(choice: BackendChoice, bundle, models: tuple[str, ...], allow_fallback: bool) -> bool:
+    """OpenVINO when it can run the bundle here; else (``allow_fallback``) onnxruntime, giving up bf16."""
+    try:
+        check_openvino(bundle, choice.device, choice.precision, models)
+        choice.backend = "openvino"
+        return True
+    except BackendUnavailableError as e:
+        if choice.precision == "bf16":  # no other backend runs bf16: a fallback keeps the backend and gives up bf16
+            _downgrade(choice, allow_fallback, e, "onnxruntime fp32")
+            choice.precision = "fp32"
+        else:
+            _downgrade(choice, allow_fallback, e, f"onnxruntime on {choice.device}")
+    return False
+
+
+def check_tensorrt(bundle, device: str, precision: str, models: tuple[str, ...]) -> None:
+    """Raise :class:`BackendUnavailableError` unless TensorRT can run every one of ``models`` of ``bundle`` at
+    ``precision`` here (a GPU, the package, and engines built for this GPU and TensorRT version)."""
+    if device != "cuda":
+        raise BackendUnavailableError("backend 'tensorrt' runs on a GPU only; use --device cuda")
+    if precision == "int8":
+        raise BackendUnavailableError(int8_unsupported("tensorrt", device))
+    _import_tensorrt()
+    for name in models:
+        entry = bundle.engine_entry(name, precision)
+        if entry is None:
+            have = [p for p in PRECISIONS if bundle.engine_entry(name, p) is not None]
+            hint = (f"it has {', '.join(have)} engines: use --precision {have[0]}" if have else
+                    "build engines on this machine with `lungsam export RUN --trt`")
+            raise BackendUnavailableError(
+                f"bundle {bundle.root} has no {precision} TensorRT engine for {name!r}; {hint}")
+        check_engine_compatible(entry, bundle.engine_path(entry))
+
+
+def _chose_tensorrt(choice: BackendChoice, bundle, backend: str, models: tuple[str, ...], allow_fallback: bool
+                    ) -> bool:
+    """TensorRT when it can run here; else onnxruntime on the same device (``auto`` notes why; an explicit
+    ``tensorrt`` needs ``allow_fallback``)."""
+    try:
+        check_tensorrt(bundle, choice.device, choice.precision, models)
+        choice.backend = "tensorrt"
+        return True
+    except BackendUnavailableError as e:
+        if backend == "auto":  # auto only prefers TensorRT; onnxruntime on the same device is the plain choice
+            choice.fallbacks.append(f"auto: not using TensorRT ({e})")
+        else:
+            _downgrade(choice, allow_fallback, e, f"onnxruntime on {choice.device}")
+    return False
+
+
+def _settle_onnxruntime(choice: BackendChoice, bundle, models: tuple[str, ...], allow_fallback: bool) -> None:
+    """onnxruntime: the device (CUDA must start), then the precision on that device and in the bundle."""
     if choice.device == "cuda":
         try:
             ort_providers("cuda")
@@ -479,7 +512,6 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
                                     f"{', '.join(missing)} (export with --{choice.precision} to add them)")
         _downgrade(choice, allow_fallback, e, "fp32")
         choice.precision = "fp32"
-    return choice
 
 
 def open_model(bundle, name: str, choice: BackendChoice, threads: int | None = None,

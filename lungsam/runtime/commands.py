@@ -6,6 +6,7 @@ import click
 
 from ..options import RUNTIME_DEVICE, Command, examples, log_to, verbosity
 
+BOX_SOURCE_CHOICES = ("learned", "given", "first-pass")  # lungsam.manifest.BOX_SOURCES (a test pins the two)
 
 @click.command("predict", cls=Command, epilog=examples(
     "lungsam predict bundles/mobile_points xrays/ --out predictions",
@@ -35,9 +36,15 @@ from ..options import RUNTIME_DEVICE, Command, examples, log_to, verbosity
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per model call.")
 @click.option("--ground-truth", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
               help="Folder of reference masks named like the inputs: adds F1/IoU per image and metrics.json.")
+@click.option("--box-source", type=click.Choice(BOX_SOURCE_CHOICES), default=None,
+              help="Where each image's box comes from (the prompt policy): learned (the training split's mean-mask "
+                   "box, or none for a points bundle), first-pass (bundles prompted with a box: the model's own "
+                   "first mask, two decoder passes), given (a box per image: the Python API only). Default: the "
+                   "bundle's (lungsam export --box-from-first-pass records first-pass), else its prompt mode's.")
 @click.option("--box-from-first-pass/--no-box-from-first-pass", default=None,
               help="Bundles prompted with a box: take each image's box from the model's own first mask "
-                   "(two decoder passes), so a `both` bundle needs no annotation. Default: what the bundle was "
+                   "(two decoder passes), so a `both` bundle needs no annotation (= --box-source first-pass; "
+                   "--no-box-from-first-pass: the prompt mode's own). Default: what the bundle was "
                    "exported with (lungsam export --box-from-first-pass).")
 @click.option("--dicom-seg", is_flag=True,
               help="DICOM inputs: also write <stem>_seg.dcm, a DICOM Segmentation (right / left lung) in the "
@@ -69,92 +76,142 @@ from ..options import RUNTIME_DEVICE, Command, examples, log_to, verbosity
 @verbosity
 def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, backend: str, device: str,
             precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
-            box_from_first_pass: bool | None, dicom_seg: bool, fractional: bool, sr: bool, secondary_capture: bool,
-            no_progress: bool, expect_digest: str | None, overwrite: bool, max_pixels: int, ray_address: str | None,
-            ray_workers: int, ray_cpus_per_worker: float, ray_gpus_per_worker: float, performance_hint: str | None,
-            quiet: int) -> None:
+            box_source: str | None, box_from_first_pass: bool | None, dicom_seg: bool, fractional: bool, sr: bool,
+            secondary_capture: bool, no_progress: bool, expect_digest: str | None, overwrite: bool, max_pixels: int,
+            ray_address: str | None, ray_workers: int, ray_cpus_per_worker: float, ray_gpus_per_worker: float,
+            performance_hint: str | None, quiet: int) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
     in predictions.jsonl with its reason; the batch goes on).
     """
-    import warnings
-
-    from tqdm import tqdm
-
-    from ..imageio import scan_inputs
-    from .backends import BackendUnavailableError
-    from .bundle import BundleError
-    from .predict import PredictOutputError, check_out_dir, earlier_run_folder, predict_files
-    from .segmenter import LungSegmenter
-
     no_progress = no_progress or quiet
-    if (fractional or sr or secondary_capture) and not dicom_seg:
-        raise click.UsageError("--fractional, --sr and --secondary-capture go with --dicom-seg")
+    _check_combinations(dicom_seg, fractional, sr, secondary_capture, box_source, box_from_first_pass)
+    load = dict(backend=backend, device=device, precision=precision, allow_fallback=allow_fallback, threads=threads,
+                box_source=box_source, box_from_first_pass=box_from_first_pass, expect_digest=expect_digest,
+                max_pixels=max_pixels)
+    dicom = dict(dicom_seg=dicom_seg, fractional=fractional, sr=sr, secondary_capture=secondary_capture)
     if ray_address is not None:
         if overwrite:  # a Ray rerun resumes its folder (ray_run.json); it never clears it
             raise click.UsageError("--overwrite cannot be combined with --ray: a rerun skips the inputs already "
                                    "complete; choose an empty --out for a new run")
         return _predict_ray(bundle, inputs, out_dir, ray_address, ray_workers, ray_cpus_per_worker,
-                            ray_gpus_per_worker, overlay=overlay, backend=backend, device=device,
-                            precision=precision, allow_fallback=allow_fallback, threads=threads,
-                            batch_size=batch_size, ground_truth=ground_truth, box_from_first_pass=box_from_first_pass,
-                            expect_digest=expect_digest, max_pixels=max_pixels, dicom_seg=dicom_seg,
-                            fractional=fractional, sr=sr, secondary_capture=secondary_capture,
-                            no_progress=no_progress)
-    try:
-        check_out_dir(out_dir, overwrite)  # before any work
-    except PredictOutputError as e:
-        raise click.ClickException(str(e)) from e
-    listing = scan_inputs(inputs, exclude=[out_dir], skip_folder=earlier_run_folder)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)
-        try:
-            seg = LungSegmenter.load(bundle, backend=backend, device=device, precision=precision,
-                                     allow_fallback=allow_fallback, threads=threads,
-                                     box_from_first_pass=box_from_first_pass, expect_digest=expect_digest,
-                                     max_pixels=max_pixels, performance_hint=performance_hint)
-        except (BundleError, BackendUnavailableError, ValueError) as e:
-            raise click.ClickException(str(e)) from e
-    for w in caught:
-        click.echo(f"warning: {w.message}", err=True)
-    if seg.needs_box:
-        raise click.ClickException(
-            f"bundle {bundle} was trained with prompt mode {seg.prompt.mode!r}, which needs a ground-truth lung box "
-            "for every image; `lungsam predict` has no boxes: add --box-from-first-pass (the model's own first mask "
-            "gives the box; `lungsam export --box-from-first-pass` makes it the bundle's default), use a bundle "
-            "trained with --prompt points, auto-box or auto-both, or the Python API "
-            "(LungSegmenter.segment(image, box=...))")
+                            ray_gpus_per_worker, overlay=overlay, batch_size=batch_size, ground_truth=ground_truth,
+                            no_progress=no_progress, **load, **dicom)
+    listing = _input_listing(inputs, out_dir, overwrite)
+    seg = _load_segmenter(bundle, performance_hint=performance_hint, **load)
+    _refuse_needs_box(seg, bundle)
+    _require_inputs(listing)
     n = len(listing.files)
-    if n == 0:
-        why = "".join(f"\n  skipped: {s.path}: {s.reason}" for s in listing.skipped[:10])
-        raise click.ClickException("no input images found (PNG/JPEG/TIFF/BMP/DICOM files or folders of them)" + why)
     d = seg.describe()
     fp = " (box from the first pass)" if d["box_from_first_pass"] else ""
     log_to("predict")(f"{n} inputs; {d['backend']} on {d['device']} ({d['precision']}), prompt {d['prompt_mode']}{fp}, "
                       f"threshold {d['threshold']:.3f}")
+    summary = _predict_listing(seg, listing, out_dir, overlay=overlay, batch_size=batch_size,
+                               ground_truth=ground_truth, overwrite=overwrite, no_progress=no_progress,
+                               hook=_dicom_hook(seg, **dicom))
+    _report(summary)
+
+
+def _check_combinations(dicom_seg: bool, fractional: bool, sr: bool, secondary_capture: bool,
+                        box_source: str | None, box_from_first_pass: bool | None) -> None:
+    """Usage errors (exit code 2) of option combinations, before any work."""
+    if (fractional or sr or secondary_capture) and not dicom_seg:
+        raise click.UsageError("--fractional, --sr and --secondary-capture go with --dicom-seg")
+    if None not in (box_source, box_from_first_pass) and box_from_first_pass != (box_source == "first-pass"):
+        flag = "--box-from-first-pass" if box_from_first_pass else "--no-box-from-first-pass"
+        raise click.UsageError(f"{flag} contradicts --box-source {box_source}: give one of them")
+
+
+def _input_listing(inputs: tuple[str, ...], out_dir: str, overwrite: bool):
+    """The output folder checked (before any work), then the inputs listed (the output folder is never read)."""
+    from ..imageio import scan_inputs
+    from .predict import PredictOutputError, check_out_dir, earlier_run_folder
+
+    try:
+        check_out_dir(out_dir, overwrite)
+    except PredictOutputError as e:
+        raise click.ClickException(str(e)) from e
+    return scan_inputs(inputs, exclude=[out_dir], skip_folder=earlier_run_folder)
+
+
+def _require_inputs(listing) -> None:
+    if not listing.files:
+        why = "".join(f"\n  skipped: {s.path}: {s.reason}" for s in listing.skipped[:10])
+        raise click.ClickException("no input images found (PNG/JPEG/TIFF/BMP/DICOM files or folders of them)" + why)
+
+
+def _load_segmenter(bundle: str, **load):
+    """:meth:`LungSegmenter.load` with the CLI's options; its RuntimeWarnings printed as ``warning:`` lines."""
+    import warnings
+
+    from .backends import BackendUnavailableError
+    from .bundle import BundleError
+    from .segmenter import LungSegmenter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            seg = LungSegmenter.load(bundle, **load)
+        except (BundleError, BackendUnavailableError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    return seg
+
+
+def _refuse_needs_box(seg, bundle: str) -> None:
+    """``lungsam predict`` has no per-image boxes: refuse a prompt policy that asks for them."""
+    if not seg.needs_box:
+        return
+    if not seg.prompt.needs_ground_truth:
+        raise click.ClickException(f"--box-source given: bundle {bundle} would need a lung box for every image, and "
+                                   "`lungsam predict` has no boxes; use --box-source learned or the Python API "
+                                   "(LungSegmenter.segment(image, box=...))")
+    raise click.ClickException(
+        f"bundle {bundle} was trained with prompt mode {seg.prompt.mode!r}, which needs a ground-truth lung box "
+        "for every image; `lungsam predict` has no boxes: add --box-from-first-pass (the model's own first mask "
+        "gives the box; `lungsam export --box-from-first-pass` makes it the bundle's default), use a bundle "
+        "trained with --prompt points, auto-box or auto-both, or the Python API "
+        "(LungSegmenter.segment(image, box=...))")
+
+
+def _dicom_hook(seg, *, dicom_seg: bool, fractional: bool, sr: bool, secondary_capture: bool):
+    """With ``--dicom-seg``: the record hook that writes DICOM-SEG (and SR / SC) beside each mask; else ``None``."""
+    if not dicom_seg:
+        return None
+    from .dicom_out import dicom_record_hook
+
+    try:
+        import highdicom  # noqa: F401
+    except ImportError as e:
+        raise click.ClickException("--dicom-seg needs highdicom: pip install 'lungsam[dicom]'") from e
+    return dicom_record_hook(seg.bundle, fractional=fractional, sr=sr, secondary_capture=secondary_capture)
+
+
+def _predict_listing(seg, listing, out_dir: str, *, no_progress: bool, **options):
+    """:func:`lungsam.runtime.predict.predict_files` with a progress bar and ``skipped:`` lines on stderr."""
+    from tqdm import tqdm
+
+    from .predict import PredictOutputError, predict_files
+
+    n = len(listing.files)
 
     def progress(it):
         return tqdm(it, total=n, unit="img", desc="predict", disable=no_progress)
 
-    hook = None
-    if dicom_seg:
-        from .dicom_out import dicom_record_hook
-
-        try:
-            import highdicom  # noqa: F401
-        except ImportError as e:
-            raise click.ClickException("--dicom-seg needs highdicom: pip install 'lungsam[dicom]'") from e
-        hook = dicom_record_hook(seg.bundle, fractional=fractional, sr=sr, secondary_capture=secondary_capture)
-
     def skipped(rec):
         click.echo(f"skipped: {rec['file']}: {rec['reason']}", err=True)
 
+    hook = options.pop("hook")
     try:
-        summary = predict_files(seg, listing, out_dir, overlay=overlay, batch_size=batch_size, progress=progress,
-                                ground_truth=ground_truth, overwrite=overwrite, on_skip=skipped, record_hook=hook)
+        return predict_files(seg, listing, out_dir, progress=progress, on_skip=skipped, record_hook=hook, **options)
     except PredictOutputError as e:
         raise click.ClickException(str(e)) from e
+
+
+def _report(summary) -> None:
+    """``failed:`` and ``warning:`` lines on stderr, the closing ``N ok, M failed`` line; exit code 1 on failures."""
     for rec in summary.records:
         if rec["status"] == "error":
             click.echo(f"failed: {rec['error']}", err=True)
@@ -200,14 +257,16 @@ def _predict_ray(bundle: str, inputs: tuple[str, ...], out_dir: str, address: st
     """``lungsam predict --ray``: :func:`lungsam.runtime.ray_batch.predict_ray`; same outputs and exit code."""
     from ..imageio import list_inputs
     from .bundle import Bundle, BundleError
+    from .prompting import resolve_policy
     from .ray_batch import RayBatchError, SegmenterOptions, predict_ray
 
     try:
         b = Bundle.load(bundle, verify=True)  # fail here, before a cluster starts, on a broken bundle
     except BundleError as e:
         raise click.ClickException(str(e)) from e
-    if b.prompt.needs_ground_truth and not (options["box_from_first_pass"] or
-                                            (b.manifest.get("inference") or {}).get("box_from_first_pass")):
+    policy = resolve_policy(b.meta.inference if b.meta is not None else None, options["box_source"],
+                            options["box_from_first_pass"])
+    if policy.source(b.prompt) == "given":
         raise click.ClickException(f"bundle {bundle} was trained with prompt mode {b.prompt.mode!r}, which needs a "
                                    "lung box per image: add --box-from-first-pass (see `lungsam predict --help`)")
     n = len(list_inputs(list(inputs)))

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..artifacts import atomic_path, sha256_file
 from ..errors import LungsamError
+from ..manifest import MANIFEST_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
@@ -173,7 +174,7 @@ def bundle_digest(bundle: Bundle) -> str:
 
     Uses ``Bundle.digest`` where the runtime provides it (same definition)."""
     digest = getattr(bundle, "digest", None)
-    return str(digest) if digest else sha256_file(Path(bundle.root) / "manifest.json")
+    return str(digest) if digest else sha256_file(Path(bundle.root) / MANIFEST_FILE)
 
 
 def lungsam_version() -> str:
@@ -314,6 +315,9 @@ def _segment_frame(seg: Any, segment_number: int) -> int:
     raise DicomOutputError(f"SEG {seg.SOPInstanceUID} has no frame for segment {segment_number}")
 
 
+LUNG_SIDES = (("right", "3341006", "Right lung"), ("left", "44029006", "Left lung"))  # SNOMED CT, SEG segment 1, 2
+
+
 def build_sr(ds: Dataset, seg: Any, areas_mm2: dict[str, float] | None, quality: dict[str, Any], digest: str,
              bundle: Bundle):
     """TID 1500 measurement report (``Comprehensive3DSR``): one planar ROI group per lung referencing its SEG
@@ -323,40 +327,15 @@ def build_sr(ds: Dataset, seg: Any, areas_mm2: dict[str, float] | None, quality:
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
 
-    version = lungsam_version()
-    algo = hd.sr.AlgorithmIdentification(name="lungsam", version=version, parameters=[f"bundle_sha256={digest}"])
+    algo = hd.sr.AlgorithmIdentification(name="lungsam", version=lungsam_version(),
+                                         parameters=[f"bundle_sha256={digest}"])
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=result_uid("device", digest, "observer"), name="lungsam", manufacturer_name=MANUFACTURER,
             model_name=MODEL_NAME))
-    if quality["source"] == "qc":
-        score_name = Code("qc-score", CODING_SCHEME, "Lung segmentation quality score")
-    else:
-        score_name = Code("predicted-iou", CODING_SCHEME, "Predicted IoU of the lung segmentation")
-    source_image = hd.sr.SourceImageForSegmentation(ds.SOPClassUID, ds.SOPInstanceUID)
-    groups = []
-    for number, (side, code) in enumerate((("right", Code("3341006", "SCT", "Right lung")),
-                                           ("left", Code("44029006", "SCT", "Left lung"))), start=1):
-        measurements = []
-        if areas_mm2 is not None:
-            measurements.append(hd.sr.Measurement(name=codes.SCT.Area, value=round(areas_mm2[side], 3),
-                                                  unit=codes.UCUM.SquareMillimeter, algorithm_id=algo))
-        measurements.append(hd.sr.Measurement(name=score_name, value=round(quality["score"], 6),
-                                              unit=Code("1", "UCUM", "no units"), algorithm_id=algo))
-        evaluations = None
-        if quality.get("flag") is not None:
-            flag = str(quality["flag"])
-            evaluations = [hd.sr.QualitativeEvaluation(
-                name=Code("qc-flag", CODING_SCHEME, "Lung segmentation quality flag"),
-                value=Code(_dicom_text(flag, 16), CODING_SCHEME, _dicom_text(flag)))]
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(ds.SOPInstanceUID, digest, f"roi-{side}"),
-                                                         identifier=f"{side} lung"),
-            referenced_segment=hd.sr.ReferencedSegmentationFrame(
-                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
-                frame_number=_segment_frame(seg, number), segment_number=number, source_image=source_image),
-            finding_type=code, algorithm_id=algo, measurements=measurements, qualitative_evaluations=evaluations))
+    groups = [_lung_roi_group(ds, seg, number, side, Code(code, "SCT", meaning), areas_mm2, quality, digest, algo)
+              for number, (side, code, meaning) in enumerate(LUNG_SIDES, start=1)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=Code("399208008", "SCT", "Plain chest X-ray"), imaging_measurements=groups)
@@ -367,14 +346,58 @@ def build_sr(ds: Dataset, seg: Any, areas_mm2: dict[str, float] | None, quality:
         instance_number=int(ds.get("InstanceNumber") or 1), manufacturer=MANUFACTURER, is_complete=True,
         series_description=SR_SERIES_DESCRIPTION)
     _segment_references_by_number(sr)
+    sr.CodingSchemeIdentificationSequence = [_coding_scheme()]
+    return sr
+
+
+def _score_code(quality: dict[str, Any]):
+    """The ``99LUNGSAM`` concept of the reported score: ``qc-score`` or ``predicted-iou``."""
+    from pydicom.sr.coding import Code
+
+    if quality["source"] == "qc":
+        return Code("qc-score", CODING_SCHEME, "Lung segmentation quality score")
+    return Code("predicted-iou", CODING_SCHEME, "Predicted IoU of the lung segmentation")
+
+
+def _lung_roi_group(ds: Dataset, seg: Any, number: int, side: str, finding: Any, areas_mm2: dict[str, float] | None,
+                    quality: dict[str, Any], digest: str, algo: Any):
+    """One lung's TID 1410 group: its area (with a pixel spacing) and the score, the qc flag as a qualitative
+    evaluation, referencing SEG segment ``number`` and the source image."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    measurements = []
+    if areas_mm2 is not None:
+        measurements.append(hd.sr.Measurement(name=codes.SCT.Area, value=round(areas_mm2[side], 3),
+                                              unit=codes.UCUM.SquareMillimeter, algorithm_id=algo))
+    measurements.append(hd.sr.Measurement(name=_score_code(quality), value=round(quality["score"], 6),
+                                          unit=Code("1", "UCUM", "no units"), algorithm_id=algo))
+    evaluations = None
+    if quality.get("flag") is not None:
+        flag = str(quality["flag"])
+        evaluations = [hd.sr.QualitativeEvaluation(
+            name=Code("qc-flag", CODING_SCHEME, "Lung segmentation quality flag"),
+            value=Code(_dicom_text(flag, 16), CODING_SCHEME, _dicom_text(flag)))]
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(ds.SOPInstanceUID, digest, f"roi-{side}"),
+                                                     identifier=f"{side} lung"),
+        referenced_segment=hd.sr.ReferencedSegmentationFrame(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+            frame_number=_segment_frame(seg, number), segment_number=number,
+            source_image=hd.sr.SourceImageForSegmentation(ds.SOPClassUID, ds.SOPInstanceUID)),
+        finding_type=finding, algorithm_id=algo, measurements=measurements, qualitative_evaluations=evaluations)
+
+
+def _coding_scheme() -> Dataset:
+    """The Coding Scheme Identification item of the private ``99LUNGSAM`` scheme."""
     from pydicom.dataset import Dataset as _Dataset
 
     scheme = _Dataset()
     scheme.CodingSchemeDesignator = CODING_SCHEME
     scheme.CodingSchemeName = "lungsam quality codes"
     scheme.CodingSchemeResponsibleOrganization = "lungsam"
-    sr.CodingSchemeIdentificationSequence = [scheme]
-    return sr
+    return scheme
 
 
 def _segment_references_by_number(node: Any) -> None:

@@ -21,9 +21,10 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -31,6 +32,7 @@ from PIL import Image
 from ..artifacts import atomic_path, dumps_json, package_versions, read_json, utc_now, write_json_atomic
 from ..errors import LungsamError
 from ..imageio import IMAGE_SUFFIXES, ImageReadError, InputListing, read_mask, scan_inputs
+from ..layout import PredictLayout
 from ..metrics import f1_score, iou_score, summarize
 from ..preprocess import grey_to_rgb, to_uint8
 from .contact_sheet import ContactSheet, flag_frame
@@ -39,7 +41,10 @@ from .segmenter import LungSegmenter, SegmentationFailure, SegmentationResult
 OVERLAY_COLOR = (0, 200, 80)
 OVERLAY_ALPHA = 0.4
 PREDICT_FORMAT = "lungsam-predict/1"
-RUN_FILES = ("predict.json", "predictions.jsonl", "metrics.json", "contact_sheet.png")
+_NAMES = PredictLayout(Path("."))
+RUN_FILES = tuple(p.name for p in (_NAMES.predict_json, _NAMES.predictions_jsonl, _NAMES.metrics_json,
+                                   _NAMES.contact_sheet_png))
+RecordHook = Callable[[Path, str, "SegmentationResult", Path], dict]
 _ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # lungsam.artifacts.atomic_path's temporary files
 FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
@@ -92,8 +97,8 @@ def score_against(mask: np.ndarray, gt_dir: Path, stem: str) -> dict:
     except ImageReadError as e:
         return {"ground_truth": str(gt_path), "score_error": str(e)}
     if gt.shape != mask.shape:
-        return {"ground_truth": str(gt_path),
-                "score_error": f"mask size {gt.shape[1]}x{gt.shape[0]} differs from the image's {mask.shape[1]}x{mask.shape[0]}"}
+        return {"ground_truth": str(gt_path), "score_error": f"mask size {gt.shape[1]}x{gt.shape[0]} differs from "
+                                                              f"the image's {mask.shape[1]}x{mask.shape[0]}"}
     return {"ground_truth": str(gt_path), "f1": round(f1_score(mask, gt), 6), "iou": round(iou_score(mask, gt), 6)}
 
 
@@ -161,7 +166,7 @@ def previous_run_files(out: Path) -> set[str] | None:
     ``predictions.jsonl`` names each mask/overlay, and atomic temporary files), or ``None`` when ``out``
     holds no ``predict.json`` of such a run."""
     try:
-        run = read_json(out / "predict.json")
+        run = read_json(PredictLayout(out).predict_json)
     except (OSError, ValueError):
         return None
     if not isinstance(run, dict) or not ("segmenter" in run or run.get("format") == PREDICT_FORMAT):
@@ -169,7 +174,7 @@ def previous_run_files(out: Path) -> set[str] | None:
     names = set(RUN_FILES)
     names |= {n for n in run.get("outputs_planned") or [] if isinstance(n, str)}
     try:
-        with open(out / "predictions.jsonl", encoding="utf-8") as f:
+        with open(PredictLayout(out).predictions_jsonl, encoding="utf-8") as f:
             for line in f:
                 try:
                     rec = json.loads(line)
@@ -190,7 +195,7 @@ def earlier_run_folder(folder: Path) -> str | None:
     """Why ``folder`` (met while scanning an input folder) is not read: it holds an earlier ``lungsam predict``
     run's outputs (its ``predict.json``); ``None`` otherwise."""
     return ("output folder of an earlier `lungsam predict` run (has its predict.json); not read as input"
-            if (folder / "predict.json").is_file() and previous_run_files(folder) is not None else None)
+            if PredictLayout(folder).predict_json.is_file() and previous_run_files(folder) is not None else None)
 
 
 def check_out_dir(out: str | Path, overwrite: bool = False) -> list[Path]:
@@ -239,13 +244,14 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
                   overlay: bool = False, batch_size: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
                   ground_truth: str | Path | None = None, overwrite: bool = False,
                   on_skip: Callable[[dict], None] | None = None,
-                  record_hook: Callable[[Path, str, SegmentationResult, Path], dict] | None = None) -> PredictSummary:
+                  record_hook: RecordHook | None = None) -> PredictSummary:
     """Segment files/folders into ``out_dir``: ``<stem>_mask.png`` (0/255, original size), optional
     ``<stem>_overlay.png``, ``predictions.jsonl`` (one strict-JSON line per input, in input order, after the
     ``skipped`` lines of folder entries not read; each result line carries ``qc``, the quality flag of
-    :attr:`SegmentationResult.qc`), ``contact_sheet.png`` with ``overlay`` (all overlays, flagged first; a red
-    frame marks a flagged image) and ``predict.json`` (``status`` ``incomplete``/``complete``,
-    the backend, device and precision that ran, fallbacks taken, counts, skipped files, versions).
+    :attr:`SegmentationResult.qc`, and ``prompt``: its kind and box source), ``contact_sheet.png`` with ``overlay``
+    (all overlays, flagged first; a red frame marks a flagged image) and ``predict.json`` (``status``
+    ``incomplete``/``complete``, the backend, device and precision that ran, fallbacks taken, counts, skipped files,
+    versions). File names: :class:`lungsam.layout.PredictLayout`.
 
     Args:
         inputs: files and folders (folders recursive, see :func:`lungsam.imageio.scan_inputs`; ``out_dir`` is
@@ -264,109 +270,204 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
             space/permission (the message names the path; what completed is recorded).
     """
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    listing = inputs if isinstance(inputs, InputListing) else scan_inputs(list(inputs), exclude=[out],
+    layout = PredictLayout(Path(out_dir))
+    listing = inputs if isinstance(inputs, InputListing) else scan_inputs(list(inputs), exclude=[layout.root],
                                                                            skip_folder=earlier_run_folder)
+    remove_previous_run(layout.root, overwrite)
+    stems = _output_stems(listing.files)
+    run = RunRecord(layout, PredictSummary(jsonl=layout.predictions_jsonl), t0,
+                    initial_run_record(segmenter.describe(), listing, stems, layout, overlay, ground_truth))
+    journal = run.open_journal()
+    outputs = InputOutputs(layout.root, overlay, None if ground_truth is None else Path(ground_truth), record_hook,
+                           ContactSheet() if overlay else None)
+    with run.recording_errors():
+        with journal:
+            _record_skipped(run.summary, journal, run.record["skipped_files"], on_skip)
+            results = segmenter.segment_many(listing.files, batch_size=batch_size)
+            _record_results(run.summary, journal, zip(listing.files, stems,
+                                                      progress(results) if progress is not None else results), outputs)
+            journal.sync()
+            if outputs.sheet is not None:
+                outputs.sheet.write(layout.contact_sheet_png)  # all overlays, flagged first
+    run.summary.seconds = time.perf_counter() - t0
+    run.complete(ground_truth, segmenter.threshold)
+    return run.summary
+
+
+def remove_previous_run(out: Path, overwrite: bool) -> None:
+    """Check ``out`` (:func:`check_out_dir`) and remove the previous run's files ``overwrite`` allows."""
     for p in check_out_dir(out, overwrite):
         try:
             p.unlink()
         except OSError as e:
             raise PredictOutputError(f"--overwrite: cannot remove {p}: {e.strerror or e}") from e
-    paths = listing.files
-    stems = _output_stems(paths)
-    summary = PredictSummary(jsonl=out / "predictions.jsonl")
-    setup = segmenter.describe()
-    planned = list(RUN_FILES) + [f"{s}_mask.png" for s in stems] + ([f"{s}_overlay.png" for s in stems] if overlay else [])
+
+
+def _outputs_line(layout: PredictLayout, ground_truth: str | Path | None) -> str:
+    """``predict.json``'s ``outputs``: what the run writes besides each input's files."""
+    return (f"{layout.predictions_jsonl.name} (one line per input)"
+            + (f", {layout.metrics_json.name}" if ground_truth is not None else ""))
+
+
+def initial_run_record(setup: dict, listing: InputListing, stems: list[str], layout: PredictLayout, overlay: bool,
+                       ground_truth: str | Path | None) -> dict:
+    """``predict.json`` as first written (``status: incomplete``, every name the run may write, the skipped
+    folder entries); ``setup`` is :meth:`LungSegmenter.describe`."""
+    planned = (list(RUN_FILES) + [layout.mask_png(s).name for s in stems]
+               + ([layout.overlay_png(s).name for s in stems] if overlay else []))
     skipped = [{"file": str(s.path), "status": "skipped", "reason": s.reason} for s in listing.skipped]
-    state = {"format": PREDICT_FORMAT, "status": "incomplete", "created": utc_now(), "finished": None,
-             "segmenter": setup, "inputs": len(paths), "ok": 0, "failed": 0, "skipped": len(skipped),
-             "seconds": None, "error": None,
-             "outputs": "predictions.jsonl (one line per input)" + (", metrics.json" if ground_truth is not None else ""),
-             "outputs_planned": planned, "skipped_files": skipped, "versions": package_versions()}
+    return {"format": PREDICT_FORMAT, "status": "incomplete", "created": utc_now(), "finished": None,
+            "segmenter": setup, "inputs": len(listing.files), "ok": 0, "failed": 0, "skipped": len(skipped),
+            "seconds": None, "error": None, "outputs": _outputs_line(layout, ground_truth),
+            "outputs_planned": planned, "skipped_files": skipped, "versions": package_versions()}
 
-    def write_state() -> None:
-        state.update(ok=summary.ok, failed=summary.failed, seconds=round(time.perf_counter() - t0, 3))
-        write_json_atomic(out / "predict.json", state)
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_state()
-        f = open(summary.jsonl, "wb", buffering=0)  # unbuffered: each line is in the kernel once written
-    except OSError as e:
-        raise PredictOutputError(f"--out {out} is not writable: {_write_error(Path(e.filename or out), e)}") from e
-    complete = 0  # bytes of predictions.jsonl that hold whole lines
+class JsonlJournal:
+    """``predictions.jsonl`` opened unbuffered: each appended line is in the kernel once written, and a write
+    that fails part-way is truncated back to the last whole line."""
 
-    def append(rec: dict) -> None:
-        nonlocal complete
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "wb", buffering=0)
+        self.complete = 0  # bytes that hold whole lines
+
+    def append(self, rec: dict) -> None:
         view = memoryview((dumps_json(rec) + "\n").encode("utf-8"))
         try:
             while view:
-                view = view[f.write(view):]
+                view = view[self.f.write(view):]
         except OSError:
-            _try(lambda: os.ftruncate(f.fileno(), complete))  # never leave a partial last line
+            _try(lambda: os.ftruncate(self.f.fileno(), self.complete))  # never leave a partial last line
             raise
-        complete = f.tell()
+        self.complete = self.f.tell()
 
-    gt_dir = None if ground_truth is None else Path(ground_truth)
-    try:
-        with f:
-            for rec in skipped:
-                summary.skipped += 1
-                summary.records.append(rec)
-                append(rec)
-                if on_skip is not None:
-                    on_skip(rec)
-            sheet = ContactSheet() if overlay else None
-            results = segmenter.segment_many(paths, batch_size=batch_size)
-            it = progress(results) if progress is not None else results
-            for path, stem, r in zip(paths, stems, it):
-                rec = _record(path, stem, r, out, overlay, gt_dir, record_hook, sheet)
-                summary.ok += rec["status"] == "ok"
-                summary.failed += rec["status"] != "ok"
-                fatal = rec.pop("_fatal", False)
-                summary.records.append(rec)
-                append(rec)
-                if fatal:
-                    raise PredictOutputError(
-                        f"{rec['error']}; stopped after {summary.ok} ok / {summary.failed} failed inputs, recorded in "
-                        f"{summary.jsonl} (predict.json says incomplete)")
-            os.fsync(f.fileno())
-            if sheet is not None:
-                sheet.write(out / "contact_sheet.png")  # all overlays, flagged first
-    except OSError as e:
-        state["error"] = _write_error(Path(e.filename or summary.jsonl), e)
-        _try(write_state)
-        raise PredictOutputError(
-            f"{state['error']}; stopped after {summary.ok} ok / {summary.failed} failed inputs (the lines written to "
-            f"{summary.jsonl} before it are complete; predict.json says incomplete)") from e
-    except PredictOutputError as e:
-        state["error"] = str(e)
-        _try(write_state)
-        raise
-    except BaseException as e:  # Ctrl-C: say so, then stop
-        state["error"] = f"interrupted ({type(e).__name__})"
-        _try(write_state)
-        raise
-    summary.seconds = time.perf_counter() - t0
-    try:
-        if ground_truth is not None:
-            scored = [r for r in summary.records if "f1" in r]
-            summary.scores = {"n": len(scored), "f1": summarize(r["f1"] for r in scored),
-                              "iou": summarize(r["iou"] for r in scored),
-                              "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
-            write_json_atomic(out / "metrics.json", {
-                "ground_truth": str(ground_truth), "threshold": segmenter.threshold, "frame": "original image size",
-                **summary.scores,
-                "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision", "fallbacks")}})
-        state.update(status="complete", finished=utc_now())
-        write_state()
-    except OSError as e:
-        state["error"] = _write_error(Path(e.filename or out), e)
-        state["status"] = "incomplete"
-        _try(write_state)
-        raise PredictOutputError(f"{state['error']}; every input is recorded in {summary.jsonl}, but the run's "
-                                 "summary could not be written (predict.json says incomplete)") from e
-    return summary
+    def sync(self) -> None:
+        os.fsync(self.f.fileno())
+
+    def __enter__(self) -> "JsonlJournal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+
+@dataclass
+class InputOutputs:
+    """What :func:`_record` writes for each input: the folder, overlays, ground truth, the hook, the sheet."""
+
+    out: Path
+    overlay: bool
+    gt_dir: Path | None
+    record_hook: RecordHook | None
+    sheet: ContactSheet | None
+
+
+@dataclass
+class RunRecord:
+    """``predict.json`` of a run in progress and the run's counts; rewritten as the run goes."""
+
+    layout: PredictLayout
+    summary: PredictSummary
+    t0: float
+    record: dict
+
+    def write(self) -> None:
+        self.record.update(ok=self.summary.ok, failed=self.summary.failed,
+                           seconds=round(time.perf_counter() - self.t0, 3))
+        write_json_atomic(self.layout.predict_json, self.record)
+
+    def fail(self, error: str) -> None:
+        """Record ``error`` (the run stays ``incomplete``); a disk that refuses this too is ignored."""
+        self.record["error"] = error
+        _try(self.write)
+
+    def open_journal(self) -> JsonlJournal:
+        """Create the folder, write ``predict.json`` (incomplete) and open ``predictions.jsonl``."""
+        out = self.layout.root
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.write()
+            return JsonlJournal(self.layout.predictions_jsonl)
+        except OSError as e:
+            raise PredictOutputError(f"--out {out} is not writable: {_write_error(Path(e.filename or out), e)}") from e
+
+    def stopped(self) -> str:
+        s = self.summary
+        return f"stopped after {s.ok} ok / {s.failed} failed inputs"
+
+    @contextmanager
+    def recording_errors(self) -> Iterator[None]:
+        """Record in ``predict.json`` why the body stopped: a write error (as :class:`PredictOutputError`), the
+        run's own error, or an interruption (Ctrl-C), which is re-raised."""
+        try:
+            yield
+        except OSError as e:
+            self.fail(_write_error(Path(e.filename or self.summary.jsonl), e))
+            raise PredictOutputError(
+                f"{self.record['error']}; {self.stopped()} (the lines written to {self.summary.jsonl} before it are "
+                "complete; predict.json says incomplete)") from e
+        except PredictOutputError as e:
+            self.fail(str(e))
+            raise
+        except BaseException as e:  # Ctrl-C: say so, then stop
+            self.fail(f"interrupted ({type(e).__name__})")
+            raise
+
+    def complete(self, ground_truth: str | Path | None, threshold: float) -> None:
+        """With ``ground_truth``, score the run into ``metrics.json``; then mark ``predict.json`` complete."""
+        try:
+            if ground_truth is not None:
+                self.summary.scores = summary_scores(self.summary)
+                write_metrics(self.layout, ground_truth, threshold, self.record["segmenter"], self.summary.scores)
+            self.record.update(status="complete", finished=utc_now())
+            self.write()
+        except OSError as e:
+            self.record["status"] = "incomplete"
+            self.fail(_write_error(Path(e.filename or self.layout.root), e))
+            raise PredictOutputError(f"{self.record['error']}; every input is recorded in {self.summary.jsonl}, but "
+                                     "the run's summary could not be written (predict.json says incomplete)") from e
+
+
+def _record_skipped(summary: PredictSummary, journal: JsonlJournal, skipped: list[dict],
+                    on_skip: Callable[[dict], None] | None) -> None:
+    """The ``skipped`` lines first, as the folder scan found them."""
+    for rec in skipped:
+        summary.skipped += 1
+        summary.records.append(rec)
+        journal.append(rec)
+        if on_skip is not None:
+            on_skip(rec)
+
+
+def _record_results(summary: PredictSummary, journal: JsonlJournal,
+                    results: Iterable[tuple[Path, str, SegmentationResult | SegmentationFailure]],
+                    outputs: InputOutputs) -> None:
+    """Write each input's files and line as its result arrives; a full or read-only folder stops the run."""
+    for path, stem, r in results:
+        rec = _record(path, stem, r, outputs.out, outputs.overlay, outputs.gt_dir, outputs.record_hook, outputs.sheet)
+        summary.ok += rec["status"] == "ok"
+        summary.failed += rec["status"] != "ok"
+        fatal = rec.pop("_fatal", False)
+        summary.records.append(rec)
+        journal.append(rec)
+        if fatal:
+            raise PredictOutputError(
+                f"{rec['error']}; stopped after {summary.ok} ok / {summary.failed} failed inputs, recorded in "
+                f"{summary.jsonl} (predict.json says incomplete)")
+
+
+def summary_scores(summary: PredictSummary) -> dict:
+    """``{"n", "f1", "iou", "unscored"}`` over the records scored against ground truth."""
+    scored = [r for r in summary.records if "f1" in r]
+    return {"n": len(scored), "f1": summarize(r["f1"] for r in scored), "iou": summarize(r["iou"] for r in scored),
+            "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
+
+
+def write_metrics(layout: PredictLayout, ground_truth: str | Path, threshold: float, setup: dict, scores: dict) -> None:
+    """``metrics.json``: the scores beside the threshold and what ran (``setup``: :meth:`LungSegmenter.describe`)."""
+    write_json_atomic(layout.metrics_json, {
+        "ground_truth": str(ground_truth), "threshold": threshold, "frame": "original image size", **scores,
+        "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision", "fallbacks")}})
 
 
 def _try(fn: Callable[[], None]) -> None:
@@ -389,13 +490,14 @@ def _record(path: Path, stem: str, r: SegmentationResult | SegmentationFailure, 
         rec.update(status="error", error=r.error, stage=r.stage, timings=_round(r.timings))
         return rec
     written: list[Path] = []
-    target = out / f"{stem}_mask.png"
+    layout = PredictLayout(out)
+    target = layout.mask_png(stem)
     try:
         save_png(target, mask_png(r.mask))
         written.append(target)
         rec.update(status="ok", error=None, mask=target.name)
         if overlay:
-            target = out / f"{stem}_overlay.png"
+            target = layout.overlay_png(stem)
             ov_rgb = overlay_image(r.pixels, r.mask)
             if r.qc and r.qc["flag"]:  # a flagged image carries a red frame
                 ov_rgb = flag_frame(ov_rgb)
@@ -422,7 +524,8 @@ def _record(path: Path, stem: str, r: SegmentationResult | SegmentationFailure, 
     rec.update(area_px=r.area_px, area_mm2=None if r.area_mm2 is None else round(r.area_mm2, 3),
                pixel_spacing_mm=None if r.pixel_spacing_mm is None else list(r.pixel_spacing_mm),
                score=round(r.score, 6), threshold=r.threshold, size=list(r.original_hw),
-               qc=r.qc, timings=_round(r.timings), warnings=list(r.warnings))
+               qc=r.qc, prompt={"kind": r.prompt, "box_source": r.box_source}, timings=_round(r.timings),
+               warnings=list(r.warnings))
     return rec
 
 
@@ -451,18 +554,12 @@ def write_summary(out: Path, summary: PredictSummary, setup: dict, n_inputs: int
     """Write ``out/predict.json`` of a finished run (``status: complete``; ``setup``: :meth:`LungSegmenter.describe`
     of what ran; ``extra``: more top-level keys, e.g. the Ray run's) and, with ``ground_truth``, ``metrics.json``;
     sets ``summary.scores``."""
-    write_json_atomic(out / "predict.json", {
+    layout = PredictLayout(out)
+    write_json_atomic(layout.predict_json, {
         "format": PREDICT_FORMAT, "status": "complete", "created": utc_now(), "finished": utc_now(),
         "segmenter": setup, "inputs": n_inputs, "ok": summary.ok, "failed": summary.failed,
         "skipped": summary.skipped, "seconds": round(summary.seconds, 3), "error": None,
-        "outputs": "predictions.jsonl (one line per input)" + (", metrics.json" if ground_truth is not None else ""),
-        **(extra or {}), "versions": package_versions()})
+        "outputs": _outputs_line(layout, ground_truth), **(extra or {}), "versions": package_versions()})
     if ground_truth is not None:
-        scored = [r for r in summary.records if "f1" in r]
-        summary.scores = {"n": len(scored), "f1": summarize(r["f1"] for r in scored),
-                          "iou": summarize(r["iou"] for r in scored),
-                          "unscored": [r["file"] for r in summary.records if r["status"] == "ok" and "f1" not in r]}
-        write_json_atomic(out / "metrics.json", {
-            "ground_truth": str(ground_truth), "threshold": setup["threshold"], "frame": "original image size",
-            **summary.scores,
-            "segmenter": {k: setup[k] for k in ("bundle", "backend", "device", "precision", "fallbacks")}})
+        summary.scores = summary_scores(summary)
+        write_metrics(layout, ground_truth, setup["threshold"], setup, summary.scores)

@@ -34,10 +34,13 @@ import numpy as np
 from ..artifacts import atomic_path, dumps_json, read_json, sha256_file, write_json_atomic
 from ..errors import LungsamError
 from ..imageio import list_inputs
+from ..layout import PredictLayout
+from ..manifest import MANIFEST_FILE
 from .predict import PredictSummary, output_stems, record_outputs, write_summary
 
-RUN_FILE = "ray_run.json"
-JOURNAL = "predictions.partial.jsonl"
+_NAMES = PredictLayout(Path("."))
+RUN_FILE = _NAMES.ray_run_json.name
+JOURNAL = _NAMES.partial_predictions_jsonl.name
 RUN_FORMAT = "lungsam-ray-predict/1"
 LOCAL = "local"  # --ray without an address: start a local Ray on this machine
 
@@ -55,7 +58,8 @@ class SegmenterOptions:
     precision: str = "fp32"
     allow_fallback: bool = False
     threads: int | None = None
-    box_from_first_pass: bool | None = None
+    box_from_first_pass: bool | None = None  # the boolean alias of box_source
+    box_source: str | None = None  # the prompt policy (lungsam.runtime.prompting); None: the bundle's
     batch_size: int = 1
     overlay: bool = False
     ground_truth: str | None = None
@@ -119,7 +123,7 @@ class SegmentBlocks:
         self.out = Path(out_dir)
         self.segmenter = LungSegmenter.load(bundle, backend=o.backend, device=o.device, precision=o.precision,
                                             allow_fallback=o.allow_fallback, threads=o.threads,
-                                            box_from_first_pass=o.box_from_first_pass,
+                                            box_from_first_pass=o.box_from_first_pass, box_source=o.box_source,
                                             expect_digest=o.expect_digest, max_pixels=o.max_pixels)
         self.record_hook = None
         if o.dicom_seg:
@@ -153,13 +157,13 @@ class SegmentBlocks:
 def run_identity(bundle: str | Path, options: SegmenterOptions) -> dict[str, Any]:
     """What a folder's results depend on: the bundle's manifest (sha256; it lists every model file's sha256)
     and the options that change outputs."""
-    manifest = Path(bundle) / "manifest.json" if Path(bundle).is_dir() else Path(bundle)
+    manifest = Path(bundle) / MANIFEST_FILE if Path(bundle).is_dir() else Path(bundle)
     if not manifest.is_file():
-        raise RayBatchError(f"{bundle}: not a bundle (no manifest.json)")
+        raise RayBatchError(f"{bundle}: not a bundle (no {MANIFEST_FILE})")
     o = options.to_dict()
-    return {"format": RUN_FORMAT, "bundle_manifest_sha256": sha256_file(manifest),
-            "options": {k: o[k] for k in ("backend", "device", "precision", "box_from_first_pass", "overlay",
-                                          "ground_truth")}}
+    keys = ("backend", "device", "precision", "box_from_first_pass", "overlay", "ground_truth")
+    keys += ("box_source",) if o["box_source"] is not None else ()  # absent: folders of earlier versions resume
+    return {"format": RUN_FORMAT, "bundle_manifest_sha256": sha256_file(manifest), "options": {k: o[k] for k in keys}}
 
 
 def read_records(path: Path) -> list[dict]:
@@ -190,18 +194,19 @@ def is_complete(rec: dict, out: Path, options: SegmenterOptions) -> bool:
 def completed(out: Path, identity: dict, options: SegmenterOptions) -> dict[str, dict]:
     """``{file: record}`` of inputs already complete in ``out`` (refuses a folder made with another bundle or
     options)."""
-    run_file = out / RUN_FILE
+    layout = PredictLayout(out)
+    run_file = layout.ray_run_json
     if run_file.exists():
         before = read_json(run_file)
         if before != identity:
             raise RayBatchError(
                 f"{run_file}: {out} holds results of another bundle or options ({before.get('options')}, bundle "
                 f"manifest sha256 {str(before.get('bundle_manifest_sha256'))[:12]}...); use a new --out or delete it")
-    elif (out / "predictions.jsonl").exists():
-        raise RayBatchError(f"{out / 'predictions.jsonl'} exists but {RUN_FILE} does not (a plain `lungsam predict` "
+    elif layout.predictions_jsonl.exists():
+        raise RayBatchError(f"{layout.predictions_jsonl} exists but {RUN_FILE} does not (a plain `lungsam predict` "
                             "folder?): use a new --out to run with --ray")
     done: dict[str, dict] = {}
-    for rec in read_records(out / "predictions.jsonl") + read_records(out / JOURNAL):
+    for rec in read_records(layout.predictions_jsonl) + read_records(layout.partial_predictions_jsonl):
         if is_complete(rec, out, options):
             done[rec["file"]] = rec
     return done
@@ -215,6 +220,60 @@ def _last_line(e: BaseException) -> str:
     """The innermost message of a (Ray-wrapped) exception: the last non-empty line of its text."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+@dataclass(frozen=True)
+class RayPool:
+    """Where and how wide a run goes: the Ray ``address``, ``workers`` actors with their resources, inputs per
+    block (the unit a dead actor's retry redoes), and the CPUs of a local Ray started here."""
+
+    address: str | None = None
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    block_size: int = 16
+    num_cpus: int | None = None
+
+    def check(self, options: SegmenterOptions) -> None:
+        if self.workers < 1 or self.block_size < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ValueError("workers and block_size must be >= 1, cpus_per_worker > 0, gpus_per_worker >= 0")
+        if self.gpus_per_worker > 0 and options.device != "cuda":
+            raise RayBatchError("GPU workers (--ray-gpus-per-worker > 0) need --device cuda")
+
+
+@dataclass
+class RayProgress:
+    """What the driver saw: the records by input index, the first actor's setup, duplicate rows, and the driver
+    clock when Ray was connected and when the last new record came (throughput without Ray's start-up)."""
+
+    records: dict[int, dict]
+    setup: dict | None = None
+    duplicates: int = 0
+    t_ray: float | None = None
+    t_last: float | None = None
+    ran: int = 0
+
+    def take(self, row: dict) -> dict | None:
+        """One output row of the actors: its record when it is new (else ``None``: a retried block's duplicate)."""
+        if row["setup"] and self.setup is None:
+            self.setup = json.loads(row["setup"])
+        i = int(row["index"])
+        if i in self.records:
+            self.duplicates += 1
+            return None
+        rec = self.records[i] = json.loads(row["record"])
+        self.t_last = time.perf_counter()
+        return rec
+
+    def section(self, pool: RayPool, n_inputs: int, t0: float) -> dict:
+        """``predict.json``'s ``ray`` section."""
+        span = None if self.t_last is None else self.t_last - self.t_ray
+        return {"address": pool.address or LOCAL, "workers": pool.workers, "cpus_per_worker": pool.cpus_per_worker,
+                "gpus_per_worker": pool.gpus_per_worker, "block_size": pool.block_size, "ran": self.ran,
+                "skipped_complete": n_inputs - self.ran, "duplicate_rows": self.duplicates,
+                "start_s": None if self.t_ray is None else round(self.t_ray - t0, 3),
+                "ray_s": None if span is None else round(span, 3),
+                "images_per_s": None if span is None else round(self.ran / max(span, 1e-9), 4)}
 
 
 def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str | Path, *,
@@ -235,78 +294,80 @@ def predict_ray(bundle: str | Path, inputs: Iterable[str | Path], out_dir: str |
         on_record: called on the driver with each new record as it arrives.
     Returns the :class:`PredictSummary` of all inputs (records in input order, skipped ones included).
     """
-    if workers < 1 or block_size < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0:
-        raise ValueError("workers and block_size must be >= 1, cpus_per_worker > 0, gpus_per_worker >= 0")
-    if gpus_per_worker > 0 and options.device != "cuda":
-        raise RayBatchError("GPU workers (--ray-gpus-per-worker > 0) need --device cuda")
+    pool = RayPool(address, workers, cpus_per_worker, gpus_per_worker, block_size, num_cpus)
+    pool.check(options)
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    layout = PredictLayout(Path(out_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
     paths = list_inputs(list(inputs))
     stems = output_stems(paths)
     identity = run_identity(bundle, options)
-    done = completed(out, identity, options)
-    write_json_atomic(out / RUN_FILE, identity)
-    records: dict[int, dict] = {i: done[str(p)] for i, p in enumerate(paths) if str(p) in done}
-    todo = [{"index": i, "file": str(p), "stem": s} for i, (p, s) in enumerate(zip(paths, stems)) if i not in records]
-    setup: dict | None = None
-    duplicates = 0
-    started = False
-    t_ray = t_last = None  # Ray connected / last new record (driver clock): throughput without Ray's start-up
+    done = completed(layout.root, identity, options)
+    write_json_atomic(layout.ray_run_json, identity)
+    progress = RayProgress(records={i: done[str(p)] for i, p in enumerate(paths) if str(p) in done})
+    todo = [{"index": i, "file": str(p), "stem": s} for i, (p, s) in enumerate(zip(paths, stems))
+            if i not in progress.records]
     if todo:
-        ray = _import_ray()
-        started = connect(address, num_cpus=num_cpus)
-        t_ray = time.perf_counter()
-        try:
-            ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // block_size)))
-            ds = ds.map_batches(SegmentBlocks, batch_size=block_size, num_cpus=cpus_per_worker,
-                                compute=ray.data.ActorPoolStrategy(size=workers),
-                                num_gpus=gpus_per_worker or None, batch_format="numpy",
-                                fn_constructor_kwargs={"bundle": str(bundle), "out_dir": str(out.resolve()),
-                                                       "options": options.to_dict(), "cwd": os.getcwd()})
-            with open(out / JOURNAL, "a", encoding="utf-8") as journal:
-                for row in ds.iter_rows():
-                    i = int(row["index"])
-                    if row["setup"] and setup is None:
-                        setup = json.loads(row["setup"])
-                    if i in records:
-                        duplicates += 1
-                        continue
-                    rec = json.loads(row["record"])
-                    records[i] = rec
-                    t_last = time.perf_counter()
-                    journal.write(row["record"] + "\n")
-                    journal.flush()
-                    if on_record is not None:
-                        on_record(rec)
-        except Exception as e:  # noqa: BLE001 -- Ray wraps the workers' errors; say what failed, keep the journal
-            raise RayBatchError(f"the Ray run failed: {_last_line(e)}; {len(records)} inputs are complete in {out} "
-                                "(a rerun resumes)") from e
-        finally:
-            if started:
-                ray.shutdown()
+        run_actors(bundle, layout, todo, options, pool, progress, on_record)
+    summary = write_records(layout, paths, progress.records)
+    summary.seconds = time.perf_counter() - t0
+    setup = progress.setup or earlier_setup(layout, bundle, options)
+    write_summary(layout.root, summary, setup, len(paths), ground_truth=options.ground_truth,
+                  extra={"ray": progress.section(pool, len(paths), t0)})
+    return summary
+
+
+def run_actors(bundle: str | Path, layout: PredictLayout, todo: list[dict], options: SegmenterOptions, pool: RayPool,
+               progress: RayProgress, on_record: Callable[[dict], None] | None) -> None:
+    """Map ``todo`` rows through a pool of :class:`SegmentBlocks` actors, journaling each new record in
+    ``predictions.partial.jsonl`` as it arrives; shuts down a Ray it started."""
+    ray = _import_ray()
+    started = connect(pool.address, num_cpus=pool.num_cpus)
+    progress.t_ray = time.perf_counter()
+    progress.ran = len(todo)
+    try:
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // pool.block_size)))
+        ds = ds.map_batches(SegmentBlocks, batch_size=pool.block_size, num_cpus=pool.cpus_per_worker,
+                            compute=ray.data.ActorPoolStrategy(size=pool.workers),
+                            num_gpus=pool.gpus_per_worker or None, batch_format="numpy",
+                            fn_constructor_kwargs={"bundle": str(bundle), "out_dir": str(layout.root.resolve()),
+                                                   "options": options.to_dict(), "cwd": os.getcwd()})
+        with open(layout.partial_predictions_jsonl, "a", encoding="utf-8") as journal:
+            for row in ds.iter_rows():
+                rec = progress.take(row)
+                if rec is None:
+                    continue
+                journal.write(row["record"] + "\n")
+                journal.flush()
+                if on_record is not None:
+                    on_record(rec)
+    except Exception as e:  # noqa: BLE001 -- Ray wraps the workers' errors; say what failed, keep the journal
+        raise RayBatchError(f"the Ray run failed: {_last_line(e)}; {len(progress.records)} inputs are complete in "
+                            f"{layout.root} (a rerun resumes)") from e
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def write_records(layout: PredictLayout, paths: list[Path], records: dict[int, dict]) -> PredictSummary:
+    """``predictions.jsonl`` in input order, atomically (the partial journal removed after it); refuses a run
+    with an input Ray returned no record for."""
     missing = [str(paths[i]) for i in range(len(paths)) if i not in records]
     if missing:
         raise RayBatchError(f"Ray returned no record for {len(missing)} inputs (first: {missing[0]}); rerun to resume")
-    summary = PredictSummary(jsonl=out / "predictions.jsonl")
+    summary = PredictSummary(jsonl=layout.predictions_jsonl)
     summary.records = [records[i] for i in range(len(paths))]
     summary.ok = sum(r["status"] == "ok" for r in summary.records)
     summary.failed = len(summary.records) - summary.ok
     with atomic_path(summary.jsonl) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in summary.records:
             f.write(dumps_json(rec) + "\n")
-    (out / JOURNAL).unlink(missing_ok=True)
-    summary.seconds = time.perf_counter() - t0
-    if setup is None:  # everything was complete already: keep what the earlier run recorded
-        before = read_json(out / "predict.json") if (out / "predict.json").exists() else {}
-        setup = before.get("segmenter") or {"bundle": str(bundle), "threshold": None, "backend": options.backend,
-                                            "device": options.device, "precision": options.precision,
-                                            "fallbacks": []}
-    extra = {"ray": {"address": address or LOCAL, "workers": workers, "cpus_per_worker": cpus_per_worker,
-                     "gpus_per_worker": gpus_per_worker, "block_size": block_size, "ran": len(todo),
-                     "skipped_complete": len(paths) - len(todo), "duplicate_rows": duplicates,
-                     "start_s": None if t_ray is None else round(t_ray - t0, 3),
-                     "ray_s": None if t_last is None else round(t_last - t_ray, 3),
-                     "images_per_s": None if t_last is None else round(len(todo) / max(t_last - t_ray, 1e-9), 4)}}
-    write_summary(out, summary, setup, len(paths), ground_truth=options.ground_truth, extra=extra)
+    layout.partial_predictions_jsonl.unlink(missing_ok=True)
     return summary
+
+
+def earlier_setup(layout: PredictLayout, bundle: str | Path, options: SegmenterOptions) -> dict:
+    """What ran, when every input was complete already: what the earlier run's ``predict.json`` recorded."""
+    before = read_json(layout.predict_json) if layout.predict_json.exists() else {}
+    return before.get("segmenter") or {"bundle": str(bundle), "threshold": None, "backend": options.backend,
+                                       "device": options.device, "precision": options.precision, "fallbacks": []}

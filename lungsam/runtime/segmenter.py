@@ -12,8 +12,6 @@ Each stage is a public method (:meth:`~LungSegmenter.preprocess`, :meth:`~LungSe
 """
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,7 +21,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 import numpy as np
 
 from .. import preprocess as pp
-from ..errors import LungsamError
 from ..imageio import (
     DEFAULT_MAX_PIXELS,
     ImageReadError,
@@ -39,12 +36,22 @@ from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_
 from ..qc import QcCalibration, qc_features
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
+from .prompting import (
+    FIRST_PASS_KIND,
+    INTERACTIVE_KIND,
+    LEARNED_KIND,
+    PromptPolicy,
+    PromptRequiredError,
+    box_required,
+    check_policy,
+    resolve_policy,
+    result_box_source,
+    validated_box,
+    validated_points,
+)
+from .stream import chunks, in_order_runs, prefetched
 
 ImageSource = Union[str, Path, LoadedImage, np.ndarray]
-
-
-class PromptRequiredError(LungsamError, ValueError):
-    """The bundle's prompt mode needs a ground-truth box, and none was given."""
 
 
 class UnusableImageError(ImageReadError):
@@ -123,6 +130,8 @@ class SegmentationResult:
             ``postprocess_s``, ``total_s`` (encode/decode are the batch's time divided by its size).
         prompt: ``"learned"`` (baked-in prompt), ``"interactive"`` or ``"first-pass box"`` (the learned
             points with the box of the model's own first mask).
+        box_source: where the box of the prompt that ran came from: ``"learned"`` (the learned mean-mask box),
+            ``"given"`` (the caller's), ``"first-pass"``, or ``None`` (a prompt without a box).
         warnings: what was ignored while reading (e.g. an implausible pixel spacing, so no ``area_mm2``).
         qc: the quality flag ``{"score": 0..1 (higher is better), "flag": bool (a human should look),
             "reasons": [str]}`` (:mod:`lungsam.qc`, calibrated on the run's validation images), or ``None`` for a
@@ -139,7 +148,8 @@ class SegmentationResult:
     pixel_spacing_mm: tuple[float, float] | None
     source: Path | None
     timings: dict[str, float]
-    prompt: str = "learned"
+    prompt: str = LEARNED_KIND
+    box_source: str | None = None
     pixels: np.ndarray | None = field(default=None, repr=False)
     warnings: list[str] = field(default_factory=list)
     qc: dict | None = None
@@ -162,13 +172,59 @@ class SegmentationFailure:
 Prompt = tuple[np.ndarray, np.ndarray]  # model-frame (N, 2) coords and (N,) labels (SAM ONNX convention)
 
 
-def _as_prompt_dict(p: Any) -> dict:
-    return dict(p) if p else {}
-
-
 def bundle_box_from_first_pass(bundle: Bundle) -> bool:
     """Whether ``bundle`` was exported to take its box from a first pass (``manifest.inference``)."""
     return bundle.box_from_first_pass
+
+
+PromptSpec = Union[Mapping[str, Mapping[str, Any]], Callable[[Any], Union[Mapping[str, Any], None]], None]
+
+
+def prompt_lookup(prompts: PromptSpec) -> Callable[[Any], dict]:
+    """``source -> {"points", "labels", "box"}`` (``{}``: the learned prompt) from :meth:`LungSegmenter.segment_many`'s
+    ``prompts``: a mapping keyed by ``str(path)``, or a callable ``source -> dict | None``."""
+    def lookup(src: Any) -> dict:
+        if prompts is None:
+            return {}
+        if callable(prompts):
+            found = prompts(src)
+        else:
+            found = prompts.get(str(src)) if isinstance(src, (str, Path)) else None
+        return dict(found) if found else {}
+    return lookup
+
+
+def failure_stage(e: Exception) -> str:
+    """The stage a failed input of ``segment_many`` is recorded with, from its exception."""
+    if isinstance(e, PromptRequiredError):
+        return "prompt"
+    return "validate" if isinstance(e, UnusableImageError) else "read"
+
+
+def failure_message(e: Exception, path: Path | None) -> str:
+    """A failed input's error line: the exception's message (its type for others), prefixed by the path when it
+    does not name it."""
+    msg = str(e) if isinstance(e, (ImageReadError, ValueError)) and str(e) else f"{type(e).__name__}: {e}"
+    if path is not None and str(path) not in msg:
+        msg = f"{path}: {msg}"
+    return msg
+
+
+def listing_failure(e: Exception) -> SegmentationFailure:
+    return SegmentationFailure(None, f"input listing failed: {type(e).__name__}: {e}", "list")
+
+
+def open_models(bundle: Bundle, names: list[str], choice: BackendChoice, threads: int | None,
+                performance_hint: str | None) -> dict[str, Model]:
+    """Open each of the bundle's models ``names`` with the chosen backend and check its input/output names
+    (:data:`lungsam.runtime.bundle.ONNX_IO`); raises :class:`BundleError` naming the model."""
+    models = {n: open_model(bundle, n, choice, threads, performance_hint) for n in names}
+    for n, m in models.items():
+        want_in, want_out = ONNX_IO[n]
+        if set(m.input_names) != set(want_in) or not set(want_out) <= set(m.output_names):
+            raise BundleError(f"bundle {bundle.root}: {n} has inputs {m.input_names} / outputs {m.output_names}, "
+                              f"expected {want_in} / {want_out}")
+    return models
 
 
 class LungSegmenter:
@@ -179,17 +235,13 @@ class LungSegmenter:
     """
 
     def __init__(self, bundle: Bundle, models: dict[str, Model], choice: BackendChoice, threads: int | None = None,
-                 box_from_first_pass: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 box_from_first_pass: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 policy: PromptPolicy | None = None):
         self.max_pixels = check_max_pixels(max_pixels)
-        if box_from_first_pass:
-            try:
-                first_pass_prompt(bundle.prompt)
-            except ValueError as e:
-                raise BundleError(f"bundle {bundle.root}: {e}") from None
-            if "decoder" not in models:
-                raise BundleError(f"bundle {bundle.root}: a box from a first pass needs the prompted decoder; this "
-                                  f"bundle has {', '.join(models)}")
-        self.box_from_first_pass = box_from_first_pass
+        if policy is None:  # the boolean alias of the policy (older callers)
+            policy = resolve_policy(None, box_from_first_pass=box_from_first_pass or None)
+        check_policy(policy, bundle.prompt, list(models), bundle.root)
+        self.policy = policy
         self.bundle = bundle
         self.spec = bundle.spec
         self.working_size = bundle.working_size
@@ -210,7 +262,8 @@ class LungSegmenter:
     def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
              allow_fallback: bool = False, threads: int | None = None,
              box_from_first_pass: bool | None = None, expect_digest: str | None = None,
-             max_pixels: int | None = DEFAULT_MAX_PIXELS, performance_hint: str | None = None) -> "LungSegmenter":
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, performance_hint: str | None = None,
+             box_source: str | None = None) -> "LungSegmenter":
         """Open a bundle (verifying every file's sha256) with the requested backend.
 
         Args:
@@ -225,11 +278,14 @@ class LungSegmenter:
             threads: onnxruntime intra-op threads / OpenVINO ``INFERENCE_NUM_THREADS`` (``None``: the backend's
                 default).
             performance_hint: OpenVINO only: ``latency`` (default) or ``throughput``.
-            box_from_first_pass: for a bundle prompted with a box (``box``, ``both``, ``auto-box``,
-                ``auto-both``), take each image's box from the model's own first mask (learned points +
-                the mean-mask box, then the box of that mask): a ``both`` bundle then needs no box.
-                ``None``: what the bundle was exported with (``lungsam export --box-from-first-pass``
-                records it as ``manifest["inference"]["box_from_first_pass"]``; absent = ``False``).
+            box_source: the prompt policy, where each image's box comes from (:mod:`lungsam.runtime.prompting`):
+                ``learned`` (the learned mean-mask box; a ``box``/``both`` bundle has none), ``given`` (the caller's
+                ``box=``), ``first-pass`` (for a bundle prompted with a box: the model's own first mask, from the
+                learned points + the mean-mask box, so a ``both`` bundle needs no box). ``None``: the bundle's
+                ``manifest["inference"]["box_source"]`` (``lungsam export --box-from-first-pass`` sets
+                ``first-pass``), else the prompt mode's own (``given`` for ``box``/``both``, else ``learned``).
+            box_from_first_pass: the boolean alias of ``box_source`` (``True``: ``first-pass``; ``False``: the
+                prompt mode's own box source); ``None``: as ``box_source`` says.
             expect_digest: refuse the bundle unless its digest (sha256 of ``manifest.json``, which lists
                 every file's sha256; ``lungsam export`` prints it) is this one: pins the validated bundle.
             max_pixels: largest input (rows x columns) read or segmented, checked from each file's header
@@ -248,15 +304,9 @@ class LungSegmenter:
         if "encoder" not in names or not ({"decoder", "decoder_fixed"} & set(names)):
             raise BundleError(f"bundle {b.root} needs an encoder and a decoder (has: {', '.join(names) or 'none'})")
         choice = resolve_backend(b, backend, device, precision, allow_fallback, models=names)
-        models = {n: open_model(b, n, choice, threads, performance_hint) for n in names}
-        for n, m in models.items():
-            want_in, want_out = ONNX_IO[n]
-            if set(m.input_names) != set(want_in) or not set(want_out) <= set(m.output_names):
-                raise BundleError(f"bundle {b.root}: {n} has inputs {m.input_names} / outputs {m.output_names}, "
-                                  f"expected {want_in} / {want_out}")
-        if box_from_first_pass is None:
-            box_from_first_pass = bundle_box_from_first_pass(b)
-        return cls(b, models, choice, threads, box_from_first_pass, max_pixels)
+        models = open_models(b, names, choice, threads, performance_hint)
+        policy = resolve_policy(b.meta.inference if b.meta is not None else None, box_source, box_from_first_pass)
+        return cls(b, models, choice, threads, max_pixels=max_pixels, policy=policy)
 
     @property
     def backend(self) -> str:
@@ -271,10 +321,20 @@ class LungSegmenter:
         return self.choice.precision
 
     @property
+    def box_from_first_pass(self) -> bool:
+        """The boolean alias of the prompt policy: ``policy.box_source == "first-pass"``."""
+        return self.policy.first_pass
+
+    @property
+    def box_source(self) -> str:
+        """Where each image's box comes from when the caller gives no prompt (:class:`PromptPolicy`)."""
+        return self.policy.source(self.prompt)
+
+    @property
     def needs_box(self) -> bool:
-        """True when the bundle's prompt mode (``box``/``both``) needs a box from the caller (not with
-        ``box_from_first_pass``)."""
-        return self.prompt.needs_ground_truth and not self.box_from_first_pass
+        """True when the prompt policy asks the caller for each image's box (box source ``given``: by default a
+        ``box``/``both`` bundle without ``first-pass``)."""
+        return self.box_source == "given"
 
     @property
     def uses_fixed_decoder(self) -> bool:
@@ -287,6 +347,7 @@ class LungSegmenter:
                 "backend": self.backend, "device": self.device, "precision": self.precision,
                 "providers": {n: list(getattr(m, "providers", [])) for n, m in self._models.items()},
                 "prompt_mode": self.prompt.mode, "box_from_first_pass": self.box_from_first_pass,
+                "box_source": self.box_source,
                 "threshold": self.threshold, "working_size": self.working_size,
                 "postprocess": self.cleanup.enabled, "quality_flag": self.qc is not None,
                 "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks),
@@ -386,10 +447,7 @@ class LungSegmenter:
         return low, iou
 
     def _box_required(self) -> PromptRequiredError:
-        return PromptRequiredError(
-            f"this bundle's prompt mode is {self.prompt.mode!r}, which needs a lung bounding box per image "
-            "(x0, y0, x1, y1 in original pixels): pass box=...; a bundle trained with --prompt points, "
-            "auto-box or auto-both needs none")
+        return box_required(self.prompt)
 
     def _decode_fixed(self, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.needs_box:
@@ -422,17 +480,9 @@ class LungSegmenter:
         h0, w0 = original_hw
         coords = labs = b = None
         if box is not None:
-            bx = np.asarray(box, np.float32).reshape(-1)
-            if bx.shape != (4,) or not np.all(np.isfinite(bx)) or bx[2] < bx[0] or bx[3] < bx[1]:
-                raise ValueError(f"box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1, got {box!r}")
-            b = pp.scale_coords(bx.reshape(2, 2), (h0, w0), s).reshape(4)
+            b = pp.scale_coords(validated_box(box).reshape(2, 2), (h0, w0), s).reshape(4)
         if points is not None:
-            pts = np.asarray(points, np.float32)
-            if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0 or not np.all(np.isfinite(pts)):
-                raise ValueError(f"points must be a non-empty (N, 2) array of (x, y), got shape {pts.shape}")
-            labs = np.ones(len(pts), np.float32) if labels is None else np.asarray(labels, np.float32).reshape(-1)
-            if labs.shape != (len(pts),) or not np.all(np.isin(labs, (0.0, 1.0))):
-                raise ValueError(f"labels must be ({len(pts)},) of 1 (lung) / 0 (background), got {labels!r}")
+            pts, labs = validated_points(points, labels)
             coords = pp.coords_to_model(pp.scale_coords(pts, (h0, w0), s), s, self.spec)
         elif labels is not None:
             raise ValueError("labels given without points")
@@ -486,7 +536,7 @@ class LungSegmenter:
     # whole pipeline
     # -----------------------------------------------------------------------------------------
     def _finish(self, prepared: Prepared, low: np.ndarray, iou: np.ndarray, timings: dict[str, float],
-                prompt_kind: str) -> SegmentationResult:
+                prompt_kind: str, box_source: str | None = None) -> SegmentationResult:
         t0 = time.perf_counter()
         mask, prob = self.postprocess(low, prepared)
         score = float(np.asarray(iou).reshape(-1)[0])
@@ -499,7 +549,7 @@ class LungSegmenter:
             mask=mask, probability=prob, score=score, area_px=area, qc=qc,
             area_mm2=None if sp is None else float(area * sp[0] * sp[1]), threshold=self.threshold,
             original_hw=prepared.original_hw, pixel_spacing_mm=sp, source=prepared.source, timings=timings,
-            prompt=prompt_kind, pixels=prepared.pixels, warnings=list(prepared.warnings))
+            prompt=prompt_kind, box_source=box_source, pixels=prepared.pixels, warnings=list(prepared.warnings))
 
     def segment(self, image: ImageSource, points: np.ndarray | None = None, labels: np.ndarray | None = None,
                 box: np.ndarray | None = None, pixel_spacing_mm: tuple[float, float] | None = None
@@ -534,16 +584,17 @@ class LungSegmenter:
         t0 = time.perf_counter()
         emb = self.encode(np.stack([p.model_input for p in batch]))
         t1 = time.perf_counter()
-        kinds = ["learned" if p is None else "interactive" for p in prompts]
+        kinds = [LEARNED_KIND if p is None else INTERACTIVE_KIND for p in prompts]
         if self.box_from_first_pass and None in prompts:
             prompts = self.first_pass_prompts(emb, batch, prompts)
-            kinds = ["first-pass box" if k == "learned" else k for k in kinds]
+            kinds = [FIRST_PASS_KIND if k == LEARNED_KIND else k for k in kinds]
         low, iou = self.decode(emb, None if all(p is None for p in prompts) else prompts)
         t2 = time.perf_counter()
         out = []
         for i, p in enumerate(batch):
             timings = dict(p.timings, encode_s=(t1 - t0) / b, decode_s=(t2 - t1) / b)
-            out.append(self._finish(p, low[i], iou[i], timings, kinds[i]))
+            box_source = result_box_source(kinds[i], self.prompt, None if prompts[i] is None else prompts[i][1])
+            out.append(self._finish(p, low[i], iou[i], timings, kinds[i], box_source))
         return out
 
     def first_pass_prompts(self, embeddings: np.ndarray, batch: list[Prepared], prompts: list[Prompt | None]
@@ -571,11 +622,11 @@ class LungSegmenter:
         return out
 
     def segment_many(self, sources: Iterable[ImageSource], *, batch_size: int = 1, prefetch: int = 2,
-                     prompts: Mapping[str, Mapping[str, Any]] | Callable[[Any], Mapping[str, Any] | None] | None = None
-                     ) -> Iterator[SegmentationResult | SegmentationFailure]:
-        """Stream results in input order; a background thread reads and preprocesses the next images
-        while the current ones run. Every input yields one :class:`SegmentationResult` or one
-        :class:`SegmentationFailure` (``.ok`` tells which); a bad input never stops the batch.
+                     prompts: PromptSpec = None) -> Iterator[SegmentationResult | SegmentationFailure]:
+        """Stream results in input order; a background thread (:func:`lungsam.runtime.stream.prefetched`) reads
+        and preprocesses the next images while the current ones run. Every input yields one
+        :class:`SegmentationResult` or one :class:`SegmentationFailure` (``.ok`` tells which); a bad input never
+        stops the batch.
 
         Args:
             sources: paths, :class:`LoadedImage` or arrays.
@@ -586,77 +637,28 @@ class LungSegmenter:
         """
         if batch_size < 1 or prefetch < 1:
             raise ValueError("batch_size and prefetch must be >= 1")
-        q: queue.Queue = queue.Queue(maxsize=max(prefetch, batch_size))
-        stop = threading.Event()
-        end = object()
+        lookup = prompt_lookup(prompts)
+        stream = prefetched(sources, lambda src: self._prepare_item(src, lookup), max(prefetch, batch_size),
+                            listing_failure)
+        for chunk in chunks(stream, batch_size):
+            # keep input order: failures are yielded in place, images are run in runs of consecutive ones
+            for group in in_order_runs(chunk, lambda item: isinstance(item, tuple)):
+                if isinstance(group, list):
+                    yield from self._run_safe(group)
+                else:
+                    yield group
 
-        def lookup(src: Any) -> Mapping[str, Any] | None:
-            if prompts is None:
-                return None
-            if callable(prompts):
-                return prompts(src)
-            return prompts.get(str(src)) if isinstance(src, (str, Path)) else None
-
-        def producer() -> None:
-            try:
-                for src in sources:
-                    if stop.is_set():
-                        return
-                    path = Path(src) if isinstance(src, (str, Path)) else getattr(src, "path", None)
-                    try:
-                        prepared = self.preprocess(src)
-                        p = _as_prompt_dict(lookup(src))
-                        prompt = self.model_prompts(prepared.original_hw, p.get("points"), p.get("labels"), p.get("box"))
-                        item: Any = (prepared, prompt)
-                    except Exception as e:  # one bad input never stops the batch
-                        stage = ("prompt" if isinstance(e, PromptRequiredError)
-                                 else "validate" if isinstance(e, UnusableImageError) else "read")
-                        msg = str(e) if isinstance(e, (ImageReadError, ValueError)) and str(e) else f"{type(e).__name__}: {e}"
-                        if path is not None and str(path) not in msg:
-                            msg = f"{path}: {msg}"
-                        item = SegmentationFailure(path, msg, stage)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-            except Exception as e:  # the iterable itself failed
-                q.put(SegmentationFailure(None, f"input listing failed: {type(e).__name__}: {e}", "list"))
-            finally:
-                while not stop.is_set():
-                    try:
-                        q.put(end, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-
-        thread = threading.Thread(target=producer, name="lungsam-prefetch", daemon=True)
-        thread.start()
+    def _prepare_item(self, src: ImageSource, lookup: Callable[[Any], dict]
+                      ) -> tuple[Prepared, Prompt | None] | SegmentationFailure:
+        """One source read, preprocessed and its prompt mapped to the model frame, or its failure (never raises:
+        one bad input never stops the batch)."""
+        path = Path(src) if isinstance(src, (str, Path)) else getattr(src, "path", None)
         try:
-            done = False
-            while not done:
-                items: list[Any] = []
-                while len(items) < batch_size:
-                    item = q.get()
-                    if item is end:
-                        done = True
-                        break
-                    items.append(item)
-                # keep input order: failures are yielded in place, images are run in runs of consecutive ones
-                run: list[tuple[Prepared, Prompt | None]] = []
-                for item in items + [None]:
-                    if isinstance(item, tuple):
-                        run.append(item)
-                        continue
-                    if run:
-                        yield from self._run_safe(run)
-                        run = []
-                    if item is not None:
-                        yield item
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+            prepared = self.preprocess(src)
+            p = lookup(src)
+            return prepared, self.model_prompts(prepared.original_hw, p.get("points"), p.get("labels"), p.get("box"))
+        except Exception as e:  # one bad input never stops the batch
+            return SegmentationFailure(path, failure_message(e, path), failure_stage(e))
 
     def _run_safe(self, run: list[tuple[Prepared, Prompt | None]]) -> list[SegmentationResult | SegmentationFailure]:
         try:

@@ -99,6 +99,7 @@ class TritonModel:
 def open_triton_model(bundle: Any, name: str) -> TritonModel:
     """The served counterpart of the bundle's model ``name`` (``encoder``, ``decoder``, ``decoder_fixed``)."""
     from ..artifacts import sha256_file
+    from ..manifest import MANIFEST_FILE
 
     prefix = os.environ.get(TRITON_MODEL_ENV, "lungsam")
-    return TritonModel(triton_url(), prefix + MODEL_SUFFIX[name], sha256_file(bundle.root / "manifest.json"))
+    return TritonModel(triton_url(), prefix + MODEL_SUFFIX[name], sha256_file(bundle.root / MANIFEST_FILE))
