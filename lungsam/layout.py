@@ -230,3 +230,37 @@ class ReproduceLayout:
     @property
     def figures_dir(self) -> Path:
         return Path(self.root) / "figures"
+
+
+@dataclass(frozen=True)
+class EvalLayout:
+    """``lungsam eval --out OUT`` (also ``lungsam reproduce``'s zero-shot and cross-dataset step folders)."""
+
+    root: Path
+
+    @property
+    def metrics_json(self) -> Path:
+        return Path(self.root) / "metrics.json"
+
+    @property
+    def report_md(self) -> Path:
+        return Path(self.root) / "report.md"
+
+    @property
+    def overlays_png(self) -> Path:
+        return Path(self.root) / "overlays.png"
+
+
+@dataclass(frozen=True)
+class TrainSpeedLayout:
+    """``lungsam bench-train --out OUT``."""
+
+    root: Path
+
+    @property
+    def train_speed_json(self) -> Path:
+        return Path(self.root) / "train_speed.json"
+
+    @property
+    def train_speed_md(self) -> Path:
+        return Path(self.root) / "train_speed.md"
