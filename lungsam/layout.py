@@ -239,7 +239,7 @@ class ReproduceLayout:
 
 @dataclass(frozen=True)
 class EvalLayout:
-    """``lungsam eval --out OUT``: the scores (per image and aggregated), their report and the overlays."""
+    """``lungsam eval --out OUT`` (also ``lungsam reproduce``'s zero-shot and cross-dataset step folders)."""
 
     root: Path
 
@@ -254,3 +254,18 @@ class EvalLayout:
     @property
     def overlays_png(self) -> Path:
         return Path(self.root) / "overlays.png"
+
+
+@dataclass(frozen=True)
+class TrainSpeedLayout:
+    """``lungsam bench-train --out OUT``."""
+
+    root: Path
+
+    @property
+    def train_speed_json(self) -> Path:
+        return Path(self.root) / "train_speed.json"
+
+    @property
+    def train_speed_md(self) -> Path:
+        return Path(self.root) / "train_speed.md"

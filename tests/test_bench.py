@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from lungsam.benchmarks import report, schema, stats
-from lungsam.benchmarks.bench import Images, Outputs, Plan, bench_one, make_plan, parity
+from lungsam.benchmarks.bench import Images, Plan, bench_one, make_plan, parity
+from lungsam.benchmarks.timing import Outputs
+from lungsam.metrics import f1_score
 
 # ---------------------------------------------------------------------------------------------
 # statistics
@@ -272,6 +274,51 @@ def test_torch_on_missing_cuda_is_skipped_with_reason(tiny_run):
                              log=lambda m: None, progress=False)
         assert rec["status"] == "skipped" and expect in rec["reason"] and out is None
         assert "latency_ms" not in rec
+
+
+def _with_cleanup(bundle, spec):
+    """``bundle`` (loaded) as if exported with the mask clean-up ``spec`` (manifest ``postprocess``)."""
+    import dataclasses
+
+    section = spec.to_dict()
+    return dataclasses.replace(bundle, manifest={**bundle.manifest, "postprocess": section},
+                               meta=dataclasses.replace(bundle.meta, postprocess=section))
+
+
+def test_torch_reference_cleans_masks_as_the_bundle_records_like_the_runtime(tiny_bundle, tiny_run):
+    """The torch reference row applies the bundle's recorded clean-up (manifest ``postprocess``) as the runtime
+    does: on logits with a speck outside the lungs and a hole inside one, torch drops the speck and fills the hole,
+    and its masks agree with the onnxruntime row's on the same logits."""
+    import torch
+
+    from lungsam.benchmarks.backends import open_backend
+    from lungsam.postprocess import CleanupSpec, clean_mask
+    from lungsam.runs import load_run
+    from lungsam.runtime.bundle import Bundle
+
+    rm = load_run(tiny_run)
+    loaded = Bundle.load(tiny_bundle)
+    on, off = _with_cleanup(loaded, CleanupSpec(enabled=True)), _with_cleanup(loaded, CleanupSpec(enabled=False))
+    side = 4 * rm.spec.embedding_size
+    low = torch.full((1, 1, side, side), -20.0)
+    low[..., 4:side - 4, 3:side // 2 - 2] = 20.0  # right lung
+    low[..., 4:side - 4, side // 2 + 2:side - 3] = 20.0  # left lung
+    low[..., side // 2, side // 4] = -20.0  # a hole in the right lung
+    low[..., 1, side // 2] = 20.0  # a speck between them, at the top
+    raw = open_backend(Plan("torch", "fp32", "eager"), off, rm, "cpu", 1).postprocess(low)
+    torch_masks = open_backend(Plan("torch", "fp32", "eager"), on, rm, "cpu", 1).postprocess(low)
+    want = clean_mask(raw[0], CleanupSpec(enabled=True))
+    assert not np.array_equal(raw[0], want)  # the logits do need cleaning
+    np.testing.assert_array_equal(torch_masks[0], want)
+
+    ort = open_backend(Plan("onnxruntime", "fp32"), on, rm, "cpu", 1)
+    s = rm.working_size
+    image = np.random.default_rng(0).integers(0, 256, (s, s, 3), dtype=np.uint8)
+    prepared, _, _ = ort.preprocess([image], [np.zeros((s, s), bool)])
+    ort_masks = ort.postprocess((prepared, low.numpy()))
+    ort.close()
+    assert ort_masks.shape == torch_masks.shape
+    assert f1_score(ort_masks[0], torch_masks[0]) > 0.99
 
 
 def test_torch_batch_preprocess_in_threads_equals_image_by_image(tiny_run):

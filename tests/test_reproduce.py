@@ -269,7 +269,7 @@ def test_cost_estimate_uses_fold_medians_and_counts_fixed_costs(tmp_path):
     from types import SimpleNamespace
 
     from lungsam.artifacts import write_json_atomic
-    from lungsam.reproduce.tables import FULL_SET_SIZES, TYPICAL_EPOCHS, estimate
+    from lungsam.reproduce.cost import FULL_SET_SIZES, TYPICAL_EPOCHS, estimate
 
     def fold(train_s):  # 5 epochs x (36 + 12) images; 4 s outside the epochs
         return {"train_time_s": train_s, "fold_wall_s": train_s + 4.0, "epochs_run": 5,

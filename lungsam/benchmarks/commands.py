@@ -73,21 +73,71 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
     """Parity and latency of a BUNDLE across backends and precisions (writes results.json/.md/latency.png)."""
     repeats = repeats if repeats is not None else (3 if device == "cuda" else 1)
     if sweep:
-        from .sweep import run_sweep_cli
-
-        run_sweep_cli(bundle=bundle, run=run_dir, data_dir=data_dir, out_dir=out_dir,
-                      sizes=_ints(sizes), precisions=_csv(precisions), backbones=_csv(sweep_backbones),
-                      device=device, batches=_ints(batches), warmup=warmup, repeats=repeats, limit=limit,
-                      threads=threads)
+        _sweep(bundle=bundle, run_dir=run_dir, data_dir=data_dir, out_dir=out_dir, sizes=_ints(sizes),
+               precisions=_csv(precisions), backbones=_csv(sweep_backbones), device=device, batches=_ints(batches),
+               warmup=warmup, repeats=repeats, limit=limit, threads=threads)
         return
     if bundle is None:
         raise click.UsageError("BUNDLE is required (or use --sweep --run RUN)")
-    from .bench import run_bench_cli
+    _bench(bundle=bundle, data_dir=data_dir, out_dir=out_dir, backends=_csv(backends), precisions=_csv(precisions),
+           device=device, batches=_ints(batches), warmup=warmup, repeats=repeats, limit=limit,
+           compare_path=compare_path, threads=threads, run_dir=run_dir, box_from_first_pass=box_from_first_pass,
+           interleave=interleave)
 
-    run_bench_cli(bundle=bundle, data_dir=data_dir, out_dir=out_dir, backends=_csv(backends),
-                  precisions=_csv(precisions), device=device, batches=_ints(batches), warmup=warmup,
-                  repeats=repeats, limit=limit, compare_path=compare_path, threads=threads, run_dir=run_dir,
-                  box_from_first_pass=box_from_first_pass, interleave=interleave)
+
+def _bench(*, bundle, out_dir, **options) -> None:
+    """``lungsam bench BUNDLE``: :func:`lungsam.benchmarks.bench.run_bench`, its ratios and files printed."""
+    from ..data import DataError
+    from ..layout import BenchLayout
+    from ..runs import RunError
+    from ..runtime.bundle import BundleError
+    from .bench import REFERENCE, BenchError, run_bench
+
+    try:
+        res = run_bench(bundle, out_dir, log=lambda m: click.echo(m, err=True), **options)
+    except (BenchError, BundleError, RunError, DataError) as e:
+        raise click.ClickException(str(e)) from e
+    for r in res["results"]:
+        vs = (r.get("vs_reference") or {}).get("end_to_end_p50")
+        if vs is not None and (r["backend"], r["precision"], r.get("mode")) != REFERENCE:
+            click.echo(f"{r['backend']} {r['precision']}: end-to-end p50 = {vs:.2f}x torch fp32 eager "
+                       "(same images, same run)")
+    click.echo(f"wrote {BenchLayout(out_dir).results_json}, results.md, latency.png ({res['wall_s']:.0f} s)")
+
+
+def _sweep(*, bundle, run_dir, out_dir, sizes, precisions, **options) -> None:
+    """``lungsam bench --sweep``: :func:`lungsam.benchmarks.sweep.run_sweep` on ``--run`` or on the run the
+    bundle records (``Bundle.meta.run``)."""
+    from ..data import DataError
+    from ..layout import RunLayout, SweepLayout
+    from ..runs import RunError
+    from .plan import BenchError
+    from .sweep import run_sweep
+
+    if run_dir is None:
+        if bundle is None:
+            raise click.UsageError("--sweep needs BUNDLE (whose run is used) or --run RUN")
+        run_dir = _bundle_run_dir(bundle)
+        if run_dir is None or not RunLayout(run_dir).run_json.exists():
+            raise click.ClickException(f"the bundle's run {run_dir} is not here; pass --run RUN")
+    try:
+        res = run_sweep(run_dir, out_dir, sizes=sizes or [1024, 768, 512, 384, 256],
+                        precisions=precisions or ["fp32", "fp16"], log=lambda m: click.echo(m, err=True), **options)
+    except (BenchError, RunError, DataError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {SweepLayout(out_dir).sweep_json}, sweep.md, sweep.png ({res['wall_s']:.0f} s)")
+
+
+def _bundle_run_dir(bundle) -> str | None:
+    """The run folder the bundle's typed manifest records (``run.source``: bundles exported with --provenance)."""
+    from ..runtime.bundle import Bundle, BundleError
+    from .inputs import bundle_run
+
+    try:
+        meta = Bundle.load(bundle, verify=False).meta
+    except BundleError as e:
+        raise click.ClickException(str(e)) from e
+    return bundle_run(meta)[0]
 
 
 @click.command("bench-train", cls=Command, extra="export", epilog=examples(
@@ -106,7 +156,8 @@ def bench(bundle, data_dir, out_dir, backends, precisions, device, batches, warm
 @click.option("--size", type=ranged("size"), default=256, show_default=True,
               help="Working resolution (images and masks resized to SxS).")
 @click.option("--encoder-size", type=ranged("encoder_size"), default=None,
-              help="Image encoder input side (default: the backbone's native size); the decoder's cost follows its grid.")
+              help="Image encoder input side (default: the backbone's native size); the decoder's cost follows its "
+                   "grid.")
 @click.option("--device", type=TRAIN_DEVICE, default="auto", show_default=True,
               help="auto: cuda when torch sees a GPU, else cpu.")
 @click.option("--cpu-bf16", is_flag=True, help="Time every step in bfloat16 autocast (CPU with native bfloat16 only). "

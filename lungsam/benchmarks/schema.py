@@ -27,7 +27,8 @@ SUMMARY = {  # metrics.summarize
 }
 LATENCY = {  # stats.latency_summary, milliseconds
     "type": "object", "required": ["p50", "p95", "p99", "mean", "min", "max", "n"],
-    "properties": {k: NUM for k in ("p50", "p95", "p99", "mean", "min", "max")} | {"n": {"type": "integer", "minimum": 0}},
+    "properties": ({k: NUM for k in ("p50", "p95", "p99", "mean", "min", "max")}
+                   | {"n": {"type": "integer", "minimum": 0}}),
 }
 THROUGHPUT = {
     "type": "object", "required": ["batch", "images", "wall_s", "images_per_s", "ms_per_image", "batch_latency_ms"],
@@ -79,7 +80,8 @@ RESULTS_SCHEMA = {
         "format": {"const": FORMAT},
         "created": {"type": "string"},
         "command": {"type": "array", "items": {"type": "string"}},
-        "bundle": {"type": "object", "required": ["path", "backbone", "working_size", "img_size", "prompt", "threshold"],
+        "bundle": {"type": "object",
+                   "required": ["path", "backbone", "working_size", "img_size", "prompt", "threshold"],
                    "properties": {"path": {"type": "string"}, "backbone": {"type": "string"},
                                   "working_size": {"type": "integer", "minimum": 1},
                                   "img_size": {"type": "integer", "minimum": 1}, "prompt": {"type": "string"},

@@ -27,19 +27,28 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from ..artifacts import utc_now, write_json_atomic, write_text_atomic
+from ..layout import SweepLayout
 from ..metrics import f1_score, iou_score, summarize
-from .bench import BenchError, Images, bundle_run, load_images, run_pipeline, time_batches
+from .bench import _finite
+from .inputs import Images, load_images
 from .machine import describe_machine, full_machine_record, versions
+from .plan import BenchError
 from .schema import PRECISIONS, validate
 from .stats import LATENCY_KEYS, StageTimer, latency_summary, throughput_summary
+from .timing import run_pipeline, time_batches
+
+Log = Callable[[str], None]
+_LOG = logging.getLogger(__name__)
 
 SWEEP_FORMAT = "lungsam-sweep/1"
 ZERO_SHOT_THRESHOLD = 0.5  # SAM's mask_threshold 0.0 on logits
@@ -133,117 +142,184 @@ def sweep_point(timed, extra, data: Images, batches: list[int], warmup: int, rep
     return timing, masks, extra_masks
 
 
+@dataclass
+class SweepContext:
+    """What every point of one sweep shares: the run, its images, the device and timing settings, the progress
+    bar (``tick``) and the log."""
+
+    rm: Any
+    data: Images
+    device: str
+    batches: list[int]
+    warmup: int
+    repeats: int
+    threads: int | None
+    tick: Callable[[int], Any]
+    log: Log
+    per_point: int
+
+
 def run_sweep(run_dir: str | Path, out_dir: str | Path, *, data_dir: str | None = None, sizes: list[int],
               precisions: list[str], backbones: list[str] | None = None, device: str = "cpu",
               batches: list[int] | None = None, warmup: int = 1, repeats: int = 2, limit: int | None = None,
-              threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    import torch
+              threads: int | None = None, progress: bool = True, log: Log = _LOG.info) -> dict:
+    """Accuracy and latency of the run ``run_dir`` (and ``backbones``) at each encoder input size and precision;
+    writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` to ``out_dir`` (:class:`lungsam.layout.SweepLayout`)."""
     from tqdm import tqdm
 
-    from ..backbones import build_backbone, get_backbone, resize_encoder
-    from ..runs import load_run, resolve_checkpoint
-    from .torch_backend import TorchBackend, TorchUnavailable, check_torch_available
+    from ..backbones import get_backbone
+    from ..runs import load_run
 
     t_start = time.perf_counter()
     rm = load_run(run_dir)
     data = load_images(rm.working_size, data_dir, rm.run, rm.split, limit, log)
     batches = sorted(set(batches or [1]) | {1})
     plan_bb = parse_backbones(backbones, rm.backbone)
-    rows: list[dict] = []
     n_points = sum(len(sizes_for(get_backbone(b).preprocess.img_size, sizes)) for b, _ in plan_bb) * len(precisions)
-    per_point = warmup + repeats * len(data.images) + sum(1 + repeats * len(range(0, len(data.images), b))
-                                                        for b in batches if b > 1)
+    per_point = calls_per_point(warmup, repeats, len(data.images), batches)
     bar = tqdm(total=n_points * per_point, unit="call", desc="sweep", disable=not progress)
+    ctx = SweepContext(rm, data, device, batches, warmup, repeats, threads, bar.update, log, per_point)
+    rows: list[dict] = []
     for name, ckpt in plan_bb:
-        spec0 = get_backbone(name).preprocess
-        own = name == rm.backbone
-        try:
-            if own:
-                tuned_sam = rm.sam
-                pre_sam = build_backbone(name, resolve_checkpoint(rm.run))
-            else:
-                tuned_sam = None
-                pre_sam = build_backbone(name, ckpt)
-        except Exception as e:  # noqa: BLE001 - missing weights: report, go on
-            for s in sizes_for(spec0.img_size, sizes):
-                for p in precisions:
-                    rows.append({"backbone": name, "img_size": s, "native_img_size": spec0.img_size, "precision": p,
-                                 "decoder": "zero-shot", "status": "skipped", "reason": f"weights: {e}"})
-            bar.update(len(sizes_for(spec0.img_size, sizes)) * len(precisions) * per_point)
-            continue
-        for s in sizes_for(spec0.img_size, sizes):
-            for p in precisions:
-                base = {"backbone": name, "img_size": s, "native_img_size": spec0.img_size, "precision": p}
-                try:
-                    check_torch_available(device, p)
-                    mode = "cuda_graph" if (device == "cuda" and p != "fp32") else "eager"
-                    zs_sam, spec = resize_encoder(pre_sam, spec0, s)
-                    zs = TorchBackend(zs_sam if own else copy.deepcopy(zs_sam), spec, rm.prompt, ZERO_SHOT_THRESHOLD,
-                                      rm.working_size, device=device, precision=p,
-                                      mode="eager" if own else mode, threads=threads)
-                    if own:
-                        t_sam, _ = resize_encoder(tuned_sam, spec0, s)
-                        timed = TorchBackend(copy.deepcopy(t_sam) if t_sam is tuned_sam else t_sam, spec, rm.prompt,
-                                             rm.threshold, rm.working_size, device=device, precision=p, mode=mode,
-                                             threads=threads)
-                        timing, masks, zs_masks = sweep_point(timed, zs, data, batches, warmup, repeats, bar.update)
-                        rows.append({**base, "embedding_size": spec.embedding_size, "decoder": "tuned",
-                                     "status": "ok", "reason": None, "threshold": rm.threshold, "mode": mode,
-                                     "accuracy": _score(masks, data.masks), **timing})
-                        rows.append({**base, "embedding_size": spec.embedding_size, "decoder": "zero-shot",
-                                     "status": "ok", "reason": None, "threshold": ZERO_SHOT_THRESHOLD,
-                                     "mode": "same embeddings as the tuned row (decoder not timed separately)",
-                                     "accuracy": _score(zs_masks, data.masks)})
-                        timed.close()
-                    else:
-                        timing, masks, _ = sweep_point(zs, None, data, batches, warmup, repeats, bar.update)
-                        rows.append({**base, "embedding_size": spec.embedding_size, "decoder": "zero-shot",
-                                     "status": "ok", "reason": None, "threshold": ZERO_SHOT_THRESHOLD, "mode": mode,
-                                     "accuracy": _score(masks, data.masks), **timing})
-                    zs.close()
-                except TorchUnavailable as e:
-                    rows.append({**base, "decoder": "tuned" if own else "zero-shot", "status": "skipped",
-                                 "reason": str(e)})
-                    bar.update(per_point)
-                except Exception as e:  # noqa: BLE001
-                    rows.append({**base, "decoder": "tuned" if own else "zero-shot", "status": "failed",
-                                 "reason": f"{type(e).__name__}: {e}"})
-                    log(f"sweep {name} {s} {p} failed: {type(e).__name__}: {e}")
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                r = rows[-1] if rows[-1].get("decoder") == "tuned" or not own else rows[-2]
-                if r["status"] == "ok":
-                    log(f"  {name} {s} {p}: F1 {r['accuracy']['f1']['mean']:.4f}, end-to-end p50 "
-                        f"{r['latency_ms']['end_to_end']['p50']:.2f} ms, best "
-                        f"{max(t['images_per_s'] for t in r['throughput']):.1f} img/s")
-        del pre_sam
+        rows += sweep_backbone(ctx, name, ckpt, sizes, precisions)
     bar.close()
+    settings = {"device": device, "sizes": sizes, "precisions": precisions, "batches": batches,
+                "warmup": warmup, "repeats": repeats, "threads": threads}
+    out = sweep_record(run_dir, rm, data, settings, rows, time.perf_counter() - t_start)
+    write_sweep(out, out_dir)
+    return out
+
+
+def calls_per_point(warmup: int, repeats: int, n_images: int, batches: list[int]) -> int:
+    """Pipeline calls one sweep point makes (the progress bar's unit)."""
+    return warmup + repeats * n_images + sum(1 + repeats * len(range(0, n_images, b)) for b in batches if b > 1)
+
+
+def sweep_backbone(ctx: SweepContext, name: str, ckpt: str | None, sizes: list[int],
+                   precisions: list[str]) -> list[dict]:
+    """Every (size, precision) point of one backbone; the run's own backbone also gets its tuned decoder. Weights
+    that cannot be loaded make every point of the backbone a skipped row."""
+    import torch
+
+    from ..backbones import build_backbone, get_backbone
+    from ..runs import resolve_checkpoint
+
+    spec0 = get_backbone(name).preprocess
+    own = name == ctx.rm.backbone
+    try:
+        pre_sam = build_backbone(name, resolve_checkpoint(ctx.rm.run) if own else ckpt)
+    except Exception as e:  # noqa: BLE001 - missing weights: report, go on
+        ctx.tick(len(sizes_for(spec0.img_size, sizes)) * len(precisions) * ctx.per_point)
+        return [{"backbone": name, "img_size": s, "native_img_size": spec0.img_size, "precision": p,
+                 "decoder": "zero-shot", "status": "skipped", "reason": f"weights: {e}"}
+                for s in sizes_for(spec0.img_size, sizes) for p in precisions]
+    rows: list[dict] = []
+    for s in sizes_for(spec0.img_size, sizes):
+        for p in precisions:
+            point = sweep_point_rows(ctx, name, own, pre_sam, spec0, s, p)
+            rows += point
+            gc.collect()
+            if ctx.device == "cuda":
+                torch.cuda.empty_cache()
+            _log_point(ctx.log, name, s, p, point[0])
+    return rows
+
+
+def sweep_point_rows(ctx: SweepContext, name: str, own: bool, pre_sam, spec0, s: int, p: str) -> list[dict]:
+    """The rows of one point (backbone ``name`` at encoder input ``s``, precision ``p``): for the run's own
+    backbone the tuned row (timed) and the zero-shot row (same embeddings, untimed); else the zero-shot row."""
+    from ..backbones import resize_encoder
+    from .torch_backend import TorchBackend, TorchUnavailable, check_torch_available
+
+    rm, device = ctx.rm, ctx.device
+    base = {"backbone": name, "img_size": s, "native_img_size": spec0.img_size, "precision": p}
+    try:
+        check_torch_available(device, p)
+        mode = "cuda_graph" if (device == "cuda" and p != "fp32") else "eager"
+        zs_sam, spec = resize_encoder(pre_sam, spec0, s)
+        zs = TorchBackend(zs_sam if own else copy.deepcopy(zs_sam), spec, rm.prompt, ZERO_SHOT_THRESHOLD,
+                          rm.working_size, device=device, precision=p, mode="eager" if own else mode,
+                          threads=ctx.threads)
+        base = {**base, "embedding_size": spec.embedding_size}
+        if own:
+            rows = _tuned_rows(ctx, base, zs, spec0, spec, s, p, mode)
+        else:
+            timing, masks, _ = sweep_point(zs, None, ctx.data, ctx.batches, ctx.warmup, ctx.repeats, ctx.tick)
+            rows = [{**base, "decoder": "zero-shot", "status": "ok", "reason": None,
+                     "threshold": ZERO_SHOT_THRESHOLD, "mode": mode, "accuracy": _score(masks, ctx.data.masks),
+                     **timing}]
+        zs.close()
+        return rows
+    except TorchUnavailable as e:
+        ctx.tick(ctx.per_point)
+        return [{**_point_base(base), "decoder": "tuned" if own else "zero-shot", "status": "skipped",
+                 "reason": str(e)}]
+    except Exception as e:  # noqa: BLE001
+        ctx.log(f"sweep {name} {s} {p} failed: {type(e).__name__}: {e}")
+        return [{**_point_base(base), "decoder": "tuned" if own else "zero-shot", "status": "failed",
+                 "reason": f"{type(e).__name__}: {e}"}]
+
+
+def _point_base(base: dict) -> dict:
+    """A point's identifying keys (a row that did not run has no embedding size)."""
+    return {k: base[k] for k in ("backbone", "img_size", "native_img_size", "precision")}
+
+
+def _tuned_rows(ctx: SweepContext, base: dict, zs, spec0, spec, s: int, p: str, mode: str) -> list[dict]:
+    """The run's own backbone at one point: its tuned decoder timed, the official decoder on the same
+    embeddings."""
+    from ..backbones import resize_encoder
+    from .torch_backend import TorchBackend
+
+    rm = ctx.rm
+    t_sam, _ = resize_encoder(rm.sam, spec0, s)
+    timed = TorchBackend(copy.deepcopy(t_sam) if t_sam is rm.sam else t_sam, spec, rm.prompt, rm.threshold,
+                         rm.working_size, device=ctx.device, precision=p, mode=mode, threads=ctx.threads)
+    timing, masks, zs_masks = sweep_point(timed, zs, ctx.data, ctx.batches, ctx.warmup, ctx.repeats, ctx.tick)
+    timed.close()
+    return [{**base, "decoder": "tuned", "status": "ok", "reason": None, "threshold": rm.threshold, "mode": mode,
+             "accuracy": _score(masks, ctx.data.masks), **timing},
+            {**base, "decoder": "zero-shot", "status": "ok", "reason": None, "threshold": ZERO_SHOT_THRESHOLD,
+             "mode": "same embeddings as the tuned row (decoder not timed separately)",
+             "accuracy": _score(zs_masks, ctx.data.masks)}]
+
+
+def _log_point(log: Log, name: str, s: int, p: str, r: dict) -> None:
+    if r["status"] == "ok":
+        log(f"  {name} {s} {p}: F1 {r['accuracy']['f1']['mean']:.4f}, end-to-end p50 "
+            f"{r['latency_ms']['end_to_end']['p50']:.2f} ms, best "
+            f"{max(t['images_per_s'] for t in r['throughput']):.1f} img/s")
+
+
+def sweep_record(run_dir: str | Path, rm, data: Images, settings: dict, rows: list[dict], wall_s: float) -> dict:
+    """``sweep.json`` (format :data:`SWEEP_FORMAT`), strict JSON, checked against :data:`SWEEP_SCHEMA`."""
     out = {"format": SWEEP_FORMAT, "created": utc_now(), "command": [Path(sys.argv[0]).name] + sys.argv[1:],
            "run": {"path": str(Path(run_dir).resolve()), "backbone": rm.backbone, "fold": rm.fold,
                    "prompt": rm.prompt.mode, "threshold": rm.threshold, "working_size": rm.working_size},
            "data": {"source": data.source, "n_images": len(data.ids), "ids": data.ids},
-           "settings": {"device": device, "sizes": sizes, "precisions": precisions, "batches": batches,
-                        "warmup": warmup, "repeats": repeats, "threads": threads},
-           "machine": full_machine_record(), "versions": versions(), "rows": rows,
-           "wall_s": time.perf_counter() - t_start}
-    from .bench import _finite
-
+           "settings": settings, "machine": full_machine_record(), "versions": versions(), "rows": rows,
+           "wall_s": wall_s}
     out = _finite(out)
     errs = validate_sweep(out)
     if errs:
         raise RuntimeError("sweep.json does not match its schema: " + "; ".join(errs[:10]))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "sweep.json", out)
-    write_text_atomic(out_dir / "sweep.md", sweep_markdown(out))
-    sweep_chart(out, out_dir / "sweep.png")
     return out
+
+
+def write_sweep(res: dict, out_dir: str | Path) -> SweepLayout:
+    """``sweep.json``, the ``sweep.md`` rendered from it and ``sweep.png``, into ``out_dir``."""
+    layout = SweepLayout(Path(out_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(layout.sweep_json, res)
+    write_text_atomic(layout.sweep_md, sweep_markdown(res))
+    sweep_chart(res, layout.sweep_png)
+    return layout
 
 
 def sweep_markdown(res: dict) -> str:
     run, s = res["run"], res["settings"]
-    lines = [f"## lungsam bench --sweep: run {Path(run['path']).name} ({run['backbone']}, prompt `{run['prompt']}`)", "",
+    lines = [f"## lungsam bench --sweep: run {Path(run['path']).name} ({run['backbone']}, prompt "
+             f"`{run['prompt']}`)", "",
              f"- machine: {describe_machine(res['machine'])}",
              f"- data: {res['data']['source']}, scored at the working resolution {run['working_size']}",
              f"- device {s['device']}, warm-up {s['warmup']}, repeats {s['repeats']}",
@@ -253,8 +329,8 @@ def sweep_markdown(res: dict) -> str:
              "| end-to-end p50 / p95 ms | images/s (batch) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        head = f"| {r['backbone']} | {r['img_size']}" + (" (native)" if r["img_size"] == r["native_img_size"] else "") \
-               + f" | {r['precision']} | {r['decoder']} |"
+        native = " (native)" if r["img_size"] == r["native_img_size"] else ""
+        head = f"| {r['backbone']} | {r['img_size']}{native} | {r['precision']} | {r['decoder']} |"
         if r["status"] != "ok":
             lines.append(head + f" **{r['status']}**: {r['reason']} | | | | |")
             continue
@@ -263,8 +339,8 @@ def sweep_markdown(res: dict) -> str:
         enc = f"{lat['encoder']['p50']:.2f}" if lat else "(as above)"
         e2e = f"{lat['end_to_end']['p50']:.2f} / {lat['end_to_end']['p95']:.2f}" if lat else "(as above)"
         tp = ", ".join(f"{t['images_per_s']:.1f} ({t['batch']})" for t in r.get("throughput", [])) or "(as above)"
-        lines.append(head + f" {f1['mean']:.4f} ± {f1['std']:.4f} ({f1['min']:.4f}) | {r['accuracy']['iou']['mean']:.4f} "
-                     f"| {enc} | {e2e} | {tp} |")
+        lines.append(head + f" {f1['mean']:.4f} ± {f1['std']:.4f} ({f1['min']:.4f}) | "
+                     f"{r['accuracy']['iou']['mean']:.4f} | {enc} | {e2e} | {tp} |")
     return "\n".join(lines) + "\n"
 
 
@@ -283,8 +359,9 @@ def sweep_chart(res: dict, path: str | Path) -> Path | None:
     for r in ok:
         groups.setdefault((r["backbone"], r["precision"], r["decoder"]), []).append(r)
     for (bb, p, dec), rs in groups.items():
-        pts = [(timed[(r["backbone"], r["img_size"], r["precision"])]["latency_ms"]["end_to_end"]["p50"],
-                r["accuracy"]["f1"]["mean"], r["img_size"]) for r in rs if (r["backbone"], r["img_size"], r["precision"]) in timed]
+        keys = [(r, (r["backbone"], r["img_size"], r["precision"])) for r in rs]
+        pts = [(timed[k]["latency_ms"]["end_to_end"]["p50"], r["accuracy"]["f1"]["mean"], r["img_size"])
+               for r, k in keys if k in timed]
         if not pts:
             continue
         pts.sort()
@@ -303,29 +380,3 @@ def sweep_chart(res: dict, path: str | Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def run_sweep_cli(*, bundle, run, data_dir, out_dir, sizes, precisions, backbones, device, batches, warmup, repeats,
-                  limit, threads) -> None:
-    import click
-
-    from ..data import DataError
-    from ..runs import RunError
-
-    run_dir = run
-    if run_dir is None:
-        if bundle is None:
-            raise click.UsageError("--sweep needs BUNDLE (whose run is used) or --run RUN")
-        from ..artifacts import read_json
-
-        run_dir, _ = bundle_run(read_json(Path(bundle) / "manifest.json"))
-        if run_dir is None or not Path(run_dir, "run.json").exists():
-            raise click.ClickException(f"the bundle's run {run_dir} is not here; pass --run RUN")
-    try:
-        res = run_sweep(run_dir, out_dir, data_dir=data_dir, sizes=sizes or [1024, 768, 512, 384, 256],
-                        precisions=precisions or ["fp32", "fp16"], backbones=backbones, device=device, batches=batches,
-                        warmup=warmup, repeats=repeats, limit=limit, threads=threads,
-                        log=lambda m: click.echo(m, err=True))
-    except (BenchError, RunError, DataError) as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(f"wrote {Path(out_dir) / 'sweep.json'}, sweep.md, sweep.png ({res['wall_s']:.0f} s)")

@@ -19,6 +19,7 @@ from segment_anything.modeling import Sam
 
 from ..errors import LungsamError
 from ..modeling.decoder import decode, decode_embedded, encode_prompts
+from ..postprocess import CleanupSpec, clean_mask
 from ..preprocess import PreprocessSpec, encoder_input, preprocess_shape
 from ..prompts import LearnedPrompt, first_pass_box, first_pass_prompt, mask_box, model_prompt
 from .stats import ThreadMap
@@ -54,7 +55,9 @@ class TorchBackend:
 
     Modes: ``eager`` (FP32, or autocast to FP16/BF16 on GPU) and ``cuda_graph`` (encoder and decoder
     each captured once per batch size and replayed; GPU only). Postprocessing is SAM's own
-    ``Sam.postprocess_masks`` followed by ``sigmoid > threshold`` (what ``lungsam eval`` does).
+    ``Sam.postprocess_masks`` followed by ``sigmoid > threshold`` (what ``lungsam eval`` does), then the mask
+    clean-up ``cleanup`` (:func:`lungsam.postprocess.clean_mask`: the bundle's recorded ``postprocess``, applied
+    as the runtime applies it; off by default).
 
     ``first_pass`` (a model prompted with a box): the decoder stage runs twice, as
     ``lungsam eval --box-from-first-pass`` and the runtime do: pass 1 with the learned points and the
@@ -66,7 +69,8 @@ class TorchBackend:
 
     def __init__(self, sam: Sam, spec: PreprocessSpec, prompt: LearnedPrompt, threshold: float, working_size: int,
                  device: str = "cpu", precision: str = "fp32", mode: str = "eager", threads: int | None = None,
-                 preprocess_threads: int | None = None, first_pass: bool = False):
+                 preprocess_threads: int | None = None, first_pass: bool = False,
+                 cleanup: CleanupSpec | None = None):
         check_torch_available(device, precision)
         if mode == "cuda_graph" and device != "cuda":
             raise TorchUnavailable("CUDA graphs need --device cuda")
@@ -76,6 +80,7 @@ class TorchBackend:
         self.sam = sam.to(device).eval()
         self.spec, self.threshold, self.size = spec, float(threshold), int(working_size)
         self.first_pass = first_pass
+        self.cleanup = cleanup if cleanup is not None else CleanupSpec()
         # the prompt fed by the preprocess stage: pass 1's (learned points + mean-mask box) with first_pass
         self.prompt = first_pass_prompt(prompt) if first_pass else prompt
         self.input_hw = preprocess_shape(self.size, self.size, spec.img_size)
@@ -105,8 +110,8 @@ class TorchBackend:
         for i in range(batch):
             gt = mask_box(masks[i]) if self.prompt.needs_ground_truth else None
             rows.append(model_prompt(self.prompt, self.spec, (self.size, self.size), gt_box=gt))
-        as_t = lambda k: None if rows[0][k] is None else torch.from_numpy(np.stack([r[k] for r in rows])).to(self.device)  # noqa: E731
-        out = (as_t(0), as_t(1), as_t(2))
+        out = tuple(None if rows[0][k] is None else torch.from_numpy(np.stack([r[k] for r in rows])).to(self.device)
+                    for k in range(3))
         if not self.prompt.needs_ground_truth:
             self._prompt_cache[batch] = out
         return out
@@ -178,8 +183,9 @@ class TorchBackend:
 
     def _first_pass_boxes(self, low: torch.Tensor, prompts) -> torch.Tensor:
         """Pass 2's model-frame boxes ``(B, 4)`` from pass 1's low-res logits ``(B, 1, L, L)``: the bounding
-        box of each working-frame mask (``sigmoid > threshold``), or pass 1's mean-mask box when empty."""
-        masks = self.postprocess(low)
+        box of each working-frame mask (``sigmoid > threshold``, not cleaned, as in the runtime's first pass), or
+        pass 1's mean-mask box when empty."""
+        masks = self._threshold(low)
         mean_box = prompts[2][0].cpu().numpy()
         boxes = np.stack([first_pass_box(m, mean_box, self.spec) for m in masks])
         return torch.from_numpy(boxes).to(self.device)
@@ -192,6 +198,15 @@ class TorchBackend:
 
     @torch.inference_mode()
     def postprocess(self, low) -> np.ndarray:
+        """Low-res logits ``(B, 1, L, L)`` -> working-frame masks ``(B, S, S)`` bool, cleaned as ``cleanup`` says."""
+        masks = self._threshold(low)
+        if not self.cleanup.enabled:
+            return masks
+        return np.stack([clean_mask(m, self.cleanup) for m in masks])
+
+    @torch.inference_mode()
+    def _threshold(self, low) -> np.ndarray:
+        """Low-res logits ``(B, 1, L, L)`` -> ``sigmoid > threshold`` in the working frame, ``(B, S, S)`` bool."""
         logits = self.sam.postprocess_masks(low.float(), self.input_hw, (self.size, self.size))
         return (torch.sigmoid(logits) > self.threshold)[:, 0].cpu().numpy()
 

@@ -11,6 +11,7 @@ Writes ``train_speed.json`` and ``train_speed.md``. Nothing here is a test; figu
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -19,12 +20,15 @@ import torch
 
 from ..artifacts import machine_record, package_versions, utc_now, write_json_atomic, write_text_atomic
 from ..backbones import build_backbone, preprocess_for
+from ..layout import TrainSpeedLayout
 from ..preprocess import encoder_input
 from ..prompts import learn_prompt
 from ..train import engine
 from ..train.config import TrainConfig
 from ..train.engine import DecoderTrainer, mixed_precision, pick_device
 from ..train.run import checkpoint_for, embed_samples, load_data
+
+_LOG = logging.getLogger(__name__)
 
 
 def _sync(device: str) -> None:
@@ -43,7 +47,7 @@ def _step_seconds_per_sample(trainer: DecoderTrainer, emb: np.ndarray, masks: li
 
 
 def measure_train_speed(cfg: TrainConfig, n_images: int, batch_sizes: tuple[int, ...] = (1, 4, 8, 16),
-                        log=print) -> dict:
+                        log=_LOG.info) -> dict:
     """Time cached vs recomputed epochs and the decoder step per sample (see module docstring)."""
     device = pick_device(cfg.device)
     mixed_precision(device, cfg.amp, cfg.cpu_bf16)  # --cpu-bf16 where it cannot run fails before any work
@@ -105,7 +109,8 @@ def measure_train_speed(cfg: TrainConfig, n_images: int, batch_sizes: tuple[int,
 
 def train_speed_markdown(r: dict) -> str:
     lines = [
-        f"# Training speed: {r['backbone']} on {r['device']} ({r['machine']['cpu']}, {r['machine']['cpu_count']} cores)",
+        f"# Training speed: {r['backbone']} on {r['device']} ({r['machine']['cpu']}, {r['machine']['cpu_count']} "
+        "cores)",
         "",
         f"{r['images']} images, batch {r['batch_size']}, working size {r['working_size']}, encoder input "
         f"{r['encoder_size']} ({r['embedding_grid']}x{r['embedding_grid']} embedding grid); {r['created']}.",
@@ -113,7 +118,8 @@ def train_speed_markdown(r: dict) -> str:
         "| epoch | seconds | of which encoder / cache read |",
         "|---|---|---|",
         f"| with embedding cache | {r['epoch_cached_s']:.2f} | {r['epoch_cached_read_s']:.2f} (read) |",
-        f"| recomputing the encoder every step | {r['epoch_recompute_s']:.2f} | {r['epoch_recompute_encoder_s']:.2f} (encoder) |",
+        f"| recomputing the encoder every step | {r['epoch_recompute_s']:.2f} | "
+        f"{r['epoch_recompute_encoder_s']:.2f} (encoder) |",
         "",
         f"**Cached epochs are {r['speedup_cached_vs_recompute']:.1f}x faster** (same images, same process).",
         "",
@@ -122,14 +128,16 @@ def train_speed_markdown(r: dict) -> str:
     ]
     bf16 = r.get("decoder_step_per_sample_cpu_bf16")
     if bf16 is None:
-        lines += [f"| {p['batch_size']} | {1000 * p['seconds_per_sample']:.1f} |" for p in r["decoder_step_per_sample"]]
+        lines += [f"| {p['batch_size']} | {1000 * p['seconds_per_sample']:.1f} |"
+                  for p in r["decoder_step_per_sample"]]
         if r.get("cpu_bf16"):
-            lines += ["", "The decoder steps (in both epochs and in this table) ran in bfloat16 autocast (`--cpu-bf16`); "
-                      "the encoder of the recompute epoch in float32."]
+            lines += ["", "The decoder steps (in both epochs and in this table) ran in bfloat16 autocast "
+                      "(`--cpu-bf16`); the encoder of the recompute epoch in float32."]
         return "\n".join(lines) + "\n"
     lines[-2:] = ["| decoder batch size | ms per sample (fwd + bwd + Adam), float32 | the same in bfloat16 autocast "
                   "(`--cpu-bf16`) | float32 / bfloat16 |", "|---|---|---|---|"]
-    lines.insert(-2, "The epochs above ran in float32; the bfloat16 steps below were timed right after, in this process.")
+    lines.insert(-2, "The epochs above ran in float32; the bfloat16 steps below were timed right after, in this "
+                     "process.")
     lines.insert(-2, "")
     for p, q in zip(r["decoder_step_per_sample"], bf16):
         a, b = p["seconds_per_sample"], q["seconds_per_sample"]
@@ -137,9 +145,11 @@ def train_speed_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_train_speed(cfg: TrainConfig, n_images: int, out: str | Path, log=print) -> dict:
+def run_train_speed(cfg: TrainConfig, n_images: int, out: str | Path, log=_LOG.info) -> dict:
+    """Measure and write ``train_speed.json`` and ``train_speed.md`` into ``out`` (``log``: a ``log(message)``
+    callback, INFO on this module's logger by default)."""
     r = measure_train_speed(cfg, n_images, log=log)
-    out = Path(out)
-    write_json_atomic(out / "train_speed.json", r)
-    write_text_atomic(out / "train_speed.md", train_speed_markdown(r))
+    layout = TrainSpeedLayout(Path(out))
+    write_json_atomic(layout.train_speed_json, r)
+    write_text_atomic(layout.train_speed_md, train_speed_markdown(r))
     return r

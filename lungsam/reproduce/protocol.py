@@ -2,7 +2,7 @@
 
 Layout of ``OUT/<backbone>/``::
 
-    tables.md, results.json         the paper's Tables 1-9 with our numbers beside them
+    tables.md, results.json         the paper's Tables 1-10 with our numbers beside them
     figures/                        copies of the figures the tables cite
     runs/                           (git-ignored) one folder per step, each with step.json once finished
       _data/                        symlinked subsets (zero-shot prompt sources, --subset/--quick sets)
@@ -13,39 +13,40 @@ Layout of ``OUT/<backbone>/``::
       pooled/points_lr.._wd.._k.._e../   one point-prompt model for both sets (train_run on MC+SZ pooled)
       <set>/unet_k.._e../           the U-Net baseline on the same folds (lungsam.train.unet.train_unet_run)
 
-A step is skipped when its ``step.json`` holds the same settings; a killed training step is continued with
-``train_run(..., resume=True)``; a step whose folder holds different settings is an error (never overwritten).
-``--jobs N`` runs independent training steps N at a time in worker processes (:meth:`Steps.run_training`).
+The protocol reads as its phases (:func:`run_protocol`): :func:`encode_sets`, :func:`zero_shot`,
+:func:`hyperparameter_grid`, :func:`kfold_and_pooled`, :func:`cross_dataset`, :func:`unet_baseline`; tables.md is
+rewritten after each. The step engine is :mod:`lungsam.reproduce.steps`: a step is skipped when its ``step.json``
+holds the same settings; a killed training step is continued with ``train_run(..., resume=True)``; a step whose
+folder holds different settings is an error (never overwritten). ``--jobs N`` runs independent training steps N at
+a time in worker processes (:meth:`Steps.run_training`), ``--ray`` as Ray tasks. Results are collected by
+:mod:`lungsam.reproduce.collect`, costed by :mod:`lungsam.reproduce.cost` and rendered by
+:mod:`lungsam.reproduce.tables`.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from ..artifacts import machine_record, package_versions, read_json, utc_now, write_json_atomic
+from ..artifacts import machine_record, package_versions, read_json, utc_now
 from ..data import DataError, kfold_splits, load_dataset, shuffled_ids
-from ..errors import LungsamError
+from ..layout import RunLayout, StepLayout
 from ..ranges import check_fields
 from . import paper
+from .collect import Found, collect
+from .steps import Log, ProtocolError, Steps, TrainingStep, _quiet
 
-Log = Callable[[str], None]
+_LOG = logging.getLogger(__name__)
 SETS = ("montgomery", "shenzhen")
 PROMPTS = ("points", "box", "both", "auto-box")
 ZERO_SHOT_PROMPTS = ("box", "points", "both", "auto-box")
 QUICK_EPOCHS = 5
 QUICK_SUBSET = 60  # images per set in --quick (seeded random subset; each set is encoded only for these)
 QUICK_GRID = ((1e-4, 0.0), (1e-3, 0.0))
-
-
-class ProtocolError(LungsamError, RuntimeError):
-    # exit 2: what it reports is the command line or --out's contents (data root layout, option values, a step
-    # folder holding other settings), as it always did
-    exit_code = 2
 
 
 @dataclass
@@ -195,7 +196,8 @@ def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None =
 # ---------------------------------------------------------------------------------------------
 
 def _link_pairs(dest: Path, name: str, pairs: list[tuple[Path, Path]]) -> Path:
-    """``dest/<name>/{images,masks}`` holding symlinks (copies where links fail) to ``pairs``; returns the set folder."""
+    """``dest/<name>/{images,masks}`` holding symlinks (copies where links fail) to ``pairs``; returns the set
+    folder."""
     folder = dest / name
     want = sorted(p[0].name for p in pairs)
     if (folder / "images").is_dir() and sorted(p.name for p in (folder / "images").iterdir()) == want:
@@ -255,223 +257,84 @@ def prepare_data(st: Settings, runs: Path, log: Log) -> dict[str, DataSet]:
 
 
 # ---------------------------------------------------------------------------------------------
-# steps
+# the protocol, phase by phase
 # ---------------------------------------------------------------------------------------------
 
-class Steps:
-    """Runs steps once: ``step.json`` (settings, seconds, finish time) marks a finished step."""
-
-    def __init__(self, root: Path, log: Log, ray: str | None = None, ray_cpus: int = 1, device: str = "auto"):
-        self.root, self.log = root, log
-        self.records: list[dict] = []
-        # a Ray address: run_training sends its steps to Ray (lungsam.reproduce.ray_steps)
-        self.ray, self.ray_cpus, self.device = ray, ray_cpus, device
-
-    def reuse(self, name: str, kind: str, out: Path, settings: dict,
-              normalize: Callable[[dict], dict] | None = None) -> dict | None:
-        """The record of ``out``'s finished step when it holds ``settings`` (``None`` when it is still to run).
-        ``normalize`` maps recorded settings to today's form (a training step recorded before a config field
-        existed gets its default); a folder holding other settings is an error."""
-        sj = out / "step.json"
-        if not sj.exists():
-            return None
-        old = read_json(sj)
-        recorded = old.get("settings")
-        if normalize is not None and isinstance(recorded, dict):
-            recorded = json.loads(json.dumps(normalize(recorded)))
-        if recorded != json.loads(json.dumps(settings)):
-            raise ProtocolError(f"{out} holds step {old.get('name')!r} with different settings; remove that folder "
-                                f"or choose another --out")
-        earlier = next((r for r in self.records if r["out"] == old["out"]), None)
-        if earlier is not None:  # the same run serves two parts of the protocol (e.g. a grid cell)
-            self.log(f"[{name}] same settings as [{earlier['name']}], sharing {out}")
-            rec = {**old, "name": name, "kind": kind, "status": f"shared with: {earlier['name']}"}
-        else:
-            self.log(f"[{name}] finished earlier ({old['seconds']:.0f} s), reusing {out}")
-            rec = {**old, "name": name, "kind": kind, "status": "reused"}
-        self.records.append(rec)
-        return rec
-
-    def record(self, name: str, kind: str, out: Path, settings: dict, started: str, seconds: float,
-               info: dict) -> dict:
-        """Write ``out/step.json`` for a step that just ran and keep its record."""
-        rec = {"name": name, "kind": kind, "out": str(out.relative_to(self.root)),
-               "settings": json.loads(json.dumps(settings)), "started": started, "finished": utc_now(),
-               "seconds": seconds, "info": info}
-        write_json_atomic(out / "step.json", rec)
-        self.log(f"[{name}] done in {seconds:.0f} s")
-        self.records.append({**rec, "status": "ran"})
-        return self.records[-1]
-
-    def run(self, name: str, kind: str, out: Path, settings: dict, fn: Callable[[], dict | None],
-            normalize: Callable[[dict], dict] | None = None) -> dict:
-        """Run ``fn`` in this process unless ``out`` holds a finished step with the same settings."""
-        rec = self.reuse(name, kind, out, settings, normalize)
-        return rec if rec is not None else self.execute(name, kind, out, settings, fn)
-
-    def execute(self, name: str, kind: str, out: Path, settings: dict, fn: Callable[[], dict | None]) -> dict:
-        """Run ``fn`` in this process, timed, and record it."""
-        self.log(f"[{name}] running -> {out}")
-        started, t0 = utc_now(), time.perf_counter()
-        info = fn() or {}
-        return self.record(name, kind, out, settings, started, time.perf_counter() - t0, info)
-
-    def run_training(self, steps: list["TrainingStep"], jobs: int, progress: bool,
-                     finished: Callable[["TrainingStep"], None] = lambda step: None) -> None:
-        """Run the training ``steps`` that are not finished yet; ``finished(step)`` follows each step reused or
-        done, with the records in the order of ``steps`` (whatever order the steps finish in). The steps must not
-        depend on each other.
-
-        ``jobs`` 1 (or one step to run): one after another in this process; the first failure stops the batch.
-        Otherwise ``jobs`` at a time in worker processes that split this process's torch threads, costliest step
-        first; a failed step does not stop the others, and the failures are raised together once they are done.
-        Worker log lines go to stderr, prefixed with the step's name."""
-        first, order = len(self.records), {s.name: i for i, s in enumerate(steps)}
-
-        def done(s: TrainingStep) -> None:
-            self.records[first:] = sorted(self.records[first:], key=lambda r: order[r["name"]])
-            finished(s)
-
-        todo = []
-        for s in steps:
-            if self.reuse(s.name, s.kind, s.out, s.settings, s.normalize) is None:
-                todo.append(s)
-            else:
-                done(s)
-        if self.ray is not None and todo:
-            from .ray_steps import run_on_ray
-
-            run_on_ray(self, todo, done, self.ray, cpus_per_step=self.ray_cpus, device=self.device)
-        elif jobs <= 1 or len(todo) <= 1:
-            for s in todo:
-                self.execute(s.name, s.kind, s.out, s.settings,
-                             lambda s=s: train_step(s.model, s.config, s.out, _quiet(self.log), progress))
-                done(s)
-        else:
-            self._run_in_workers(todo, min(jobs, len(todo)), done)
-
-    def _run_in_workers(self, todo: list["TrainingStep"], jobs: int, done: Callable[["TrainingStep"], None]) -> None:
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-        import torch
-
-        threads = max(1, torch.get_num_threads() // jobs)
-        self.log(f"running {len(todo)} training steps, {jobs} at a time ({threads} torch thread(s) each)")
-        errors = []
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(threads,)) as pool:
-            pending = {}
-            for s in sorted(todo, key=lambda s: -s.work):
-                self.log(f"[{s.name}] queued -> {s.out}")
-                pending[pool.submit(_train_step_in_worker, s.name, s.model, s.config, s.out)] = s
-            try:
-                running = set(pending)
-                while running:  # waits of at most a second, so Ctrl-C reaches this process at once
-                    finished_now, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
-                    for fut in finished_now:
-                        s = pending[fut]
-                        try:
-                            started, seconds, info = fut.result()
-                        except Exception as e:  # noqa: BLE001 -- reported with the step's name, after the rest
-                            self.log(f"[{s.name}] failed: {e}")
-                            errors.append((s, e))
-                            continue
-                        # how it ran, so cost estimates can tell overlapping step times apart
-                        info = {**info, "jobs": jobs, "threads": threads}
-                        self.record(s.name, s.kind, s.out, s.settings, started, seconds, info)
-                        done(s)
-            except BaseException:  # Ctrl-C, or a failure here: stop the workers now (a rerun resumes their steps)
-                workers = list((pool._processes or {}).values())  # no public way before Python 3.14
-                pool.shutdown(wait=False, cancel_futures=True)  # (this forgets the workers)
-                for w in workers:
-                    w.terminate()
-                raise
-        if errors:
-            raise ProtocolError("training step(s) failed: " + "; ".join(f"[{s.name}] {e}" for s, e in errors)
-                                ) from errors[0][1]
-
-
 @dataclass
-class TrainingStep:
-    """One training step: a SAM decoder run (``model`` "sam", ``config`` a TrainConfig's dict) or the U-Net
-    baseline ("unet", a UNetConfig's dict), in plain values a worker process receives.
+class Invocation:
+    """One ``lungsam reproduce``: its settings, folders, data and steps, and the step folders each table reads
+    (``found``, filled as the phases finish). ``step_settings`` is what every SAM step adds to its recorded
+    settings (``encoder_size`` when not native; absent otherwise, so earlier steps stay the same)."""
 
-    Attributes:
-        settings: what ``step.json`` records and a rerun compares (the config's ``comparable()``).
-        work: relative cost (training images x folds) to start the costliest steps first.
-    """
+    st: Settings
+    root: Path
+    data: dict[str, DataSet]
+    steps: Steps
+    device: str
+    weights_sha256: str
+    log: Log
+    progress: bool
+    command: str | None
+    started: str
+    t0: float
+    found: Found = field(default_factory=Found)
+    table_of: dict[str, tuple[dict, object]] = field(default_factory=dict)  # step name -> (found's dict, key)
 
-    name: str
-    kind: str
-    out: Path
-    model: str
-    config: dict
-    settings: dict
-    work: float
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
 
-    def normalize(self, recorded: dict) -> dict:
-        """Recorded settings in today's form (fields added since get their defaults)."""
-        config_class, _ = _model_api(self.model)
-        return config_class.from_dict(recorded).comparable()
+    @property
+    def step_settings(self) -> dict:
+        return {} if self.st.encoder_size is None else {"encoder_size": self.st.encoder_size}
 
+    @property
+    def quiet_log(self) -> Log:
+        return _quiet(self.log)
 
-def _model_api(model: str) -> tuple[type, Callable[..., dict]]:
-    """``(config class, run trainer)`` of a training step's ``model``: "unet" or "sam"."""
-    if model == "unet":
-        from ..train.unet import UNetConfig, train_unet_run
+    def write_tables(self, complete: bool) -> dict:
+        """Collect what has finished into results.json and render tables.md (after every phase)."""
+        from . import tables
 
-        return UNetConfig, train_unet_run
-    from ..train.config import TrainConfig
-    from ..train.run import train_run
+        res = collect(self.st, self.root, self.data, self.steps.records, self.found)
+        res.update({
+            "format": "lungsam-reproduce/1", "complete": complete, "command": self.command or self.st.command(),
+            "settings": self.st.to_dict(), "weights_sha256": self.weights_sha256, "device": self.device,
+            "machine": {**machine_record(), "loadavg_at_end": _loadavg()}, "versions": package_versions(),
+            "started": self.started, "finished": utc_now(), "wall_time_s": time.perf_counter() - self.t0,
+        })
+        tables.write(res, self.root)
+        return res
 
-    return TrainConfig, train_run
-
-
-def train_step(model: str, config: dict, out: Path, log: Log = print, progress: bool = True) -> dict:
-    """Train the run ``config`` describes into ``out`` (continuing a killed one); returns the step's info."""
-    config_class, train = _model_api(model)
-    resume = (out / "run.json").exists()
-    if resume:
-        log(f"continuing the killed run in {out}")
-    try:
-        s = train(config_class.from_dict(config), out, resume=resume, log=log, progress=progress)
-    except ValueError as e:
-        raise ProtocolError(f"{out}: {e}") from e
-    return {"test_f1": s["aggregate"]["test_f1_across_folds"], "folds": len(s["folds"])}
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+    def finished(self, t: TrainingStep) -> None:
+        """A training step of a batch finished (or was reused): its table gets the folder, tables.md is rewritten."""
+        table, key = self.table_of[t.name]
+        table[key] = t.out
+        self.write_tables(False)
 
 
-def _train_step_in_worker(name: str, model: str, config: dict, out: Path) -> tuple[str, float, dict]:
-    """:func:`train_step` in a worker process (no progress bars; log lines carry the step's name);
-    returns ``(started, seconds, info)``."""
-    import sys
-
-    def log(m: str) -> None:
-        print(f"[{name}] {m}", file=sys.stderr, flush=True)
-
-    started, t0 = utc_now(), time.perf_counter()
-    info = train_step(model, config, out, _quiet(log), progress=False)
-    return started, time.perf_counter() - t0, info
-
-
-def _quiet(log: Log) -> Log:
-    return lambda m: None if m.startswith("skipping pair") else log(m)
-
-
-def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, log: Log = print,
+def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, log: Log = _LOG.info,
                  progress: bool = True) -> dict:
-    """Run (or resume) every step of the protocol and write tables.md, results.json and figures."""
+    """Run (or resume) every step of the protocol and write tables.md, results.json and figures; tables.md is
+    rewritten after each phase (sections still to run are marked pending)."""
+    inv = start(st, out, command, log, progress)
+    encode_sets(inv)
+    zero_shot(inv)
+    inv.write_tables(False)
+    grid_val = hyperparameter_grid(inv)
+    inv.write_tables(False)
+    kfold_and_pooled(inv, grid_val)
+    cross_dataset(inv)
+    inv.write_tables(False)
+    if st.unet:
+        unet_baseline(inv)
+    return inv.write_tables(True)
+
+
+def start(st: Settings, out: str | Path, command: str | None, log: Log, progress: bool) -> Invocation:
+    """The results root ``OUT/<label>/``, its data folders and an empty step record."""
     from ..embeddings import weights_fingerprint
-    from ..train.config import TrainConfig
     from ..train.engine import pick_device
-    from ..train.run import embed_samples, evaluate, load_data
-    from . import tables
 
     root = Path(out) / st.label
     runs = root / "runs"
@@ -481,129 +344,151 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
     wsha = weights_fingerprint(st.backbone, st.checkpoint)
     data = prepare_data(st, runs, log)
     steps = Steps(root, log, ray=st.ray, ray_cpus=st.ray_cpus, device=st.device)
-    qlog = _quiet(log)
-    enc = {} if st.encoder_size is None else {"encoder_size": st.encoder_size}  # step settings (absent: native)
+    return Invocation(st=st, root=root, data=data, steps=steps, device=device, weights_sha256=wsha, log=log,
+                      progress=progress, command=command, started=started, t0=t0)
 
-    # 1. encoder pass per set (fills the shared embedding cache; all later steps hit it)
-    for name, ds in data.items():
-        def encode(ds=ds):
-            from ..backbones import build_backbone
 
-            cfg = TrainConfig(backbone=st.backbone, checkpoint=st.checkpoint, size=st.size, encoder_size=st.encoder_size)
-            d = load_data([str(ds.path)], st.size, qlog)
-            sam = build_backbone(st.backbone, st.checkpoint, encoder_size=st.encoder_size)
-            t = time.perf_counter()
-            _, cache = embed_samples(sam, cfg, st.checkpoint, d.samples, device, progress)
-            return {"n": len(d.samples), "computed": cache.misses, "cache_hits": cache.hits,
-                    "encode_seconds": time.perf_counter() - t, "device": device, "cache_dir": str(cache.directory)}
-        steps.run(f"encode {ds.tag}", "encode", runs / ds.tag / "encode",
-                  {"backbone": st.backbone, "weights_sha256": wsha, "data": str(ds.path), "n": len(ds.ids),
-                   "size": st.size, **enc}, encode)
+def encode_sets(inv: Invocation) -> None:
+    """Phase 1: the encoder pass per set (fills the shared embedding cache; every later step hits it)."""
+    st = inv.st
+    for ds in inv.data.values():
+        inv.steps.run(f"encode {ds.tag}", "encode", inv.runs / ds.tag / "encode",
+                      {"backbone": st.backbone, "weights_sha256": inv.weights_sha256, "data": str(ds.path),
+                       "n": len(ds.ids), "size": st.size, **inv.step_settings},
+                      lambda ds=ds: _encode(inv, ds))
 
-    zero, grid, best_hp, kfold, cross, pooled, unet = {}, {}, {}, {}, {}, {}, {}
 
-    def write_tables(complete: bool) -> dict:
-        res = tables.collect(st, root, data, steps.records, zero, grid, best_hp, kfold, cross, pooled, unet)
-        res.update({
-            "format": "lungsam-reproduce/1", "complete": complete, "command": command or st.command(),
-            "settings": st.to_dict(), "weights_sha256": wsha, "device": device,
-            "machine": {**machine_record(), "loadavg_at_end": _loadavg()}, "versions": package_versions(),
-            "started": started, "finished": utc_now(), "wall_time_s": time.perf_counter() - t0,
-        })
-        tables.write(res, root)
-        return res
+def _encode(inv: Invocation, ds: DataSet) -> dict:
+    """Embed every image of ``ds`` (cached ones are read back); returns the step's info."""
+    from ..backbones import build_backbone
+    from ..train.config import TrainConfig
+    from ..train.run import embed_samples, load_data
 
-    # 2. zero-shot (Tables 1-2): prompts from the mean mask of split 0's training part
-    for name, ds in data.items():
+    st = inv.st
+    cfg = TrainConfig(backbone=st.backbone, checkpoint=st.checkpoint, size=st.size, encoder_size=st.encoder_size)
+    d = load_data([str(ds.path)], st.size, inv.quiet_log)
+    sam = build_backbone(st.backbone, st.checkpoint, encoder_size=st.encoder_size)
+    t = time.perf_counter()
+    _, cache = embed_samples(sam, cfg, st.checkpoint, d.samples, inv.device, inv.progress)
+    return {"n": len(d.samples), "computed": cache.misses, "cache_hits": cache.hits,
+            "encode_seconds": time.perf_counter() - t, "device": inv.device, "cache_dir": str(cache.directory)}
+
+
+def zero_shot(inv: Invocation) -> None:
+    """Phase 2 (Tables 1-2): the untuned backbone per set and prompt, prompts from the mean mask of split 0's
+    training part."""
+    st = inv.st
+    for name, ds in inv.data.items():
         for mode in st.zero_shot_prompts:
-            o = runs / ds.tag / f"zeroshot_{mode}"
-            sets = {"backbone": st.backbone, "weights_sha256": wsha, "data": str(ds.path), "prompt": mode,
-                    "prompt_from": str(ds.prompt_source), "points_per_lung": st.points_per_lung, "size": st.size,
-                    "threshold": 0.5, **enc}
-            steps.run(f"zero-shot {ds.tag} {mode}", "zero-shot", o, sets, lambda o=o, ds=ds, mode=mode: _brief(evaluate(
-                out=o, data_paths=[str(ds.path)], backbone=st.backbone, checkpoint=st.checkpoint, prompt_mode=mode,
-                points_per_lung=st.points_per_lung, prompt_from=[str(ds.prompt_source)], threshold=None, size=st.size,
-                encoder_size=st.encoder_size, device=device, log=qlog, progress=progress)))
-            zero[(name, mode)] = o
-    write_tables(False)
+            o = inv.runs / ds.tag / f"zeroshot_{mode}"
+            sets = {"backbone": st.backbone, "weights_sha256": inv.weights_sha256, "data": str(ds.path),
+                    "prompt": mode, "prompt_from": str(ds.prompt_source), "points_per_lung": st.points_per_lung,
+                    "size": st.size, "threshold": 0.5, **inv.step_settings}
+            inv.steps.run(f"zero-shot {ds.tag} {mode}", "zero-shot", o, sets,
+                          lambda o=o, ds=ds, mode=mode: _zero_shot_eval(inv, o, ds, mode))
+            inv.found.zero[(name, mode)] = o
 
-    def cfg_for(sets_: list[DataSet], prompt: str, lr: float, wd: float, folds: int) -> TrainConfig:
-        return TrainConfig(data=[str(d.path) for d in sets_], backbone=st.backbone, checkpoint=st.checkpoint, prompt=prompt,
-                           points_per_lung=st.points_per_lung, size=st.size, folds=folds, epochs=st.epochs,
-                           patience=st.patience, lr=lr, weight_decay=wd, batch_size=st.batch_size, seed=st.seed,
-                           device=st.device, encoder_size=st.encoder_size, cpu_bf16=st.cpu_bf16)
 
-    def train(ds: DataSet | list[DataSet], prompt: str, lr: float, wd: float, folds: int, kind: str) -> TrainingStep:
-        sets_ = ds if isinstance(ds, list) else [ds]
-        cfg = cfg_for(sets_, prompt, lr, wd, folds)
-        where = runs / "pooled" if len(sets_) > 1 else runs / ds.tag / "train"
-        label = "+".join(d.tag for d in sets_)
-        return TrainingStep(f"{kind} {label} {prompt} lr={lr:g} wd={wd:g} k={folds}", kind,
-                            where / f"{prompt}_lr{lr:g}_wd{wd:g}_k{folds}_e{st.epochs}", "sam", cfg.to_dict(),
-                            cfg.comparable(), work=folds * sum(len(d.ids) for d in sets_))
+def _zero_shot_eval(inv: Invocation, out: Path, ds: DataSet, mode: str) -> dict:
+    from ..train.run import evaluate
 
-    # 3. lr x weight-decay grid on one 60/20/20 split per set (points); every cell of both sets may run at once
-    cells = {(name, lr, wd): train(ds, "points", lr, wd, 1, "grid") for name, ds in data.items() for lr, wd in st.grid}
-    steps.run_training(list(cells.values()), st.jobs, progress)
-    grid.update({k: t.out for k, t in cells.items()})
+    st = inv.st
+    return _brief(evaluate(
+        out=out, data_paths=[str(ds.path)], backbone=st.backbone, checkpoint=st.checkpoint, prompt_mode=mode,
+        points_per_lung=st.points_per_lung, prompt_from=[str(ds.prompt_source)], threshold=None, size=st.size,
+        encoder_size=st.encoder_size, device=inv.device, log=inv.quiet_log, progress=inv.progress))
+
+
+def sam_training_step(inv: Invocation, ds: DataSet | list[DataSet], prompt: str, lr: float, wd: float, folds: int,
+                      kind: str) -> TrainingStep:
+    """A SAM decoder training run on one set (``ds``) or several pooled (a list) as a :class:`TrainingStep`."""
+    from ..train.config import TrainConfig
+
+    st = inv.st
+    sets_ = ds if isinstance(ds, list) else [ds]
+    cfg = TrainConfig(data=[str(d.path) for d in sets_], backbone=st.backbone, checkpoint=st.checkpoint,
+                      prompt=prompt, points_per_lung=st.points_per_lung, size=st.size, folds=folds,
+                      epochs=st.epochs, patience=st.patience, lr=lr, weight_decay=wd, batch_size=st.batch_size,
+                      seed=st.seed, device=st.device, encoder_size=st.encoder_size, cpu_bf16=st.cpu_bf16)
+    where = inv.runs / "pooled" if len(sets_) > 1 else inv.runs / ds.tag / "train"
+    label = "+".join(d.tag for d in sets_)
+    return TrainingStep(f"{kind} {label} {prompt} lr={lr:g} wd={wd:g} k={folds}", kind,
+                        where / f"{prompt}_lr{lr:g}_wd{wd:g}_k{folds}_e{st.epochs}", "sam", cfg.to_dict(),
+                        cfg.comparable(), work=folds * sum(len(d.ids) for d in sets_))
+
+
+def hyperparameter_grid(inv: Invocation) -> dict[str, dict]:
+    """Phase 3: the lr x weight-decay grid on one 60/20/20 split per set (prompt points; every cell of both
+    sets may run at once); picks each set's best cell. Returns ``{set: {(lr, wd): validation F1}}``."""
+    st, found = inv.st, inv.found
+    cells = {(name, lr, wd): sam_training_step(inv, ds, "points", lr, wd, 1, "grid")
+             for name, ds in inv.data.items() for lr, wd in st.grid}
+    inv.steps.run_training(list(cells.values()), st.jobs, inv.progress)
+    found.grid.update({k: t.out for k, t in cells.items()})
     grid_val: dict[str, dict] = {}
-    for name in data:
-        scores = {(lr, wd): read_json(grid[(name, lr, wd)] / "metrics.json")["folds"][0]["val"]["f1"]["mean"]
-                  for lr, wd in st.grid}
+    for name in inv.data:
+        scores = {(lr, wd): read_json(RunLayout(found.grid[(name, lr, wd)]).metrics_json)["folds"][0]["val"]["f1"]
+                  ["mean"] for lr, wd in st.grid}
         grid_val[name] = scores
-        best_hp[name] = max(st.grid, key=lambda c: (scores[c], -st.grid.index(c)))
-        log(f"{name}: best grid cell lr={best_hp[name][0]:g} wd={best_hp[name][1]:g} "
-            f"(val F1 {scores[best_hp[name]]:.4f})")
-    write_tables(False)
+        found.best_hp[name] = max(st.grid, key=lambda c: (scores[c], -st.grid.index(c)))
+        inv.log(f"{name}: best grid cell lr={found.best_hp[name][0]:g} wd={found.best_hp[name][1]:g} "
+                f"(val F1 {scores[found.best_hp[name]]:.4f})")
+    return grid_val
 
-    table_of: dict[str, tuple[dict, object]] = {}  # step name -> (the dict the tables read, its key there)
 
-    def finished(t: TrainingStep) -> None:
-        table, key = table_of[t.name]
-        table[key] = t.out
-        write_tables(False)
-
-    # 4. k-fold per prompt with the set's best grid cell (Tables 3-4, 7-8), and 6. one model for both sets (Table 10):
-    #    MC+SZ pooled, points (kfold_splits splits each set on its own, so a set's test images in pooled fold i are
-    #    those of its own k-fold run's fold i: a paired comparison). None depends on another: they may run at once.
+def kfold_and_pooled(inv: Invocation, grid_val: dict[str, dict]) -> None:
+    """Phases 4 and 6: k-fold per prompt with the set's best grid cell (Tables 3-4, 7-8), and one model for
+    both sets (Table 10): MC+SZ pooled, points (kfold_splits splits each set on its own, so a set's test images
+    in pooled fold i are those of its own k-fold run's fold i: a paired comparison). None depends on another:
+    they may run at once."""
+    st, found = inv.st, inv.found
     lr, wd = pooled_hyperparameters(grid_val, st.grid)
-    pooled["hp"] = (lr, wd)
+    found.pooled["hp"] = (lr, wd)
     sam_steps = []
-    for name, ds in data.items():
+    for name, ds in inv.data.items():
         for prompt in st.prompts:
-            sam_steps.append(train(ds, prompt, *best_hp[name], st.folds, "k-fold"))
-            table_of[sam_steps[-1].name] = (kfold, (name, prompt))
-    sam_steps.append(train(list(data.values()), "points", lr, wd, st.folds, "pooled"))
-    table_of[sam_steps[-1].name] = (pooled, "run")
-    steps.run_training(sam_steps, st.jobs, progress, finished=finished)
+            sam_steps.append(sam_training_step(inv, ds, prompt, *found.best_hp[name], st.folds, "k-fold"))
+            inv.table_of[sam_steps[-1].name] = (found.kfold, (name, prompt))
+    sam_steps.append(sam_training_step(inv, list(inv.data.values()), "points", lr, wd, st.folds, "pooled"))
+    inv.table_of[sam_steps[-1].name] = (found.pooled, "run")
+    inv.steps.run_training(sam_steps, st.jobs, inv.progress, finished=inv.finished)
 
-    # 5. cross-dataset (Tables 5-6): A's point-prompt run (fold with the best validation F1) on all of B
+
+def cross_dataset(inv: Invocation) -> None:
+    """Phase 5 (Tables 5-6): A's point-prompt run (its fold with the best validation F1) on every image of B."""
+    data = inv.data
     for a, b in (("shenzhen", "montgomery"), ("montgomery", "shenzhen")):
-        run_dir, ds_b = kfold[(a, "points")], data[b]
-        o = runs / "cross" / f"{data[a].tag}_to_{ds_b.tag}"
-        sets = {"run": str(run_dir.relative_to(root)), "run_settings": read_json(run_dir / "step.json")["settings"],
-                "data": str(ds_b.path), "size": st.size}
-        steps.run(f"cross {data[a].tag} -> {ds_b.tag}", "cross", o, sets, lambda o=o, r=run_dir, d=ds_b: _brief(evaluate(
-            out=o, data_paths=[str(d.path)], run_dir=str(r), checkpoint=st.checkpoint, device=device, log=qlog,
-            progress=progress)))
-        cross[(a, b)] = o
-    write_tables(False)
+        run_dir, ds_b = inv.found.kfold[(a, "points")], data[b]
+        o = inv.runs / "cross" / f"{data[a].tag}_to_{ds_b.tag}"
+        sets = {"run": str(run_dir.relative_to(inv.root)),
+                "run_settings": read_json(StepLayout(run_dir).step_json)["settings"],
+                "data": str(ds_b.path), "size": inv.st.size}
+        inv.steps.run(f"cross {data[a].tag} -> {ds_b.tag}", "cross", o, sets,
+                      lambda o=o, r=run_dir, d=ds_b: _cross_eval(inv, o, r, d))
+        inv.found.cross[(a, b)] = o
 
-    # 7. the U-Net baseline (Table 9) on each set's folds: same splits, loss, optimiser and early stopping
-    if st.unet:
-        from ..train.unet import UNetConfig
 
-        unet_steps = []
-        for name, ds in data.items():
-            ucfg = UNetConfig(data=[str(ds.path)], size=st.size, folds=st.folds, seed=st.seed, epochs=st.epochs,
-                              patience=st.patience, batch_size=st.batch_size, device=st.device, cpu_bf16=st.cpu_bf16)
-            o = runs / ds.tag / f"unet_k{st.folds}_e{st.epochs}"
-            unet_steps.append(TrainingStep(f"unet {ds.tag} k={st.folds}", "unet", o, "unet", ucfg.to_dict(),
-                                           ucfg.comparable(), work=st.folds * len(ds.ids)))
-            table_of[unet_steps[-1].name] = (unet, name)
-        steps.run_training(unet_steps, st.jobs, progress, finished=finished)
+def _cross_eval(inv: Invocation, out: Path, run_dir: Path, ds: DataSet) -> dict:
+    from ..train.run import evaluate
 
-    return write_tables(True)
+    return _brief(evaluate(out=out, data_paths=[str(ds.path)], run_dir=str(run_dir), checkpoint=inv.st.checkpoint,
+                           device=inv.device, log=inv.quiet_log, progress=inv.progress))
+
+
+def unet_baseline(inv: Invocation) -> None:
+    """Phase 7 (Table 9): the U-Net baseline on each set's folds: same splits, loss, optimiser and early stopping."""
+    from ..train.unet import UNetConfig
+
+    st = inv.st
+    unet_steps = []
+    for name, ds in inv.data.items():
+        ucfg = UNetConfig(data=[str(ds.path)], size=st.size, folds=st.folds, seed=st.seed, epochs=st.epochs,
+                          patience=st.patience, batch_size=st.batch_size, device=st.device, cpu_bf16=st.cpu_bf16)
+        o = inv.runs / ds.tag / f"unet_k{st.folds}_e{st.epochs}"
+        unet_steps.append(TrainingStep(f"unet {ds.tag} k={st.folds}", "unet", o, "unet", ucfg.to_dict(),
+                                       ucfg.comparable(), work=st.folds * len(ds.ids)))
+        inv.table_of[unet_steps[-1].name] = (inv.found.unet, name)
+    inv.steps.run_training(unet_steps, st.jobs, inv.progress, finished=inv.finished)
 
 
 def pooled_hyperparameters(grid_val: dict[str, dict], cells: list[tuple[float, float]]) -> tuple[float, float]:

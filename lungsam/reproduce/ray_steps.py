@@ -1,7 +1,7 @@
 """``lungsam reproduce --ray [ADDRESS]``: the protocol's independent training steps as Ray tasks.
 
 The same steps, ``step.json`` records, results and resume behaviour as one process or ``--jobs``: a task runs
-:func:`lungsam.reproduce.protocol._train_step_in_worker` (which resumes a killed run from its ``train_state.pt``),
+:func:`lungsam.reproduce.steps._train_step_in_worker` (which resumes a killed run from its ``train_state.pt``),
 the driver records each finished step in the protocol's order. Ray schedules by resources: each step asks for
 ``cpus_per_step`` CPUs (its torch threads) and, when the cluster has GPUs and the device is not ``cpu``, one GPU;
 a task lost with its node is retried by Ray (``max_retries``) and resumes where its files stopped. The results
@@ -23,7 +23,7 @@ def _run_step(name: str, model: str, config: dict, out, threads: int, gpu: bool)
     the task's GPU when ``gpu``; the step's device ``auto`` then picks it)."""
     import torch
 
-    from .protocol import _train_step_in_worker
+    from .steps import _train_step_in_worker
 
     torch.set_num_threads(threads)
     return _train_step_in_worker(name, model, config, out)
@@ -33,7 +33,7 @@ def run_on_ray(steps, todo: list, done: Callable, address: str, *, cpus_per_step
                device: str = "auto", max_retries: int = 2) -> None:
     """Run the training steps ``todo`` as Ray tasks; ``steps`` is the protocol's :class:`Steps` (records and log),
     ``done(step)`` follows each recorded step. Failures are raised together once the others are done."""
-    from .protocol import ProtocolError
+    from .steps import ProtocolError
 
     try:
         import ray

@@ -1,15 +1,19 @@
-"""results.json and tables.md of ``lungsam reproduce``: the paper's Tables 1-9 with our numbers beside them."""
+"""tables.md of ``lungsam reproduce``, rendered from ``results.json`` alone: the paper's Tables 1-10 with our
+numbers beside them, one function per table (``render_*``), then the figures, the steps and the cost.
+
+What the tables read is collected by :mod:`lungsam.reproduce.collect`; the cost figures come from
+:mod:`lungsam.reproduce.cost`."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import read_json, write_json_atomic, write_text_atomic
-from ..data import dataset_of
-from ..metrics import fmt_mean_std, summarize
+from ..artifacts import write_json_atomic, write_text_atomic
+from ..layout import ReproduceLayout
+from ..metrics import fmt_mean_std
 from . import paper
+from .cost import TYPICAL_EPOCHS, WORKING_DAY_S, ran_at_once
 
 SHORT = {"montgomery": "MC", "shenzhen": "SZ"}
 GT_PROMPTS = ("box", "both")
@@ -26,307 +30,14 @@ def _ms(s: dict | None) -> str:
     return f"{s['mean']:.3f}" if s["n"] == 1 else fmt_mean_std(s)
 
 
-def _prompt_label(p: str) -> str:
-    return f"{p} (GT box)" if p in GT_PROMPTS else p
-
-
-# ---------------------------------------------------------------------------------------------
-# collect: read the steps' artifacts into one JSON-friendly dict
-# ---------------------------------------------------------------------------------------------
-
-def _set_of(rec: dict, data: dict) -> str | None:
-    for name, ds in data.items():
-        if rec["out"].startswith(f"runs/{ds.tag}/"):
-            return name
-    return None
-
-
-def collect(st, root: Path, data: dict, records: list[dict], zero: dict, grid: dict, best_hp: dict, kfold: dict,
-            cross: dict, pooled: dict | None = None, unet_runs: dict | None = None) -> dict:
-    rel = lambda p: str(Path(p).relative_to(root))  # noqa: E731
-    steps = [{"name": r["name"], "kind": r["kind"], "set": _set_of(r, data), "out": r["out"], "status": r["status"],
-              "seconds": r["seconds"], "started": r["started"], "finished": r["finished"], "info": r.get("info", {})}
-             for r in records]
-
-    zs = {}
-    for (name, mode), o in zero.items():
-        m = read_json(o / "metrics.json")
-        test_ids = set(data[name].splits[0]["test"])
-        sub = [r for r in m["per_image"] if r["id"] in test_ids]
-        zs.setdefault(name, {})[mode] = {
-            "f1": m["f1"], "iou": m["iou"], "n": m["n"], "threshold": m["threshold"],
-            "split0_test_f1": summarize([r["f1"] for r in sub]), "split0_test_iou": summarize([r["iou"] for r in sub]),
-            "prompt_uses_ground_truth": m["prompt_uses_ground_truth"], "learned_prompt": m["learned_prompt"],
-            "out": rel(o), "paper_f1": paper.get(paper.ZERO_SHOT, name, mode)}
-
-    gr = {}
-    for (name, lr, wd), o in grid.items():
-        f = read_json(o / "metrics.json")["folds"][0]
-        gr.setdefault(name, []).append({
-            "lr": lr, "weight_decay": wd, "val_f1": f["val"]["f1"]["mean"], "test_f1": f["test"]["f1"],
-            "threshold": f["threshold"], "best_epoch": f["best_epoch"], "epochs_run": f["epochs_run"],
-            "fold_wall_s": f["fold_wall_s"], "out": rel(o),
-            "chosen": (lr, wd) == tuple(best_hp[name])})
-
-    # the protocol's order (sets, then prompts), whatever order the steps finished in (``--jobs``)
-    kfold = {(n, p): kfold[(n, p)] for n in data for p in st.prompts if (n, p) in kfold}
-    unet_runs = {n: unet_runs[n] for n in data if n in (unet_runs or {})}
-    kf, sweeps = {}, {}
-    for (name, prompt), o in kfold.items():
-        m = read_json(o / "metrics.json")
-        a = m["aggregate"]
-        folds = m["folds"]
-        kf.setdefault(name, {})[prompt] = {
-            "test_f1_across_folds": a["test_f1_across_folds"], "test_iou_across_folds": a["test_iou_across_folds"],
-            "test_f1_pooled": a["test_f1_pooled"], "thresholds": a["thresholds"],
-            "best_epochs": [f["best_epoch"] for f in folds], "epochs_run": [f["epochs_run"] for f in folds],
-            "val_f1": [f["val"]["f1"]["mean"] for f in folds], "n": folds[0]["n"],
-            "lr": best_hp[name][0], "weight_decay": best_hp[name][1],
-            "prompt_uses_ground_truth": a["prompt_uses_ground_truth"], "out": rel(o),
-            "paper_f1": paper.get(paper.KFOLD, name, prompt)}
-        ths = [r["threshold"] for r in folds[0]["threshold_sweep"]]
-        sweeps.setdefault(name, {})[prompt] = [
-            {"threshold": t, "val_f1": summarize([f["threshold_sweep"][i]["f1"] for f in folds]),
-             "val_iou": summarize([f["threshold_sweep"][i]["iou"] for f in folds])} for i, t in enumerate(ths)]
-
-    cr = {}
-    for (a, b), o in cross.items():
-        m = read_json(o / "metrics.json")
-        secs = sum(s["seconds"] for s in steps if s["out"] == rel(o))
-        cr[f"{a}->{b}"] = {"seconds": secs, "train": a, "test": b, "f1": m["f1"], "iou": m["iou"], "n": m["n"], "threshold": m["threshold"],
-                           "model": m["model"],
-                           "in_domain_test_f1": kf.get(b, {}).get("points", {}).get("test_f1_across_folds"),
-                           "out": rel(o), "paper_f1": paper.CROSS.get((a, b), paper.NA)}
-
-    unet = {}
-    for name in data:
-        if name not in kf:
-            unet[name] = {"paper_unet_f1": paper.UNET[name], "ours_best_any": None, "ours_best_without_gt": None,
-                          "paper_sam_points_f1": paper.get(paper.KFOLD, name, "points"), "ours_points": None,
-                          "ours_unet": None}
-            continue
-        no_gt = {p: v for p, v in kf[name].items() if not v["prompt_uses_ground_truth"]}
-        best_no_gt = max(no_gt, key=lambda p: no_gt[p]["test_f1_across_folds"]["mean"]) if no_gt else None
-        best_any = max(kf[name], key=lambda p: kf[name][p]["test_f1_across_folds"]["mean"])
-        unet[name] = {"paper_unet_f1": paper.UNET[name], "paper_sam_points_f1": paper.get(paper.KFOLD, name, "points"),
-                      "ours_points": kf[name]["points"]["test_f1_across_folds"] if "points" in kf[name] else None,
-                      "ours_best_without_gt": {"prompt": best_no_gt,
-                                               "test_f1": no_gt[best_no_gt]["test_f1_across_folds"]} if best_no_gt else None,
-                      "ours_best_any": {"prompt": best_any, "test_f1": kf[name][best_any]["test_f1_across_folds"]},
-                      "ours_unet": None}
-    for name, o in unet_runs.items():
-        if (o / "metrics.json").exists():
-            unet.setdefault(name, {"paper_unet_f1": paper.UNET[name], "ours_best_any": None, "ours_best_without_gt": None,
-                                   "paper_sam_points_f1": paper.get(paper.KFOLD, name, "points"), "ours_points": None})
-            unet[name]["ours_unet"] = unet_row(o, kfold.get((name, "points")), root)
-
-    po = pooled_table(root, pooled or {}, kfold, steps)
-
-    dsets = {name: {"source": str(ds.source), "used": str(ds.path), "n_source": ds.n_source, "n_used": len(ds.ids),
-                    "subset": ds.tag != name, "skipped": ds.skipped, "folds": len(ds.splits),
-                    "split0": {k: len(v) for k, v in ds.splits[0].items()},
-                    "zero_shot_prompt_source": f"split 0 training part ({len(ds.splits[0]['train'])} masks)"}
-             for name, ds in data.items()}
-    res = {"backbone": st.backbone, "checkpoint": st.checkpoint, "profile": "quick" if st.quick else "full",
-           "data": dsets, "steps": steps, "paper": paper.as_dict(),
-           "tables": {"zero_shot": zs, "threshold_sweep": sweeps, "grid": gr,
-                      "best_hyperparameters": {k: {"lr": v[0], "weight_decay": v[1]} for k, v in best_hp.items()},
-                      "kfold": kf, "cross_dataset": cr, "unet": unet, "pooled": po}}
-    res["estimate"] = estimate(res, st, root)
-    res["paths"] = {"tables": str(root / "tables.md"), "results": str(root / "results.json"),
-                    "figures": figures(res, root, kfold, zero, cross, sweeps)}
-    return res
-
-
-def _per_image(run_dir: Path) -> dict[str, tuple[int, float, float]]:
-    """``{sample id: (fold, test F1, test IoU)}`` over the finished folds of a training run."""
-    from ..runs import finished_fold_dirs
-
-    out = {}
-    for d in finished_fold_dirs(run_dir):
-        m = read_json(d / "metrics.json")
-        out.update({r["id"]: (m["fold"], r["f1"], r["iou"]) for r in m["per_image"]})
-    return out
-
-
-def unet_row(run_dir: Path, points_run: Path | None, root: Path) -> dict:
-    """Table 9, ours: the U-Net run's k-fold test F1 and, on the same test images, the point-prompt SAM run
-    against it (paired: Δ F1 = SAM − U-Net, mean ± standard error, images better / worse, Wilcoxon p)."""
-    from ..train.compare import paired
-
-    m = read_json(run_dir / "metrics.json")
-    row = {"out": str(run_dir.relative_to(root)), "test_f1_across_folds": m["aggregate"]["test_f1_across_folds"],
-           "test_f1_pooled": m["aggregate"]["test_f1_pooled"], "folds": len(m["folds"]),
-           "parameters": read_json(run_dir / "run.json").get("parameters"), "points_vs_unet": None}
-    if points_run is not None and (Path(points_run) / "metrics.json").exists():
-        u, p = _per_image(run_dir), _per_image(Path(points_run))
-        ids = sorted(set(u) & set(p))
-        if ids:
-            row["points_vs_unet"] = paired([u[i][1] for i in ids], [p[i][1] for i in ids])
-    return row
-
-
-def pooled_table(root: Path, pooled: dict, kfold: dict, steps: list[dict]) -> dict | None:
-    """Table 10: the pooled (MC+SZ) point-prompt model per set, beside each set's own k-fold point-prompt run on
-    the same test images (paired: Δ F1 mean ± standard error, images better / worse)."""
-    if not pooled.get("run"):
-        return None
-    run_dir = Path(pooled["run"])
-    rel = str(run_dir.relative_to(root))
-    mine = _per_image(run_dir)
-    m = read_json(run_dir / "metrics.json")
-    per_set = {}
-    for name in sorted({dataset_of(i) for i in mine}):
-        ids = sorted(i for i in mine if dataset_of(i) == name)
-        folds = sorted({mine[i][0] for i in ids})
-        row = {"n": len(ids), "f1_pooled": summarize([mine[i][1] for i in ids]),
-               "iou_pooled": summarize([mine[i][2] for i in ids]),
-               "f1_across_folds": summarize([float(np.mean([mine[i][1] for i in ids if mine[i][0] == f])) for f in folds]),
-               "own_set_run": None}
-        own_dir = kfold.get((name, "points"))
-        if own_dir is not None:
-            own = _per_image(Path(own_dir))
-            if set(ids) <= set(own):
-                d = np.array([mine[i][1] - own[i][1] for i in ids])
-                row["own_set_run"] = {
-                    "out": str(Path(own_dir).relative_to(root)), "f1_pooled": summarize([own[i][1] for i in ids]),
-                    "delta_f1": float(d.mean()), "delta_f1_se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None,
-                    "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
-        per_set[name] = row
-    return {"out": rel, "lr": pooled["hp"][0], "weight_decay": pooled["hp"][1], "folds": len(m["folds"]),
-            "thresholds": m["aggregate"]["thresholds"], "per_set": per_set,
-            "seconds": sum(s["seconds"] for s in steps if s["out"] == rel)}
-
-
-# ---------------------------------------------------------------------------------------------
-# cost estimate from measured step times
-# ---------------------------------------------------------------------------------------------
-
-FULL_SET_SIZES = {"montgomery": 138, "shenzhen": 566}
-WORKING_DAY_S = 8 * 3600
-TYPICAL_EPOCHS = 45  # mean of the full protocol's Montgomery grid cells at lr 1e-4 and 1e-3 (30-57 epochs, patience 15)
-SLOW_LR = 1e-5  # grid cells at this lr or below run to the epoch cap (the full protocol's Montgomery cells did: 100 of 100)
-
-
-def _fold_costs(root: Path, runs) -> tuple[float | None, float | None]:
-    """Median over the folds of ``runs`` of (epoch seconds per image of train + val, seconds outside the epochs).
-
-    An epoch's seconds are its whole wall time (training, validation, weight files) where the fold recorded it
-    (``epochs_wall_s``), else its training time. Medians, so one fold slowed by another job on a shared machine
-    does not move the extrapolation."""
-    rates, fixed = [], []
-    for run in dict.fromkeys(runs):
-        for f in read_json(root / run / "metrics.json")["folds"]:
-            units = f["epochs_run"] * (f["n"]["train"] + f["n"]["val"])
-            epochs_s = f.get("epochs_wall_s", f["train_time_s"])
-            if units:
-                rates.append(epochs_s / units)
-                fixed.append(max(f["fold_wall_s"] - epochs_s, 0.0))
-    if not rates:
-        return None, None
-    return float(np.median(rates)), float(np.median(fixed))
-
-
 def _lr(x: float) -> str:
     """A learning rate as the paper writes it: 1e-5, not 1e-05."""
     return f"{x:g}".replace("e-0", "e-")
 
 
-def _ran_at_once(step: dict) -> int:
-    """How many training steps ran at once beside ``step`` (``--jobs``, recorded by the worker path; 1 in the
-    main process)."""
-    return step.get("info", {}).get("jobs", 1)
 
-
-def _steps_at_once(steps: list[dict], kinds: tuple[str, ...]) -> int:
-    """:func:`_ran_at_once` for the timed steps of ``kinds`` (their median)."""
-    n = [_ran_at_once(s) for s in steps if s["kind"] in kinds]
-    return int(np.median(n)) if n else 1
-
-
-def estimate(res: dict, st, root: Path) -> dict:
-    """Per-image encode cost, per-(image x epoch) training cost and per-fold fixed cost (model build, threshold sweep,
-    test scoring) measured in this invocation's artifacts, and the full protocol's cost extrapolated from them: an
-    upper bound (every run goes to 100 epochs) and a typical figure: the grid's cells at ``SLOW_LR`` run to the cap,
-    every other run stops after ``TYPICAL_EPOCHS`` (a k-fold run at the paper's lr 1e-5 would go on longer)."""
-    enc = [s["info"] for s in res["steps"] if s["kind"] == "encode" and s["info"].get("computed", 0) > 0]
-    enc_rate = (sum(i["encode_seconds"] for i in enc) / sum(i["computed"] for i in enc)) if enc else None
-    rate, fixed = _fold_costs(root, [s["out"] for s in res["steps"] if s["kind"] in ("grid", "k-fold", "pooled")])
-    u_rate, u_fixed = _fold_costs(root, [s["out"] for s in res["steps"] if s["kind"] == "unet"])
-    out = {"encode_s_per_image": enc_rate, "train_s_per_image_epoch": rate, "train_fixed_s_per_fold": fixed,
-           "unet_s_per_image_epoch": u_rate, "unet_fixed_s_per_fold": u_fixed,
-           "note": "medians over this invocation's folds on this machine (reused steps keep their original timings)"}
-    if rate is not None:
-        n_grid, n_prompts, k, ep = len(paper.LR_GRID) * len(paper.WD_GRID), len(st.prompts), 5, 100
-        n_slow = sum(lr <= SLOW_LR for lr in paper.LR_GRID) * len(paper.WD_GRID)
-        per_run = 0.8 * sum(FULL_SET_SIZES.values())  # train + val images of one fold of each set
-        image_epochs = per_run * (n_grid + n_prompts * k + k)  # grid cells, k-fold runs, pooled folds
-        unet_image_epochs = per_run * k if st.unet else 0
-        n_folds = 2 * (n_grid + n_prompts * k) + k
-        n_unet = 2 * k if st.unet else 0
-
-        def total(epochs: int, slow_epochs: int) -> float:
-            return (epochs * ((image_epochs - per_run * n_slow) * rate + unet_image_epochs * (u_rate or rate))
-                    + slow_epochs * per_run * n_slow * rate
-                    + n_folds * fixed + n_unet * (u_fixed if u_fixed is not None else fixed))
-        # rates measured in N worker processes at once (--jobs N) come from N steps sharing the wall clock
-        out["jobs"] = jobs = _steps_at_once(res["steps"], ("grid", "k-fold", "pooled", "unet"))
-        out["full_protocol_training_s_upper_bound"] = total(ep, ep) / jobs
-        out["full_protocol_training_s_typical"] = total(TYPICAL_EPOCHS, ep) / jobs
-        out["full_protocol_encode_s"] = None if enc_rate is None else enc_rate * sum(FULL_SET_SIZES.values())
-        out["full_protocol_runs"] = {"per_set": n_grid + n_prompts * k, "epochs_max": ep, "epochs_typical": TYPICAL_EPOCHS,
-                                     "fold_trainings": 2 * (n_grid + n_prompts * k), "pooled_fold_trainings": k,
-                                     "slow_grid_cells_per_set": n_slow, "slow_lr": SLOW_LR}
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# figures
-# ---------------------------------------------------------------------------------------------
-
-def _best_fold_dir(run_dir: Path) -> Path:
-    from ..runs import pick_fold
-
-    return pick_fold(run_dir, None)
-
-
-def figures(res: dict, root: Path, kfold: dict, zero: dict, cross: dict, sweeps: dict) -> list[str]:
-    from ..train.report import _plt, save_figure
-
-    fig_dir = root / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def copy(src: Path, name: str):
-        if src.exists():
-            shutil.copy2(src, fig_dir / name)
-            written.append(f"figures/{name}")
-
-    for (name, prompt), run_dir in kfold.items():
-        if prompt != "points":
-            continue
-        fd = _best_fold_dir(run_dir)
-        for fig in ("learning_curve", "threshold_curve", "overlays"):
-            copy(fd / f"{fig}.png", f"{name}_points_{fd.name}_{fig}.png")
-    for (name, mode), o in zero.items():
-        if mode == "points":
-            copy(o / "overlays.png", f"{name}_zeroshot_points_overlays.png")
-    for (a, b), o in cross.items():
-        copy(o / "overlays.png", f"cross_{a}_to_{b}_overlays.png")
-
-    plt = _plt()
-    for name, by_prompt in sweeps.items():
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        for prompt, rows in by_prompt.items():
-            ax.errorbar([r["threshold"] for r in rows], [r["val_f1"]["mean"] for r in rows],
-                        yerr=[r["val_f1"]["std"] for r in rows], marker="o", capsize=3, label=_prompt_label(prompt))
-        ax.set_xlabel("probability threshold")
-        ax.set_ylabel("validation F1 (mean over folds)")
-        ax.set_title(f"{res['backbone']}: threshold sweep, {name}", fontsize=9)
-        ax.legend(fontsize=7)
-        save_figure(fig, fig_dir / f"{name}_threshold_sweep.png")
-        written.append(f"figures/{name}_threshold_sweep.png")
-    return written
+def prompt_label(p: str) -> str:
+    return f"{p} (GT box)" if p in GT_PROMPTS else p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +65,7 @@ def _total_seconds(res: dict) -> float:
 
 
 def _prov(res: dict, secs: float, what: str) -> str:
-    overlapped = any(_ran_at_once(s) > 1 for s in res["steps"])  # --jobs: step times overlap
+    overlapped = any(ran_at_once(s) > 1 for s in res["steps"])  # --jobs: step times overlap
     return (f"_Command: `{res['command']}` · device {res['device']} · machine: {_machine(res['machine'])} · "
             f"date: {res['finished']} · time taken: {secs:.0f} s ({what}"
             + ("; summed over steps, some of which ran at once" if overlapped else "") + ")._")
@@ -389,7 +100,8 @@ def render_header(res: dict) -> list[str]:
         f"Backbone `{bb}` (weights sha256 `{res['weights_sha256'][:16]}…`); the paper used SAM ViT-B, so the paper's "
         "numbers are a reference, not the same model. F1 = Dice, mean ± population std. Images and masks are scored "
         f"at {st['size']}x{st['size']}"
-        + (f"; every SAM step runs the image encoder at {enc}x{enc}, not the backbone's native input size" if enc else "")
+        + (f"; every SAM step runs the image encoder at {enc}x{enc}, not the backbone's native input size"
+           if enc else "")
         + ("; every training step (SAM decoders and U-Nets) ran in bfloat16 autocast on the CPU (`--cpu-bf16`), "
            "thresholds and test scores in float32" if st.get("cpu_bf16") else "")
         + ". All our numbers below were measured by this command; \"n/a\" marks a value "
@@ -462,7 +174,7 @@ def render_zero_shot(res: dict) -> list[str]:
               "| prompt | paper F1 (ViT-B) | ours F1, all images | ours IoU | ours F1, split-0 test | n |",
               "|---|---|---|---|---|---|"]
         for mode, r in z.items():
-            L.append(f"| {_prompt_label(mode)} | {r['paper_f1']} | {_ms(r['f1'])} | {_ms(r['iou'])} | "
+            L.append(f"| {prompt_label(mode)} | {r['paper_f1']} | {_ms(r['f1'])} | {_ms(r['iou'])} | "
                      f"{_ms(r['split0_test_f1'])} | {r['n']} |")
         L.append("")
     return L
@@ -482,7 +194,7 @@ def render_threshold_sweeps(res: dict) -> list[str]:
               _prov(res, _seconds(res, ("k-fold",), (name,)), "the k-fold runs whose validation sweeps these are"), "",
               "Mean ± std over folds of the validation F1 of each fold's best checkpoint. Paper values: n/a "
               "(not transcribed). **Bold**: best per prompt.", "",
-              "| threshold | paper | " + " | ".join(_prompt_label(p) for p in prompts) + " |",
+              "| threshold | paper | " + " | ".join(prompt_label(p) for p in prompts) + " |",
               "|---|---|" + "---|" * len(prompts)]
         best = {p: max(r["val_f1"]["mean"] for r in sw[p]) for p in prompts}
         for j, th in enumerate(ths):
@@ -553,7 +265,7 @@ def render_kfold(res: dict) -> list[str]:
               "| prompt | paper F1 (ViT-B) | ours F1 | ours IoU | pooled F1 (min) | thresholds | best epochs |",
               "|---|---|---|---|---|---|---|"]
         for p, r in k.items():
-            L.append(f"| {_prompt_label(p)} | {r['paper_f1']} | {_ms(r['test_f1_across_folds'])} | "
+            L.append(f"| {prompt_label(p)} | {r['paper_f1']} | {_ms(r['test_f1_across_folds'])} | "
                      f"{_ms(r['test_iou_across_folds'])} | {_ms(r['test_f1_pooled'])} "
                      f"({_f(r['test_f1_pooled']['min'])}) | {', '.join(f'{x:.2f}' for x in r['thresholds'])} | "
                      f"{', '.join(map(str, r['best_epochs']))} |")
@@ -578,7 +290,7 @@ def render_unet(res: dict) -> list[str]:
     row = [f"{_ms(u[n]['ours_best_without_gt']['test_f1'])} ({u[n]['ours_best_without_gt']['prompt']})"
            if u[n]["ours_best_without_gt"] else "not run yet" for n in sets]
     L.append(f"| {bb}, best prompt without ground truth (ours) | " + " | ".join(row) + " |")
-    row = [f"{_ms(u[n]['ours_best_any']['test_f1'])} ({_prompt_label(u[n]['ours_best_any']['prompt'])})"
+    row = [f"{_ms(u[n]['ours_best_any']['test_f1'])} ({prompt_label(u[n]['ours_best_any']['prompt'])})"
            if u[n]["ours_best_any"] else "not run yet" for n in sets]
     L += [f"| {bb}, best prompt incl. ground-truth box (ours) | " + " | ".join(row) + " |", ""]
     diffs = [_paired_line(n, u[n]["ours_unet"]["points_vs_unet"]) for n in sets
@@ -715,5 +427,7 @@ def render_pooled(res: dict) -> list[str]:
 
 
 def write(res: dict, root: Path) -> None:
-    write_json_atomic(root / "results.json", res)
-    write_text_atomic(root / "tables.md", render(res))
+    """``results.json`` and the ``tables.md`` rendered from it, into the results root ``root``."""
+    layout = ReproduceLayout(root)
+    write_json_atomic(layout.results_json, res)
+    write_text_atomic(layout.tables_md, render(res))
