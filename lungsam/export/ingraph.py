@@ -178,7 +178,8 @@ def export_mask_decoder(decoder_fixed: str | Path, spec: PreprocessSpec, working
 
     dec = onnx.load(str(decoder_fixed))
     post = postprocess_graph(spec, working_size, threshold, _opset(dec))
-    merged = _merge(dec, post, [("low_res_logits", "low_res_logits"), ("iou_predictions", "iou_in")],
+    dec = onnx.compose.add_prefix(dec, "dec_", rename_inputs=False)  # its outputs too: iou_predictions is post's
+    merged = _merge(dec, post, [("dec_low_res_logits", "low_res_logits"), ("dec_iou_predictions", "iou_in")],
                     list(MASK_DECODER_OUTPUTS))
     return save_model(merged, path)
 
