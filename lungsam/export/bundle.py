@@ -37,6 +37,7 @@ from ..artifacts import (
 )
 from ..cpufeatures import cpu_features
 from ..errors import LungsamError
+from ..layout import FoldLayout, RunLayout
 from ..manifest import (
     BUNDLE_FORMAT,
     DIGEST_FILE,
@@ -428,11 +429,11 @@ def run_record(run_model, run_dir: Path, provenance: bool) -> RunRecord:
     """The manifest's ``run``: name, fold, decoder weights, config, checkpoint, metrics (no per-image
     records); ``source`` (the run folder) only with ``provenance``."""
     fold_metrics = {k: v for k, v in run_model.metrics.items() if k not in ("per_image", "threshold_sweep")}
-    run_metrics = run_dir / "metrics.json"
+    run_metrics = RunLayout(run_dir).metrics_json
     config = run_model.run.get("config") or {}
+    weights = FoldLayout(Path(run_model.fold_dir)).weights("decoder", "best")
     return RunRecord(source=str(run_dir.resolve()) if provenance else None, name=run_dir.resolve().name,
-                     fold=run_model.fold, decoder_weights="decoder_best.safetensors",
-                     decoder_sha256=sha256_file(run_model.fold_dir / "decoder_best.safetensors"),
+                     fold=run_model.fold, decoder_weights=weights.name, decoder_sha256=sha256_file(weights),
                      config=config if provenance else private_config(config),
                      checkpoint=checkpoint_summary(run_model.run, provenance), fold_metrics=fold_metrics,
                      metrics=read_json(run_metrics) if run_metrics.exists() else None)

@@ -239,7 +239,7 @@ def in_graph_check(bundle_dir: str | Path, samples: list, log=None) -> dict:
     from .ingraph import resize_difference
 
     images = [(read_image(s.image_path), read_mask(s.mask_path)) for s in samples]
-    results = {b: _in_graph_backend(bundle_dir, b, images) for b in in_graph_backends()}
+    results = {b: compare_paths(bundle_dir, b, images) for b in in_graph_backends()}
     if log:
         for b, r in results.items():
             log(f"in-graph gate ({b}, {r['n']} images): agreement with the host path {r['agreement_mean']:.5f} (min "
@@ -260,8 +260,11 @@ def in_graph_check(bundle_dir: str | Path, samples: list, log=None) -> dict:
             "results": results}
 
 
-def _in_graph_backend(bundle_dir: str | Path, backend: str, images: list) -> dict:
-    """One backend's figures for :func:`in_graph_check`."""
+def compare_paths(bundle_dir: str | Path, backend: str, images: list) -> dict:
+    """The host and the in-graph path of ``bundle_dir`` through the runtime with ``backend`` (fp32) on ``images``
+    (``[(LoadedImage, ground-truth mask at the original size)]``), interleaved image by image (the order alternates):
+    mask agreement, F1 of each path, mean ms per stage (the first image left out). One backend's row of
+    :func:`in_graph_check`; ``scripts/bench_in_graph.py`` runs it too."""
     from ..runtime.segmenter import LungSegmenter
 
     segs = {p: LungSegmenter.load(bundle_dir, backend=backend, precision="fp32", preprocess=p)

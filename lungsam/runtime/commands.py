@@ -33,6 +33,12 @@ from ..options import RUNTIME_DEVICE, Command, examples, log_to, verbosity
 @click.option("--performance-hint", type=click.Choice(["latency", "throughput"]), default=None,
               help="OpenVINO's PERFORMANCE_HINT (default latency); refused with other backends.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per model call.")
+@click.option("--preprocess", "preprocess", type=click.Choice(["host", "graph", "auto"]), default="host",
+              show_default=True,
+              help="host: resize, normalise and upsample the mask in numpy; graph: the bundle's in-graph models "
+                   "(lungsam export --in-graph-preprocess; fp32, onnxruntime/OpenVINO, learned prompt, one image per "
+                   "call); auto: graph where the bundle's export timed it faster on a CPU like this one. predict.json "
+                   "says which ran (docs/in_graph_preprocessing.md).")
 @click.option("--ground-truth", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
               help="Folder of reference masks named like the inputs: adds F1/IoU per image and metrics.json.")
 @click.option("--box-from-first-pass/--no-box-from-first-pass", default=None,
@@ -72,7 +78,7 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
             box_from_first_pass: bool | None, dicom_seg: bool, fractional: bool, sr: bool, secondary_capture: bool,
             no_progress: bool, expect_digest: str | None, overwrite: bool, max_pixels: int, ray_address: str | None,
             ray_workers: int, ray_cpus_per_worker: float, ray_gpus_per_worker: float, performance_hint: str | None,
-            quiet: int) -> None:
+            preprocess: str, quiet: int) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -92,9 +98,10 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     if (fractional or sr or secondary_capture) and not dicom_seg:
         raise click.UsageError("--fractional, --sr and --secondary-capture go with --dicom-seg")
     if ray_address is not None:
-        if overwrite:  # a Ray rerun resumes its folder (ray_run.json); it never clears it
+        if overwrite or preprocess != "host":  # a Ray rerun resumes its folder (ray_run.json); it never clears it
             raise click.UsageError("--overwrite cannot be combined with --ray: a rerun skips the inputs already "
-                                   "complete; choose an empty --out for a new run")
+                                   "complete; choose an empty --out for a new run" if overwrite else
+                                   "--preprocess graph/auto is not wired into --ray yet: drop it, or run without --ray")
         return _predict_ray(bundle, inputs, out_dir, ray_address, ray_workers, ray_cpus_per_worker,
                             ray_gpus_per_worker, overlay=overlay, backend=backend, device=device,
                             precision=precision, allow_fallback=allow_fallback, threads=threads,
@@ -113,7 +120,8 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
             seg = LungSegmenter.load(bundle, backend=backend, device=device, precision=precision,
                                      allow_fallback=allow_fallback, threads=threads,
                                      box_from_first_pass=box_from_first_pass, expect_digest=expect_digest,
-                                     max_pixels=max_pixels, performance_hint=performance_hint)
+                                     max_pixels=max_pixels, performance_hint=performance_hint,
+                                     preprocess=preprocess)
         except (BundleError, BackendUnavailableError, ValueError) as e:
             raise click.ClickException(str(e)) from e
     for w in caught:
