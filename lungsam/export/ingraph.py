@@ -7,12 +7,13 @@ image and return the thresholded mask, so a backend needs no host numpy between 
   (:func:`~lungsam.preprocess.to_working`), SAM's ResizeLongestSide to ``img x img`` (the working frame is square,
   so the model frame needs no padding), a grey plane repeated to three channels, then the encoder with its
   in-graph normalisation (:class:`lungsam.export.graphs.EncoderGraph`).
-  Each resize is ONNX ``Resize`` (opset 18) ``mode=linear``, ``coordinate_transformation_mode=half_pixel``,
-  ``antialias=1`` (the triangle filter widened by the downscale factor: Pillow's ``BILINEAR``), followed by
-  ``Floor(x + 0.5)`` and a clip to 0..255, because Pillow writes uint8 (round half up) after each resize.
-  It is not bit-identical to Pillow: Pillow resamples 8-bit images in two separable passes with fixed-point
-  weights and rounds to uint8 between them, the graph does both passes in float32. Measured on the
-  Montgomery 512 x 512 images: most pixels equal, the rest 1 grey level apart (:func:`resize_difference`).
+  Each resize is Pillow's ``BILINEAR`` as Pillow computes it for 8-bit images: two separable ONNX ``Resize``
+  passes (opset 18; width first, then height), each ``mode=linear``, ``coordinate_transformation_mode=half_pixel``,
+  ``antialias=1`` (the triangle filter widened by the downscale factor), ``exclude_outside=1`` (the window clipped
+  at the borders and renormalised), followed by ``Floor(x + 0.5)`` clipped to 0..255 (Pillow rounds to uint8, half
+  up, after each pass). Measured (:func:`resize_difference`) on the Montgomery 512 x 512 images: bit-identical
+  for 512 -> 256 -> 256 and 512 -> 256 -> 1024; 256 -> 192 leaves 0.05 % of the values 1 grey level apart
+  (Pillow's fixed-point filter weights); odd sizes and RGB at most 1 grey level.
 * ``decoder_mask`` (:func:`export_mask_decoder`): ``decoder_fixed`` (the learned prompt baked in) followed by
   the runtime's postprocessing: ``embeddings (B, C', E, E)`` float32 and ``original_hw (2,)`` int64 ->
   ``mask (B, 1, H0, W0)`` uint8 (1 = lung: ``sigmoid(logits) > threshold``), ``probability (B, 1, H0, W0)``
@@ -108,7 +109,10 @@ def postprocess_graph(spec: PreprocessSpec, working_size: int, threshold: float,
         helper.make_node("MatMul", ["post_ay", "low_res_logits"], ["post_rows"]),
         helper.make_node("MatMul", ["post_rows", "post_axt"], ["working_logits"]),
         helper.make_node("Sigmoid", ["working_logits"], ["working_probability"]),
-        helper.make_node("Shape", ["working_logits"], ["post_shape"], start=0, end=2),
+        helper.make_node("Shape", ["working_logits"], ["post_full_shape"]),  # Shape(start, end) needs opset 15
+        _const("post_zero", np.array([0], np.int64)),
+        _const("post_two", np.array([2], np.int64)),
+        helper.make_node("Slice", ["post_full_shape", "post_zero", "post_two"], ["post_shape"]),
         helper.make_node("Concat", ["post_shape", "original_hw"], ["post_sizes"], axis=0),
         helper.make_node("Resize", ["working_logits", "", "", "post_sizes"], ["original_logits"], mode="linear",
                          coordinate_transformation_mode="half_pixel"),
@@ -136,7 +140,7 @@ def _opset(model: onnx.ModelProto) -> int:
 
 def _with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """``model`` with its default-domain opset set to ``opset`` (merge_models needs equal opsets; the graphs
-    built here use only ops whose meaning is the same from 13 to 18, apart from Resize's antialias)."""
+    built here use only ops whose meaning is the same from opset 13 on, Resize's antialias from 18 on)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for o in out.opset_import:
