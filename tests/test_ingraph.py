@@ -104,15 +104,7 @@ def test_export_records_the_in_graph_models_and_gate(graph_bundle):
     assert b.meta.graph_model_names() == ("encoder_raw", "decoder_mask")
 
 
-def _backends() -> list[str]:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return ["onnxruntime"]
-    return ["onnxruntime", "openvino"]
-
-
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", ["onnxruntime"])  # OpenVINO is refused (test_graph_path_refusals)
 def test_graph_path_matches_host_path(graph_bundle, backend):
     """Through the runtime, original PNGs: the in-graph path's masks equal the host path's (the tiny model at its
     threshold), the record says which path ran."""
@@ -146,6 +138,19 @@ def test_graph_path_refusals(graph_bundle, tiny_bundle):
     with pytest.raises(InGraphUnavailableError, match="interactive prompts"):
         seg.segment(sorted((DEMO / "images").glob("*.png"))[0], box=np.array([10, 10, 200, 200]))
     assert LungSegmenter.load(tiny_bundle, preprocess="auto").describe()["preprocess"] == "host"
+    if _has_openvino():
+        with pytest.raises(InGraphUnavailableError, match="OpenVINO's CPU plugin does not compute ONNX Resize"):
+            LungSegmenter.load(graph_bundle, preprocess="graph", backend="openvino")
+        assert LungSegmenter.load(graph_bundle, preprocess="auto", backend="openvino").describe()["preprocess"] == \
+            "host"
+
+
+def _has_openvino() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _rewrite_manifest(bundle: Path) -> None:
@@ -195,3 +200,24 @@ def test_in_graph_gate_refuses_a_wrong_model(graph_bundle, tmp_path, model, brea
     with pytest.raises(ParityGateError, match="in-graph gate failed for onnxruntime") as e:
         gate_in_graph(bundle, manifest, samples, tmp_path / "out", "", lambda m: None)
     assert "FAIL" in e.value.table
+
+
+def test_predict_cli_preprocess_graph(graph_bundle, tmp_path):
+    """``lungsam predict --preprocess graph``: the same masks as the host path, predict.json says which path ran."""
+    from click.testing import CliRunner
+
+    from lungsam.runtime.commands import predict
+
+    images = [str(p) for p in sorted((DEMO / "images").glob("*.png"))[:2]]
+    for path in ("host", "graph"):
+        r = CliRunner().invoke(predict, [str(graph_bundle), *images, "--out", str(tmp_path / path), "--preprocess",
+                                         path, "--batch-size", "2", "-q"])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / path / "predict.json").read_text())["segmenter"]["preprocess"] == path
+    for p in images:
+        stem = Path(p).stem
+        assert (tmp_path / "host" / f"{stem}_mask.png").read_bytes() == (tmp_path / "graph" / f"{stem}_mask.png"
+                                                                         ).read_bytes()
+    r = CliRunner().invoke(predict, [str(graph_bundle), images[0], "--out", str(tmp_path / "ray"), "--preprocess",
+                                     "graph", "--ray"])
+    assert r.exit_code == 2 and "--ray" in r.output

@@ -222,12 +222,11 @@ STAGES = ("preprocess_s", "encode_s", "decode_s", "postprocess_s")
 
 
 def in_graph_backends() -> list[str]:
-    """The runtime backends the in-graph gate runs: onnxruntime, and OpenVINO when it is installed."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return ["onnxruntime"]
-    return ["onnxruntime", "openvino"]
+    """The runtime backends the in-graph gate runs: those that can run the in-graph path
+    (:data:`lungsam.runtime.ingraph.GRAPH_BACKENDS`; OpenVINO cannot: ``OPENVINO_REFUSAL`` there)."""
+    from ..runtime.ingraph import GRAPH_BACKENDS
+
+    return list(GRAPH_BACKENDS)
 
 
 def in_graph_check(bundle_dir: str | Path, samples: list, log=None) -> dict:

@@ -6,9 +6,10 @@ What stays on the host: reading the file, :func:`lungsam.preprocess.to_uint8` (a
 min-max scaling of 16-bit ones), the mask clean-up when the bundle enables it (:mod:`lungsam.postprocess` has no
 graph form) and the quality flag's features (from the ``S x S`` working-frame probability the decoder also returns).
 
-Limits, each refused with its reason (:class:`InGraphUnavailableError`): fp32 only; onnxruntime or OpenVINO
-(TensorRT engines of these models are not built); the learned prompt only (interactive prompts and the box from a
-first pass need the host path's decoder); one image per model call (each image keeps its own size).
+Limits, each refused with its reason (:class:`InGraphUnavailableError`): fp32 only; onnxruntime only (OpenVINO:
+:data:`OPENVINO_REFUSAL`; TensorRT engines of these models are not built); the learned prompt only (interactive
+prompts and the box from a first pass need the host path's decoder); one image per model call (each image keeps its
+own size).
 Torch-free.
 """
 from __future__ import annotations
@@ -29,7 +30,12 @@ from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
 from .segmenter import LungSegmenter, Prepared, SegmentationResult
 
 PREPROCESS_PATHS = ("host", "graph", "auto")
-GRAPH_BACKENDS = ("onnxruntime", "openvino")
+GRAPH_BACKENDS = ("onnxruntime",)
+#: Why OpenVINO cannot run ``encoder_raw``: measured on its CPU plugin (2026.4), ONNX Resize with antialias does not
+#: reproduce Pillow's downscaling (up to 57 grey levels off on 512..2000-pixel radiographs; onnxruntime: 0-1).
+OPENVINO_REFUSAL = ("OpenVINO's CPU plugin does not compute ONNX Resize with antialias as Pillow does (measured up to "
+                    "57 grey levels off when downscaling; docs/in_graph_preprocessing.md), so its in-graph masks are "
+                    "not the host path's: use --backend onnxruntime, or --preprocess host with OpenVINO")
 
 
 class InGraphUnavailableError(BackendUnavailableError):
@@ -72,18 +78,15 @@ def auto_preprocess(bundle: Bundle, backend: str, precision: str, box_from_first
 def choose_preprocess(bundle: Bundle, preprocess: str, backend: str, device: str, precision: str,
                       box_from_first_pass: bool | None) -> tuple[str, str]:
     """``(host | graph, why)`` for ``--preprocess`` (:data:`PREPROCESS_PATHS`); ``auto`` is :func:`auto_preprocess`
-    with the backend ``--backend auto`` picks on the CPU (the in-graph timings are CPU ones: host elsewhere)."""
-    from .backends import auto_cpu_backend
-
+    with onnxruntime (the one backend of the graph path) for ``--backend auto`` / ``onnxruntime`` on the CPU, host
+    otherwise (the in-graph timings are CPU ones; OpenVINO runs the host path only)."""
     if preprocess not in PREPROCESS_PATHS:
         raise ValueError(f"unknown preprocess path {preprocess!r}; choose from {', '.join(PREPROCESS_PATHS)}")
     if preprocess != "auto":
         return preprocess, f"--preprocess {preprocess}"
-    if device != "cpu":
-        return "host", "auto: host (the bundle's in-graph timings are CPU ones)"
-    if backend == "auto":
-        backend = auto_cpu_backend(bundle, precision, bundle.model_names())[0]
-    return auto_preprocess(bundle, backend, precision, box_from_first_pass)
+    if device != "cpu" or backend not in ("auto", *GRAPH_BACKENDS):
+        return "host", f"auto: host (the in-graph path runs on onnxruntime on the CPU; asked {backend} on {device})"
+    return auto_preprocess(bundle, GRAPH_BACKENDS[0], precision, box_from_first_pass)
 
 
 class GraphLungSegmenter(LungSegmenter):
@@ -109,7 +112,12 @@ class GraphLungSegmenter(LungSegmenter):
             b.verify()
         if (why := graph_unavailable(b, precision, box_from_first_pass)) is not None:
             raise InGraphUnavailableError(f"--preprocess graph: {why}")
-        choice = resolve_backend(b, backend, device, precision, allow_fallback, models=GRAPH_MODEL_NAMES)
+        if backend == "openvino":
+            raise InGraphUnavailableError(f"--preprocess graph: {OPENVINO_REFUSAL}")
+        choice = resolve_backend(b, "onnxruntime" if backend == "auto" else backend, device, precision,
+                                 allow_fallback, models=GRAPH_MODEL_NAMES)
+        if backend == "auto":
+            choice.why = "auto: onnxruntime (the in-graph path runs on onnxruntime only)"
         if choice.backend not in GRAPH_BACKENDS or choice.precision != "fp32":
             raise InGraphUnavailableError(f"--preprocess graph runs on {' or '.join(GRAPH_BACKENDS)} fp32; the request "
                                           f"resolved to {choice.backend} {choice.precision}: use --preprocess host")
