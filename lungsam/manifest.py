@@ -39,16 +39,25 @@ MANIFEST_FILE = "manifest.json"
 DIGEST_FILE = "manifest.json.sha256"  # "<sha256 hex>  manifest.json\n", not listed in the manifest it hashes
 
 MODEL_NAMES: tuple[str, ...] = ("encoder", "decoder", "decoder_fixed")
+#: The in-graph pre/postprocessing models (``lungsam export --in-graph-preprocess``, fp32 only, both or neither):
+#: ``encoder_raw`` takes the decoded uint8 image at its own size, ``decoder_mask`` returns the thresholded mask
+#: at the original size (:mod:`lungsam.export.ingraph`). Not part of :meth:`Manifest.model_names` (the host path).
+GRAPH_MODEL_NAMES: tuple[str, ...] = ("encoder_raw", "decoder_mask")
+ALL_MODEL_NAMES: tuple[str, ...] = MODEL_NAMES + GRAPH_MODEL_NAMES
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")  # int8: onnxruntime CPU only (dynamic quantisation)
 DECODER_NAMES: tuple[str, ...] = ("decoder", "decoder_fixed")
-IO_DTYPES: tuple[str, ...] = ("float32",)  # every model's boundary (FP16/INT8 models keep float32 I/O)
+IO_DTYPES: tuple[str, ...] = ("float32", "uint8", "int64")  # float32 for MODEL_NAMES (FP16/INT8 keep float32 I/O)
 
 #: ONNX I/O names fixed by the bundle format (docs/DEVELOPING.md).
 ONNX_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "encoder": (("image",), ("embeddings",)),
     "decoder": (("embeddings", "point_coords", "point_labels"), ("low_res_logits", "iou_predictions")),
     "decoder_fixed": (("embeddings",), ("low_res_logits", "iou_predictions")),
+    "encoder_raw": (("image_u8",), ("embeddings",)),
+    "decoder_mask": (("embeddings", "original_hw"), ("mask", "probability", "iou_predictions", "working_probability")),
 }
+#: I/O tensors whose dtype is not float32 (every other tensor of every model is float32).
+IO_DTYPE_OF: dict[str, str] = {"image_u8": "uint8", "original_hw": "int64", "mask": "uint8"}
 
 # ranges (inclusive) of the schema; every size is in pixels
 WORKING_SIZE_RANGE = (32, 2048)
@@ -432,6 +441,7 @@ class ParityRecord:
     postprocess: bool | None = None
     timing: str | None = None
     max_int8_f1_drop: float | None = None
+    in_graph: dict | None = None  # the in-graph path against the host path (lungsam.export.bundle.in_graph_check)
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"min_agreement": self.min_agreement, "threshold": self.threshold, "source": self.source}
@@ -445,6 +455,8 @@ class ParityRecord:
             d["timing"] = self.timing
         if self.max_int8_f1_drop is not None:
             d["max_int8_f1_drop"] = self.max_int8_f1_drop
+        if self.in_graph is not None:
+            d["in_graph"] = self.in_graph
         d.update(machine=self.machine, results=self.results)
         return d
 
@@ -452,7 +464,7 @@ class ParityRecord:
     def from_dict(cls, v: Any, path: str) -> ParityRecord:
         d = _obj(v, path)
         _keys(d, path, ("min_agreement", "threshold", "source", "metric", "onnxruntime", "machine", "results",
-                        "postprocess", "timing", "max_int8_f1_drop"))
+                        "postprocess", "timing", "max_int8_f1_drop", "in_graph"))
         results = _obj(_need(d, "results", path), f"{path}.results")
         for k, r in results.items():
             _obj(r, f"{path}.results.{k}")
@@ -464,7 +476,8 @@ class ParityRecord:
                    machine=_opt(d, "machine", _obj, path) or {},
                    postprocess=_opt(d, "postprocess", _bool, path),
                    timing=_opt(d, "timing", _str, path, max_len=MAX_STRING),
-                   max_int8_f1_drop=_opt(d, "max_int8_f1_drop", _num, path, 0.0, 1.0))
+                   max_int8_f1_drop=_opt(d, "max_int8_f1_drop", _num, path, 0.0, 1.0),
+                   in_graph=_opt(d, "in_graph", _obj, path))
 
 
 @dataclass(frozen=True)
@@ -571,9 +584,13 @@ def expected_io(name: str, spec: PreprocessSpec, dim: int | None) -> dict[str, t
     e, img = spec.embedding_size, spec.img_size
     emb = (None, dim, e, e)
     outs = {"low_res_logits": (None, 1, 4 * e, 4 * e), "iou_predictions": (None, 1)}
+    full = (None, 1, None, None)  # at the original image size
     return {"encoder": {"image": (None, 3, img, img), "embeddings": emb},
             "decoder": {"embeddings": emb, "point_coords": (None, None, 2), "point_labels": (None, None), **outs},
-            "decoder_fixed": {"embeddings": emb, **outs}}[name]
+            "decoder_fixed": {"embeddings": emb, **outs},
+            "encoder_raw": {"image_u8": (1, None, None, None), "embeddings": emb},
+            "decoder_mask": {"embeddings": emb, "original_hw": (2,), "mask": full, "probability": full,
+                             "iou_predictions": (None, 1), "working_probability": (None, 1, None, None)}}[name]
 
 
 def check_model_io(name: str, entry: ModelEntry, spec: PreprocessSpec, path: str) -> int | None:
@@ -599,8 +616,11 @@ def check_model_io(name: str, entry: ModelEntry, spec: PreprocessSpec, path: str
             if len(t.shape) != len(want) or any(w is not None and s != w for s, w in zip(t.shape, want)):
                 raise _fail(p, f"{t.name} has shape {list(t.shape)}; this preprocess spec gives "
                                f"{['*' if w is None else w for w in want]}")
-            if not isinstance(t.shape[0], str):
+            if want[0] is None and not isinstance(t.shape[0], str):
                 raise _fail(p, f"{t.name}: the batch axis must be dynamic (a name), got {t.shape[0]}")
+            if t.dtype != IO_DTYPE_OF.get(t.name, "float32"):
+                raise _fail(f"{path}.{key}[{i}].dtype", f"{t.name} is {t.dtype}; the bundle format says "
+                                                        f"{IO_DTYPE_OF.get(t.name, 'float32')}")
     return dim
 
 
@@ -624,7 +644,7 @@ def read_models(v: Any, path: str, spec: PreprocessSpec, files: dict[str, FileRe
     dims: dict[str, int] = {}
     for name, precs in d.items():
         p = f"{path}.{name}"
-        _str(name, p, MODEL_NAMES)
+        _str(name, p, ALL_MODEL_NAMES)
         entries = _obj(precs, p)
         models[name] = {}
         for prec, entry_d in entries.items():
@@ -762,7 +782,7 @@ class Manifest:
                 opset=_opt(d, "opset", _int, path, *OPSET_RANGE),
                 precisions=_opt(d, "precisions", _precisions, path),
                 quantization=_opt(d, "quantization", _obj, path),
-                skipped=_opt(d, "skipped", _str_map, path, MODEL_NAMES),
+                skipped=_opt(d, "skipped", _str_map, path, ALL_MODEL_NAMES),
                 engines=_opt(d, "engines", _read_engines, path, files),
                 timing_cache=_opt(d, "timing_cache", _rel_path, path),
                 postprocess=_opt(d, "postprocess", _obj, path), qc=_opt(d, "qc", _obj, path),
@@ -780,6 +800,7 @@ class Manifest:
         for name, precs in self.models.items():
             if "fp32" not in precs:
                 raise _fail(f"{path}.models.{name}", f"has no fp32 entry (has {', '.join(precs) or 'none'})")
+        self._check_graph_models(path)
         if "decoder_fixed" in self.models and self.prompt.mode in ("box", "both"):
             raise _fail(f"{path}.models.decoder_fixed", f"prompt mode {self.prompt.mode!r} needs each image's box; "
                                                         "no prompt can be baked into decoder_fixed")
@@ -792,6 +813,24 @@ class Manifest:
         if self.inference.box_source == "learned" and self.prompt.needs_ground_truth:
             raise _fail(f"{path}.inference.box_source", f"'learned': prompt mode {self.prompt.mode!r} has no learned "
                                                         "box (it needs each image's box: 'given' or 'first-pass')")
+
+    def _check_graph_models(self, path: str) -> None:
+        """The in-graph models come together, fp32 only, beside the ``decoder_fixed`` they were built from."""
+        present = [n for n in GRAPH_MODEL_NAMES if self.models.get(n)]
+        if not present:
+            return
+        if len(present) != len(GRAPH_MODEL_NAMES):
+            raise _fail(f"{path}.models", f"has {present[0]} without {', '.join(set(GRAPH_MODEL_NAMES) - set(present))}"
+                                          " (the in-graph models come as a pair)")
+        for n in present:
+            if set(self.models[n]) != {"fp32"}:
+                raise _fail(f"{path}.models.{n}", f"in-graph models are fp32 only, got {sorted(self.models[n])}")
+        if "decoder_fixed" not in self.models:
+            raise _fail(f"{path}.models.decoder_mask", "needs decoder_fixed (the learned prompt it bakes in)")
+
+    def graph_model_names(self) -> tuple[str, ...]:
+        """The in-graph models present (:data:`GRAPH_MODEL_NAMES`, empty for a host-only bundle)."""
+        return tuple(n for n in GRAPH_MODEL_NAMES if self.models.get(n))
 
     # -- writing ------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -16,13 +16,14 @@ leaves it behind, and the next export into the same parent folder removes it (it
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,10 +37,12 @@ from ..artifacts import (
 )
 from ..cpufeatures import cpu_features
 from ..errors import LungsamError
+from ..layout import FoldLayout, RunLayout
 from ..manifest import (
     BUNDLE_FORMAT,
     DIGEST_FILE,
     MANIFEST_FILE,
+    MODEL_NAMES,
     FileRecord,
     InferencePolicy,
     Manifest,
@@ -63,6 +66,7 @@ FOREIGN_TEMP_MAX_AGE_S = 7 * 24 * 3600  # a temp folder of another host counts a
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 class ExportError(LungsamError, RuntimeError):
@@ -142,30 +146,33 @@ def parity_samples(run_model, data_dir: str | None, limit: int | None) -> tuple[
 
 
 def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int8: bool = False,
-                  int8_method: str = "dynamic", calibration_images: int = 32) -> tuple[dict, dict, dict]:
-    """Write the ONNX models into ``tmp``: FP32, plus FP16 versions of each (``fp16``) and an INT8 encoder
-    (``int8``; the int8 entries of the decoders name their FP32 files, see :data:`INT8_FP32_MODELS`):
-    ``int8_method="static"`` calibrates on ``calibration_images`` training images (onnxruntime QDQ, and the
-    NNCF OpenVINO IR when openvino/nncf are installed; :mod:`lungsam.export.quantize`), ``"dynamic"`` is
-    onnxruntime's dynamic quantisation of the weight MatMuls.
+                  int8_method: str = "dynamic", calibration_images: int = 32,
+                  in_graph: bool = False) -> tuple[dict, dict, dict]:
+    """Write the ONNX models into ``tmp``: FP32, plus FP16 versions of each (``fp16``), an INT8 encoder
+    (``int8``, :func:`add_int8_encoder`) and the in-graph pre/postprocessing models (``in_graph``,
+    :func:`add_graph_models`).
     Returns ``(models, skipped, int8_info)``: ``models[name][precision] = [files]``, ``skipped[name] = reason``,
     ``int8_info = {"record": manifest quantization.int8 record, "openvino": {name: [IR files]}}`` (empty without int8)."""
+    models, skipped = export_fp32_models(run_model, tmp, opset, log)
+    if fp16:
+        add_fp16_models(models, tmp, log)
+    int8_info = add_int8_encoder(run_model, models, tmp, int8_method, calibration_images, log) if int8 else {}
+    if in_graph:
+        add_graph_models(run_model, models, tmp, opset, log)
+    return models, skipped, int8_info
+
+
+def export_fp32_models(run_model, tmp: Path, opset: int, log: Log) -> tuple[dict, dict]:
+    """The FP32 encoder, decoder and (prompt modes without a per-image box) fixed-prompt decoder:
+    ``(models, skipped)`` as :func:`export_models` returns them."""
     from .graphs import fixed_prompt_points
-    from .onnx_export import (
-        convert_fp16,
-        export_decoder,
-        export_encoder,
-        export_fixed_decoder,
-        int8_record,
-        quantize_int8,
-    )
+    from .onnx_export import export_decoder, export_encoder, export_fixed_decoder
 
     sam, spec = run_model.sam, run_model.spec
-    models: dict[str, dict[str, list[Path]]] = {}
     skipped: dict[str, str] = {}
     t = time.perf_counter()
-    models["encoder"] = {"fp32": export_encoder(sam, spec, tmp / model_filename("encoder", "fp32"), opset)}
-    models["decoder"] = {"fp32": export_decoder(sam, tmp / model_filename("decoder", "fp32"), opset)}
+    models = {"encoder": {"fp32": export_encoder(sam, spec, tmp / model_filename("encoder", "fp32"), opset)},
+              "decoder": {"fp32": export_decoder(sam, tmp / model_filename("decoder", "fp32"), opset)}}
     if run_model.prompt.needs_ground_truth:
         skipped["decoder_fixed"] = (f"prompt mode {run_model.prompt.mode!r} needs each image's ground-truth box, "
                                     "so no prompt can be baked in; use decoder.onnx with the box as points 2/3")
@@ -174,49 +181,94 @@ def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int
         models["decoder_fixed"] = {"fp32": export_fixed_decoder(sam, coords, labels,
                                                                 tmp / model_filename("decoder_fixed", "fp32"), opset)}
     log(f"exported FP32 ONNX models in {time.perf_counter() - t:.1f} s")
-    if fp16:
-        t = time.perf_counter()
-        for name in list(models):
-            models[name]["fp16"] = convert_fp16(models[name]["fp32"][0], tmp / model_filename(name, "fp16"))
-        log(f"converted to FP16 in {time.perf_counter() - t:.1f} s")
-    int8_info: dict = {}
-    if int8:
-        t = time.perf_counter()
-        src, dst = models["encoder"]["fp32"][0], tmp / model_filename("encoder", "int8")
-        if int8_method == "dynamic":
-            models["encoder"]["int8"] = quantize_int8(src, dst)
-            int8_info = {"record": int8_record(), "openvino": {}}
-            log(f"quantised the encoder to INT8 (dynamic, weight MatMuls) in {time.perf_counter() - t:.1f} s")
-        elif int8_method == "static":
-            from .quantize import (
-                OPENVINO_INT8_SUFFIX,
-                calibration_inputs,
-                openvino_available,
-                quantize_openvino,
-                quantize_static_onnx,
-                static_record,
-            )
+    return models, skipped
 
-            inputs, calib = calibration_inputs(run_model, calibration_images)
-            models["encoder"]["int8"] = quantize_static_onnx(src, dst, inputs)
-            log(f"quantised the encoder to INT8 (onnxruntime static QDQ, per-channel, {calib['n']} training images) "
-                f"in {time.perf_counter() - t:.1f} s")
-            ov_files = {}
-            if openvino_available():
-                t = time.perf_counter()
-                xml = tmp / f"{model_filename('encoder', 'int8')[:-5]}{OPENVINO_INT8_SUFFIX}.xml"
-                ov_files["encoder"] = quantize_openvino(src, xml, inputs)
-                log(f"quantised the encoder to INT8 for OpenVINO (NNCF, {calib['n']} training images) in "
-                    f"{time.perf_counter() - t:.1f} s")
-            else:
-                log("openvino/nncf not installed: no OpenVINO INT8 encoder (pip install 'lungsam[int8]')")
-            int8_info = {"record": static_record(calib, bool(ov_files)), "openvino": ov_files}
-        else:
-            raise ExportError(f"unknown --int8-method {int8_method!r}; choose static or dynamic")
-        for name in INT8_FP32_MODELS:
-            if name in models:
-                models[name]["int8"] = models[name]["fp32"]
-    return models, skipped, int8_info
+
+def add_fp16_models(models: dict, tmp: Path, log: Log) -> None:
+    """An FP16 version of every FP32 model (``models[name]["fp16"]``)."""
+    from .onnx_export import convert_fp16
+
+    t = time.perf_counter()
+    for name in list(models):
+        models[name]["fp16"] = convert_fp16(models[name]["fp32"][0], tmp / model_filename(name, "fp16"))
+    log(f"converted to FP16 in {time.perf_counter() - t:.1f} s")
+
+
+def add_int8_encoder(run_model, models: dict, tmp: Path, int8_method: str, calibration_images: int,
+                     log: Log) -> dict:
+    """The INT8 encoder (``models["encoder"]["int8"]``; the decoders' int8 entries name their FP32 files, see
+    :data:`INT8_FP32_MODELS`): ``"static"`` calibrates on ``calibration_images`` training images
+    (:func:`static_int8_encoder`), ``"dynamic"`` is onnxruntime's dynamic quantisation of the weight MatMuls.
+    Returns ``int8_info`` (see :func:`export_models`)."""
+    from .onnx_export import int8_record, quantize_int8
+
+    t = time.perf_counter()
+    src, dst = models["encoder"]["fp32"][0], tmp / model_filename("encoder", "int8")
+    if int8_method == "dynamic":
+        models["encoder"]["int8"] = quantize_int8(src, dst)
+        int8_info = {"record": int8_record(), "openvino": {}}
+        log(f"quantised the encoder to INT8 (dynamic, weight MatMuls) in {time.perf_counter() - t:.1f} s")
+    elif int8_method == "static":
+        models["encoder"]["int8"], int8_info = static_int8_encoder(run_model, src, dst, calibration_images, log)
+    else:
+        raise ExportError(f"unknown --int8-method {int8_method!r}; choose static or dynamic")
+    for name in INT8_FP32_MODELS:
+        if name in models:
+            models[name]["int8"] = models[name]["fp32"]
+    return int8_info
+
+
+def static_int8_encoder(run_model, src: Path, dst: Path, calibration_images: int, log: Log) -> tuple[list, dict]:
+    """Static INT8 encoders calibrated on training images: onnxruntime QDQ at ``dst``, and the NNCF OpenVINO IR
+    beside it when openvino/nncf are installed (:mod:`lungsam.export.quantize`). Returns ``(files, int8_info)``."""
+    from .quantize import (
+        OPENVINO_INT8_SUFFIX,
+        calibration_inputs,
+        openvino_available,
+        quantize_openvino,
+        quantize_static_onnx,
+        static_record,
+    )
+
+    t = time.perf_counter()
+    inputs, calib = calibration_inputs(run_model, calibration_images)
+    files = quantize_static_onnx(src, dst, inputs)
+    log(f"quantised the encoder to INT8 (onnxruntime static QDQ, per-channel, {calib['n']} training images) "
+        f"in {time.perf_counter() - t:.1f} s")
+    ov_files = {}
+    if openvino_available():
+        t = time.perf_counter()
+        xml = dst.parent / f"{model_filename('encoder', 'int8')[:-5]}{OPENVINO_INT8_SUFFIX}.xml"
+        ov_files["encoder"] = quantize_openvino(src, xml, inputs)
+        log(f"quantised the encoder to INT8 for OpenVINO (NNCF, {calib['n']} training images) in "
+            f"{time.perf_counter() - t:.1f} s")
+    else:
+        log("openvino/nncf not installed: no OpenVINO INT8 encoder (pip install 'lungsam[int8]')")
+    return files, {"record": static_record(calib, bool(ov_files)), "openvino": ov_files}
+
+
+def add_graph_models(run_model, models: dict, tmp: Path, opset: int, log: Log) -> None:
+    """``encoder_raw`` and ``decoder_mask`` (FP32; :mod:`lungsam.export.ingraph`): the decoded uint8 image in, the
+    thresholded mask at the original size out. Needs ``decoder_fixed`` (checked before any export work by
+    :func:`check_in_graph_request`)."""
+    from .ingraph import export_mask_decoder, export_raw_encoder
+
+    t = time.perf_counter()
+    spec, s = run_model.spec, run_model.working_size
+    models["encoder_raw"] = {"fp32": export_raw_encoder(run_model.sam, spec, s, tmp / model_filename("encoder_raw",
+                                                                                                      "fp32"), opset)}
+    models["decoder_mask"] = {"fp32": export_mask_decoder(models["decoder_fixed"]["fp32"][0], spec, s,
+                                                          run_model.threshold, tmp / model_filename("decoder_mask",
+                                                                                                     "fp32"))}
+    log(f"exported the in-graph pre/postprocessing models (encoder_raw, decoder_mask) in "
+        f"{time.perf_counter() - t:.1f} s")
+
+
+def check_in_graph_request(run_model, run_dir: Path) -> None:
+    """``--in-graph-preprocess`` needs a learned prompt that can be baked in (no per-image box)."""
+    if run_model.prompt.needs_ground_truth:
+        raise ExportError(f"--in-graph-preprocess, run {run_dir}: prompt mode {run_model.prompt.mode!r} needs each "
+                          "image's box, so there is no fixed-prompt decoder to return masks; export without it")
 
 
 def build_engines(run_model, tmp: Path, models: dict, max_batch: int, log: Log) -> dict:
@@ -231,7 +283,7 @@ def build_engines(run_model, tmp: Path, models: dict, max_batch: int, log: Log) 
                                                                                 run_model.working_size)[0])
     profiles = bundle_profiles(spec.img_size, sam.prompt_encoder.embed_dim, spec.embedding_size, n_fixed, max_batch)
     engines = {}
-    for name in models:
+    for name in [n for n in MODEL_NAMES if n in models]:  # the in-graph models have no engines
         t = time.perf_counter()
         engines[name] = build_engine(models[name][source][0], tmp / f"{name}.engine", profiles[name],
                                      tmp / "timing.cache")
@@ -377,11 +429,11 @@ def run_record(run_model, run_dir: Path, provenance: bool) -> RunRecord:
     """The manifest's ``run``: name, fold, decoder weights, config, checkpoint, metrics (no per-image
     records); ``source`` (the run folder) only with ``provenance``."""
     fold_metrics = {k: v for k, v in run_model.metrics.items() if k not in ("per_image", "threshold_sweep")}
-    run_metrics = run_dir / "metrics.json"
+    run_metrics = RunLayout(run_dir).metrics_json
     config = run_model.run.get("config") or {}
+    weights = FoldLayout(Path(run_model.fold_dir)).weights("decoder", "best")
     return RunRecord(source=str(run_dir.resolve()) if provenance else None, name=run_dir.resolve().name,
-                     fold=run_model.fold, decoder_weights="decoder_best.safetensors",
-                     decoder_sha256=sha256_file(run_model.fold_dir / "decoder_best.safetensors"),
+                     fold=run_model.fold, decoder_weights=weights.name, decoder_sha256=sha256_file(weights),
                      config=config if provenance else private_config(config),
                      checkpoint=checkpoint_summary(run_model.run, provenance), fold_metrics=fold_metrics,
                      metrics=read_json(run_metrics) if run_metrics.exists() else None)
@@ -538,18 +590,37 @@ def _make_readable(folder: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export was asked for (the keyword arguments of :func:`export_bundle`, which documents them)."""
+
+    fp16: bool = False
+    int8: bool = False
+    trt: bool = False
+    opset: int = 17
+    min_agreement: float = 0.99
+    max_batch: int = 8
+    box_from_first_pass: bool = False
+    provenance: bool = False
+    int8_method: str = "dynamic"
+    calibration_images: int = 32
+    max_int8_f1_drop: float = 0.002
+    in_graph: bool = False
+
+
 def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, int8: bool = False, trt: bool = False,
                   opset: int = 17, fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
                   parity_images: int | None = None, data_dir: str | None = None, max_batch: int = 8,
                   box_from_first_pass: bool = False, provenance: bool = False, int8_method: str = "dynamic",
-                  calibration_images: int = 32, max_int8_f1_drop: float = 0.002, log: Log = print) -> ExportResult:
+                  calibration_images: int = 32, max_int8_f1_drop: float = 0.002, in_graph_preprocess: bool = False,
+                  log: Log | None = None) -> ExportResult:
     """Export a trained run to a bundle at ``out``.
 
     Steps: load the run (:func:`lungsam.runs.load_run`); write ONNX FP32 (+FP16 with ``fp16`` or ``trt``,
     +an INT8 encoder for onnxruntime on CPU with ``int8``) and TensorRT engines (``trt``) into a temporary
-    folder beside ``out``; compare every exported pipeline with torch on held-out images; if each one's mean mask agreement reaches ``min_agreement``, write
-    ``manifest.json`` and rename the folder to ``out``. Otherwise nothing is left behind and
-    :class:`ParityGateError` carries the figures.
+    folder beside ``out``; compare every exported pipeline with torch on held-out images; if each one's mean mask
+    agreement reaches ``min_agreement``, write ``manifest.json`` and rename the folder to ``out``. Otherwise nothing
+    is left behind and :class:`ParityGateError` carries the figures.
 
     ``box_from_first_pass`` (models prompted with a box): the bundle's default inference takes each image's
     box from the model's own first mask (``manifest["inference"]``); its accuracy on the parity images,
@@ -562,30 +633,20 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
     ``int8``: see :func:`export_models` (``int8_method``, ``calibration_images``); every INT8 pipeline must also
     keep its mean F1 against ground truth within ``max_int8_f1_drop`` of torch FP32's (:func:`int8_gate`).
     With openvino installed every precision is also gated through OpenVINO's CPU plugin (``openvino-*`` rows).
+
+    ``in_graph_preprocess``: also write ``encoder_raw`` / ``decoder_mask`` (:mod:`lungsam.export.ingraph`), gated
+    through the runtime against the host path on the parity images' files (:func:`lungsam.export.parity.
+    in_graph_check`, recorded as ``manifest["parity"]["in_graph"]``). ``log``: progress lines (default: this
+    module's logger at INFO).
     """
-    from ..runs import RunError, load_run
-
-    if trt:
-        try:
-            require_tensorrt()
-            gpu_record()
-        except TensorRTUnavailable as e:
-            raise ExportError(str(e)) from None
-        fp16 = True  # TensorRT 11 builds from the FP16 ONNX; the FP16 models are useful to the runtime anyway
+    log = log or logger.info
+    opts = ExportOptions(fp16=fp16 or trt, int8=int8, trt=trt, opset=opset, min_agreement=min_agreement,
+                         max_batch=max_batch, box_from_first_pass=box_from_first_pass, provenance=provenance,
+                         int8_method=int8_method, calibration_images=calibration_images,
+                         max_int8_f1_drop=max_int8_f1_drop, in_graph=in_graph_preprocess)
     run_dir, out = Path(run_dir), Path(out)
-    _check_out(out)
-    try:
-        run_model = load_run(run_dir, fold, checkpoint)
-    except RunError as e:
-        raise ExportError(str(e)) from None
-    from ..prompts import first_pass_prompt
+    run_model = load_for_export(run_dir, out, fold, checkpoint, opts)
     from .parity import make_cases
-
-    if box_from_first_pass:
-        try:
-            first_pass_prompt(run_model.prompt)  # fails before any export work for a run trained without a box
-        except ValueError as e:
-            raise ExportError(f"--box-from-first-pass, run {run_dir}: {e}") from None
 
     samples, source = parity_samples(run_model, data_dir, parity_images)
     cases = make_cases(samples, run_model.prompt, run_model.spec)
@@ -593,15 +654,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
         f"parity on {len(cases)} held-out images")
     tmp = make_temp_folder(out, log)
     try:
-        manifest, digest, table = _build_in(tmp, run_model, run_dir, out, cases, source, fp16=fp16, int8=int8, trt=trt,
-                                            opset=opset, max_batch=max_batch, min_agreement=min_agreement,
-                                            box_from_first_pass=box_from_first_pass, provenance=provenance,
-                                            int8_method=int8_method, calibration_images=calibration_images,
-                                            max_int8_f1_drop=max_int8_f1_drop, log=log)
-        _make_readable(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
+        manifest, digest, table = _build_in(tmp, run_model, run_dir, out, cases, source, opts, log, samples)
+        move_into_place(tmp, out)
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
@@ -613,21 +667,44 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, i
     return ExportResult(out=out, manifest=manifest.to_dict(), table=table, digest=digest)
 
 
-def _build_in(tmp: Path, run_model, run_dir: Path, out: Path, cases: list, source: dict, *, fp16: bool, int8: bool,
-              trt: bool, opset: int, max_batch: int, min_agreement: float, box_from_first_pass: bool,
-              provenance: bool, int8_method: str, calibration_images: int, max_int8_f1_drop: float,
-              log: Log) -> tuple[Manifest, str, str]:
-    """Models, engines, parity gate and manifest in ``tmp``; returns ``(manifest, digest, parity table)``."""
-    from dataclasses import replace
+def load_for_export(run_dir: Path, out: Path, fold: int | None, checkpoint: str | None, opts: ExportOptions):
+    """Check what can be checked before any export work (TensorRT present, ``out`` free, the run loadable, the
+    prompt usable for ``--box-from-first-pass`` / ``--in-graph-preprocess``) and load the run."""
+    from ..prompts import first_pass_prompt
+    from ..runs import RunError, load_run
 
-    from .parity import format_table, gate
+    if opts.trt:
+        try:
+            require_tensorrt()
+            gpu_record()
+        except TensorRTUnavailable as e:
+            raise ExportError(str(e)) from None
+    _check_out(out)
+    try:
+        run_model = load_run(run_dir, fold, checkpoint)
+    except RunError as e:
+        raise ExportError(str(e)) from None
+    if opts.box_from_first_pass:
+        try:
+            first_pass_prompt(run_model.prompt)  # fails before any export work for a run trained without a box
+        except ValueError as e:
+            raise ExportError(f"--box-from-first-pass, run {run_dir}: {e}") from None
+    if opts.in_graph:
+        check_in_graph_request(run_model, run_dir)
+    return run_model
 
-    models, skipped, int8_info = export_models(run_model, tmp, fp16=fp16, int8=int8, opset=opset, log=log,
-                                               int8_method=int8_method, calibration_images=calibration_images)
-    engines = build_engines(run_model, tmp, models, max_batch, log) if trt else {}
-    results = run_parity(run_model, tmp, models, engines, cases, log, int8_info)
-    table = format_table(results, min_agreement)
-    parity = {"min_agreement": min_agreement, "threshold": run_model.threshold, "source": source,
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Give the finished bundle the usual permissions and rename it to ``out`` (empty or absent, checked)."""
+    _make_readable(tmp)
+    if out.exists():
+        out.rmdir()  # empty (checked before the export)
+    tmp.rename(out)
+
+
+def parity_record(run_model, source: dict, results: dict, opts: ExportOptions) -> dict:
+    """The manifest's ``parity`` section (before :func:`private_parity`) from the gate's results."""
+    parity = {"min_agreement": opts.min_agreement, "threshold": run_model.threshold, "source": source,
               "postprocess": run_cleanup(run_model).enabled,
               "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold, "
                         "then the run's clean-up when on); "
@@ -638,28 +715,73 @@ def _build_in(tmp: Path, run_model, run_dir: Path, out: Path, cases: list, sourc
               "timing": "ms_per_image: wall time per image of each pipeline (encoder + decoder, batches of 2, "
                         "the first batch left out), pipelines interleaved batch by batch on the same images",
               "results": {name: {**r.summary(), "ms_per_image": r.ms_per_image} for name, r in results.items()}}
-    if int8:
-        parity["max_int8_f1_drop"] = max_int8_f1_drop
-    failed_int8 = int8_gate(results, max_int8_f1_drop) if int8 else []
+    if opts.int8:
+        parity["max_int8_f1_drop"] = opts.max_int8_f1_drop
+    return parity
+
+
+def check_gates(results: dict, opts: ExportOptions, out: Path, table: str, parity: dict) -> None:
+    """Raise :class:`ParityGateError` (nothing is written to ``out``) when a pipeline misses the INT8 F1 gate or
+    the agreement gate, with the option to change."""
+    from .parity import gate
+
+    failed_int8 = int8_gate(results, opts.max_int8_f1_drop) if opts.int8 else []
     if failed_int8:
         raise ParityGateError(f"INT8 gate failed for {', '.join(failed_int8)}: mean F1 against ground truth more than "
-                              f"{max_int8_f1_drop} below torch FP32 on the same images; nothing was written to "
-                              f"{out}; {int8_hint(int8_method, calibration_images)}", table, parity)
-    failed = gate(results, min_agreement)
-    if failed and int8 and all("-int8/" in f for f in failed):
+                              f"{opts.max_int8_f1_drop} below torch FP32 on the same images; nothing was written to "
+                              f"{out}; {int8_hint(opts.int8_method, opts.calibration_images)}", table, parity)
+    failed = gate(results, opts.min_agreement)
+    if failed and opts.int8 and all("-int8/" in f for f in failed):
         raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement with torch FP32 "
-                              f"below {min_agreement}; nothing was written to {out}; "
-                              f"{int8_hint(int8_method, calibration_images)}", table, parity)
+                              f"below {opts.min_agreement}; nothing was written to {out}; "
+                              f"{int8_hint(opts.int8_method, opts.calibration_images)}", table, parity)
     if failed:
         options = optional_exports(failed)
         hint = f" (export again without {', '.join(options)} to keep the other models)" if options else ""
         raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement below "
-                              f"{min_agreement}; nothing was written to {out}{hint}", table, parity)
-    manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opset,
-                              box_from_first_pass, provenance, int8_info)
+                              f"{opts.min_agreement}; nothing was written to {out}{hint}", table, parity)
+
+
+def _build_in(tmp: Path, run_model, run_dir: Path, out: Path, cases: list, source: dict, opts: ExportOptions,
+              log: Log, samples: list) -> tuple[Manifest, str, str]:
+    """Models, engines, parity gate and manifest in ``tmp``; returns ``(manifest, digest, parity table)``."""
+    from .parity import format_table
+
+    models, skipped, int8_info = export_models(run_model, tmp, fp16=opts.fp16, int8=opts.int8, opset=opts.opset,
+                                               log=log, int8_method=opts.int8_method,
+                                               calibration_images=opts.calibration_images, in_graph=opts.in_graph)
+    engines = build_engines(run_model, tmp, models, opts.max_batch, log) if opts.trt else {}
+    results = run_parity(run_model, tmp, models, engines, cases, log, int8_info)
+    table = format_table(results, opts.min_agreement)
+    parity = parity_record(run_model, source, results, opts)
+    check_gates(results, opts, out, table, parity)
+    manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opts.opset,
+                              opts.box_from_first_pass, opts.provenance, int8_info)
     digest = write_manifest(tmp, manifest)
-    if box_from_first_pass:  # manifest.json is not among the files it hashes: rewriting it is safe
+    if opts.in_graph:  # manifest.json is not among the files it hashes: rewriting it is safe
+        manifest, digest, table = gate_in_graph(tmp, manifest, samples, out, table, log)
+    if opts.box_from_first_pass:
         check = first_pass_check(tmp, cases, log)
         manifest.inference = replace(manifest.inference, first_pass_check=check)
         digest = write_manifest(tmp, manifest)
     return manifest, digest, table
+
+
+def gate_in_graph(tmp: Path, manifest: Manifest, samples: list, out: Path, table: str, log: Log
+                  ) -> tuple[Manifest, str, str]:
+    """Run the in-graph gate (:func:`lungsam.export.parity.in_graph_check`) on the bundle in ``tmp``; record it as
+    ``parity.in_graph`` and rewrite the manifest, or raise :class:`ParityGateError`. Returns
+    ``(manifest, digest, table with the in-graph rows)``."""
+    from .parity import format_in_graph_table, in_graph_check, in_graph_failures
+
+    record = in_graph_check(tmp, samples, log)
+    table = f"{table}\n{format_in_graph_table(record)}"
+    parity = replace(manifest.parity, in_graph=record)
+    failed = in_graph_failures(record)
+    if failed:
+        raise ParityGateError(f"in-graph gate failed for {', '.join(failed)}: the in-graph path's masks differ from "
+                              f"the host path's beyond the tolerance ({record['tolerance']['rule']}); nothing was "
+                              f"written to {out} (export without --in-graph-preprocess to keep the host path)",
+                              table, parity.to_dict())
+    manifest.parity = parity
+    return manifest, write_manifest(tmp, manifest), table

@@ -51,6 +51,10 @@ from ..options import Command, examples, log_to, ranged, verbosity
               help="Also record local provenance in the manifest: the run folder, data folders, checkpoint path, host "
                    "name and the parity image ids (left out by default: a bundle leaves the building). lungsam bench "
                    "finds the run through it.")
+@click.option("--in-graph-preprocess", is_flag=True,
+              help="Also write encoder_raw.onnx / decoder_mask.onnx: the decoded uint8 image in (resize and "
+                   "normalisation in the graph), the thresholded mask at the image's size out, gated against the "
+                   "host path (lungsam predict --preprocess graph; docs/in_graph_preprocessing.md).")
 @click.option("--triton", "triton_repo", default=None, type=click.Path(file_okay=False),
               help="Also write a Triton Inference Server model repository here (encoder, decoders, image->logits "
                    "ensemble; config.pbtxt checked against Triton's schema). docs/scale.md.")
@@ -70,7 +74,8 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
            max_batch: int,
            box_from_first_pass: bool, provenance: bool, triton_repo: str | None, triton_name: str,
            triton_precision: str, triton_max_batch: int, triton_instances: int, triton_kind: str,
-           int8_method: str, calibration_images: int, max_int8_f1_drop: float, quiet: int) -> None:
+           int8_method: str, calibration_images: int, max_int8_f1_drop: float, in_graph_preprocess: bool,
+           quiet: int) -> None:
     """Export RUN's tuned model to a bundle checked against torch on held-out images.
 
     The bundle is built in a temporary folder and moved to --out only when the parity gate passes. The last
@@ -100,7 +105,8 @@ def export(run_dir: str, out: str, fp16: bool, int8: bool, trt: bool, opset: int
                                data_dir=data_dir,
                                max_batch=max_batch, box_from_first_pass=box_from_first_pass, provenance=provenance,
                                int8_method=int8_method, calibration_images=calibration_images,
-                               max_int8_f1_drop=max_int8_f1_drop, log=log_to("export"))
+                               max_int8_f1_drop=max_int8_f1_drop, in_graph_preprocess=in_graph_preprocess,
+                               log=log_to("export"))
     except ParityGateError as e:  # the table says which model missed the gate; the handler prints the error
         click.echo(e.table, err=True)
         raise

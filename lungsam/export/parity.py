@@ -205,3 +205,103 @@ def format_table(results: dict[str, ParityResult], min_agreement: float) -> str:
         lines.append(f"{name:<28} {s['n']:>4} {s['max_abs_logit_diff']:>12.3g} {s['agreement_mean']:>11.5f} "
                      f"{s['agreement_min']:>10.5f} {s['f1_gt_mean']:>7.4f} {s['f1_gt_torch_mean']:>12.4f}  {ok}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the in-graph path (lungsam export --in-graph-preprocess) against the host path
+# ---------------------------------------------------------------------------------------------
+
+#: The in-graph gate: mean mask agreement with the host path and the largest F1 difference against ground truth.
+#: The graph's resize equals Pillow's on whole-factor and equal sizes (measured bit-identical on Montgomery
+#: 512 -> 256 -> 1024) but not always elsewhere (256 -> 192: 0.05 % of the values 1 grey level apart, Pillow's
+#: fixed-point weights), and the logits reach the original size by two float32 steps instead of one composed matrix,
+#: which flips only pixels at the threshold; a wrong resize, normalisation, frame or threshold moves whole edges.
+IN_GRAPH_MIN_AGREEMENT = 0.995
+IN_GRAPH_MAX_F1_DIFF = 0.001
+STAGES = ("preprocess_s", "encode_s", "decode_s", "postprocess_s")
+
+
+def in_graph_backends() -> list[str]:
+    """The runtime backends the in-graph gate runs: those that can run the in-graph path
+    (:data:`lungsam.runtime.ingraph.GRAPH_BACKENDS`; OpenVINO cannot: ``OPENVINO_REFUSAL`` there)."""
+    from ..runtime.ingraph import GRAPH_BACKENDS
+
+    return list(GRAPH_BACKENDS)
+
+
+def in_graph_check(bundle_dir: str | Path, samples: list, log=None) -> dict:
+    """The in-graph path against the host path, through the runtime (:class:`lungsam.runtime.LungSegmenter`,
+    ``preprocess="host"`` / ``"graph"``, fp32) on the parity images' ORIGINAL files (``samples``:
+    :class:`lungsam.data.Sample`), per backend of :func:`in_graph_backends`, the two paths interleaved image by
+    image. Returns the manifest's ``parity.in_graph`` record (:func:`in_graph_failures` applies the gate)."""
+    from ..imageio import read_image, read_mask
+    from .ingraph import resize_difference
+
+    images = [(read_image(s.image_path), read_mask(s.mask_path)) for s in samples]
+    results = {b: compare_paths(bundle_dir, b, images) for b in in_graph_backends()}
+    if log:
+        for b, r in results.items():
+            log(f"in-graph gate ({b}, {r['n']} images): agreement with the host path {r['agreement_mean']:.5f} (min "
+                f"{r['agreement_min']:.5f}), F1 {r['f1_gt_mean']:.4f} vs host {r['f1_gt_host_mean']:.4f}; ms per image "
+                f"host {r['ms_per_image']['host']:.1f}, graph {r['ms_per_image']['graph']:.1f}")
+    from ..runtime.bundle import Bundle
+
+    b = Bundle.load(bundle_dir, verify=False)
+    resize = resize_difference([img.pixels for img, _ in images], b.spec, b.working_size)
+    return {"reference": "the runtime's host path (numpy/Pillow preprocessing, low-res logits postprocessed in "
+                         "numpy), same backend, fp32, original image files, masks at the original size",
+            "tolerance": {"min_agreement_mean": IN_GRAPH_MIN_AGREEMENT, "max_f1_diff": IN_GRAPH_MAX_F1_DIFF,
+                          "rule": f"mean agreement >= {IN_GRAPH_MIN_AGREEMENT} and |F1 graph - F1 host| <= "
+                                  f"{IN_GRAPH_MAX_F1_DIFF}"},
+            "resize": {**resize, "what": "|graph - Pillow| over the raw model input (grey levels), onnxruntime"},
+            "timing": "ms_per_image: preprocess + encode + decode + postprocess per image (read excluded), host and "
+                      "graph interleaved image by image, the first image left out",
+            "results": results}
+
+
+def compare_paths(bundle_dir: str | Path, backend: str, images: list) -> dict:
+    """The host and the in-graph path of ``bundle_dir`` through the runtime with ``backend`` (fp32) on ``images``
+    (``[(LoadedImage, ground-truth mask at the original size)]``), interleaved image by image (the order alternates):
+    mask agreement, F1 of each path, mean ms per stage (the first image left out). One backend's row of
+    :func:`in_graph_check`; ``scripts/bench_in_graph.py`` runs it too."""
+    from ..runtime.segmenter import LungSegmenter
+
+    segs = {p: LungSegmenter.load(bundle_dir, backend=backend, precision="fp32", preprocess=p)
+            for p in ("host", "graph")}
+    agree, f1 = [], {"host": [], "graph": []}
+    stages: dict[str, list[dict]] = {"host": [], "graph": []}
+    for i, (img, gt) in enumerate(images):
+        masks = {}
+        for p in (("host", "graph") if i % 2 == 0 else ("graph", "host")):
+            r = segs[p].segment(img)
+            masks[p] = r.mask
+            f1[p].append(f1_score(r.mask, gt))
+            if i > 0 or len(images) == 1:  # the first image warms both paths up
+                stages[p].append(r.timings)
+        agree.append(f1_score(masks["graph"], masks["host"]))
+    a = summarize(agree)
+    stage_ms = {p: {k: 1000.0 * float(np.mean([t[k] for t in ts])) for k in STAGES} for p, ts in stages.items()}
+    return {"n": len(images), "agreement_mean": a["mean"], "agreement_min": a["min"],
+            "f1_gt_mean": summarize(f1["graph"])["mean"], "f1_gt_host_mean": summarize(f1["host"])["mean"],
+            "ms_per_image": {p: sum(v.values()) for p, v in stage_ms.items()}, "stages_ms": stage_ms}
+
+
+def in_graph_failures(record: dict) -> list[str]:
+    """Backends of an in-graph record (:func:`in_graph_check`) that miss its tolerance (empty: the gate passes)."""
+    tol = record["tolerance"]
+    return [b for b, r in record["results"].items()
+            if not (r["agreement_mean"] >= tol["min_agreement_mean"]
+                    and abs(r["f1_gt_mean"] - r["f1_gt_host_mean"]) <= tol["max_f1_diff"])]
+
+
+def format_in_graph_table(record: dict) -> str:
+    """Plain-text rows of the in-graph gate (one per backend)."""
+    tol = record["tolerance"]
+    lines = [f"{'in-graph vs host':<28} {'n':>4} {'agree mean':>11} {'agree min':>10} {'F1 graph':>9} {'F1 host':>8} "
+             f"{'ms host':>8} {'ms graph':>9}  gate ({tol['rule']})"]
+    failed = set(in_graph_failures(record))
+    for b, r in record["results"].items():
+        lines.append(f"{b:<28} {r['n']:>4} {r['agreement_mean']:>11.5f} {r['agreement_min']:>10.5f} "
+                     f"{r['f1_gt_mean']:>9.4f} {r['f1_gt_host_mean']:>8.4f} {r['ms_per_image']['host']:>8.1f} "
+                     f"{r['ms_per_image']['graph']:>9.1f}  {'FAIL' if b in failed else 'ok'}")
+    return "\n".join(lines)

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..artifacts import sha256_file, utc_now, write_text_atomic
 from ..errors import LungsamError
+from ..manifest import MANIFEST_FILE
 
 BUNDLE_SHA_PARAMETER = "lungsam_bundle_manifest_sha256"
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
@@ -154,15 +155,34 @@ def write_repository(bundle: str | Path, repo: str | Path, *, name: str = "lungs
         raise TritonRepositoryError(f"instance kind {kind!r}; choose from {', '.join(INSTANCE_KINDS)}")
     if max_batch < 1 or instances < 1 or queue_delay_us < 0:
         raise TritonRepositoryError("max_batch and instances must be >= 1, queue_delay_us >= 0")
-    repo = Path(repo)
+    repo, root = Path(repo), Path(bundle)
     preflight(repo, name)
-    root = Path(bundle)
-    manifest_path = root / "manifest.json"
+    manifest_path = root / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise TritonRepositoryError(f"{bundle}: not a bundle (no manifest.json)")
+        raise TritonRepositoryError(f"{bundle}: not a bundle (no {MANIFEST_FILE})")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     bundle_sha = sha256_file(manifest_path)
     names = model_names(name)
+    entries = served_entries(manifest, manifest_path, precision)
+    configs = {names[model]: onnx_model_config(names[model], entry, max_batch=max_batch, instances=instances,
+                                               kind=kind, bundle_sha=bundle_sha, queue_delay_us=queue_delay_us)
+               for model, entry in entries.items()}
+    configs[names["ensemble"]] = ensemble_config(names, entries["encoder"], entries["decoder_fixed"],
+                                                 max_batch=max_batch, bundle_sha=bundle_sha)
+    stage_repository(repo, root, {names[m]: e for m, e in entries.items()}, configs)
+    record = {"format": REPOSITORY_FORMAT, "created": utc_now(), "bundle": str(root.resolve()),
+              "bundle_manifest_sha256": bundle_sha, "precision": precision, "models": names,
+              "max_batch_size": max_batch, "instance_group": {"count": instances, "kind": kind},
+              "client": "sends the raw padded model input (B, 3, img, img) float32 0..255 (lungsam.preprocess."
+                        "model_input); gets low_res_logits (B, 1, 4E, 4E) and iou_predictions (B, 1); "
+                        "postprocessing with the bundle's manifest (lungsam.runtime, --backend triton)"}
+    write_text_atomic(repo / f"{name}.lungsam.json", json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def served_entries(manifest: dict, manifest_path: Path, precision: str) -> dict[str, dict]:
+    """``{model: manifest entry}`` of the models served at ``precision``: the encoder and decoder_fixed (required:
+    the ensemble runs them), the prompted decoder when present. The in-graph models are not served (yet)."""
     entries: dict[str, dict] = {}
     for model in ("encoder", "decoder_fixed", "decoder"):
         by_precision = manifest["models"].get(model) or {}
@@ -177,29 +197,23 @@ def write_repository(bundle: str | Path, repo: str | Path, *, name: str = "lungs
                 raise TritonRepositoryError(f"{manifest_path}: no {precision} encoder; export with --{precision}")
             continue
         entries[model] = by_precision[precision]
+    return entries
+
+
+def stage_repository(repo: Path, bundle_root: Path, entries: dict[str, dict], configs: dict) -> None:
+    """Write each model folder (``config.pbtxt`` validated, ``1/model.onnx``; ``entries`` keyed by Triton model
+    name, the ensemble with an empty version folder) in a temporary folder inside ``repo``, then move them in."""
     _, text_format = _pb()
     repo.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".triton-", dir=repo) as tmp:
         stage = Path(tmp)
-        configs = {}
-        for model, entry in entries.items():
-            configs[names[model]] = onnx_model_config(names[model], entry, max_batch=max_batch, instances=instances,
-                                                      kind=kind, bundle_sha=bundle_sha, queue_delay_us=queue_delay_us)
-            _copy_model(root, entry, stage / names[model] / "1")
-        configs[names["ensemble"]] = ensemble_config(names, entries["encoder"], entries["decoder_fixed"],
-                                                     max_batch=max_batch, bundle_sha=bundle_sha)
-        (stage / names["ensemble"] / "1").mkdir(parents=True)  # Triton needs a version folder, even empty
-        for model_name, cfg in configs.items():
+        for model_name in configs:
+            if model_name in entries:
+                _copy_model(bundle_root, entries[model_name], stage / model_name / "1")
+            else:
+                (stage / model_name / "1").mkdir(parents=True)  # Triton needs a version folder, even empty
             path = stage / model_name / "config.pbtxt"
-            write_text_atomic(path, text_format.MessageToString(cfg))
+            write_text_atomic(path, text_format.MessageToString(configs[model_name]))
             validate_config(path)
         for model_name in configs:
             (stage / model_name).rename(repo / model_name)
-    record = {"format": REPOSITORY_FORMAT, "created": utc_now(), "bundle": str(root.resolve()),
-              "bundle_manifest_sha256": bundle_sha, "precision": precision, "models": names,
-              "max_batch_size": max_batch, "instance_group": {"count": instances, "kind": kind},
-              "client": "sends the raw padded model input (B, 3, img, img) float32 0..255 (lungsam.preprocess."
-                        "model_input); gets low_res_logits (B, 1, 4E, 4E) and iou_predictions (B, 1); "
-                        "postprocessing with the bundle's manifest (lungsam.runtime, --backend triton)"}
-    write_text_atomic(repo / f"{name}.lungsam.json", json.dumps(record, indent=2) + "\n")
-    return record

@@ -34,6 +34,12 @@ BOX_SOURCE_CHOICES = ("learned", "given", "first-pass")  # lungsam.manifest.BOX_
 @click.option("--performance-hint", type=click.Choice(["latency", "throughput"]), default=None,
               help="OpenVINO's PERFORMANCE_HINT (default latency); refused with other backends.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per model call.")
+@click.option("--preprocess", "preprocess", type=click.Choice(["host", "graph", "auto"]), default="host",
+              show_default=True,
+              help="host: resize, normalise and upsample the mask in numpy; graph: the bundle's in-graph models "
+                   "(lungsam export --in-graph-preprocess; fp32, onnxruntime/OpenVINO, learned prompt, one image per "
+                   "call); auto: graph where the bundle's export timed it faster on a CPU like this one. predict.json "
+                   "says which ran (docs/in_graph_preprocessing.md).")
 @click.option("--ground-truth", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
               help="Folder of reference masks named like the inputs: adds F1/IoU per image and metrics.json.")
 @click.option("--box-source", type=click.Choice(BOX_SOURCE_CHOICES), default=None,
@@ -79,7 +85,7 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
             box_source: str | None, box_from_first_pass: bool | None, dicom_seg: bool, fractional: bool, sr: bool,
             secondary_capture: bool, no_progress: bool, expect_digest: str | None, overwrite: bool, max_pixels: int,
             ray_address: str | None, ray_workers: int, ray_cpus_per_worker: float, ray_gpus_per_worker: float,
-            performance_hint: str | None, quiet: int) -> None:
+            performance_hint: str | None, preprocess: str, quiet: int) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
 
     INPUTS are files or folders. Torch-free. Exit code 1 when any input failed (each failure is a line
@@ -92,14 +98,15 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
                 max_pixels=max_pixels)
     dicom = dict(dicom_seg=dicom_seg, fractional=fractional, sr=sr, secondary_capture=secondary_capture)
     if ray_address is not None:
-        if overwrite:  # a Ray rerun resumes its folder (ray_run.json); it never clears it
+        if overwrite or preprocess != "host":  # a Ray rerun resumes its folder (ray_run.json); it never clears it
             raise click.UsageError("--overwrite cannot be combined with --ray: a rerun skips the inputs already "
-                                   "complete; choose an empty --out for a new run")
+                                   "complete; choose an empty --out for a new run" if overwrite else
+                                   "--preprocess graph/auto is not wired into --ray yet: drop it, or run without --ray")
         return _predict_ray(bundle, inputs, out_dir, ray_address, ray_workers, ray_cpus_per_worker,
                             ray_gpus_per_worker, overlay=overlay, batch_size=batch_size, ground_truth=ground_truth,
                             no_progress=no_progress, **load, **dicom)
     listing = _input_listing(inputs, out_dir, overwrite)
-    seg = _load_segmenter(bundle, performance_hint=performance_hint, **load)
+    seg = _load_segmenter(bundle, performance_hint=performance_hint, preprocess=preprocess, **load)
     _refuse_needs_box(seg, bundle)
     _require_inputs(listing)
     n = len(listing.files)

@@ -108,9 +108,16 @@ class OvModel:
         self.providers = [f"OpenVINO CPU ({got}, {self.config['PERFORMANCE_HINT'].lower()})"]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = {i: np.ascontiguousarray(feeds[n], dtype=np.float32) for i, n in enumerate(self.input_names)}
+        """Float tensors go in and come out as float32; integer ones (the in-graph models' uint8 image, int64 size
+        and uint8 mask, :mod:`lungsam.runtime.ingraph`) keep their dtype."""
+        inputs = {i: _boundary(feeds[n]) for i, n in enumerate(self.input_names)}
         res = self.request.infer(inputs)
-        return {n: np.asarray(res[i], np.float32) for i, n in enumerate(self.output_names)}
+        return {n: _boundary(res[i]) for i, n in enumerate(self.output_names)}
+
+
+def _boundary(a) -> np.ndarray:
+    a = np.asarray(a)
+    return np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else a.dtype)
 
 
 def _io_name(port) -> str:

@@ -234,6 +234,8 @@ class LungSegmenter:
     :meth:`preprocess` are safe to run in other threads (``segment_many`` does).
     """
 
+    preprocess_path = "host"  # resize and normalise in numpy (lungsam.runtime.ingraph: "graph")
+
     def __init__(self, bundle: Bundle, models: dict[str, Model], choice: BackendChoice, threads: int | None = None,
                  box_from_first_pass: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  policy: PromptPolicy | None = None):
@@ -263,7 +265,7 @@ class LungSegmenter:
              allow_fallback: bool = False, threads: int | None = None,
              box_from_first_pass: bool | None = None, expect_digest: str | None = None,
              max_pixels: int | None = DEFAULT_MAX_PIXELS, performance_hint: str | None = None,
-             box_source: str | None = None) -> "LungSegmenter":
+             box_source: str | None = None, preprocess: str = "host") -> "LungSegmenter":
         """Open a bundle (verifying every file's sha256) with the requested backend.
 
         Args:
@@ -290,6 +292,9 @@ class LungSegmenter:
                 every file's sha256; ``lungsam export`` prints it) is this one: pins the validated bundle.
             max_pixels: largest input (rows x columns) read or segmented, checked from each file's header
                 before decoding (``None``: no limit); bounds memory per image.
+            preprocess: ``host`` (numpy), ``graph`` (the bundle's in-graph models, ``lungsam export
+                --in-graph-preprocess``: :class:`lungsam.runtime.ingraph.GraphLungSegmenter`) or ``auto``
+                (:func:`lungsam.runtime.ingraph.choose_preprocess`).
         Raises:
             BundleError / BundleIntegrityError: not a bundle, a malformed manifest, a listed file missing or
                 changed, or a digest other than ``expect_digest``.
@@ -300,6 +305,16 @@ class LungSegmenter:
             raise BundleIntegrityError(f"bundle {b.root}: digest {b.digest} is not the expected {expect_digest}")
         if not b.verified:
             b.verify()
+        if preprocess != "host":  # the in-graph path (lungsam.runtime.ingraph)
+            from .ingraph import GraphLungSegmenter, choose_preprocess
+
+            first_pass = True if box_source == "first-pass" else box_from_first_pass
+            path, why = choose_preprocess(b, preprocess, backend, device, precision, first_pass)
+            if path == "graph":
+                seg = GraphLungSegmenter.load(b, backend, device, precision, allow_fallback, threads,
+                                              first_pass, expect_digest, max_pixels, performance_hint)
+                seg.preprocess_choice = why
+                return seg
         names = b.model_names()
         if "encoder" not in names or not ({"decoder", "decoder_fixed"} & set(names)):
             raise BundleError(f"bundle {b.root} needs an encoder and a decoder (has: {', '.join(names) or 'none'})")
@@ -351,7 +366,8 @@ class LungSegmenter:
                 "threshold": self.threshold, "working_size": self.working_size,
                 "postprocess": self.cleanup.enabled, "quality_flag": self.qc is not None,
                 "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks),
-                "max_pixels": self.max_pixels, **({"backend_choice": self.choice.why} if self.choice.why else {})}
+                "max_pixels": self.max_pixels, "preprocess": self.preprocess_path,
+                **({"backend_choice": self.choice.why} if self.choice.why else {})}
 
     # -----------------------------------------------------------------------------------------
     # stages
@@ -383,10 +399,9 @@ class LungSegmenter:
         check_segmentable(img.pixels, img.path)
         t1 = time.perf_counter()
         try:
-            working = pp.to_working(img.pixels, self.working_size)
+            raw, input_hw = self.to_model_input(img.pixels)
         except ValueError as e:
             raise ImageReadError(f"{img.path}: {e}") from e
-        raw, input_hw = pp.model_input(working, self.spec)
         t2 = time.perf_counter()
         notes = list(img.warnings)
         spacing = img.pixel_spacing_mm
@@ -397,6 +412,11 @@ class LungSegmenter:
         return Prepared(model_input=raw, input_hw=input_hw, original_hw=img.hw, working_size=self.working_size,
                         pixel_spacing_mm=spacing, source=src, pixels=img.pixels,
                         timings={"read_s": t1 - t0, "preprocess_s": t2 - t1}, warnings=notes)
+
+    def to_model_input(self, pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """Original pixels -> raw model input ``(3, img, img)`` float32 and its resized size (original -> working
+        -> model frame, :func:`lungsam.preprocess.to_working`, :func:`lungsam.preprocess.model_input`)."""
+        return pp.model_input(pp.to_working(pixels, self.working_size), self.spec)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         """``(B, 3, img, img)`` (or ``(3, img, img)``) raw model inputs -> ``(B, C, E, E)`` embeddings."""
