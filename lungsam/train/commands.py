@@ -45,6 +45,11 @@ PROMPTS = click.Choice(list(PROMPT_MODES))
                    "smaller is cheaper at inference: the same weights, the decoder tuned at that size.")
 @click.option("--augment", "augment_views", type=ranged("augment_views"), default=0, show_default=True,
               help="Augmented copies per training image (affine + gamma, made once and cached; 0 = none).")
+@click.option("--augment-policy", type=click.Choice(["affine", "acquisition"]), default="affine", show_default=True,
+              help="Transforms of the --augment views: affine (geometry + gamma) or acquisition (also exposure, "
+                   "contrast, equalisation, burnt-in text/tubes, blur, noise; docs/generalisation.md).")
+@click.option("--opacity-prob", type=ranged("opacity_prob"), default=0.0, show_default=True,
+              help="Probability that an --augment view gets synthetic opacities inside its lungs (mask unchanged).")
 @click.option("--lora-rank", type=ranged("lora_rank"), default=0, show_default=True,
               help="Also train LoRA adapters of this rank on the image encoder (0 = off, the paper's decoder-only "
                    "recipe; needs pip install 'lungsam[lora]'; the encoder then runs every step).")
@@ -67,7 +72,7 @@ PROMPTS = click.Choice(list(PROMPT_MODES))
               help="Train just this fold now (repeatable); the rest follow later with --resume.")
 @verbosity
 def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, patience, min_delta, lr, weight_decay, batch_size,
-          size, encoder_size, augment_views, lora_rank, lora_alpha, lora_targets, seed, thresholds, device, cpu_bf16, out,
+          size, encoder_size, augment_views, augment_policy, opacity_prob, lora_rank, lora_alpha, lora_targets, seed, thresholds, device, cpu_bf16, out,
           resume, only_folds, quiet):
     """Fine-tune SAM's mask decoder (encoders frozen) on chest X-rays."""
     from .config import TrainConfig, parse_thresholds
@@ -81,7 +86,7 @@ def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, pa
     cfg = TrainConfig(data=list(data), backbone=backbone, checkpoint=checkpoint, prompt=prompt,
                       points_per_lung=points_per_lung, folds=folds, epochs=epochs, patience=patience, min_delta=min_delta, lr=lr,
                       weight_decay=weight_decay, batch_size=batch_size, size=size, encoder_size=encoder_size,
-                      augment_views=augment_views,
+                      augment_views=augment_views, augment_policy=augment_policy, opacity_prob=opacity_prob,
                       lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), seed=seed,
                       thresholds=sweep, device=device, cpu_bf16=cpu_bf16)

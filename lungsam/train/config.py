@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigError
 from ..prompts import PROMPT_MODES
 from ..ranges import RANGES, TRAIN_DEVICES, check, check_choice, check_each
+from .augment import AUGMENT_POLICIES
 
 if TYPE_CHECKING:  # Python 3.11+ (annotations are not evaluated at run time here)
     from typing import Self
@@ -34,6 +36,21 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
         raise ValueError(f"--thresholds {text!r}: thresholds must be probabilities in (0, 1)"
                          + (f" (got {bad[0]})" if bad else ""))
     return tuple(sorted(set(vals)))
+
+
+def check_augment_options(cfg) -> None:
+    """``augment_policy`` is a known policy (``opacity_prob``'s range is checked with the others); either set
+    away from its default needs ``augment_views > 0`` (they shape the augmented views; without views there are
+    none to shape).
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    owner = type(cfg).__name__
+    check_choice("augment_policy", cfg.augment_policy, AUGMENT_POLICIES, owner)
+    if cfg.augment_views <= 0 and (cfg.augment_policy != "affine" or cfg.opacity_prob > 0):
+        raise ConfigError(f"{owner}.augment_views: --augment-policy/--opacity-prob shape the augmented views; "
+                          "give --augment N (N >= 1) with them")
 
 
 class DictConfig:
@@ -90,6 +107,9 @@ class TrainConfig(DictConfig):
             The encoder then runs in every step (no embedding cache for training) (:mod:`lungsam.lora`).
         augment_views: augmented copies per training image (0: none), made once and encoded into the
             embedding cache; each epoch draws the original or one copy per image (:mod:`lungsam.train.augment`).
+        augment_policy: the views' transforms, ``affine`` (geometry + gamma) or ``acquisition`` (also exposure,
+            contrast, equalisation, burnt-in text/tubes, blur, noise); opacity_prob: probability that a view gets
+            synthetic opacities inside its lungs (:mod:`lungsam.train.opacity`). Both need ``augment_views > 0``.
         thresholds: probability thresholds swept on validation (default 0.05-0.95 in steps of 0.05; the
             choice at either edge is warned about and recorded as ``threshold_edge`` in the fold's metrics).
         device: ``auto`` | ``cpu`` | ``cuda``; amp: mixed precision on cuda.
@@ -114,6 +134,8 @@ class TrainConfig(DictConfig):
     batch_size: int = 4
     box_jitter: float = 0.05
     augment_views: int = 0
+    augment_policy: str = "affine"
+    opacity_prob: float = 0.0
     lora_rank: int = 0
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = ("qkv",)
@@ -127,6 +149,7 @@ class TrainConfig(DictConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("prompt", self.prompt, PROMPT_MODES, type(self).__name__)
+        check_augment_options(self)
 
     def lora_spec(self):
         """:class:`lungsam.lora.LoraSpec` of this run, or ``None`` when LoRA is off."""
