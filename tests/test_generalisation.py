@@ -137,3 +137,11 @@ def test_cli_train_takes_the_augment_options(tmp_path, isolated_cache):
     assert t["policy"] == "acquisition" and t["opacity"] == 1.0
     assert t["opacities"]["strength"] == list(OpacitySpec().strength) and "burn_in" in t
     assert run["augmentation"]["computed"] == 10  # 10 training images x 1 view
+
+
+def test_cli_policy_choices_are_the_config_policies():
+    from lungsam.train.commands import train
+    from lungsam.train.config import AUGMENT_POLICIES
+
+    opt = next(p for p in train.params if p.name == "augment_policy")
+    assert tuple(opt.type.choices) == AUGMENT_POLICIES

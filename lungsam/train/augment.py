@@ -31,9 +31,8 @@ import numpy as np
 
 from ..data import Sample
 from .burnin import BurnInSpec, burn_in
+from .config import AUGMENT_POLICIES
 from .opacity import OpacitySpec, add_opacities
-
-AUGMENT_POLICIES = ("affine", "acquisition")
 
 
 @dataclass(frozen=True)

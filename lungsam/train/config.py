@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 from ..prompts import PROMPT_MODES
 from ..ranges import RANGES, TRAIN_DEVICES, check, check_choice, check_each
-from .augment import AUGMENT_POLICIES
 
 if TYPE_CHECKING:  # Python 3.11+ (annotations are not evaluated at run time here)
     from typing import Self
@@ -36,6 +35,9 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
         raise ValueError(f"--thresholds {text!r}: thresholds must be probabilities in (0, 1)"
                          + (f" (got {bad[0]})" if bad else ""))
     return tuple(sorted(set(vals)))
+
+
+AUGMENT_POLICIES = ("affine", "acquisition")  # the --augment-policy choices (lungsam.train.augment)
 
 
 def check_augment_options(cfg) -> None:
