@@ -72,7 +72,8 @@ PROMPTS = click.Choice(list(PROMPT_MODES))
               help="Train just this fold now (repeatable); the rest follow later with --resume.")
 @verbosity
 def train(data, backbone, checkpoint, prompt, points_per_lung, folds, epochs, patience, min_delta, lr, weight_decay, batch_size,
-          size, encoder_size, augment_views, augment_policy, opacity_prob, lora_rank, lora_alpha, lora_targets, seed, thresholds, device, cpu_bf16, out,
+          size, encoder_size, augment_views, augment_policy, opacity_prob, lora_rank, lora_alpha, lora_targets, seed,
+          thresholds, device, cpu_bf16, out,
           resume, only_folds, quiet):
     """Fine-tune SAM's mask decoder (encoders frozen) on chest X-rays."""
     from .config import TrainConfig, parse_thresholds
