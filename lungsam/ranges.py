@@ -79,6 +79,7 @@ RANGES: dict[str, Range] = {
     "embed_batch_size": INT_POS,
     "box_jitter": Range(float, 0.0, 0.5),
     "augment_views": INT_NONNEG,
+    "opacity_prob": Range(float, 0.0, 1.0),
     "lora_rank": INT_NONNEG,
     "lora_alpha": Range(float, 0.0, low_open=True),
     "seed": INT_NONNEG,

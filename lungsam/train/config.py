@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigError
 from ..options import option
 from ..prompts import PROMPT_MODES
 from ..ranges import RANGES, TRAIN_DEVICES, check, check_choice, check_each
@@ -87,6 +88,24 @@ BF16_HELP = ("CPU only: train in bfloat16 autocast (needs AVX512-BF16 or AMX; an
              "{what} on such CPUs; thresholds and test scores stay float32.")
 
 
+AUGMENT_POLICIES = ("affine", "acquisition")  # the --augment-policy choices (lungsam.train.augment)
+
+
+def check_augment_options(cfg) -> None:
+    """``augment_policy`` is a known policy (``opacity_prob``'s range is checked with the others); either set
+    away from its default needs ``augment_views > 0`` (they shape the augmented views; without views there are
+    none to shape).
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    owner = type(cfg).__name__
+    check_choice("augment_policy", cfg.augment_policy, AUGMENT_POLICIES, owner)
+    if cfg.augment_views <= 0 and (cfg.augment_policy != "affine" or cfg.opacity_prob > 0):
+        raise ConfigError(f"{owner}.augment_views: --augment-policy/--opacity-prob shape the augmented views; "
+                          "give --augment N (N >= 1) with them")
+
+
 class DictConfig:
     """``to_dict``/``from_dict`` for the training config dataclasses: JSON-ready dicts (tuples as lists), read
     back with tuple fields restored and keys this version does not know ignored. A tuple field is one whose
@@ -152,6 +171,9 @@ class TrainConfig(DictConfig):
             The encoder then runs in every step (no embedding cache for training) (:mod:`lungsam.lora`).
         augment_views: augmented copies per training image (0: none), made once and encoded into the
             embedding cache; each epoch draws the original or one copy per image (:mod:`lungsam.train.augment`).
+        augment_policy: the views' transforms, ``affine`` (geometry + gamma) or ``acquisition`` (also exposure,
+            contrast, equalisation, burnt-in text/tubes, blur, noise); opacity_prob: probability that a view gets
+            synthetic opacities inside its lungs (:mod:`lungsam.train.opacity`). Both need ``augment_views > 0``.
         thresholds: probability thresholds swept on validation (default 0.05-0.95 in steps of 0.05; the
             choice at either edge is warned about and recorded as ``threshold_edge`` in the fold's metrics).
         cleanup: ``validation``: the mask clean-up (:mod:`lungsam.postprocess`) is on when it raises the best
@@ -189,6 +211,12 @@ class TrainConfig(DictConfig):
     augment_views: int = field(default=0, metadata=option(
         "Augmented copies per training image (affine + gamma, made once and cached; 0 = none).",
         flag="--augment", range="augment_views"))
+    augment_policy: str = field(default="affine", metadata=option(
+        "Transforms of the --augment views: affine (geometry + gamma) or acquisition (also exposure, contrast, "
+        "equalisation, burnt-in text/tubes, blur, noise; docs/generalisation.md).", choices=AUGMENT_POLICIES))
+    opacity_prob: float = field(default=0.0, metadata=option(
+        "Probability that an --augment view gets synthetic opacities inside its lungs (mask unchanged).",
+        range="opacity_prob"))
     lora_rank: int = field(default=0, metadata=option(
         "Also train LoRA adapters of this rank on the image encoder (0 = off, the paper's decoder-only recipe; "
         "needs pip install 'lungsam[lora]'; the encoder then runs every step).", range="lora_rank"))
@@ -215,6 +243,7 @@ class TrainConfig(DictConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("prompt", self.prompt, PROMPT_MODES, type(self).__name__)
+        check_augment_options(self)
 
     def lora_spec(self):
         """:class:`lungsam.lora.LoraSpec` of this run, or ``None`` when LoRA is off."""
