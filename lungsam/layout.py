@@ -20,7 +20,8 @@ Run folder (``lungsam train``, ``lungsam train-unet``)::
         metrics.json           threshold sweep, val/test scores, per-image results         FoldLayout.metrics_json
         history.csv, learning_curve.png, threshold_curve.png, overlays.png
 
-Prediction folder (``lungsam predict --out``): :class:`PredictLayout`. Benchmark and sweep folders
+Evaluation folder (``lungsam eval --out``): :class:`EvalLayout`. Prediction folder (``lungsam predict --out``):
+:class:`PredictLayout`. Benchmark and sweep folders
 (``lungsam bench``): :class:`BenchLayout`, :class:`SweepLayout`. ``lungsam reproduce``'s root and its step folders:
 :class:`ReproduceLayout`, :class:`StepLayout`.
 """
@@ -230,3 +231,25 @@ class ReproduceLayout:
     @property
     def figures_dir(self) -> Path:
         return Path(self.root) / "figures"
+
+
+@dataclass(frozen=True)
+class EvalLayout:
+    """``lungsam eval --out OUT``: the scores, their report and the best/worst overlays."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def overlays_png(self) -> Path:
+        return self.root / "overlays.png"

@@ -21,10 +21,10 @@ from ..artifacts import machine_record, package_versions, utc_now, write_json_at
 from ..backbones import build_backbone, preprocess_for
 from ..preprocess import encoder_input
 from ..prompts import learn_prompt
+from ..samples import checkpoint_for, embed_samples, load_data
 from ..train import engine
 from ..train.config import TrainConfig
 from ..train.engine import DecoderTrainer, mixed_precision, pick_device
-from ..train.run import checkpoint_for, embed_samples, load_data
 
 
 def _sync(device: str) -> None:

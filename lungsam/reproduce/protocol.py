@@ -149,9 +149,9 @@ def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None =
     """The full protocol, or the ``--quick`` one: one 60/20/20 split, ``QUICK_EPOCHS`` epochs without early stop,
     the 2-cell grid ``QUICK_GRID`` and ``QUICK_SUBSET`` images per set (``epochs``/``subset`` override)."""
     from ..backbones import get_backbone, preprocess_for
+    from ..samples import checkpoint_for
     from ..train.config import TrainConfig
     from ..train.engine import mixed_precision, pick_device
-    from ..train.run import checkpoint_for
 
     get_backbone(backbone)
     mixed_precision(pick_device(device), False, cpu_bf16)  # --cpu-bf16 where it cannot run fails before any work
@@ -468,9 +468,10 @@ def run_protocol(st: Settings, out: str | Path, *, command: str | None = None, l
                  progress: bool = True) -> dict:
     """Run (or resume) every step of the protocol and write tables.md, results.json and figures."""
     from ..embeddings import weights_fingerprint
+    from ..samples import embed_samples, load_data
     from ..train.config import TrainConfig
     from ..train.engine import pick_device
-    from ..train.run import embed_samples, evaluate, load_data
+    from ..train.evaluate import evaluate
     from . import tables
 
     root = Path(out) / st.label
