@@ -162,7 +162,8 @@ def resolve_checkpoint(run: dict) -> str | None:
     raise RunError(f"backbone checkpoint {ckpt} not found; pass it with --checkpoint")
 
 
-def load_run(run_dir: str | Path, fold: int | None = None, checkpoint: str | None = None, which: str = "best") -> RunModel:
+def load_run(run_dir: str | Path, fold: int | None = None, checkpoint: str | None = None,
+             which: str = "best") -> RunModel:
     """Rebuild the tuned model of a run (``which`` = ``best`` or ``last`` decoder weights)."""
     from safetensors.torch import load_file
 

@@ -257,7 +257,8 @@ def _write_evaluation(out: Path, result: dict, s: Scored, pred: list[np.ndarray]
 
 def evaluate(*, out: str | Path, data_paths: list[str], run_dir: str | None = None, fold: int | None = None,
              split: str = "all", backbone: str | None = None, checkpoint: str | None = None,
-             prompt_mode: str = "points", points_per_lung: int = 3, prompt_from: list[str] | None = None, threshold: float | None = None,
+             prompt_mode: str = "points", points_per_lung: int = 3, prompt_from: list[str] | None = None,
+             threshold: float | None = None,
              size: int | None = None, encoder_size: int | None = None, box_from_first_pass: bool = False,
              device: str = "auto", log: Log | None = None, progress: bool = True) -> dict:
     """Score a run or a zero-shot backbone on data sets; writes metrics.json, report.md and overlays.png.

@@ -213,10 +213,12 @@ def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
     lines = [
         "# lungsam U-Net baseline",
         "",
-        f"- data: {', '.join(cfg['data'])} ({run['n_samples']} pairs); working size {cfg['size']}; folds {cfg['folds']} "
+        f"- data: {', '.join(cfg['data'])} ({run['n_samples']} pairs); working size {cfg['size']}; "
+        f"folds {cfg['folds']} "
         f"(seed {cfg['seed']}: the same splits as `lungsam train`)",
         f"- MONAI UNet channels {cfg['channels']}, {cfg['res_units']} residual units per level, "
-        f"{run['parameters']:,} parameters; DiceFocalLoss, Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, "
+        f"{run['parameters']:,} parameters; DiceFocalLoss, Adam lr {cfg['lr']:g}, "
+        f"weight decay {cfg['weight_decay']:g}, "
         f"batch {cfg['batch_size']}, epochs ≤ {cfg['epochs']} (early stop: val F1 gain < {cfg['min_delta']:g} in "
         f"{cfg['patience']} epochs); no augmentation",
         f"- device {run['device']} ({report.precision_note(cfg, run['device'])}); started {run['started']}; "
