@@ -31,7 +31,7 @@ STEPS = {
 }
 # values that may differ between two sittings of the same code: clocks, paths, versions, cache use
 VOLATILE = ("_s", "time", "started", "finished", "created", "resumed", "versions", "cache_dir", "until", "hits",
-            "computed", "seconds", "checkpoint", "data", "source")
+            "computed", "seconds", "checkpoint", "data", "source", "model")  # model: eval names the run folder
 
 
 def produce(code: str, out: Path) -> None:
