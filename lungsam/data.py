@@ -156,7 +156,8 @@ def shuffled_ids(ids: list[str], seed: int) -> list[str]:
     return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
 
 
-def holdout_split(ids: list[str], seed: int, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> dict[str, list[str]]:
+def holdout_split(ids: list[str], seed: int,
+                  fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> dict[str, list[str]]:
     """Deterministic train/val/test split (60/20/20 by default) of sample ids."""
     s = shuffled_ids(ids, seed)
     n = len(s)

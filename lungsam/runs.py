@@ -1,18 +1,7 @@
 """Reading training runs (shared by eval, export, benchmarks; never imports :mod:`lungsam.train`).
 
-Layout written by ``lungsam train``::
-
-    RUN/
-      run.json                 config, backbone, weights sha256, data, versions, timings
-      metrics.json, report.md  aggregate over folds
-      folds/fold_<i>/
-        split.json             {"train": [...ids], "val": [...], "test": [...]}
-        prompt.json            LearnedPrompt.to_dict()
-        decoder_best.safetensors, decoder_last.safetensors   mask_decoder state dict
-        encoder_lora_best/last.safetensors   encoder adapter weights (runs with --lora-rank only)
-        train_state.pt         optimizer + history, for --resume
-        metrics.json           threshold sweep, val/test scores, per-image results
-        history.csv, learning_curve.png, overlays.png
+The run folder ``lungsam train`` and ``lungsam train-unet`` write is named, file by file, by
+:class:`lungsam.layout.RunLayout` and :class:`lungsam.layout.FoldLayout` (the tree is in :mod:`lungsam.layout`).
 """
 from __future__ import annotations
 
@@ -29,6 +18,7 @@ from segment_anything.modeling import Sam
 from .artifacts import read_json, sha256_file
 from .backbones import build_backbone, get_backbone, preprocess_for
 from .errors import ArgumentError, LungsamError
+from .layout import FoldLayout, RunLayout
 from .preprocess import PreprocessSpec
 from .prompts import LearnedPrompt
 
@@ -129,12 +119,13 @@ class RunModel:
 
 
 def fold_dirs(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "folds").glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+    """A run's fold folders, in fold order."""
+    return [f.root for f in RunLayout(run_dir).existing_folds()]
 
 
 def finished_fold_dirs(run_dir: Path) -> list[Path]:
     """Fold folders of a run that hold their ``metrics.json`` (training finished), in fold order."""
-    return [d for d in fold_dirs(run_dir) if (d / "metrics.json").exists()]
+    return [f.root for f in RunLayout(run_dir).existing_folds() if f.metrics_json.exists()]
 
 
 def pick_fold(run_dir: Path, fold: int | None) -> Path:
@@ -143,11 +134,11 @@ def pick_fold(run_dir: Path, fold: int | None) -> Path:
     if not dirs:
         raise RunError(f"{run_dir}: no finished fold (folds/fold_*/metrics.json); did training complete?")
     if fold is not None:
-        d = run_dir / "folds" / f"fold_{fold}"
+        d = RunLayout(run_dir).fold(fold).root
         if d not in dirs:
             raise RunError(f"{run_dir}: fold {fold} not found or unfinished; finished: {[x.name for x in dirs]}")
         return d
-    return max(dirs, key=lambda d: read_json(d / "metrics.json")["val"]["f1"]["mean"])
+    return max(dirs, key=lambda d: read_json(FoldLayout(d).metrics_json)["val"]["f1"]["mean"])
 
 
 def resolve_checkpoint(run: dict) -> str | None:
@@ -171,30 +162,32 @@ def resolve_checkpoint(run: dict) -> str | None:
     raise RunError(f"backbone checkpoint {ckpt} not found; pass it with --checkpoint")
 
 
-def load_run(run_dir: str | Path, fold: int | None = None, checkpoint: str | None = None, which: str = "best") -> RunModel:
+def load_run(run_dir: str | Path, fold: int | None = None, checkpoint: str | None = None,
+             which: str = "best") -> RunModel:
     """Rebuild the tuned model of a run (``which`` = ``best`` or ``last`` decoder weights)."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").exists():
-        raise RunError(f"{run_dir}: not a lungsam run (no run.json)")
-    run = read_json(run_dir / "run.json")
-    fd = pick_fold(run_dir, fold)
+    layout = RunLayout(run_dir)
+    if not layout.run_json.exists():
+        raise RunError(f"{run_dir}: not a lungsam run (no {layout.run_json.name})")
+    run = read_json(layout.run_json)
+    fd = FoldLayout(pick_fold(run_dir, fold))
     ckpt = checkpoint or resolve_checkpoint(run)
     encoder_size = run["config"].get("encoder_size")
     sam = load_backbone_checked(run["config"]["backbone"], ckpt, encoder_size=encoder_size)
-    sam.mask_decoder.load_state_dict(load_file(str(fd / f"decoder_{which}.safetensors")), strict=True)
-    adapter = _merge_adapter(sam, run["config"], fd / f"encoder_lora_{which}.safetensors")
+    sam.mask_decoder.load_state_dict(load_file(str(fd.weights("decoder", which))), strict=True)
+    adapter = _merge_adapter(sam, run["config"], fd.weights("encoder_lora", which))
     from .embeddings import weights_fingerprint
     from .lora import encoder_fingerprint
 
     weights_sha = run.get("weights_sha256") or weights_fingerprint(run["config"]["backbone"], ckpt)
     fingerprint = encoder_fingerprint(weights_sha, adapter)
-    metrics = read_json(fd / "metrics.json")
+    metrics = read_json(fd.metrics_json)
     return RunModel(sam=sam.eval(), spec=preprocess_for(run["config"]["backbone"], encoder_size),
-                    prompt=LearnedPrompt.from_dict(read_json(fd / "prompt.json")), threshold=float(metrics["threshold"]),
-                    working_size=int(run["config"]["size"]), run=run, fold=int(fd.name.split("_")[1]), fold_dir=fd,
-                    split=read_json(fd / "split.json"), metrics=metrics, encoder_fingerprint=fingerprint,
+                    prompt=LearnedPrompt.from_dict(read_json(fd.prompt_json)), threshold=float(metrics["threshold"]),
+                    working_size=int(run["config"]["size"]), run=run, fold=fd.index, fold_dir=fd.root,
+                    split=read_json(fd.split_json), metrics=metrics, encoder_fingerprint=fingerprint,
                     checkpoint=checkpoint_info(run["config"]["backbone"], ckpt,
                                                sha256_file(ckpt) if ckpt else weights_sha))
 

@@ -10,9 +10,10 @@ from lungsam.artifacts import write_json_atomic
 from lungsam.postprocess import CleanupSpec
 from lungsam.qc import detection_summary
 from lungsam.runs import load_run
+from lungsam.samples import embed_samples, load_data
 from lungsam.train.config import TrainConfig
 from lungsam.train.engine import predict_with_iou
-from lungsam.train.run import assess_quality, calibrate_quality, embed_samples, load_data
+from lungsam.train.folds import assess_quality, calibrate_quality
 
 
 def main(argv: list[str]) -> None:

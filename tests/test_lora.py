@@ -70,7 +70,7 @@ def test_lora_run_trains_adapters_and_keeps_base_weights(lora_run):
 def test_lora_run_evaluates_and_exports(lora_run, tmp_path):
     from lungsam.data import DEMO_DATA
     from lungsam.export.bundle import export_bundle
-    from lungsam.train.run import evaluate
+    from lungsam.train.evaluate import evaluate
 
     r = evaluate(out=tmp_path / "ev", data_paths=[DEMO_DATA], run_dir=str(lora_run), device="cpu", log=lambda m: None,
                  progress=False)

@@ -343,7 +343,7 @@ def test_box_from_first_pass_matches_training_code_and_needs_no_box(tmp_path, ti
     from lungsam.runs import load_run
     from lungsam.runtime import BundleError, PromptRequiredError
     from lungsam.train.config import TrainConfig
-    from lungsam.train.run import score_model
+    from lungsam.train.evaluate import score_model
 
     run, bundle = tiny_both_bundle
     inference = read_json(bundle / "manifest.json")["inference"]

@@ -229,7 +229,7 @@ def test_train_state_carries_its_epochs_weights_and_reads_older_states(tmp_path)
     were kept there resumes from the ``*_last.safetensors`` beside it."""
     from safetensors.torch import save_file
 
-    from lungsam.train.run import save_train_state, train_state_weights
+    from lungsam.train.checkpoints import save_train_state, train_state_weights
 
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(net.parameters())
@@ -245,7 +245,7 @@ def test_loop_state_keeps_the_shuffling_and_the_amp_scaler_through_a_saved_state
     """A resumed fold draws the same shuffles and (fp16 AMP) keeps the gradient scaler's scale and growth
     tracker, through ``train_state.pt`` loaded with ``weights_only=True``. A CPU scaler stands in for the
     CUDA one here (same state dict); a state without a scaler leaves the scaler as built."""
-    from lungsam.train.run import save_train_state
+    from lungsam.train.checkpoints import save_train_state
 
     masks = [s.mask for s in demo.samples[:6]]
     prompt = learn_prompt(masks, "points", 2)
@@ -403,7 +403,7 @@ def test_only_fold_trains_part_of_a_cross_validation_and_resume_completes_it(tmp
 
 def test_held_out_samples_of_a_pooled_run_on_one_of_its_sets():
     from lungsam.runs import RunError
-    from lungsam.train.run import held_out_samples
+    from lungsam.train.evaluate import held_out_samples
 
     test = ["mc/a", "mc/b", "sz/c"]
     assert held_out_samples(test, {"mc/a": 1, "mc/b": 2, "mc/z": 3}, "run") == [1, 2]  # sz not given: left out

@@ -23,10 +23,10 @@ from ..backbones import build_backbone, preprocess_for
 from ..layout import TrainSpeedLayout
 from ..preprocess import encoder_input
 from ..prompts import learn_prompt
+from ..samples import checkpoint_for, embed_samples, load_data
 from ..train import engine
 from ..train.config import TrainConfig
 from ..train.engine import DecoderTrainer, mixed_precision, pick_device
-from ..train.run import checkpoint_for, embed_samples, load_data
 
 _LOG = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Layout of ``OUT/<backbone>/``::
     runs/                           (git-ignored) one folder per step, each with step.json once finished
       _data/                        symlinked subsets (zero-shot prompt sources, --subset/--quick sets)
       <set>/encode/                 encoder pass over the set (fills the embedding cache)
-      <set>/zeroshot_<prompt>/      lungsam.train.run.evaluate(...) of the untuned backbone
+      <set>/zeroshot_<prompt>/      lungsam.train.evaluate.evaluate(...) of the untuned backbone
       <set>/train/<prompt>_lr.._wd.._k.._e../   lungsam.train.run.train_run(...) runs (grid and k-fold)
       cross/<A>_to_<B>/             evaluate(...) of A's point-prompt run on B
       pooled/points_lr.._wd.._k.._e../   one point-prompt model for both sets (train_run on MC+SZ pooled)
@@ -150,9 +150,9 @@ def protocol_settings(*, data_root: str, backbone: str, checkpoint: str | None =
     """The full protocol, or the ``--quick`` one: one 60/20/20 split, ``QUICK_EPOCHS`` epochs without early stop,
     the 2-cell grid ``QUICK_GRID`` and ``QUICK_SUBSET`` images per set (``epochs``/``subset`` override)."""
     from ..backbones import get_backbone, preprocess_for
+    from ..samples import checkpoint_for
     from ..train.config import TrainConfig
     from ..train.engine import mixed_precision, pick_device
-    from ..train.run import checkpoint_for
 
     get_backbone(backbone)
     mixed_precision(pick_device(device), False, cpu_bf16)  # --cpu-bf16 where it cannot run fails before any work
@@ -361,8 +361,8 @@ def encode_sets(inv: Invocation) -> None:
 def _encode(inv: Invocation, ds: DataSet) -> dict:
     """Embed every image of ``ds`` (cached ones are read back); returns the step's info."""
     from ..backbones import build_backbone
+    from ..samples import embed_samples, load_data
     from ..train.config import TrainConfig
-    from ..train.run import embed_samples, load_data
 
     st = inv.st
     cfg = TrainConfig(backbone=st.backbone, checkpoint=st.checkpoint, size=st.size, encoder_size=st.encoder_size)
@@ -390,7 +390,7 @@ def zero_shot(inv: Invocation) -> None:
 
 
 def _zero_shot_eval(inv: Invocation, out: Path, ds: DataSet, mode: str) -> dict:
-    from ..train.run import evaluate
+    from ..train.evaluate import evaluate
 
     st = inv.st
     return _brief(evaluate(
@@ -469,7 +469,7 @@ def cross_dataset(inv: Invocation) -> None:
 
 
 def _cross_eval(inv: Invocation, out: Path, run_dir: Path, ds: DataSet) -> dict:
-    from ..train.run import evaluate
+    from ..train.evaluate import evaluate
 
     return _brief(evaluate(out=out, data_paths=[str(ds.path)], run_dir=str(run_dir), checkpoint=inv.st.checkpoint,
                            device=inv.device, log=inv.quiet_log, progress=inv.progress))

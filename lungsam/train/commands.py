@@ -120,7 +120,7 @@ def f1_n(aggregate: dict) -> int:
 def eval_cmd(run, data, out, fold, split, backbone, checkpoint, prompt, points_per_lung, prompt_from, threshold, size,
              encoder_size, box_from_first_pass, device, quiet):
     """Score a trained RUN, or a backbone zero-shot, on data sets (metrics.json + report.md)."""
-    from .run import evaluate
+    from .evaluate import evaluate
 
     if bool(run) == bool(backbone):
         raise click.UsageError("give either RUN or --backbone (zero-shot)")

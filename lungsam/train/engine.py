@@ -28,7 +28,8 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UnsupportedHereError("--device cuda was asked for but torch sees no CUDA device (torch.cuda.is_available() is False)")
+        raise UnsupportedHereError("--device cuda was asked for but torch sees no CUDA device "
+                                   "(torch.cuda.is_available() is False)")
     return device
 
 
@@ -97,11 +98,13 @@ def mixed_precision(device: str, amp: bool, cpu_bf16: bool) -> bool:
     """
     if device.startswith("cuda"):
         if cpu_bf16:
-            raise UnsupportedHereError("--cpu-bf16 is for CPU runs; this run is on CUDA, where mixed precision is on by default")
+            raise UnsupportedHereError("--cpu-bf16 is for CPU runs; this run is on CUDA, where mixed precision is on "
+                                       "by default")
         return amp
     if cpu_bf16 and not cpu_has_native_bf16():
-        raise UnsupportedHereError("--cpu-bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); this CPU has neither, "
-                           "so bfloat16 would be emulated and slower than float32: run without --cpu-bf16")
+        raise UnsupportedHereError("--cpu-bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); this CPU has "
+                                   "neither, so bfloat16 would be emulated and slower than float32: run without "
+                                   "--cpu-bf16")
     return cpu_bf16
 
 

@@ -61,7 +61,8 @@ def threshold_curve(sweep: list[dict], chosen: float, path: Path, title: str, cl
     for edge in (min(ts), max(ts)):  # a choice in a shaded band sits at the edge of what was swept
         ax.axvspan(edge - step / 2, edge + step / 2, color="tab:red", alpha=0.08, lw=0)
     if chosen in (min(ts), max(ts)) and len(ts) > 1:
-        ax.text(0.5, 0.02, "choice at the sweep's edge", transform=ax.transAxes, ha="center", color="tab:red", fontsize=8)
+        ax.text(0.5, 0.02, "choice at the sweep's edge", transform=ax.transAxes, ha="center", color="tab:red",
+                fontsize=8)
     lo = min(min(r["f1"] for r in sweep), min(r.get("f1_cleaned", 1.0) for r in sweep))
     best = max(max(r["f1"] for r in sweep), max(r.get("f1_cleaned", 0.0) for r in sweep))
     ax.set_ylim(max(lo, best - 0.08), best + 0.005)  # the top of the curve, where the choice is made
@@ -134,20 +135,23 @@ def precision_note(cfg: dict, device: str) -> str:
 
 def fold_table(folds: list[dict]) -> list[str]:
     """Markdown lines: one row per fold (sizes, best epoch, threshold, val F1, test F1 and IoU)."""
-    lines = ["| fold | train/val/test | best epoch | threshold | clean-up | val F1 | test F1 | test IoU | test HD95 px |",
+    lines = ["| fold | train/val/test | best epoch | threshold | clean-up | val F1 | test F1 | test IoU "
+             "| test HD95 px |",
              "|---|---|---|---|---|---|---|---|---|"]
     for f in folds:
         n = f["n"]
         edge = f" ({f['threshold_edge']} edge)" if f.get("threshold_edge") else ""
         clean = "on" if (f.get("postprocess") or {}).get("enabled") else "off"
-        lines.append(f"| {f['fold']} | {n['train']}/{n['val']}/{n['test']} | {f['best_epoch']} | {f['threshold']:.2f}{edge} | "
+        lines.append(f"| {f['fold']} | {n['train']}/{n['val']}/{n['test']} | {f['best_epoch']} | "
+                     f"{f['threshold']:.2f}{edge} | "
                      f"{clean} | {f['val']['f1']['mean']:.3f} | {fmt_mean_std(f['test']['f1'])} | "
                      f"{fmt_mean_std(f['test']['iou'])} | {fmt_boundary(f['test'].get('hd95'))} |")
     return lines
 
 
 def fmt_boundary(s: dict | None, digits: int = 2) -> str:
-    """``mean ± std`` of a boundary-distance summary (:func:`lungsam.metrics.boundary_summary`), ``–`` when absent."""
+    """``mean ± std`` of a boundary-distance summary (:func:`lungsam.metrics.boundary_summary`), ``–`` when
+    absent."""
     if not s or s.get("mean") is None:
         return "–"
     text = f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
@@ -162,8 +166,10 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
         "",
         f"- data: {', '.join(cfg['data'])} ({run['n_samples']} pairs used, {run['n_skipped']} skipped)",
         f"- working size {cfg['size']}x{cfg['size']}"
-        + (f", image encoder input {cfg['encoder_size']}" if cfg.get("encoder_size") else "") + f"; folds {cfg['folds']}; epochs ≤ {cfg['epochs']} "
-        f"(early stop: val F1 gain < {cfg.get('min_delta', 0):g} in {cfg['patience']} epochs); Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}; batch {cfg['batch_size']}",
+        + (f", image encoder input {cfg['encoder_size']}" if cfg.get("encoder_size") else "")
+        + f"; folds {cfg['folds']}; epochs ≤ {cfg['epochs']} "
+        f"(early stop: val F1 gain < {cfg.get('min_delta', 0):g} in {cfg['patience']} epochs); Adam lr {cfg['lr']:g}, "
+        f"weight decay {cfg['weight_decay']:g}; batch {cfg['batch_size']}",
         f"- device {run['device']} ({precision_note(cfg, run['device'])}); started {run['started']}; "
         f"finished {run.get('finished', '?')}; {wall_time_note(run, folds)}",
         f"- {gt_note(cfg['prompt'])}",
@@ -175,7 +181,8 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
               f"min F1 {a['test_f1_pooled']['min']:.3f} ({a['test_f1_pooled']['n']} test images, population std)")
     partial = run.get("partial")
     if partial:
-        lines += ["", f"**Partial run: folds {', '.join(map(str, partial['folds_pending']))} of {cfg['folds']} not trained "
+        lines += ["", f"**Partial run: folds {', '.join(map(str, partial['folds_pending']))} of {cfg['folds']} "
+                      "not trained "
                       f"yet** (`lungsam train ... --resume` trains them); the figures below cover "
                       f"fold{'s' if len(partial['folds_finished']) > 1 else ''} "
                       f"{', '.join(map(str, partial['folds_finished']))} only."]
@@ -194,12 +201,14 @@ def run_report(run: dict, folds: list[dict], aggregate: dict) -> str:
     if len(by_set) > 1:
         lines += ["", "Test images by source data set (pooled over folds):", "",
                   "| data set | test images | F1 mean ± std | min F1 | IoU mean ± std |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['f1']['n']} | {fmt_mean_std(v['f1'])} | {v['f1']['min']:.3f} | {fmt_mean_std(v['iou'])} |"
+        lines += [f"| {k} | {v['f1']['n']} | {fmt_mean_std(v['f1'])} | {v['f1']['min']:.3f} | "
+                  f"{fmt_mean_std(v['iou'])} |"
                   for k, v in by_set.items()]
     lines += [
         "",
         "Paper (Carvalho & Almeida, CIARP 2024, SAM ViT-B, points, 5-fold F1): Montgomery "
-        f"{PAPER['points']['montgomery']}, Shenzhen {PAPER['points']['shenzhen']}; U-Net {PAPER['unet']['montgomery']} / "
+        f"{PAPER['points']['montgomery']}, Shenzhen {PAPER['points']['shenzhen']}; "
+        f"U-Net {PAPER['unet']['montgomery']} / "
         f"{PAPER['unet']['shenzhen']}.",
         "",
         "Figures: `folds/fold_*/learning_curve.png`, `folds/fold_*/threshold_curve.png`, `folds/fold_*/overlays.png`.",
@@ -244,7 +253,8 @@ def eval_report(result: dict) -> str:
         lines += ["", qc_note(qc)]
     if len(parts) > 1:
         lines += ["", "| fold | images | threshold | F1 mean ± std | IoU mean ± std |", "|---|---|---|---|---|"]
-        lines += [f"| {p['fold']} | {p['n']} | {p['threshold']:.2f} | {fmt_mean_std(p['f1'])} | {fmt_mean_std(p['iou'])} |"
+        lines += [f"| {p['fold']} | {p['n']} | {p['threshold']:.2f} | {fmt_mean_std(p['f1'])} | "
+                  f"{fmt_mean_std(p['iou'])} |"
                   for p in parts]
     if result.get("skipped"):
         lines += ["", "## Skipped pairs", ""] + [f"- {s['reason']}" for s in result["skipped"]]

@@ -13,6 +13,7 @@ variance), a common choice for radiographs whose exposure varies. No augmentatio
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,15 +21,29 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..artifacts import package_versions, read_json, utc_now, write_json_atomic, write_text_atomic
+from ..artifacts import package_versions, utc_now
 from ..data import kfold_splits
-from ..errors import ArgumentError, OutputExistsError
-from ..metrics import fmt_mean_std, summarize
+from ..errors import ArgumentError
+from ..layout import FoldLayout, RunLayout
+from ..metrics import fmt_mean_std
+from ..samples import load_data
 from . import report
+from .checkpoints import load_weights
 from .config import UNetConfig  # defined with the other configs (torch-free, the CLI reads its fields)
-from .engine import EarlyStopping, autocast, choose_threshold, mixed_precision, pick_device, score, sweep_thresholds
+from .engine import autocast, mixed_precision, pick_device, score
+from .folds import (
+    FoldData,
+    FoldScoring,
+    check_resumed_splits,
+    config_differences,
+    open_run,
+    refuse_changed_settings,
+    start_run,
+    train_all_folds,
+)
 
 Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 RUN_FORMAT = "lungsam-unet-run/1"
 
 
@@ -69,129 +84,90 @@ def predict_unet(net: torch.nn.Module, images: np.ndarray, device: str, batch_si
     return torch.sigmoid(unet_logits(net, images, device, batch_size))[:, 0].numpy()
 
 
-def _save(net: torch.nn.Module, path: Path, cfg: UNetConfig, fold: int, epoch: int, val_f1: float) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    meta = {"format": "lungsam-unet/1", "config": json.dumps(cfg.to_dict()), "fold": str(fold), "epoch": str(epoch),
-            "val_f1": f"{val_f1:.6f}"}
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-
-
 def load_unet(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, UNetConfig]:
-    """A U-Net checkpoint written by :func:`train_unet_fold` (config from its metadata)."""
+    """A U-Net checkpoint written by :func:`lungsam.train.folds.train_fold` with a :class:`UNetFoldTrainer`
+    (config from its metadata)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(str(path), "pt") as f:
         cfg = UNetConfig.from_dict(json.loads(f.metadata()["config"]))
     net = build_unet(cfg)
-    net.load_state_dict(load_file(str(path)))
+    net.load_state_dict(load_weights(Path(path)))
     return net.to(device).eval(), cfg
 
 
-def train_unet_fold(cfg: UNetConfig, fold: int, split: dict, samples: dict, device: str, fold_dir: Path, log: Log,
-                    progress: bool = True) -> dict:
-    """Train one fold from scratch, choose the threshold on validation, score the test images.
+class UNetFoldTrainer:
+    """The U-Net's side of one fold (:class:`lungsam.train.folds.FoldTrainer`): a MONAI UNet from scratch on the
+    working images ``(N, S, S, 3)`` uint8 (standardised grey, :func:`unet_input`), Adam, DiceFocalLoss, the
+    shuffling generator seeded per fold; only the best weights are kept, the threshold is chosen alone (no
+    clean-up), and there is no quality flag (no predicted IoU) and no boundary score."""
 
-    Resumable: after every epoch the weights, the optimiser, the history, the early stopping marks and the
-    shuffling generator are saved together (``train_state.pt``), and a fold folder holding them goes on from
-    there."""
-    from monai.losses import DiceFocalLoss
-    from tqdm import tqdm
+    keep_last = False
+    scoring = FoldScoring(cleanup=False, quality=False, boundary=False)
+    prompt_uses_ground_truth = False
+    weight_names = ("unet",)
 
-    from .run import epochs_wall_s, save_train_state, train_state_weights
+    def __init__(self, cfg: UNetConfig, fold: int, data: FoldData, device: str):
+        from monai.losses import DiceFocalLoss
 
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(fold_dir / "split.json", split)
-    part = {k: [samples[i] for i in split[k]] for k in ("train", "val", "test")}
-    X = {k: np.stack([s.image for s in v]) for k, v in part.items()}
-    M = {k: [s.mask for s in v] for k, v in part.items()}
-    Y = np.stack(M["train"])[:, None].astype(np.float32)
-    torch.manual_seed(cfg.seed + fold)
-    rng = np.random.default_rng(cfg.seed + fold)
-    mixed = mixed_precision(device, False, cfg.cpu_bf16)  # U-Nets train in float32 unless --cpu-bf16
-    net = build_unet(cfg).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = DiceFocalLoss(sigmoid=True, squared_pred=True, reduction="mean")
-    stop = EarlyStopping(cfg.patience, cfg.min_delta)
-    history: list[dict] = []
-    start, state_path = 1, fold_dir / "train_state.pt"
-    wall_before = 0.0  # this fold's wall time in earlier sittings (a killed run resumed)
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(train_state_weights(st, "unet", fold_dir / "unet_last.safetensors"))
-        opt.load_state_dict(st["optimizer"])
-        rng.bit_generator.state = st["rng"]
-        history, stop, start = st["history"], EarlyStopping.restore(cfg.patience, cfg.min_delta, st), st["epoch"] + 1
-        wall_before = st.get("fold_wall_s", 0.0)
-        log(f"fold {fold}: resuming after epoch {st['epoch']} (best val F1 {stop.best_f1:.4f} at epoch {stop.best_epoch})")
-    t_fold = time.perf_counter()
-    bar = tqdm(range(start, cfg.epochs + 1), desc=f"unet fold {fold}", unit="epoch", disable=not progress)
-    for epoch in bar:
-        if stop.should_stop(epoch):
-            log(f"fold {fold}: early stop after epoch {epoch - 1} (val F1 rose less than {cfg.min_delta:g} in "
-                f"{cfg.patience} epochs; best {stop.best_f1:.4f} at epoch {stop.best_epoch})")
-            break
-        net.train()
+        self.cfg, self.fold, self.device = cfg, fold, device
+        self.X = {k: np.stack([s.image for s in v]) for k, v in data.samples.items()}
+        self.M = data.masks
+        self.Y = np.stack(self.M["train"])[:, None].astype(np.float32)
+        torch.manual_seed(cfg.seed + fold)
+        self.rng = np.random.default_rng(cfg.seed + fold)
+        self.mixed = mixed_precision(device, False, cfg.cpu_bf16)  # U-Nets train in float32 unless --cpu-bf16
+        self.net = build_unet(cfg).to(device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.loss_fn = DiceFocalLoss(sigmoid=True, squared_pred=True, reduction="mean")
+        self.label, self.title = f"unet fold {fold}", f"U-Net / fold {fold}"
+
+    def train_epoch(self) -> tuple[float, float]:
+        self.net.train()
         t0, total = time.perf_counter(), 0.0
-        order = rng.permutation(len(X["train"]))
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            x = torch.from_numpy(unet_input(X["train"][idx])).to(device)
-            with autocast(device, mixed):
-                logits = net(x)
-            loss = loss_fn(logits.float(), torch.from_numpy(Y[idx]).to(device))
-            opt.zero_grad(set_to_none=True)
+        order = self.rng.permutation(len(self.X["train"]))
+        for s in range(0, len(order), self.cfg.batch_size):
+            idx = order[s:s + self.cfg.batch_size]
+            x = torch.from_numpy(unet_input(self.X["train"][idx])).to(self.device)
+            with autocast(self.device, self.mixed):
+                logits = self.net(x)
+            loss = self.loss_fn(logits.float(), torch.from_numpy(self.Y[idx]).to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            self.optimizer.step()
             total += float(loss.detach()) * len(idx)
-        secs = time.perf_counter() - t0
-        logits = unet_logits(net, X["val"], device, cfg.batch_size, mixed)
-        val_loss = float(loss_fn(logits, torch.from_numpy(np.stack(M["val"])[:, None].astype(np.float32))))
-        vf1, viou = score(torch.sigmoid(logits)[:, 0].numpy(), M["val"], 0.5)
-        history.append({"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss,
-                        "val_f1": float(np.mean(vf1)), "val_iou": float(np.mean(viou)), "epoch_s": secs})
-        if stop.update(epoch, float(np.mean(vf1))):
-            _save(net, fold_dir / "unet_best.safetensors", cfg, fold, epoch, float(np.mean(vf1)))
-        history[-1]["epoch_wall_s"] = time.perf_counter() - t0  # training, validation and the best weights
-        save_train_state(state_path, opt, {"epoch": epoch, "history": history, **stop.marks(),
-                                           "fold_wall_s": wall_before + time.perf_counter() - t_fold,
-                                           "rng": rng.bit_generator.state}, {"unet": net.state_dict()})
-        bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_f1=f"{np.mean(vf1):.4f}", best=stop.best_epoch)
-    bar.close()
-    keys = ("epoch", "train_loss", "val_loss", "val_f1", "val_iou", "epoch_s")
-    write_text_atomic(fold_dir / "history.csv", ",".join(keys) + "\n" +
-                      "".join(",".join(str(h[k]) for k in keys) + "\n" for h in history))
-    title = f"U-Net / fold {fold}"
-    report.learning_curve(history, fold_dir / "learning_curve.png", title)
+        return total / len(order), time.perf_counter() - t0
 
-    net, _ = load_unet(fold_dir / "unet_best.safetensors", device)
-    val_probs = predict_unet(net, X["val"], device, cfg.batch_size)
-    sweep = sweep_thresholds(val_probs, M["val"], cfg.thresholds)
-    thr = choose_threshold(sweep)
-    report.threshold_curve(sweep, thr, fold_dir / "threshold_curve.png", title)
-    vf1, viou = score(val_probs, M["val"], thr)
-    test_probs = predict_unet(net, X["test"], device, cfg.batch_size)
-    tf1, tiou = score(test_probs, M["test"], thr)
-    order = np.argsort(tf1)
-    report.overlays([{"label": f"{lab}: {part['test'][i].id.split('/')[-1]} F1 {tf1[i]:.3f}",
-                      "image": part["test"][i].image, "gt": M["test"][i], "pred": test_probs[i] > thr}
-                     for lab, i in (("best", order[-1]), ("worst", order[0]))], fold_dir / "overlays.png", title)
-    metrics = {
-        "fold": fold, "threshold": thr, "threshold_sweep": sweep, "n": {k: len(v) for k, v in part.items()},
-        "best_epoch": stop.best_epoch, "epochs_run": len(history),
-        "train_time_s": sum(h["epoch_s"] for h in history), "epochs_wall_s": epochs_wall_s(history),
-        "fold_wall_s": wall_before + time.perf_counter() - t_fold,
-        "val": {"f1": summarize(vf1), "iou": summarize(viou)}, "test": {"f1": summarize(tf1), "iou": summarize(tiou)},
-        "prompt_uses_ground_truth": False,
-        "per_image": [{"id": s.id, "f1": a, "iou": b} for s, a, b in zip(part["test"], tf1, tiou)],
-    }
-    write_json_atomic(fold_dir / "metrics.json", metrics)
-    log(f"fold {fold}: threshold {thr:.2f}, val F1 {np.mean(vf1):.4f}, test F1 {np.mean(tf1):.4f} ± {np.std(tf1):.4f}, "
-        f"IoU {np.mean(tiou):.4f}")
-    return metrics
+    def validate(self) -> dict[str, float]:
+        logits = unet_logits(self.net, self.X["val"], self.device, self.cfg.batch_size, self.mixed)
+        val_loss = float(self.loss_fn(logits, torch.from_numpy(np.stack(self.M["val"])[:, None].astype(np.float32))))
+        vf1, viou = score(torch.sigmoid(logits)[:, 0].numpy(), self.M["val"], 0.5)
+        return {"val_loss": val_loss, "val_f1": float(np.mean(vf1)), "val_iou": float(np.mean(viou))}
+
+    def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"unet": self.net.state_dict()}
+
+    def weights_meta(self, epoch: int, val_f1: float) -> dict[str, str]:
+        return {"format": "lungsam-unet/1", "config": json.dumps(self.cfg.to_dict()), "fold": str(self.fold),
+                "epoch": str(epoch), "val_f1": f"{val_f1:.6f}"}
+
+    def load_state_dicts(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.net.load_state_dict(weights["unet"])
+
+    def loop_state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def restore_loop_state(self, st: dict) -> None:
+        self.rng.bit_generator.state = st["rng"]
+
+    def load_best(self, fold: FoldLayout) -> None:
+        self.net, _ = load_unet(fold.weights("unet", "best"), self.device)
+
+    def predict(self, part: str) -> tuple[np.ndarray, None]:
+        return predict_unet(self.net, self.X[part], self.device, self.cfg.batch_size), None
+
+    def release(self) -> None:
+        """Nothing to undo: every fold builds its own network."""
 
 
 def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
@@ -201,10 +177,12 @@ def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
     lines = [
         "# lungsam U-Net baseline",
         "",
-        f"- data: {', '.join(cfg['data'])} ({run['n_samples']} pairs); working size {cfg['size']}; folds {cfg['folds']} "
+        f"- data: {', '.join(cfg['data'])} ({run['n_samples']} pairs); working size {cfg['size']}; "
+        f"folds {cfg['folds']} "
         f"(seed {cfg['seed']}: the same splits as `lungsam train`)",
         f"- MONAI UNet channels {cfg['channels']}, {cfg['res_units']} residual units per level, "
-        f"{run['parameters']:,} parameters; DiceFocalLoss, Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, "
+        f"{run['parameters']:,} parameters; DiceFocalLoss, Adam lr {cfg['lr']:g}, "
+        f"weight decay {cfg['weight_decay']:g}, "
         f"batch {cfg['batch_size']}, epochs ≤ {cfg['epochs']} (early stop: val F1 gain < {cfg['min_delta']:g} in "
         f"{cfg['patience']} epochs); no augmentation",
         f"- device {run['device']} ({report.precision_note(cfg, run['device'])}); started {run['started']}; "
@@ -224,51 +202,27 @@ def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
 
 
 def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
-                   only_folds: tuple[int, ...] | None = None, log: Log = print, progress: bool = True) -> dict:
-    """Train the U-Net folds into ``out`` (finished folds are reused with ``resume``); returns the summary."""
-    from .run import aggregate_folds, check_resumed_splits, load_data, record_sitting, run_folds
-
-    out = Path(out)
-    mixed_precision(pick_device(cfg.device), False, cfg.cpu_bf16)  # --cpu-bf16 where it cannot run fails before any work
+                   only_folds: tuple[int, ...] | None = None, log: Log | None = None, progress: bool = True) -> dict:
+    """Train the U-Net folds into ``out`` (finished folds are reused with ``resume``); returns the summary.
+    ``log``: progress lines (default: INFO on this module's logger)."""
+    log = log or logger.info
+    layout = RunLayout(out)
+    mixed_precision(pick_device(cfg.device), False, cfg.cpu_bf16)  # --cpu-bf16 where it cannot run fails first
     t0 = time.perf_counter()
-    old = read_json(out / "run.json") if (out / "run.json").exists() else None
+    old = open_run(layout, resume, only_folds, cfg.folds)
     if old is not None:
-        if not resume:
-            raise OutputExistsError(f"{out} already holds a run; use --resume to continue it or choose another --out")
-        before = UNetConfig.from_dict(old["config"]).comparable()
-        differ = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in cfg.comparable().items() if before.get(k) != v]
-        if differ:
-            raise ArgumentError(f"--resume: the settings differ from the run in {out} ({'; '.join(differ)})")
-    if only_folds is not None and set(only_folds) - set(range(cfg.folds)):
-        raise ArgumentError(f"--only-fold: the run has folds 0-{cfg.folds - 1}")
+        refuse_changed_settings(layout, config_differences(UNetConfig.from_dict(old["config"]).comparable(),
+                                                           cfg.comparable()))
     device = pick_device(cfg.device)
     data = load_data(cfg.data, cfg.size, log)
     splits = kfold_splits([s.id for s in data.samples], cfg.folds, cfg.seed)
     if old is not None:
-        check_resumed_splits(out, splits)
+        check_resumed_splits(layout, splits)
     run = {"format": RUN_FORMAT, "config": cfg.to_dict(), "device": device, "n_samples": len(data.samples),
            "n_skipped": len(data.skipped), "skipped": data.skipped,
            "parameters": sum(p.numel() for p in build_unet(cfg).parameters()),
            "started": utc_now(), "versions": package_versions()}
-    record_sitting(run, old)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "run.json", run)
-    write_json_atomic(out / "splits.json", splits)
+    start_run(layout, run, old, splits)
     log(f"data: {len(data.samples)} pairs; U-Net {run['parameters']:,} parameters on {device}")
-    samples = data.by_id()
-    folds = run_folds(out, splits, only_folds, log,
-                      lambda i, split, fd: train_unet_fold(cfg, i, split, samples, device, fd, log, progress))
-    if not folds:
-        raise ValueError("no fold trained or finished")
-    pending = [i for i in range(len(splits)) if i not in {f["fold"] for f in folds}]
-    run["wall_time_s"] = time.perf_counter() - t0
-    if pending:
-        run["partial"] = {"folds_finished": [f["fold"] for f in folds], "folds_pending": pending}
-    else:
-        run["finished"] = utc_now()
-    write_json_atomic(out / "run.json", run)
-    agg = aggregate_folds(folds)
-    summary = {"aggregate": agg, "folds": [{k: v for k, v in f.items() if k != "per_image"} for f in folds]}
-    write_json_atomic(out / "metrics.json", summary)
-    write_text_atomic(out / "report.md", unet_report(run, folds, agg))
-    return summary
+    make = lambda fold, fold_data, fold_layout: UNetFoldTrainer(cfg, fold, fold_data, device)
+    return train_all_folds(layout, run, splits, only_folds, data.by_id(), cfg, make, unet_report, t0, log, progress)
