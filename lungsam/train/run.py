@@ -22,7 +22,8 @@ from ..errors import ArgumentError, OutputExistsError
 from ..metrics import boundary_summary, summarize
 from ..postprocess import CleanupSpec
 from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
-from ..qc import QcCalibration, QcResult, calibrate, detection_summary, qc_features
+from ..qc import QcCalibration, QcModel, QcResult, calibrate, detection_summary, load_calibration, qc_features
+from ..qc_fit import fit_quality_model
 from . import distributed, report
 from .config import TrainConfig
 from .engine import (
@@ -328,12 +329,13 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
         log(f"fold {fold}: {choice.edge_warning()}")
     report.threshold_curve(choice.sweep, thr, fold_dir / "threshold_curve.png", title, cleanup.enabled)
     vf1, viou = score(val_probs, M["val"], thr, cleanup)
-    qc_cal = calibrate_quality(val_probs, val_iou, thr, cleanup, f"fold {fold} validation images")
+    qc_cal = calibrate_quality(val_probs, val_iou, thr, cleanup, f"fold {fold} validation images", M["val"],
+                               M["train"], [s.image for s in part["val"]])
     test_probs, test_iou = predict_with_iou(sam, E["test"], M["test"], prompt, spec, cfg.size, device, cfg.batch_size)
     test_masks = binarize(test_probs, thr, cleanup)
     tf1, tiou = score(test_probs, M["test"], thr, cleanup)
     thd, tasd = boundary_scores(test_masks, M["test"])
-    test_qc = assess_quality(qc_cal, test_probs, test_iou, thr, cleanup)
+    test_qc = assess_quality(qc_cal, test_probs, test_iou, thr, cleanup, [s.image for s in part["test"]])
     per_image = [{"id": s.id, "f1": a, "iou": b, "hd95": h, "asd": d, "qc": q.to_dict() if q else None}
                  for s, a, b, h, d, q in zip(part["test"], tf1, tiou, thd, tasd, test_qc)]
     order = np.argsort(tf1)
@@ -364,20 +366,30 @@ def train_fold(cfg: TrainConfig, fold: int, split: dict, samples: dict[str, Samp
 
 
 def calibrate_quality(probs: np.ndarray, iou: np.ndarray, threshold: float, cleanup: CleanupSpec,
-                      source: str) -> QcCalibration | None:
-    """The quality flag's normal ranges (:func:`lungsam.qc.calibrate`) from validation probabilities ``(N, S, S)``
-    and predicted IoU ``(N,)``; ``None`` with fewer than 3 validation images (then no result carries a flag)."""
+                      source: str, masks: list[np.ndarray] | None = None, train_masks: list[np.ndarray] | None = None,
+                      images: list[np.ndarray] | None = None) -> QcModel | QcCalibration | None:
+    """The quality flag from validation probabilities ``(N, S, S)`` and predicted IoU ``(N,)``: with their
+    ground-truth ``masks``, the ``train_masks`` and the working-frame ``images`` the calibrated model
+    (:func:`lungsam.qc_fit.fit_quality_model`), else the normal ranges (:func:`lungsam.qc.calibrate`); ``None``
+    with fewer than 3 validation images (then no result carries a flag)."""
     if len(probs) < 3:
         return None
+    if masks is not None and train_masks is not None:
+        try:
+            return fit_quality_model(probs, iou, masks, train_masks, threshold, cleanup, source, images=images)
+        except ValueError as e:  # one class only (a model whose every mask is bad): the ranges, saying why
+            source = f"{source} (normal ranges: {e})"
     return calibrate([qc_features(p, threshold, float(i), cleanup) for p, i in zip(probs, iou)], source=source)
 
 
-def assess_quality(cal: QcCalibration | None, probs: np.ndarray, iou: np.ndarray, threshold: float,
-                   cleanup: CleanupSpec) -> list[QcResult | None]:
-    """:meth:`lungsam.qc.QcCalibration.assess` of each image (``None`` each without a calibration)."""
+def assess_quality(cal: QcModel | QcCalibration | None, probs: np.ndarray, iou: np.ndarray, threshold: float,
+                   cleanup: CleanupSpec, images: list[np.ndarray] | None = None) -> list[QcResult | None]:
+    """The quality flag of each image (``assess_map``; ``images`` the working-frame images ``(S, S, 3)``);
+    ``None`` each without a calibration."""
     if cal is None:
         return [None] * len(probs)
-    return [cal.assess(qc_features(p, threshold, float(i), cleanup)) for p, i in zip(probs, iou)]
+    ims = images if images is not None else [None] * len(probs)
+    return [cal.assess_map(p, threshold, float(i), cleanup, image=im) for p, i, im in zip(probs, iou, ims)]
 
 
 def run_folds(out: Path, splits: list[dict], only_folds: tuple[int, ...] | None, log: Log,
@@ -652,8 +664,9 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
                                             rm.encoder_fingerprint, samples, device, progress, box_from_first_pass,
                                             cleanup)
         pred_iou = notes.pop("pred_iou", None)
-        cal = QcCalibration.from_dict(rm.metrics.get("qc"))
-        qc = assess_quality(cal, probs, pred_iou, thr, cleanup) if pred_iou is not None else [None] * len(samples)
+        cal = load_calibration(rm.metrics.get("qc"))
+        qc = (assess_quality(cal, probs, pred_iou, thr, cleanup, [s.image for s in samples]) if pred_iou is not None
+              else [None] * len(samples))
         parts.append(ScoredPart(samples, probs, f1, iou, {
             "fold": rm.fold, "n": len(samples), "threshold": thr, "threshold_source": thr_src,
             "postprocess": cleanup.to_dict(),
