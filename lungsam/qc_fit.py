@@ -2,7 +2,9 @@
 (numpy, scipy); run at training time, never by the runtime.
 
 A fold's validation images are almost all good masks (28 Montgomery images: none below F1 0.90), too few bad
-ones to fit a detector. :func:`degraded_copies` makes from each validation probability map ``(S, S)`` a fixed
+ones to fit a detector (and a weak model's may all be bad, too few good ones). Each validation image also gives a
+reference map, its ground truth with a soft border (:func:`reference_map`, good by construction).
+:func:`degraded_copies` makes from each validation probability map ``(S, S)`` (and each reference map) a fixed
 set of copies with the errors seen on other hospitals' images (masks that stop short at the bases or the apex,
 a lung left out, an opacified region cut out, blobs outside the lungs, masks too small or too large, a misplaced
 field, a soft unsure map), with no randomness: every copy is a function of the map alone. Each copy is scored
@@ -156,18 +158,31 @@ def operating_point(scores: np.ndarray, bad: np.ndarray, target_recall: float, r
 
 def fit_examples(probs, pred_iou, masks, threshold: float, cleanup: CleanupSpec, shape: ShapeModel | None,
                  bad_below: float = BAD_BELOW, images=None) -> tuple[list[dict], np.ndarray, list[str]]:
-    """Signals, good labels (F1 >= ``bad_below``) and kind (``real`` or a degradation's name) of every
-    validation image and its degraded copies (``images``: the working-frame images, for the image signals)."""
+    """Signals, good labels (F1 >= ``bad_below``) and kind of every validation image (``real``), its reference
+    map (``reference``: :func:`reference_map` of its ground truth) and the degraded copies of both (``<name>``,
+    ``reference/<name>``); ``images``: the working-frame images, for the image signals."""
     probe = QcModel(features=("pred_iou",), mean={"pred_iou": 0.0}, std={"pred_iou": 1.0},
                     weights={"pred_iou": 0.0}, bias=0.0, flag_below=0.5, center={"pred_iou": 0.0}, shape=shape)
     rows, good, kind = [], [], []
     for i, (p, iou, gt) in enumerate(zip(probs, pred_iou, masks)):
         image = None if images is None else images[i]
-        for name, q in [("real", np.asarray(p, np.float32))] + degraded_copies(p, threshold):
+        ref = reference_map(gt)
+        maps = ([("real", np.asarray(p, np.float32))] + degraded_copies(p, threshold) + [("reference", ref)]
+                + [(f"reference/{n}", q) for n, q in degraded_copies(ref, threshold)])
+        for name, q in maps:
             rows.append(probe.signals(q, threshold, float(iou), cleanup, image=image))
             good.append(f1_score(clean_mask(q > threshold, cleanup), gt) >= bad_below)
             kind.append(name)
     return rows, np.asarray(good, bool), kind
+
+
+def reference_map(mask: np.ndarray) -> np.ndarray:
+    """A good example whatever the model: the ground-truth mask ``(S, S)`` bool as a probability map ``(S, S)``
+    float32 with a soft border (Gaussian, sigma 0.6 % of S), values 0.02..0.98."""
+    from scipy import ndimage
+
+    soft = ndimage.gaussian_filter(np.asarray(mask, np.float32), sigma=0.006 * mask.shape[0])
+    return (0.02 + 0.96 * soft).astype(np.float32)
 
 
 def fit_quality_model(probs, pred_iou, masks, train_masks, threshold: float, cleanup: CleanupSpec | None,
@@ -177,7 +192,8 @@ def fit_quality_model(probs, pred_iou, masks, train_masks, threshold: float, cle
     """The :class:`lungsam.qc.QcModel` of a fold from its validation probabilities ``(N, S, S)``, predicted IoU
     ``(N,)``, ground-truth masks (N x ``(S, S)`` bool), its training masks (the shape model) and its images
     (N x ``(S, S, 3)`` uint8, the image signals; ``None`` leaves them out). ``signals``: default
-    :data:`DEFAULT_SIGNALS` (without the image signals when ``images`` is ``None``)."""
+    :data:`DEFAULT_SIGNALS` (without the image signals when ``images`` is ``None``). The operating point's cap
+    counts the real validation images only."""
     if len(probs) < 3:
         raise ValueError(f"quality calibration needs at least 3 validation images, got {len(probs)}")
     cleanup = cleanup or CleanupSpec()
