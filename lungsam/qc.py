@@ -11,6 +11,14 @@ threshold, the clean-up spec and the decoder's predicted IoU):
 * ``balance``: smaller / larger of the mask's areas in the left and right halves of the field (one lung missing).
 * ``uncertain_fraction``: pixels with probability in (0.1, 0.9) / lung area (a soft, unsure border).
 * ``mean_probability``: mean probability over the mask (low is bad).
+* ``soft_fraction``: pixels with probability in (0.2, 0.8) / lung area (issue 22's uncertain band).
+* ``border_entropy``: mean binary entropy (bits) of the probability over the mask's border band (pixels within
+  :data:`BORDER_BAND` of the working frame's side of the mask's edge, inside or outside).
+* ``two_pass_iou`` (only given a second probability map, :func:`qc_features`'s ``second``): IoU of the masks of
+  the one-pass and the two-pass prediction (low is bad).
+
+Shape plausibility (``shape_residual``, ``shape_distance``) needs the run's shape model
+(:class:`ShapeModel`) and comes with the version 2 calibration (:class:`QcModel`).
 
 Calibration (:func:`calibrate`) learns each signal's normal range on a run's validation images: its median
 and the spread of its bad-side tail (:func:`tail_scale`: the 90th (or 10th) percentile's distance from the
@@ -28,55 +36,87 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import LungsamError
-from .postprocess import CleanupSpec, components, kept_components
+from .metrics import iou_score
+from .postprocess import CleanupSpec, clean_mask, components, kept_components
 
 FORMAT = "lungsam-qc/1"
 FEATURES = ("pred_iou", "area_fraction", "components", "stray_fraction", "hole_fraction", "balance",
-            "uncertain_fraction", "mean_probability")
+            "uncertain_fraction", "mean_probability", "soft_fraction", "border_entropy")
+TWO_PASS = "two_pass_iou"
 BAD_SIDE = {"pred_iou": "low", "area_fraction": "both", "components": "high", "stray_fraction": "high",
-            "hole_fraction": "high", "balance": "low", "uncertain_fraction": "high", "mean_probability": "low"}
+            "hole_fraction": "high", "balance": "low", "uncertain_fraction": "high", "mean_probability": "low",
+            "soft_fraction": "high", "border_entropy": "high"}
 MIN_SCALE = {"pred_iou": 0.005, "area_fraction": 0.01, "components": 1.0, "stray_fraction": 0.002,
-             "hole_fraction": 0.002, "balance": 0.02, "uncertain_fraction": 0.005, "mean_probability": 0.005}
+             "hole_fraction": 0.002, "balance": 0.02, "uncertain_fraction": 0.005, "mean_probability": 0.005,
+             "soft_fraction": 0.005, "border_entropy": 0.01}
+#: The signals version 1 calibrations (:class:`QcCalibration`) were made with.
+V1_FEATURES = FEATURES[:8]
 DEFAULT_Z_FLAG = 4.0
 UNCERTAIN = (0.1, 0.9)
+SOFT = (0.2, 0.8)
+#: Half-width of the border band, as a fraction of the working frame's side (3 px at 256).
+BORDER_BAND = 3 / 256
 
 
 class QcError(LungsamError, ValueError):
     """A ``qc`` section that is not a valid :class:`QcCalibration`."""
 
 
-def qc_features(prob: np.ndarray, threshold: float, pred_iou: float, cleanup: CleanupSpec | None = None) -> dict:
+def qc_features(prob: np.ndarray, threshold: float, pred_iou: float, cleanup: CleanupSpec | None = None,
+                second: np.ndarray | None = None) -> dict:
     """The signals of one image (see the module docstring) from its working-frame probability ``(S, S)``
     float, the probability ``threshold``, the decoder's predicted IoU and the clean-up size rules (``cleanup``;
-    its ``enabled`` does not matter here: the rules say which components are lungs). Plain floats."""
+    its ``enabled`` does not matter here: the rules say which components are lungs). ``second``: the two-pass
+    probability ``(S, S)`` of the same image, which adds ``two_pass_iou``. Plain floats."""
     p = np.asarray(prob, np.float32)
     if p.ndim != 2:
         raise ValueError(f"qc_features takes one (S, S) probability map, got shape {p.shape}")
-    rules = cleanup or CleanupSpec()
     mask = p > threshold
     area = int(np.count_nonzero(mask))
-    labels, sizes = components(mask)
-    kept = kept_components(sizes, mask.size, rules)
-    lungs = np.isin(labels, kept) if kept else np.zeros_like(mask)
-    n_lungs = int(np.count_nonzero(lungs))
+    out = {"pred_iou": float(pred_iou), "area_fraction": area / mask.size, **_component_signals(mask, cleanup)}
+    half = mask.shape[1] // 2
+    left, right = int(np.count_nonzero(mask[:, :half])), int(np.count_nonzero(mask[:, half:]))
+    out["balance"] = min(left, right) / max(left, right) if max(left, right) else 0.0
+    out["uncertain_fraction"] = _band_count(p, UNCERTAIN) / max(area, 1)
+    out["mean_probability"] = float(p[mask].mean()) if area else 0.0
+    out["soft_fraction"] = _band_count(p, SOFT) / max(area, 1)
+    out["border_entropy"] = border_entropy(p, mask)
+    if second is not None:
+        out[TWO_PASS] = iou_score(mask, np.asarray(second, np.float32) > threshold)
+    return out
+
+
+def _band_count(p: np.ndarray, band: tuple[float, float]) -> int:
+    return int(np.count_nonzero((p > band[0]) & (p < band[1])))
+
+
+def _component_signals(mask: np.ndarray, cleanup: CleanupSpec | None) -> dict:
+    """``components``, ``stray_fraction`` and ``hole_fraction`` of a thresholded mask ``(S, S)`` bool."""
     from scipy import ndimage
 
+    area = int(np.count_nonzero(mask))
+    labels, sizes = components(mask)
+    kept = kept_components(sizes, mask.size, cleanup or CleanupSpec())
+    lungs = np.isin(labels, kept) if kept else np.zeros_like(mask)
+    n_lungs = int(np.count_nonzero(lungs))
     filled = np.zeros_like(mask)
     for k in kept:
         filled |= ndimage.binary_fill_holes(labels == k)
-    half = mask.shape[1] // 2
-    left, right = int(np.count_nonzero(mask[:, :half])), int(np.count_nonzero(mask[:, half:]))
-    uncertain = int(np.count_nonzero((p > UNCERTAIN[0]) & (p < UNCERTAIN[1])))
-    return {
-        "pred_iou": float(pred_iou),
-        "area_fraction": area / mask.size,
-        "components": float(len(sizes)),
-        "stray_fraction": (area - n_lungs) / area if area else 0.0,
-        "hole_fraction": (int(np.count_nonzero(filled)) - n_lungs) / max(n_lungs, 1),
-        "balance": min(left, right) / max(left, right) if max(left, right) else 0.0,
-        "uncertain_fraction": uncertain / max(area, 1),
-        "mean_probability": float(p[mask].mean()) if area else 0.0,
-    }
+    return {"components": float(len(sizes)), "stray_fraction": (area - n_lungs) / area if area else 0.0,
+            "hole_fraction": (int(np.count_nonzero(filled)) - n_lungs) / max(n_lungs, 1)}
+
+
+def border_entropy(p: np.ndarray, mask: np.ndarray) -> float:
+    """Mean binary entropy (bits) of probabilities ``p`` ``(S, S)`` over the band of pixels within
+    :data:`BORDER_BAND` (of S) of the edge of ``mask`` ``(S, S)`` bool; 1.0 (the most unsure) for an empty mask."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return 1.0
+    r = max(1, int(round(BORDER_BAND * mask.shape[0])))
+    band = ndimage.binary_dilation(mask, iterations=r) & ~ndimage.binary_erosion(mask, iterations=r)
+    q = np.clip(p[band].astype(np.float64), 1e-6, 1 - 1e-6)
+    return float(np.mean(-(q * np.log2(q) + (1 - q) * np.log2(1 - q))))
 
 
 @dataclass(frozen=True)
@@ -193,6 +233,12 @@ class QcCalibration:
         score = 0.0 if empty else 1.0 / (1.0 + (worst / self.z_flag) ** 2)
         return QcResult(score=score, flag=bool(reasons), reasons=reasons, features=dict(features), z=z)
 
+    def assess_map(self, prob: np.ndarray, threshold: float, pred_iou: float, cleanup: CleanupSpec | None = None,
+                   second: np.ndarray | None = None, image: np.ndarray | None = None) -> QcResult:
+        """:class:`QcResult` of one image from its working-frame probability ``(S, S)`` (``second`` and
+        ``image`` are unused by this version's signals)."""
+        return self.assess(qc_features(prob, threshold, pred_iou, cleanup))
+
 
 def tail_scale(values: np.ndarray, median: float, side: str) -> float:
     """The spread of ``values`` on their bad ``side``: (90th percentile - median) / 1.2816 for ``high``,
@@ -216,6 +262,315 @@ def calibrate(features: list[dict], z_flag: float = DEFAULT_Z_FLAG, signals: tup
         scale[f] = max(tail_scale(v, med, BAD_SIDE[f]), MIN_SCALE[f])
     return QcCalibration(center=center, scale=scale, z_flag=z_flag, features=tuple(signals), n=len(features),
                          source=source)
+
+
+# ---- version 2: shape model and a calibrated logistic model (issue 22) -----------------------------------------
+
+FORMAT_V2 = "lungsam-qc/2"
+SHAPE_FEATURES = ("shape_residual", "shape_distance")
+IMAGE_FEATURES = ("edge_contrast", "edge_contrast_min")
+#: The bands of :func:`image_signals`, as fractions of the working frame's side (at 256: outside 2..8 px, inside 6).
+EDGE_OUT = (2 / 256, 8 / 256)
+EDGE_IN = 6 / 256
+SHAPE_SIZE = 32
+SHAPE_COMPONENTS = 6
+#: Standardised signals are clipped to +-Z_CLIP before the logistic model (one wild value cannot dominate).
+Z_CLIP = 6.0
+#: Signals the logistic model reads through ``log1p`` (counts and heavy-tailed fractions).
+LOG_SIGNALS = ("components", "stray_fraction", "hole_fraction")
+
+
+def working_gray(image: np.ndarray, size: int) -> np.ndarray:
+    """An image ``(H, W)`` or ``(H, W, C)`` of any intensity range (the working-frame RGB ``(S, S, 3)`` uint8, or
+    the runtime's resized model input) -> ``(size, size)`` float32 gray, its 2nd..98th percentiles mapped to 0..1."""
+    from PIL import Image
+
+    a = np.asarray(image, np.float32)
+    if a.ndim == 3:
+        a = a.mean(axis=2) if a.shape[2] in (1, 3, 4) else a.mean(axis=0)
+    if a.ndim != 2:
+        raise ValueError(f"the quality flag's image must be (H, W) or (H, W, C), got shape {np.shape(image)}")
+    if a.shape != (size, size):
+        a = np.asarray(Image.fromarray(a, mode="F").resize((size, size), Image.BILINEAR), np.float32)
+    lo, hi = np.percentile(a, [2, 98])
+    return (a - lo) / max(float(hi - lo), 1e-6)
+
+
+def image_signals(image: np.ndarray, mask: np.ndarray) -> dict:
+    """``edge_contrast`` and ``edge_contrast_min`` of a working-frame mask ``(S, S)`` bool on its image
+    (:func:`working_gray`): mean normalised intensity of a band just outside the mask minus that of a band just
+    inside (over the whole border, and the lowest of 8 angular sectors around the mask's centre). Lung is dark on a
+    radiograph; a mask that stops short of the lung has lung (dark) outside its edge too: low contrast is bad."""
+    from scipy import ndimage
+
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return {"edge_contrast": 0.0, "edge_contrast_min": 0.0}
+    g = working_gray(image, m.shape[0])
+    r = lambda f: max(1, round(f * m.shape[0]))  # noqa: E731
+    outside = (ndimage.binary_dilation(m, iterations=r(EDGE_OUT[1]))
+               & ~ndimage.binary_dilation(m, iterations=r(EDGE_OUT[0])))
+    inside = m & ~ndimage.binary_erosion(m, iterations=r(EDGE_IN))
+    if not outside.any() or not inside.any():
+        return {"edge_contrast": 0.0, "edge_contrast_min": 0.0}
+    cy, cx = (float(v.mean()) for v in np.nonzero(m))
+
+    def sectors(band):
+        y, x = np.nonzero(band)
+        return y, x, ((np.arctan2(y - cy, x - cx) + np.pi) / (2 * np.pi) * 8).astype(int) % 8
+
+    yo, xo, so = sectors(outside)
+    yi, xi, si = sectors(inside)
+    per = [g[yo[so == s], xo[so == s]].mean() - g[yi[si == s], xi[si == s]].mean()
+           for s in range(8) if (so == s).sum() > 10 and (si == s).sum() > 10]
+    whole = float(g[outside].mean() - g[inside].mean())
+    return {"edge_contrast": whole, "edge_contrast_min": float(min(per)) if per else whole}
+
+
+def good_sign(signal: str) -> float:
+    """+1 where a higher (transformed) value of ``signal`` means a better mask, -1 where it means a worse one."""
+    if signal == TWO_PASS or signal in IMAGE_FEATURES or BAD_SIDE.get(signal) == "low":
+        return 1.0
+    return -1.0  # "high", "both" (as a distance from the median) and the shape signals
+
+
+def transform_signal(signal: str, x: float, center: float) -> float:
+    """The value the logistic model reads (see :class:`QcModel`)."""
+    if signal in LOG_SIGNALS:
+        return float(np.log1p(max(x, 0.0)))
+    if BAD_SIDE.get(signal) == "both":
+        return abs(x - center)
+    return x
+
+
+def shape_vector(mask: np.ndarray, size: int = SHAPE_SIZE) -> np.ndarray:
+    """A mask ``(S, S)`` bool -> ``(size * size,)`` float64: its area average at ``size x size`` (values 0..1)."""
+    from PIL import Image
+
+    m = Image.fromarray(np.asarray(mask, np.float32), mode="F")
+    return np.asarray(m.resize((size, size), Image.BOX), np.float64).reshape(-1)
+
+
+@dataclass(frozen=True)
+class ShapeModel:
+    """A low-dimensional model of plausible lung masks: PCA of the training masks at ``size x size``.
+
+    Attributes:
+        size: side of the shape frame (the working-frame mask is area-averaged to it).
+        mean: ``(size * size,)`` mean training mask; components: ``(k, size * size)`` orthonormal rows;
+        variances: ``(k,)`` variance of the training masks along each component (> 0).
+    """
+
+    size: int
+    mean: np.ndarray
+    components: np.ndarray
+    variances: np.ndarray
+
+    @classmethod
+    def fit(cls, masks, size: int = SHAPE_SIZE, k: int = SHAPE_COMPONENTS) -> "ShapeModel":
+        """PCA (numpy SVD) of training masks (a sequence of ``(S, S)`` bool, at least ``k + 1``)."""
+        X = np.stack([shape_vector(m, size) for m in masks])
+        if len(X) <= k:
+            raise ValueError(f"a shape model of {k} components needs more than {k} training masks, got {len(X)}")
+        mean = X.mean(0)
+        _, s, vt = np.linalg.svd(X - mean, full_matrices=False)
+        var = np.maximum(s[:k] ** 2 / (len(X) - 1), 1e-6)
+        return cls(size=size, mean=mean, components=vt[:k], variances=var)
+
+    def signals(self, mask: np.ndarray) -> dict:
+        """``shape_residual`` (RMS of the part of the mask the model cannot express, 0..1) and
+        ``shape_distance`` (Mahalanobis distance of its coefficients) of a working-frame mask ``(S, S)`` bool."""
+        d = shape_vector(mask, self.size) - self.mean
+        c = self.components @ d
+        resid = d - self.components.T @ c
+        return {"shape_residual": float(np.sqrt(np.mean(resid ** 2))),
+                "shape_distance": float(np.sqrt(np.sum(c ** 2 / self.variances)))}
+
+    def to_dict(self) -> dict:
+        return {"size": int(self.size), "mean": [round(float(x), 5) for x in self.mean],
+                "components": [[round(float(x), 6) for x in row] for row in self.components],
+                "variances": [float(x) for x in self.variances]}
+
+    @classmethod
+    def from_dict(cls, d) -> "ShapeModel":
+        """Inverse of :meth:`to_dict`. Raises :class:`QcError` naming the key for a bad shape or value."""
+        if not isinstance(d, dict) or sorted(d) != ["components", "mean", "size", "variances"]:
+            raise QcError("qc.shape: expected an object with keys components, mean, size, variances")
+        size = d["size"]
+        if isinstance(size, bool) or not isinstance(size, int) or not 4 <= size <= 128:
+            raise QcError(f"qc.shape.size: expected an integer in 4..128, got {size!r}")
+        try:
+            mean, comp, var = (np.asarray(d[k], np.float64) for k in ("mean", "components", "variances"))
+        except (TypeError, ValueError):
+            raise QcError("qc.shape: mean, components and variances must be arrays of numbers") from None
+        n = size * size
+        if mean.shape != (n,) or comp.ndim != 2 or comp.shape[1] != n or var.shape != (comp.shape[0],):
+            raise QcError(f"qc.shape: expected mean ({n},), components (k, {n}), variances (k,); got "
+                          f"{mean.shape}, {comp.shape}, {var.shape}")
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(comp)) and np.all(var > 0)):
+            raise QcError("qc.shape: values must be finite and variances > 0")
+        return cls(size=size, mean=mean, components=comp, variances=var)
+
+
+def _finite(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise QcError(f"qc.{name}: expected a finite number, got {v!r}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class QcModel:
+    """The version 2 quality flag: a logistic model of P(good mask) on standardised signals.
+
+    ``score = sigmoid(bias + sum_f weights[f] * clip((t(x_f) - mean[f]) / std[f], +-Z_CLIP))`` where ``t`` is
+    ``log1p`` for :data:`LOG_SIGNALS`, the distance from the validation median ``|x - center[f]|`` for signals
+    bad on both sides (``area_fraction``) and the identity otherwise; flagged when ``score < flag_below`` or the
+    mask is empty. Each weight has the sign of its signal's good side (:func:`good_sign`), so a signal can only
+    lower the score on its bad side. Fitted by :func:`lungsam.qc_fit.fit_quality_model` on a run's validation images and
+    deterministically degraded copies of them.
+
+    Attributes:
+        features: signals used (:data:`FEATURES`, :data:`SHAPE_FEATURES`, optionally :data:`TWO_PASS`).
+        mean, std, weights: ``{signal: float}``; bias: float; flag_below: the operating point (0..1).
+        center: ``{signal: median over the real validation images}`` (for the reasons' text).
+        shape: the :class:`ShapeModel` (needed when a shape signal is used).
+        n: real validation images; n_degraded: degraded copies; source: where they came from (text).
+        fit: how it was fitted (degradations, regularisation, target recall, figures on the fit set).
+    """
+
+    features: tuple[str, ...]
+    mean: dict
+    std: dict
+    weights: dict
+    bias: float
+    flag_below: float
+    center: dict
+    shape: ShapeModel | None = None
+    n: int = 0
+    n_degraded: int = 0
+    source: str = "validation"
+    fit: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        known = FEATURES + SHAPE_FEATURES + IMAGE_FEATURES + (TWO_PASS,)
+        unknown = [f for f in self.features if f not in known]
+        if unknown or not self.features:
+            raise QcError(f"qc.features: unknown or no signal(s) {unknown} (known: {', '.join(known)})")
+        for name in ("mean", "std", "weights", "center"):
+            d = getattr(self, name)
+            if not isinstance(d, dict):
+                raise QcError(f"qc.{name}: expected an object")
+            for f in self.features:
+                _finite(f"{name}[{f!r}]", d.get(f))
+        if any(not self.std[f] > 0 for f in self.features):
+            raise QcError("qc.std: every value must be > 0")
+        _finite("bias", self.bias)
+        if not 0.0 < _finite("flag_below", self.flag_below) < 1.0:
+            raise QcError(f"qc.flag_below: expected a number in (0, 1), got {self.flag_below!r}")
+        if self.shape is None and any(f in SHAPE_FEATURES for f in self.features):
+            raise QcError("qc.shape: the shape signals need a shape model")
+
+    @property
+    def two_pass(self) -> bool:
+        """Whether the model reads :data:`TWO_PASS` (the caller then passes the two-pass probability)."""
+        return TWO_PASS in self.features
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether the model reads :data:`IMAGE_FEATURES` (the caller then passes the image)."""
+        return any(f in IMAGE_FEATURES for f in self.features)
+
+    def signals(self, prob: np.ndarray, threshold: float, pred_iou: float, cleanup: CleanupSpec | None = None,
+                second: np.ndarray | None = None, image: np.ndarray | None = None) -> dict:
+        """:func:`qc_features` plus the shape signals and (given ``image``, see :func:`working_gray`) the image
+        signals of the returned (cleaned) mask."""
+        f = qc_features(prob, threshold, pred_iou, cleanup, second)
+        mask = clean_mask(np.asarray(prob) > threshold, cleanup or CleanupSpec())
+        if self.shape is not None:
+            f.update(self.shape.signals(mask))
+        if image is not None:
+            f.update(image_signals(image, mask))
+        elif self.needs_image:
+            raise QcError("qc: this calibration reads the image (edge contrast); pass image=...")
+        return f
+
+    def standardised(self, features: dict) -> dict:
+        """``{signal: clipped standardised value}`` of one image's signals."""
+        z = {}
+        for f in self.features:
+            x = transform_signal(f, float(features[f]), self.center[f])
+            z[f] = float(np.clip((x - self.mean[f]) / self.std[f], -Z_CLIP, Z_CLIP))
+        return z
+
+    def assess(self, features: dict) -> QcResult:
+        """:class:`QcResult` of one image's signals (:meth:`signals`); ``z`` holds each signal's contribution
+        to the log-odds of a good mask (negative: towards a flag)."""
+        if self.two_pass and TWO_PASS not in features:
+            raise QcError("qc: this calibration reads two_pass_iou; pass the two-pass probability (second=...)")
+        contrib = {f: self.weights[f] * v for f, v in self.standardised(features).items()}
+        logit = self.bias + sum(contrib.values())
+        empty = features.get("area_fraction", 1.0) == 0.0
+        score = 0.0 if empty else float(1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50))))
+        flag = empty or score < self.flag_below
+        reasons = ["empty mask"] if empty else []
+        if flag and not empty:
+            worst = sorted((f for f in contrib if contrib[f] < 0), key=lambda f: contrib[f])[:3]
+            reasons += [f"{f} {features[f]:.3g} (validation median {self.center[f]:.3g})" for f in worst]
+        return QcResult(score=score, flag=bool(flag), reasons=reasons, features=dict(features), z=contrib)
+
+    def assess_map(self, prob: np.ndarray, threshold: float, pred_iou: float, cleanup: CleanupSpec | None = None,
+                   second: np.ndarray | None = None, image: np.ndarray | None = None) -> QcResult:
+        """:class:`QcResult` of one image from its working-frame probability ``(S, S)`` (see :meth:`signals`)."""
+        return self.assess(self.signals(prob, threshold, pred_iou, cleanup, second, image))
+
+    def to_dict(self) -> dict:
+        """The manifest / metrics section (format ``lungsam-qc/2``, strict JSON)."""
+        per = {k: {f: float(getattr(self, k)[f]) for f in self.features} for k in ("mean", "std", "weights", "center")}
+        return {"format": FORMAT_V2, "features": list(self.features), **per, "bias": float(self.bias),
+                "flag_below": float(self.flag_below), "log_signals": [f for f in LOG_SIGNALS if f in self.features],
+                "z_clip": Z_CLIP, "uncertain_band": list(UNCERTAIN), "soft_band": list(SOFT),
+                "border_band": BORDER_BAND, "edge_bands": [*EDGE_OUT, EDGE_IN],
+                "shape": self.shape.to_dict() if self.shape is not None else None,
+                "n": int(self.n), "n_degraded": int(self.n_degraded), "source": self.source, "fit": dict(self.fit)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QcModel":
+        """Inverse of :meth:`to_dict`. Raises :class:`QcError` naming the key (another format, an unknown key, a
+        bad value, or a signal definition (bands, transforms) other than this version's)."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT_V2:
+            raise QcError(f"qc: expected an object of format {FORMAT_V2!r}")
+        known = {"format", "features", "mean", "std", "weights", "center", "bias", "flag_below", "log_signals",
+                 "z_clip", "uncertain_band", "soft_band", "border_band", "edge_bands", "shape", "n", "n_degraded",
+                 "source", "fit"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise QcError(f"qc: unknown key(s) {', '.join(unknown)}")
+        feats = tuple(d.get("features") or ())
+        rules = {"log_signals": [f for f in LOG_SIGNALS if f in feats], "z_clip": Z_CLIP,
+                 "uncertain_band": list(UNCERTAIN), "soft_band": list(SOFT), "border_band": BORDER_BAND,
+                 "edge_bands": [*EDGE_OUT, EDGE_IN]}
+        for k, v in rules.items():
+            if k in d and d[k] != v:
+                raise QcError(f"qc.{k}: {d[k]!r} differs from this version's {v!r}")
+        try:
+            return cls(features=feats, mean=d["mean"], std=d["std"], weights=d["weights"], bias=d["bias"],
+                       flag_below=d["flag_below"], center=d["center"],
+                       shape=None if d.get("shape") is None else ShapeModel.from_dict(d["shape"]),
+                       n=int(d.get("n", 0)), n_degraded=int(d.get("n_degraded", 0)),
+                       source=str(d.get("source", "validation")), fit=dict(d.get("fit") or {}))
+        except KeyError as e:
+            raise QcError(f"qc: missing key {e}") from None
+
+
+def load_calibration(d: dict | None) -> "QcModel | QcCalibration | None":
+    """A run's or bundle's ``qc`` section: :class:`QcModel` (``lungsam-qc/2``), :class:`QcCalibration` (an
+    older ``lungsam-qc/1``), or ``None`` when absent. Both answer ``assess_map(prob, threshold, pred_iou,
+    cleanup, second=None)``. Raises :class:`QcError` for anything else."""
+    if d is None:
+        return None
+    if isinstance(d, dict) and d.get("format") == FORMAT_V2:
+        return QcModel.from_dict(d)
+    return QcCalibration.from_dict(d)
 
 
 def auroc(scores: list[float], bad: list[bool]) -> float | None:

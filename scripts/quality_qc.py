@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -19,12 +20,15 @@ import numpy as np
 from lungsam.artifacts import write_json_atomic
 from lungsam.qc import DEFAULT_Z_FLAG, auroc
 
+log = logging.getLogger("lungsam.quality_qc")
+
 
 def operating_point(z_max: np.ndarray, empty: np.ndarray, bad: np.ndarray, z_flag: float) -> dict:
     flag = (z_max > z_flag) | empty
     n_bad = int(bad.sum())
     return {"z_flag": z_flag, "flagged": int(flag.sum()), "flagged_share": float(flag.mean()),
-            "bad_caught": int((flag & bad).sum()), "bad_caught_share": float((flag & bad).sum() / n_bad) if n_bad else None}
+            "bad_caught": int((flag & bad).sum()),
+            "bad_caught_share": float((flag & bad).sum() / n_bad) if n_bad else None}
 
 
 def analyse(rows: list[dict], bad_below: float = 0.90) -> dict:
@@ -38,7 +42,8 @@ def analyse(rows: list[dict], bad_below: float = 0.90) -> dict:
     from scipy.stats import spearmanr
 
     return {
-        "n": len(rows), "bad_below": bad_below, "bad": int(bad.sum()), "f1_mean": float(f1.mean()), "f1_min": float(f1.min()),
+        "n": len(rows), "bad_below": bad_below, "bad": int(bad.sum()), "f1_mean": float(f1.mean()),
+        "f1_min": float(f1.min()),
         "auroc_score": auroc(list(scores), list(bad)),
         "spearman_score_f1": float(spearmanr(scores, f1).statistic),
         "auroc_by_signal_z": {k: auroc(list(-v), list(bad)) for k, v in z.items()},
@@ -76,16 +81,19 @@ def main(argv: list[str]) -> None:
             if sub:
                 res[name] = analyse(sub)
         worst = sorted((r for r in rows if labels.get(r["id"].split("/")[-1]) == "1"), key=lambda r: r["f1"])[:20]
-        res["tuberculosis_worst20"] = {"ids": [r["id"] for r in worst], "f1_mean": float(np.mean([r["f1"] for r in worst])),
+        res["tuberculosis_worst20"] = {"ids": [r["id"] for r in worst],
+                                       "f1_mean": float(np.mean([r["f1"] for r in worst])),
                                        "flagged": sum(r["qc"]["flag"] for r in worst)}
     write_json_atomic(out, res)
     a = res["all"]
-    print(f"{a['n']} images, {a['bad']} with F1 < {a['bad_below']}: AUROC {a['auroc_score']:.3f} "
-          f"(predicted IoU alone {a['auroc_pred_iou_alone']:.3f}); by signal: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in a["auroc_by_signal_z"].items() if v is not None))
+    log.info(f"{a['n']} images, {a['bad']} with F1 < {a['bad_below']}: AUROC {a['auroc_score']:.3f} "
+             f"(predicted IoU alone {a['auroc_pred_iou_alone']:.3f}); by signal: "
+             + ", ".join(f"{k} {v:.3f}" for k, v in a["auroc_by_signal_z"].items() if v is not None))
     for op in a["operating_points"]:
-        print(f"  z_flag {op['z_flag']}: flagged {op['flagged_share']:.1%}, bad caught {op['bad_caught']}/{a['bad']}")
+        log.info(f"  z_flag {op['z_flag']}: flagged {op['flagged_share']:.1%}, "
+                 f"bad caught {op['bad_caught']}/{a['bad']}")
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     main(sys.argv[1:])

@@ -7,7 +7,21 @@ import json
 import numpy as np
 import pytest
 
-from lungsam.qc import FEATURES, QcCalibration, QcError, auroc, calibrate, detection_summary, qc_features
+from lungsam.qc import (
+    FEATURES,
+    IMAGE_FEATURES,
+    SHAPE_FEATURES,
+    QcCalibration,
+    QcError,
+    QcModel,
+    ShapeModel,
+    auroc,
+    calibrate,
+    detection_summary,
+    load_calibration,
+    qc_features,
+)
+from lungsam.qc_fit import degraded_copies, fit_quality_model
 
 S = 64
 
@@ -28,6 +42,7 @@ def good_calibration() -> QcCalibration:
 def test_features_of_hand_made_maps():
     f = qc_features(lungs(), 0.5, 0.96)
     assert set(f) == set(FEATURES)
+    assert qc_features(lungs(), 0.5, 0.96, second=lungs(0, 3))["two_pass_iou"] < 1.0
     assert f["components"] == 2 and f["stray_fraction"] == 0 and f["hole_fraction"] == 0
     assert f["balance"] == pytest.approx(1.0) and f["area_fraction"] == pytest.approx(1600 / S**2)
     blank = np.full((S, S), 0.95, np.float32)  # a blank image came back as 97 % lung
@@ -97,6 +112,82 @@ def test_auroc_and_detection_summary():
     json.dumps(detection_summary(results, [0.95, 0.95]), allow_nan=False)  # no bad mask: None, not NaN
 
 
+# ---- version 2: shape model, image signals, the fitted logistic model -------------------------------------------
+
+def radiograph(mask: np.ndarray) -> np.ndarray:
+    """A hand-made chest image ``(S, S, 3)`` uint8: dark lungs where ``mask`` is, a bright body elsewhere."""
+    g = np.where(mask, 50, 200).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def fitted_model() -> QcModel:
+    """A model fitted on 9 hand-made validation maps (their masks and images), shape model from 15 training masks."""
+    val = [lungs(dy, dx) for dy in (-2, 0, 2) for dx in (-1, 0, 1)]
+    gt = [p > 0.5 for p in val]
+    train = [lungs(dy, dx) > 0.5 for dy in (-3, -2, -1, 0, 1, 2, 3) for dx in (-1, 1)] + [lungs() > 0.5]
+    return fit_quality_model(np.stack(val), np.full(len(val), 0.95), gt, train, 0.5, None, "hand-made",
+                             images=[radiograph(m) for m in gt])
+
+
+def test_shape_model_and_image_signals_of_hand_made_masks():
+    train = [lungs(dy, dx) > 0.5 for dy in (-3, -1, 0, 1, 3) for dx in (-2, 0, 2)]
+    shape = ShapeModel.fit(train, size=16, k=4)
+    one = lungs() > 0.5
+    one[:, 32:] = False  # a lung missing: far from every training shape
+    assert shape.signals(one)["shape_residual"] > 2 * shape.signals(lungs() > 0.5)["shape_residual"]
+    assert ShapeModel.from_dict(shape.to_dict()).signals(one) == pytest.approx(shape.signals(one), abs=1e-4)
+    with pytest.raises(QcError, match="qc.shape"):
+        ShapeModel.from_dict({**shape.to_dict(), "variances": [0.0] * 4})
+    from lungsam.qc import image_signals
+
+    full = lungs() > 0.5
+    img = radiograph(full)
+    short = full.copy()
+    short[40:] = False  # stops short of the bases: lung (dark) just outside its lower edge
+    assert image_signals(img, full)["edge_contrast"] > 0.3
+    assert image_signals(img, short)["edge_contrast_min"] < image_signals(img, full)["edge_contrast_min"] - 0.3
+
+
+def test_degraded_copies_are_deterministic_and_degrade():
+    a, b = degraded_copies(lungs(), 0.5), degraded_copies(lungs(), 0.5)
+    assert [n for n, _ in a] == [n for n, _ in b] and all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
+    dropped = dict(a)["drop_one_lung"] > 0.5
+    assert dropped[:, :32].any() and not dropped[:, 32:].any()
+
+
+def test_fitted_model_flags_a_degraded_mask_with_its_reason_and_round_trips():
+    model = fitted_model()
+    assert model.n == 9 and model.n_degraded > 0 and model.fit["bad_examples"] > 0
+    for f in FEATURES + SHAPE_FEATURES + IMAGE_FEATURES:  # a signal can only lower the score on its bad side
+        assert model.weights[f] * (1 if f in ("pred_iou", "balance", "mean_probability") + IMAGE_FEATURES else -1) >= 0
+    good = lungs(1, 0)
+    ok = model.assess_map(good, 0.5, 0.95, image=radiograph(good > 0.5))
+    one = lungs()
+    one[:, 32:] = 0.02  # the right half lost
+    bad = model.assess_map(one, 0.5, 0.95, image=radiograph(lungs() > 0.5))
+    assert not ok.flag and ok.score > bad.score and bad.flag
+    assert bad.reasons and bad.reasons[0].split(" ")[0] in ("balance", "shape_residual", "area_fraction")
+    empty = model.assess_map(np.zeros((S, S), np.float32), 0.5, 0.5, image=radiograph(lungs() > 0.5))
+    assert empty.flag and empty.score == 0.0 and empty.reasons[0] == "empty mask"
+    d = model.to_dict()
+    text = json.dumps(d, allow_nan=False)
+    back = load_calibration(json.loads(text))
+    assert isinstance(back, QcModel) and back.assess_map(one, 0.5, 0.95, image=radiograph(lungs() > 0.5)).score == \
+        pytest.approx(bad.score, abs=1e-4)
+    json.dumps(bad.to_dict(details=True), allow_nan=False)
+    with pytest.raises(QcError, match="image"):
+        model.assess_map(good, 0.5, 0.95)  # the image signals need the image
+    with pytest.raises(QcError, match="unknown key"):
+        load_calibration({**d, "extra": 1})
+    with pytest.raises(QcError, match="flag_below"):
+        load_calibration({**d, "flag_below": 1.5})
+    with pytest.raises(QcError, match="soft_band"):
+        load_calibration({**d, "soft_band": [0.1, 0.9]})
+    with pytest.raises(QcError, match="finite"):
+        load_calibration({**d, "weights": {**d["weights"], "balance": None}})
+    assert isinstance(load_calibration(good_calibration().to_dict()), QcCalibration)  # older runs and bundles
+
+
 # ---- a tiny run, its bundle and the runtime ----------------------------------------------------------------
 
 def test_tiny_run_records_threshold_range_cleanup_and_qc(tiny_run):
@@ -105,8 +196,11 @@ def test_tiny_run_records_threshold_range_cleanup_and_qc(tiny_run):
     assert m["threshold_range"] == [0.5, 0.7] and m["threshold_edge"] in (None, "low", "high")
     assert len(m["threshold_sweep"]) == 5 and "f1_cleaned" in m["threshold_sweep"][0]
     assert m["postprocess"]["format"] == "lungsam-postprocess/1"
-    cal = QcCalibration.from_dict(m["qc"])
-    assert cal.n == m["n"]["val"] and set(cal.features) == set(FEATURES)
+    cal = load_calibration(m["qc"])  # version 2 (lungsam-qc/2): the map signals, the shape and image signals
+    assert isinstance(cal, QcModel) and m["qc"]["format"] == "lungsam-qc/2"
+    assert cal.n == m["n"]["val"] and set(FEATURES) <= set(cal.features)
+    assert set(SHAPE_FEATURES + IMAGE_FEATURES) <= set(cal.features) and cal.n_degraded > 0
+    assert 0 < cal.flag_below < 1 and QcModel.from_dict(m["qc"]).to_dict() == m["qc"]
     for r in m["per_image"]:
         assert set(r["qc"]) == {"score", "flag", "reasons"} and 0 <= r["qc"]["score"] <= 1
         assert "hd95" in r and "asd" in r

@@ -55,7 +55,7 @@ from ..manifest import (
     manifest_digest,
 )
 from ..postprocess import CleanupSpec
-from ..qc import QcCalibration
+from ..qc import load_calibration
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
 
 __all__ = ["BUNDLE_FORMAT", "ExportError", "ExportResult", "ParityGateError", "export_bundle"]
@@ -385,7 +385,7 @@ def run_cleanup(run_model) -> CleanupSpec:
 
 def run_qc(run_model) -> dict | None:
     """The fold's quality-flag calibration as the manifest section ``qc`` (validated), or ``None``."""
-    cal = QcCalibration.from_dict(run_model.metrics.get("qc"))
+    cal = load_calibration(run_model.metrics.get("qc"))
     return None if cal is None else cal.to_dict()
 
 

@@ -33,7 +33,7 @@ from ..imageio import (
 from ..manifest import normalize_digest
 from ..postprocess import CleanupSpec, clean_mask
 from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_prompt
-from ..qc import QcCalibration, qc_features
+from ..qc import load_calibration
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
 from .prompting import (
@@ -251,7 +251,7 @@ class LungSegmenter:
         self.threshold = bundle.threshold
         try:  # optional manifest sections (absent: no clean-up, no quality flag)
             self.cleanup = CleanupSpec.from_dict(bundle.manifest.get("postprocess"))
-            self.qc = QcCalibration.from_dict(bundle.manifest.get("qc"))
+            self.qc = load_calibration(bundle.manifest.get("qc"))
         except ValueError as e:
             raise BundleError(f"bundle {bundle.root}: {e}") from None
         self.choice = choice
@@ -550,7 +550,9 @@ class LungSegmenter:
             return None
         ay, ax = pp.postprocess_matrices(self.spec, tuple(prepared.input_hw), (self.working_size,) * 2)
         prob = pp.sigmoid(ay @ np.asarray(low_res, np.float32).reshape(ay.shape[1], ax.shape[1]) @ ax.T)
-        return self.qc.assess(qc_features(prob, self.threshold, iou, self.cleanup)).to_dict()
+        h, w = prepared.input_hw  # the resized image before padding; qc brings it to the working frame
+        image = prepared.model_input[:, :h, :w].transpose(1, 2, 0)
+        return self.qc.assess_map(prob, self.threshold, iou, self.cleanup, image=image).to_dict()
 
     # -----------------------------------------------------------------------------------------
     # whole pipeline

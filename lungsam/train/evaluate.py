@@ -20,7 +20,7 @@ from ..layout import EvalLayout, RunLayout
 from ..metrics import boundary_summary, summarize
 from ..postprocess import CleanupSpec
 from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
-from ..qc import QcCalibration, QcResult, detection_summary
+from ..qc import QcResult, detection_summary, load_calibration
 from ..samples import checked_backbone, checkpoint_for, embed_samples, load_data
 from . import report
 from .config import TrainConfig
@@ -116,8 +116,9 @@ def _score_run_fold(rm, samples: list[Sample], threshold: float | None, size: in
     probs, f1, iou, notes = score_model(rm.sam, rm.spec, rm.prompt, thr, cfg, cfg.checkpoint, rm.encoder_fingerprint,
                                         samples, device, progress, box_from_first_pass, cleanup)
     pred_iou = notes.pop("pred_iou", None)
-    cal = QcCalibration.from_dict(rm.metrics.get("qc"))
-    qc = assess_quality(cal, probs, pred_iou, thr, cleanup) if pred_iou is not None else [None] * len(samples)
+    cal = load_calibration(rm.metrics.get("qc"))
+    qc = (assess_quality(cal, probs, pred_iou, thr, cleanup, [s.image for s in samples]) if pred_iou is not None
+          else [None] * len(samples))
     return ScoredPart(samples, probs, f1, iou, {
         "fold": rm.fold, "n": len(samples), "threshold": thr, "threshold_source": thr_src,
         "postprocess": cleanup.to_dict(),

@@ -28,7 +28,8 @@ from ..errors import ArgumentError, OutputExistsError
 from ..layout import FoldLayout, RunLayout
 from ..metrics import boundary_summary, summarize
 from ..postprocess import CleanupSpec
-from ..qc import QcCalibration, QcResult, calibrate, detection_summary, qc_features
+from ..qc import QcCalibration, QcModel, QcResult, calibrate, detection_summary, qc_features
+from ..qc_fit import fit_quality_model
 from . import report
 from .checkpoints import load_train_state, save_train_state, save_weights, train_state_weights
 from .engine import EarlyStopping, binarize, choose_threshold, choose_threshold_and_cleanup, score, sweep_thresholds
@@ -156,7 +157,7 @@ class ValidationChoice:
     record: dict
     f1: list[float]
     iou: list[float]
-    qc: QcCalibration | None
+    qc: QcModel | QcCalibration | None
 
 
 @dataclass
@@ -295,7 +296,8 @@ def choose_on_validation(trainer: FoldTrainer, data: FoldData, sched: Schedule, 
     f1, iou = score(probs, masks, thr, cleanup)
     cal = None
     if trainer.scoring.quality:
-        cal = calibrate_quality(probs, pred_iou, thr, cleanup, f"fold {fold} validation images")
+        cal = calibrate_quality(probs, pred_iou, thr, cleanup, f"fold {fold} validation images", masks,
+                                data.masks["train"], [s.image for s in data.samples["val"]])
     return ValidationChoice(thr, cleanup, record, f1, iou, cal)
 
 
@@ -308,7 +310,8 @@ def score_test(trainer: FoldTrainer, data: FoldData, val: ValidationChoice, layo
     hd95, asd = boundary_scores(masks, truth) if trainer.scoring.boundary else (None, None)
     qc = None
     if trainer.scoring.quality:
-        qc = assess_quality(val.qc, probs, pred_iou, val.threshold, val.cleanup)
+        qc = assess_quality(val.qc, probs, pred_iou, val.threshold, val.cleanup,
+                            [s.image for s in data.samples["test"]])
     order = np.argsort(f1)
     test = data.samples["test"]
     report.overlays([{"label": f"{lab}: {test[i].id.split('/')[-1]} F1 {f1[i]:.3f}",
@@ -363,20 +366,30 @@ def fold_summary(fold: int, val: ValidationChoice, test: TestScores, metrics: di
 
 
 def calibrate_quality(probs: np.ndarray, iou: np.ndarray, threshold: float, cleanup: CleanupSpec,
-                      source: str) -> QcCalibration | None:
-    """The quality flag's normal ranges (:func:`lungsam.qc.calibrate`) from validation probabilities ``(N, S, S)``
-    and predicted IoU ``(N,)``; ``None`` with fewer than 3 validation images (then no result carries a flag)."""
+                      source: str, masks: list[np.ndarray] | None = None, train_masks: list[np.ndarray] | None = None,
+                      images: list[np.ndarray] | None = None) -> QcModel | QcCalibration | None:
+    """The quality flag from validation probabilities ``(N, S, S)`` and predicted IoU ``(N,)``: with their
+    ground-truth ``masks``, the ``train_masks`` and the working-frame ``images`` the calibrated model
+    (:func:`lungsam.qc_fit.fit_quality_model`), else the normal ranges (:func:`lungsam.qc.calibrate`); ``None``
+    with fewer than 3 validation images (then no result carries a flag)."""
     if len(probs) < 3:
         return None
+    if masks is not None and train_masks is not None:
+        try:
+            return fit_quality_model(probs, iou, masks, train_masks, threshold, cleanup, source, images=images)
+        except ValueError as e:  # one class only (a model whose every mask is bad): the ranges, saying why
+            source = f"{source} (normal ranges: {e})"
     return calibrate([qc_features(p, threshold, float(i), cleanup) for p, i in zip(probs, iou)], source=source)
 
 
-def assess_quality(cal: QcCalibration | None, probs: np.ndarray, iou: np.ndarray, threshold: float,
-                   cleanup: CleanupSpec) -> list[QcResult | None]:
-    """:meth:`lungsam.qc.QcCalibration.assess` of each image (``None`` each without a calibration)."""
+def assess_quality(cal: QcModel | QcCalibration | None, probs: np.ndarray, iou: np.ndarray, threshold: float,
+                   cleanup: CleanupSpec, images: list[np.ndarray] | None = None) -> list[QcResult | None]:
+    """The quality flag of each image (``assess_map``; ``images`` the working-frame images ``(S, S, 3)``);
+    ``None`` each without a calibration."""
     if cal is None:
         return [None] * len(probs)
-    return [cal.assess(qc_features(p, threshold, float(i), cleanup)) for p, i in zip(probs, iou)]
+    ims = images if images is not None else [None] * len(probs)
+    return [cal.assess_map(p, threshold, float(i), cleanup, image=im) for p, i, im in zip(probs, iou, ims)]
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
