@@ -5,13 +5,10 @@ Two quantised encoders from the same FP32 ONNX and the same calibration images, 
 * onnxruntime: :func:`onnxruntime.quantization.quantize_static`, QDQ format, weights int8 per output channel
   (symmetric), activations uint8 per tensor (asymmetric, MinMax ranges over the calibration images). Only
   :data:`STATIC_OP_TYPES` are quantised, and MatMuls only where one side is a weight, so LayerNorm, softmax,
-  GELU, the residual adds and the attention's activation x activation MatMuls stay FP32. Depthwise convolutions
-  (``group == channels``, :func:`depthwise_conv_nodes`) stay FP32 too: their batch norm is folded into
-  per-channel weights (absolute values up to 63 in LiteMedSAM, about 1 in its pointwise convolutions), so the
-  few levels a per-tensor activation scale leaves a low-range channel are amplified, and the error compounds
-  block by block (per-op SQNR against FP32 fell from 26 dB to 9 dB across the first depthwise conv; LiteMedSAM at
-  192: embedding relative error 0.94 with them quantised, 0.10 with no Conv quantised). They are about 6 % of
-  the multiply-adds of the ops with weights.
+  GELU, the residual adds and the attention's activation x activation MatMuls stay FP32. **Convolutions stay FP32**
+  too: quantising them (uint8 per-tensor activations) broke LiteMedSAM's TinyViT (embedding relative error 0.94,
+  mask agreement 0.64 on LiteMedSAM@192; 0.785 with only the depthwise convs kept FP32), MatMul + Gemm alone:
+  embedding error 0.10, low-res mask agreement 0.998 (docs/cpu_inference.md).
 * OpenVINO: :func:`nncf.quantize` on the ONNX model read by OpenVINO, ``model_type=TRANSFORMER`` (NNCF keeps
   LayerNorm, softmax and the residual adds in float for transformers), ``preset=MIXED`` (symmetric weights,
   asymmetric activations), fast bias correction; saved as OpenVINO IR (``encoder_int8_ov.xml`` + ``.bin``).
@@ -32,7 +29,7 @@ from ..errors import LungsamError
 
 INT8_METHODS = ("static", "dynamic")
 DEFAULT_CALIBRATION_IMAGES = 32
-STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
+STATIC_OP_TYPES = ("MatMul", "Gemm")
 STATIC_EXTRA_OPTIONS = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False}
 OPENVINO_INT8_SUFFIX = "_ov"  # encoder_int8_ov.xml / .bin
 
@@ -84,16 +81,6 @@ def _quiet_root_logger():
     return root, level
 
 
-def depthwise_conv_nodes(model) -> list[str]:
-    """Names of the ``Conv`` nodes of an ONNX ``model`` whose ``group`` is above 1 (depthwise / grouped: one
-    filter per input channel, weights ``(C, 1, k, k)``), the nodes static INT8 keeps in FP32."""
-    out = []
-    for node in model.graph.node:
-        if node.op_type == "Conv" and next((a.i for a in node.attribute if a.name == "group"), 1) > 1:
-            out.append(node.name)
-    return out
-
-
 def quantize_static_onnx(src: str | Path, dst: str | Path, inputs: list[np.ndarray]) -> list[Path]:
     """FP32 encoder ONNX -> static QDQ INT8 ONNX calibrated on ``inputs`` (see the module docstring).
 
@@ -109,13 +96,12 @@ def quantize_static_onnx(src: str | Path, dst: str | Path, inputs: list[np.ndarr
 
     from .onnx_export import _has_external_data, save_model
 
-    excluded = depthwise_conv_nodes(onnx.load(str(src), load_external_data=False))
     with tempfile.TemporaryDirectory(prefix="lungsam-int8s-") as scratch:
         out = Path(scratch) / "int8.onnx"
         root, level = _quiet_root_logger()
         try:
             quantize_static(Path(src), out, _Reader(inputs), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(STATIC_OP_TYPES), nodes_to_exclude=excluded, per_channel=True,
+                            op_types_to_quantize=list(STATIC_OP_TYPES), per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, extra_options=dict(STATIC_EXTRA_OPTIONS),
                             use_external_data_format=_has_external_data(src))
@@ -155,7 +141,7 @@ def static_record(calibration: dict, openvino: bool) -> dict:
                            "weight_type": "int8", "per_channel": True,
                            "activations": "uint8 per tensor, MinMax ranges over the calibration images",
                            "float_kept": "LayerNorm, Softmax, GELU, residual Add, activation x activation MatMul, "
-                                         "depthwise (grouped) Conv"},
+                                         "Conv"},
            "runs_on": "CPU: onnxruntime CPUExecutionProvider (QDQ model), OpenVINO CPU plugin (NNCF model)"}
     if openvino:
         rec["openvino"] = {"function": "nncf.quantize", "preset": "mixed", "model_type": "transformer",
