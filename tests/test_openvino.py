@@ -194,6 +194,11 @@ def test_static_int8_export(static_int8_bundle, tiny_run):
     for n in graph.node:  # LayerNorm / Softmax read float tensors, not dequantised ones
         if n.op_type in ("LayerNormalization", "Softmax"):
             assert produced_by.get(n.input[0]) != "DequantizeLinear", n.name
+    for n in graph.node:  # convolutions stay FP32 (quantising them broke LiteMedSAM), weight MatMuls are int8
+        dequantised = [produced_by.get(i) == "DequantizeLinear" for i in n.input[:2]]
+        if n.op_type == "Conv":
+            assert dequantised == [False, False], n.name
+    assert any(n.op_type == "MatMul" and produced_by.get(n.input[1]) == "DequantizeLinear" for n in graph.node)
     assert m["parity"]["max_int8_f1_drop"] == 0.002
     for backend in ("onnx", "openvino"):
         r = m["parity"]["results"][f"{backend}-int8/decoder_fixed"]

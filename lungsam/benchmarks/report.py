@@ -177,3 +177,74 @@ def compare(new: dict, old: dict) -> tuple[list[str], list[dict]]:
     if not records:
         lines.append("| (no backend/precision in common) | | | | | |")
     return lines, records
+
+
+# --- The CPU table over several bundles (issue 19): one row per backbone x size x backend x precision ---------------
+
+CPU_TABLE_HEAD = ("| backbone | encoder size | backend | precision | F1 mean (min) | agreement with torch FP32 mean (min) "
+                  "| pre / enc / dec / post p50 ms | end-to-end p50 / p95 ms | vs torch FP32 (same run) "
+                  "| RSS growth MB | Pareto |")
+
+
+def cpu_rows(results_list: list[dict]) -> list[dict]:
+    """The ok rows of several ``lungsam bench`` results (one per bundle) as flat records: ``{backbone, img_size,
+    backend, precision, mode, f1, f1_min, agreement, agreement_min, stages_p50 (ms, STAGES order), e2e_p50, e2e_p95
+    (ms), vs_torch (end-to-end p50 ratio to torch FP32 eager in the same run, None for the reference), rss_growth_mb,
+    bundle}``. Skipped rows are left out (their reasons stay in each run's own results.md)."""
+    rows = []
+    for res in results_list:
+        b = res["bundle"]
+        for r in res["results"]:
+            if r["status"] != "ok":
+                continue
+            lat, par, mem = r["latency_ms"], r.get("parity") or {}, r.get("memory") or {}
+            reference = (r["backend"], r["precision"], r.get("mode")) == ("torch", "fp32", "eager")
+            rows.append({"backbone": b["backbone"], "img_size": b["img_size"], "backend": r["backend"],
+                         "precision": r["precision"], "mode": r.get("mode"), "bundle": b["path"],
+                         "f1": r["accuracy"]["f1"]["mean"], "f1_min": r["accuracy"]["f1"]["min"],
+                         "agreement": (par.get("mask_f1") or {}).get("mean"),
+                         "agreement_min": (par.get("mask_f1") or {}).get("min"),
+                         "stages_p50": [lat[s]["p50"] for s in STAGES],
+                         "e2e_p50": lat["end_to_end"]["p50"], "e2e_p95": lat["end_to_end"]["p95"],
+                         "vs_torch": None if reference else (r.get("vs_reference") or {}).get("end_to_end_p50"),
+                         "rss_growth_mb": mem.get("rss_growth_mb")})
+    return rows
+
+
+def pareto_front(rows: list[dict], quality: str = "f1", cost: str = "e2e_p50") -> list[bool]:
+    """For each row, whether it is on the Pareto front of higher ``quality`` and lower ``cost``: no other row is at
+    least as good on both and strictly better on one."""
+    def dominated(a: dict) -> bool:
+        return any(o[quality] >= a[quality] and o[cost] <= a[cost] and (o[quality] > a[quality] or o[cost] < a[cost])
+                   for o in rows if o is not a)
+    return [not dominated(a) for a in rows]
+
+
+def _cpu_row(a: dict, on_front: bool) -> str:
+    agree = "–" if a["agreement"] is None else f"{a['agreement']:.4f} ({a['agreement_min']:.4f})"
+    vs = "reference" if a["vs_torch"] is None and a["backend"] == "torch" else _f(a["vs_torch"], 2) + "x"
+    mode = f" ({a['mode']})" if a.get("mode") and a["backend"] != "torch" else ""
+    return (f"| {a['backbone']} | {a['img_size']} | {a['backend']}{mode} | {a['precision']} | {a['f1']:.4f} "
+            f"({a['f1_min']:.3f}) | {agree} | {' / '.join(_ms(s) for s in a['stages_p50'])} "
+            f"| {_ms(a['e2e_p50'])} / {_ms(a['e2e_p95'])} | {vs} | {_f(a['rss_growth_mb'], 0)} "
+            f"| {'**yes**' if on_front else ''} |")
+
+
+def cpu_table(results_list: list[dict]) -> str:
+    """Markdown: the machine line(s) and one row per backbone x size x backend x precision over several bench
+    results, the Pareto front (F1 vs end-to-end p50) across all of them marked. Rows from different runs are
+    timed under different loads: compare absolute times across bundles only with that in mind (each row's
+    ``vs torch FP32`` is measured side by side in its own run)."""
+    from ..cpufeatures import isa_summary
+
+    rows = cpu_rows(results_list)
+    machines = []
+    for res in results_list:
+        feats = (res.get("machine") or {}).get("cpu_features")
+        line = isa_summary(feats) if feats else describe_machine(res.get("machine") or {})
+        if line not in machines:
+            machines.append(line)
+    lines = [f"Machine: {m}" for m in machines] + ["", CPU_TABLE_HEAD,
+                                                    "|" + "|".join(["---"] * (CPU_TABLE_HEAD.count("|") - 1)) + "|"]
+    lines += [_cpu_row(a, p) for a, p in zip(rows, pareto_front(rows))]
+    return "\n".join(lines)

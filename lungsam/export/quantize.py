@@ -5,7 +5,10 @@ Two quantised encoders from the same FP32 ONNX and the same calibration images, 
 * onnxruntime: :func:`onnxruntime.quantization.quantize_static`, QDQ format, weights int8 per output channel
   (symmetric), activations uint8 per tensor (asymmetric, MinMax ranges over the calibration images). Only
   :data:`STATIC_OP_TYPES` are quantised, and MatMuls only where one side is a weight, so LayerNorm, softmax,
-  GELU, the residual adds and the attention's activation x activation MatMuls stay FP32.
+  GELU, the residual adds and the attention's activation x activation MatMuls stay FP32. **Convolutions stay FP32**
+  too: quantising them (uint8 per-tensor activations) broke LiteMedSAM's TinyViT (embedding relative error 0.94,
+  mask agreement 0.64 on LiteMedSAM@192; 0.785 with only the depthwise convs kept FP32), MatMul + Gemm alone:
+  embedding error 0.10, low-res mask agreement 0.998 (docs/cpu_inference.md).
 * OpenVINO: :func:`nncf.quantize` on the ONNX model read by OpenVINO, ``model_type=TRANSFORMER`` (NNCF keeps
   LayerNorm, softmax and the residual adds in float for transformers), ``preset=MIXED`` (symmetric weights,
   asymmetric activations), fast bias correction; saved as OpenVINO IR (``encoder_int8_ov.xml`` + ``.bin``).
@@ -26,7 +29,7 @@ from ..errors import LungsamError
 
 INT8_METHODS = ("static", "dynamic")
 DEFAULT_CALIBRATION_IMAGES = 32
-STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
+STATIC_OP_TYPES = ("MatMul", "Gemm")
 STATIC_EXTRA_OPTIONS = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False}
 OPENVINO_INT8_SUFFIX = "_ov"  # encoder_int8_ov.xml / .bin
 
@@ -137,7 +140,8 @@ def static_record(calibration: dict, openvino: bool) -> dict:
                            "op_types": list(STATIC_OP_TYPES), "extra_options": dict(STATIC_EXTRA_OPTIONS),
                            "weight_type": "int8", "per_channel": True,
                            "activations": "uint8 per tensor, MinMax ranges over the calibration images",
-                           "float_kept": "LayerNorm, Softmax, GELU, residual Add, activation x activation MatMul"},
+                           "float_kept": "LayerNorm, Softmax, GELU, residual Add, activation x activation MatMul, "
+                                         "Conv"},
            "runs_on": "CPU: onnxruntime CPUExecutionProvider (QDQ model), OpenVINO CPU plugin (NNCF model)"}
     if openvino:
         rec["openvino"] = {"function": "nncf.quantize", "preset": "mixed", "model_type": "transformer",
