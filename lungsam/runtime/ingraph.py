@@ -24,7 +24,6 @@ from .. import preprocess as pp
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..manifest import GRAPH_MODEL_NAMES, normalize_digest
 from ..postprocess import clean_mask
-from ..qc import qc_features
 from .backends import BackendUnavailableError, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
 from .segmenter import LungSegmenter, Prepared, SegmentationResult
@@ -177,7 +176,8 @@ class GraphLungSegmenter(LungSegmenter):
         qc = None
         if self.qc is not None:
             working = np.asarray(out["working_probability"], np.float32)[0, 0]
-            qc = self.qc.assess(qc_features(working, self.threshold, score, self.cleanup)).to_dict()
+            image = np.asarray(prepared.model_input)[0]  # (H, W, C) uint8 at the original size; qc stretches it
+            qc = self.qc.assess_map(working, self.threshold, score, self.cleanup, image=image).to_dict()
         timings["postprocess_s"] = time.perf_counter() - t0
         timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
         area = int(np.count_nonzero(mask))
