@@ -227,6 +227,22 @@ def open_models(bundle: Bundle, names: list[str], choice: BackendChoice, threads
     return models
 
 
+def _load_graph(b: Bundle, preprocess: str, backend: str, device: str, precision: str, allow_fallback: bool,
+                threads: int | None, first_pass: bool | None, expect_digest: str | None, max_pixels: int | None,
+                performance_hint: str | None) -> "LungSegmenter | None":
+    """The in-graph segmenter when ``preprocess`` (``graph`` or ``auto``) chooses it for bundle ``b``, else
+    ``None`` (the host path; :func:`lungsam.runtime.ingraph.choose_preprocess` refuses what cannot run)."""
+    from .ingraph import GraphLungSegmenter, choose_preprocess
+
+    path, why = choose_preprocess(b, preprocess, backend, device, precision, first_pass)
+    if path != "graph":
+        return None
+    seg = GraphLungSegmenter.load(b, backend, device, precision, allow_fallback, threads, first_pass, expect_digest,
+                                  max_pixels, performance_hint)
+    seg.preprocess_choice = why
+    return seg
+
+
 class LungSegmenter:
     """Segments lungs with an exported bundle; no torch.
 
@@ -305,15 +321,11 @@ class LungSegmenter:
             raise BundleIntegrityError(f"bundle {b.root}: digest {b.digest} is not the expected {expect_digest}")
         if not b.verified:
             b.verify()
-        if preprocess != "host":  # the in-graph path (lungsam.runtime.ingraph)
-            from .ingraph import GraphLungSegmenter, choose_preprocess
-
+        if preprocess != "host":  # the in-graph path (lungsam.runtime.ingraph), where it is chosen
             first_pass = True if box_source == "first-pass" else box_from_first_pass
-            path, why = choose_preprocess(b, preprocess, backend, device, precision, first_pass)
-            if path == "graph":
-                seg = GraphLungSegmenter.load(b, backend, device, precision, allow_fallback, threads,
-                                              first_pass, expect_digest, max_pixels, performance_hint)
-                seg.preprocess_choice = why
+            seg = _load_graph(b, preprocess, backend, device, precision, allow_fallback, threads, first_pass,
+                              expect_digest, max_pixels, performance_hint)
+            if seg is not None:
                 return seg
         names = b.model_names()
         if "encoder" not in names or not ({"decoder", "decoder_fixed"} & set(names)):
