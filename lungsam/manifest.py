@@ -38,6 +38,17 @@ BUNDLE_FORMAT = "lungsam-bundle/1"
 MANIFEST_FILE = "manifest.json"
 DIGEST_FILE = "manifest.json.sha256"  # "<sha256 hex>  manifest.json\n", not listed in the manifest it hashes
 
+
+def model_filename(name: str, precision: str) -> str:
+    """A bundle's ONNX file of model ``name`` at ``precision``: ``<name>.onnx`` (fp32), else
+    ``<name>_<precision>.onnx`` (readers take the names from the manifest's ``models`` section, not from here)."""
+    return f"{name}.onnx" if precision == "fp32" else f"{name}_{precision}.onnx"
+
+
+def engine_filename(name: str) -> str:
+    """A bundle's TensorRT engine of model ``name``: ``<name>.engine``."""
+    return f"{name}.engine"
+
 MODEL_NAMES: tuple[str, ...] = ("encoder", "decoder", "decoder_fixed")
 #: The in-graph pre/postprocessing models (``lungsam export --in-graph-preprocess``, fp32 only, both or neither):
 #: ``encoder_raw`` takes the decoded uint8 image at its own size, ``decoder_mask`` returns the thresholded mask

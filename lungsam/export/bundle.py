@@ -52,7 +52,9 @@ from ..manifest import (
     RunRecord,
     TensorSpec,
     digest_line,
+    engine_filename,
     manifest_digest,
+    model_filename,
 )
 from ..postprocess import CleanupSpec
 from ..qc import load_calibration
@@ -101,10 +103,6 @@ class ExportResult:
 # too saved little (the decoder is ~5 % of a CPU image) and cut mask agreement with FP32 on the 28 Montgomery
 # test images of the MobileSAM run from 0.9957 to 0.9942 mean (min 0.9921 -> 0.9872).
 INT8_FP32_MODELS = ("decoder", "decoder_fixed")
-
-
-def model_filename(name: str, precision: str) -> str:
-    return f"{name}.onnx" if precision == "fp32" else f"{name}_{precision}.onnx"
 
 
 def _check_out(out: Path) -> None:
@@ -285,9 +283,9 @@ def build_engines(run_model, tmp: Path, models: dict, max_batch: int, log: Log) 
     engines = {}
     for name in [n for n in MODEL_NAMES if n in models]:  # the in-graph models have no engines
         t = time.perf_counter()
-        engines[name] = build_engine(models[name][source][0], tmp / f"{name}.engine", profiles[name],
+        engines[name] = build_engine(models[name][source][0], tmp / engine_filename(name), profiles[name],
                                      tmp / "timing.cache")
-        log(f"built TensorRT engine {name}.engine in {time.perf_counter() - t:.1f} s")
+        log(f"built TensorRT engine {engine_filename(name)} in {time.perf_counter() - t:.1f} s")
     return engines
 
 
