@@ -10,12 +10,11 @@ the :class:`Resolved` instead of deriving each of these again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..backbones import get_backbone, preprocess_for
+from ..backbones import preprocess_for
 from ..embeddings import weights_fingerprint
-from ..errors import ArgumentError
 from ..preprocess import PreprocessSpec
+from ..samples import checkpoint_for
 from .config import TrainConfig
 from .engine import mixed_precision, pick_device
 
@@ -50,23 +49,19 @@ class Resolved:
 
 def resolve_checkpoint(backbone: str, checkpoint: str | None) -> str | None:
     """The weights file of ``backbone``: ``checkpoint`` (must exist; made absolute), else the official file from
-    the cache (downloaded once, sha256 checked), else ``None`` for ``tiny`` (seeded weights).
+    the cache (downloaded once, sha256 checked), else ``None`` for ``tiny`` (seeded weights); the one rule,
+    :func:`lungsam.samples.checkpoint_for`, which other layers call too.
 
     Raises:
-        FileNotFoundError: ``checkpoint`` is not a file. ArgumentError: the backbone has no official weights.
+        FileNotFoundError: ``checkpoint`` does not exist. ArgumentError: the backbone has no official weights.
     """
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
-        return str(Path(checkpoint).resolve())
-    spec = get_backbone(backbone)
-    if spec.weights is None:
-        if backbone == "tiny":
-            return None
-        raise ArgumentError(f"backbone {backbone!r} has no downloadable weights: pass --checkpoint PATH")
-    from ..weights import ensure_weights
+    return checkpoint_for(_Choice(backbone, checkpoint))
 
-    return str(ensure_weights(spec.weights))
+
+@dataclass(frozen=True)
+class _Choice:
+    backbone: str
+    checkpoint: str | None
 
 
 def precision_name(device: str, mixed: bool) -> str:

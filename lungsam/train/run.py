@@ -21,15 +21,15 @@ import torch
 from ..artifacts import package_versions, utc_now, write_json_atomic
 from ..backbones import preprocess_for
 from ..data import Dataset, Sample, kfold_splits
-from ..embeddings import EmbeddingCache, weights_fingerprint
+from ..embeddings import EmbeddingCache
 from ..errors import ArgumentError
 from ..layout import FoldLayout, RunLayout
 from ..prompts import learn_prompt
-from ..samples import checked_backbone, checkpoint_for, embed_samples, load_data
+from ..samples import checked_backbone, embed_samples, load_data
 from . import distributed, report
 from .checkpoints import load_weights
 from .config import TrainConfig
-from .engine import DecoderTrainer, EncoderLoraTrainer, mixed_precision, pick_device, predict_with_iou
+from .engine import DecoderTrainer, EncoderLoraTrainer, predict_with_iou
 from .folds import (
     FoldData,
     FoldScoring,
@@ -40,6 +40,7 @@ from .folds import (
     start_run,
     train_all_folds,
 )
+from .resolve import resolve
 
 Log = Callable[[str], None]
 logger = logging.getLogger(__name__)
@@ -250,19 +251,17 @@ def _train_run(cfg: TrainConfig, out: str | Path, *, resume: bool, only_folds: t
 
 def _train_folds(cfg: TrainConfig, layout: RunLayout, *, resume: bool, only_folds: tuple[int, ...] | None, log: Log,
                  progress: bool, dist_ctx=None) -> dict:
-    preprocess_for(cfg.backbone, cfg.encoder_size)  # an encoder size that does not fit fails before any work
-    mixed_precision(pick_device(cfg.device), cfg.amp, cfg.cpu_bf16)  # so does --cpu-bf16 where it cannot run
+    resolved = resolve(cfg)  # device, precision, preprocessing, weights: what cannot run fails before any work
     t0 = time.perf_counter()
     old = open_run(layout, resume, only_folds, cfg.folds)
     distributed.check_resume_world_size(old, dist_ctx)
     if cfg.lora_rank > 0 and cfg.augment_views > 0:
         raise ArgumentError("--augment works on cached embeddings and --lora-rank trains the encoder; use one of them")
-    ckpt = checkpoint_for(cfg)
-    weights_sha256 = weights_fingerprint(cfg.backbone, ckpt)
+    ckpt, weights_sha256 = resolved.checkpoint, resolved.weights_sha256
     sam, ckpt_record = checked_backbone(cfg.backbone, cfg.encoder_size, ckpt, weights_sha256, log)  # before any folder
     if old is not None:
         refuse_changed_settings(layout, resume_differences(old, cfg, weights_sha256))
-    device = pick_device(cfg.device)
+    device = resolved.device
     data = load_data(cfg.data, cfg.size, log)
     log(f"data: {len(data.samples)} pairs from {', '.join(cfg.data)} ({len(data.skipped)} skipped)")
     splits = kfold_splits([s.id for s in data.samples], cfg.folds, cfg.seed)
