@@ -22,11 +22,11 @@ import numpy as np
 
 from .. import preprocess as pp
 from ..imageio import DEFAULT_MAX_PIXELS
-from ..manifest import GRAPH_MODEL_NAMES, normalize_digest
+from ..manifest import GRAPH_MODEL_NAMES
 from ..postprocess import clean_mask
-from .backends import BackendUnavailableError, open_model, resolve_backend
-from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
-from .segmenter import LungSegmenter, Prepared, SegmentationResult
+from .backends import BackendUnavailableError, resolve_backend
+from .bundle import Bundle
+from .segmenter import LungSegmenter, Prepared, SegmentationResult, open_bundle, open_models
 
 PREPROCESS_PATHS = ("host", "graph", "auto")
 GRAPH_BACKENDS = ("onnxruntime",)
@@ -104,11 +104,7 @@ class GraphLungSegmenter(LungSegmenter):
              performance_hint: str | None = None) -> "GraphLungSegmenter":
         """Open ``bundle``'s in-graph models (arguments as :meth:`LungSegmenter.load`; raises
         :class:`InGraphUnavailableError` when the request needs the host path)."""
-        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=True, expect_digest=expect_digest)
-        if expect_digest is not None and b.digest != normalize_digest(expect_digest):
-            raise BundleIntegrityError(f"bundle {b.root}: digest {b.digest} is not the expected {expect_digest}")
-        if not b.verified:
-            b.verify()
+        b = open_bundle(bundle, expect_digest)
         if (why := graph_unavailable(b, precision, box_from_first_pass)) is not None:
             raise InGraphUnavailableError(f"--preprocess graph: {why}")
         if backend == "openvino":
@@ -120,12 +116,7 @@ class GraphLungSegmenter(LungSegmenter):
         if choice.backend not in GRAPH_BACKENDS or choice.precision != "fp32":
             raise InGraphUnavailableError(f"--preprocess graph runs on {' or '.join(GRAPH_BACKENDS)} fp32; the request "
                                           f"resolved to {choice.backend} {choice.precision}: use --preprocess host")
-        models = {n: open_model(b, n, choice, threads, performance_hint) for n in GRAPH_MODEL_NAMES}
-        for n, m in models.items():
-            want_in, want_out = ONNX_IO[n]
-            if set(m.input_names) != set(want_in) or not set(want_out) <= set(m.output_names):
-                raise BundleError(f"bundle {b.root}: {n} has inputs {m.input_names} / outputs {m.output_names}, "
-                                  f"expected {want_in} / {want_out}")
+        models = open_models(b, list(GRAPH_MODEL_NAMES), choice, threads, performance_hint)
         return cls(b, models, choice, threads, False, max_pixels)
 
     def describe(self) -> dict[str, Any]:

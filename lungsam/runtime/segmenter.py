@@ -214,6 +214,17 @@ def listing_failure(e: Exception) -> SegmentationFailure:
     return SegmentationFailure(None, f"input listing failed: {type(e).__name__}: {e}", "list")
 
 
+def open_bundle(bundle: str | Path | Bundle, expect_digest: str | None) -> Bundle:
+    """The bundle folder (or its manifest.json) loaded, or a loaded :class:`Bundle`, with every file's sha256
+    verified and, with ``expect_digest``, its digest checked; raises :class:`BundleIntegrityError` otherwise."""
+    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=True, expect_digest=expect_digest)
+    if expect_digest is not None and b.digest != normalize_digest(expect_digest):
+        raise BundleIntegrityError(f"bundle {b.root}: digest {b.digest} is not the expected {expect_digest}")
+    if not b.verified:
+        b.verify()
+    return b
+
+
 def open_models(bundle: Bundle, names: list[str], choice: BackendChoice, threads: int | None,
                 performance_hint: str | None) -> dict[str, Model]:
     """Open each of the bundle's models ``names`` with the chosen backend and check its input/output names
@@ -316,11 +327,7 @@ class LungSegmenter:
                 changed, or a digest other than ``expect_digest``.
             BackendUnavailableError: the backend/device/precision is not available and no fallback allowed.
         """
-        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=True, expect_digest=expect_digest)
-        if expect_digest is not None and b.digest != normalize_digest(expect_digest):
-            raise BundleIntegrityError(f"bundle {b.root}: digest {b.digest} is not the expected {expect_digest}")
-        if not b.verified:
-            b.verify()
+        b = open_bundle(bundle, expect_digest)
         if preprocess != "host":  # the in-graph path (lungsam.runtime.ingraph), where it is chosen
             first_pass = True if box_source == "first-pass" else box_from_first_pass
             seg = _load_graph(b, preprocess, backend, device, precision, allow_fallback, threads, first_pass,
