@@ -144,7 +144,7 @@ def parity_samples(run_model, data_dir: str | None, limit: int | None) -> tuple[
 
 
 def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int8: bool = False,
-                  int8_method: str = "dynamic", calibration_images: int = 32,
+                  int8_method: str = "static", calibration_images: int = 32,
                   in_graph: bool = False) -> tuple[dict, dict, dict]:
     """Write the ONNX models into ``tmp``: FP32, plus FP16 versions of each (``fp16``), an INT8 encoder
     (``int8``, :func:`add_int8_encoder`) and the in-graph pre/postprocessing models (``in_graph``,
@@ -600,7 +600,7 @@ class ExportOptions:
     max_batch: int = 8
     box_from_first_pass: bool = False
     provenance: bool = False
-    int8_method: str = "dynamic"
+    int8_method: str = "static"
     calibration_images: int = 32
     max_int8_f1_drop: float = 0.002
     in_graph: bool = False
@@ -609,7 +609,7 @@ class ExportOptions:
 def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, int8: bool = False, trt: bool = False,
                   opset: int = 17, fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
                   parity_images: int | None = None, data_dir: str | None = None, max_batch: int = 8,
-                  box_from_first_pass: bool = False, provenance: bool = False, int8_method: str = "dynamic",
+                  box_from_first_pass: bool = False, provenance: bool = False, int8_method: str = "static",
                   calibration_images: int = 32, max_int8_f1_drop: float = 0.002, in_graph_preprocess: bool = False,
                   log: Log | None = None) -> ExportResult:
     """Export a trained run to a bundle at ``out``.

@@ -19,11 +19,11 @@ from ..options import Command, examples, log_to, ranged, verbosity
 @click.option("--int8", is_flag=True,
               help="Also write an INT8 encoder for CPUs (the decoders stay FP32), gated on parity and on F1 "
                    "(--max-int8-f1-drop); --int8-method says how.")
-@click.option("--int8-method", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
-              help="--int8: dynamic (onnxruntime's dynamic quantisation of the weight MatMuls, encoder_int8.onnx) or "
-                   "static (calibrated on the fold's training images: encoder_int8.onnx as onnxruntime QDQ and "
-                   "encoder_int8_ov.xml through NNCF for OpenVINO). Dynamic stays the default: on LiteMedSAM the "
-                   "static onnxruntime model failed the gate (results/cpu/openvino.md).")
+@click.option("--int8-method", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="--int8: static (calibrated on the fold's training images: encoder_int8.onnx as onnxruntime QDQ "
+                   "with the weight MatMuls/Gemms in int8, and encoder_int8_ov.xml through NNCF for OpenVINO) or "
+                   "dynamic (onnxruntime's dynamic quantisation of the weight MatMuls, encoder_int8.onnx only; the "
+                   "fallback where static fails the gate). docs/cpu_inference.md.")
 @click.option("--calibration-images", default=32, show_default=True, type=click.IntRange(min=1),
               help="--int8 static: training-split images used to calibrate the activation ranges.")
 @click.option("--max-int8-f1-drop", default=0.002, show_default=True, type=click.FloatRange(min=0),
