@@ -398,6 +398,7 @@ def test_bench_tiny_bundle_end_to_end(tiny_bench, tiny_run):
     results = read_json(out / "results.json")
     assert schema.validate_results(results) == []
     assert results["data"]["n_images"] == 3
+    assert results["bundle"]["int8_method"] == "dynamic"  # from the manifest's quantization record
     test_ids = read_json(tiny_run / "folds" / "fold_0" / "split.json")["test"]
     assert set(results["data"]["ids"]) <= set(test_ids)  # the bundle run's test split by default
     by = {(r["backend"], r["precision"]): r for r in results["results"]}

@@ -48,3 +48,16 @@ def test_cpu_table_spans_bundles_and_marks_the_front_across_them():
     assert len(front) == 2 and all("lite_medsam" in line for line in front)
     assert "| mobile_sam | 1024 | onnxruntime | int8 | 0.9640" in md and "0.38x" in md and "reference" in md
     assert md.splitlines()[0].startswith("Machine: Xeon (2 cores): avx2 avx512_vnni; no avx512_bf16/amx_tile")
+
+
+def test_cpu_table_tells_static_from_dynamic_int8_bundles():
+    static = _res("mobile_sam", 1024, [_row("torch", "fp32", 0.965, 4000, "eager", 1.0),
+                                       _row("onnxruntime", "int8", 0.964, 1500), _row("openvino", "int8", 0.964, 900)])
+    dynamic = _res("mobile_sam", 1024, [_row("torch", "fp32", 0.965, 4000, "eager", 1.0),
+                                        _row("onnxruntime", "int8", 0.963, 1700)])
+    static["bundle"]["int8_method"], dynamic["bundle"]["int8_method"] = "static", "dynamic"
+    md = report.cpu_table([static, dynamic])
+    assert "| mobile_sam | 1024 | onnxruntime | int8 (static) | 0.9640" in md
+    assert "| mobile_sam | 1024 | openvino | int8 (static) |" in md
+    assert "| mobile_sam | 1024 | onnxruntime | int8 (dynamic) | 0.9630" in md
+    assert "fp32 (" not in md  # only int8 rows carry the method

@@ -200,7 +200,8 @@ def cpu_rows(results_list: list[dict]) -> list[dict]:
             lat, par, mem = r["latency_ms"], r.get("parity") or {}, r.get("memory") or {}
             reference = (r["backend"], r["precision"], r.get("mode")) == ("torch", "fp32", "eager")
             rows.append({"backbone": b["backbone"], "img_size": b["img_size"], "backend": r["backend"],
-                         "precision": r["precision"], "mode": r.get("mode"), "bundle": b["path"],
+                         "precision": precision_label(r["precision"], b.get("int8_method")),
+                         "mode": r.get("mode"), "bundle": b["path"],
                          "f1": r["accuracy"]["f1"]["mean"], "f1_min": r["accuracy"]["f1"]["min"],
                          "agreement": (par.get("mask_f1") or {}).get("mean"),
                          "agreement_min": (par.get("mask_f1") or {}).get("min"),
@@ -209,6 +210,12 @@ def cpu_rows(results_list: list[dict]) -> list[dict]:
                          "vs_torch": None if reference else (r.get("vs_reference") or {}).get("end_to_end_p50"),
                          "rss_growth_mb": mem.get("rss_growth_mb")})
     return rows
+
+
+def precision_label(precision: str, int8_method: str | None) -> str:
+    """``"int8 (static)"`` / ``"int8 (dynamic)"`` where the bundle says how its INT8 encoder was made (bench
+    results before that field: plain ``"int8"``); other precisions as they are."""
+    return f"{precision} ({int8_method})" if precision == "int8" and int8_method else precision
 
 
 def pareto_front(rows: list[dict], quality: str = "f1", cost: str = "e2e_p50") -> list[bool]:
