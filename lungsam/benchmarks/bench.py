@@ -245,7 +245,9 @@ def int8_method(bundle) -> str | None:
     """How the bundle's INT8 encoder was made (manifest ``quantization.int8.method``: ``"static"`` or
     ``"dynamic"``), or None when it has none."""
     quantization = (bundle.meta.quantization if bundle.meta is not None else None) or {}
-    return (quantization.get("int8") or {}).get("method")
+    method = (quantization.get("int8") or {}).get("method")
+    # bundles exported before the record said "dynamic" named onnxruntime's function instead
+    return "dynamic" if method == "onnxruntime.quantization.quantize_dynamic" else method
 
 
 def write_report(results: dict, out_dir: str | Path, compare_lines: list[str] | None = None) -> BenchLayout:
