@@ -141,7 +141,9 @@ def test_auto_picks_the_recorded_fastest_on_this_cpu_only(tiny_bundle):
     c = resolve_backend(with_times(10.0, 5.0), "auto", "cpu", "fp32")
     assert (c.backend, c.precision) == ("openvino", "fp32") and "openvino" in c.why and not c.fallbacks
     c = resolve_backend(with_times(5.0, 10.0), "auto", "cpu", "fp32")
-    assert c.backend == "onnxruntime"
+    assert c.backend == "onnxruntime" and "fp32: onnxruntime 5 ms, openvino 10 ms" in c.why
+    c = resolve_backend(with_times(5.0, None), "auto", "cpu", "fp32")  # OpenVINO not timed at export
+    assert c.backend == "onnxruntime" and "openvino not timed" in c.why
     other = copy.deepcopy(par["machine"]["cpu_features"])
     other["model"] = "another CPU"
     c = resolve_backend(with_times(10.0, 5.0, other), "auto", "cpu", "fp32")

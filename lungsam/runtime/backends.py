@@ -394,14 +394,20 @@ def auto_cpu_backend(bundle, precision: str, models: tuple[str, ...]) -> tuple[s
 
     ort_ms, ov_ms = ms("onnx"), ms("openvino")
     if ort_ms is None or ov_ms is None or ov_ms >= ort_ms:
-        return "onnxruntime", (f"auto: onnxruntime (export timing on this CPU: onnxruntime {ort_ms} ms, "
-                               f"openvino {ov_ms} ms)")
+        return "onnxruntime", (f"auto: onnxruntime (export timing on this CPU, {precision}: onnxruntime "
+                               f"{timing_text(ort_ms)}, openvino {timing_text(ov_ms)})")
     try:
         check_openvino(bundle, "cpu", precision, models)
     except BackendUnavailableError as e:
         return "onnxruntime", f"auto: onnxruntime (OpenVINO was faster at export but cannot run here: {e})"
     return "openvino", (f"auto: openvino (export timing on this CPU, {precision}: {ov_ms:.0f} ms per image against "
                         f"onnxruntime's {ort_ms:.0f} ms)")
+
+
+def timing_text(ms: float | None) -> str:
+    """A recorded per-image time for the ``auto`` reasons: ``"844 ms"``, or ``"not timed"`` when the export did not
+    time that backend at that precision."""
+    return "not timed" if ms is None else f"{ms:.0f} ms"
 
 
 def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",

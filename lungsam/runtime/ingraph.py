@@ -24,7 +24,7 @@ from .. import preprocess as pp
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..manifest import GRAPH_MODEL_NAMES
 from ..postprocess import clean_mask
-from .backends import BackendUnavailableError, resolve_backend
+from .backends import BackendUnavailableError, resolve_backend, timing_text
 from .bundle import Bundle
 from .segmenter import LungSegmenter, Prepared, SegmentationResult, open_bundle, open_models
 
@@ -70,7 +70,8 @@ def auto_preprocess(bundle: Bundle, backend: str, precision: str, box_from_first
     ms = ((record.get("results") or {}).get(backend) or {}).get("ms_per_image") or {}
     host, graph = ms.get("host"), ms.get("graph")
     if not isinstance(host, (int, float)) or not isinstance(graph, (int, float)) or graph >= host:
-        return "host", f"auto: host (export timing on this CPU, {backend}: host {host} ms, graph {graph} ms)"
+        return "host", (f"auto: host (export timing on this CPU, {backend}: host {timing_text(host)}, graph "
+                        f"{timing_text(graph)})")
     return "graph", f"auto: graph (export timing on this CPU, {backend}: {graph:.0f} ms per image against {host:.0f})"
 
 
