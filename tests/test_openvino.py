@@ -161,9 +161,9 @@ def test_auto_picks_the_recorded_fastest_on_this_cpu_only(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def static_int8_bundle(tiny_run, tmp_path_factory):
-    """``tiny_run`` exported with plain --int8 (static, calibrated INT8 is the default method), 4 calibration images. The tiny backbone is
-    untrained noise (F1 ~0.2, logits near the threshold), so its masks flip more easily than a real model's:
-    the agreement floor is 0.98 here (real bundles: the default 0.99)."""
+    """``tiny_run`` exported with plain --int8 (static, calibrated INT8 is the default method), 4 calibration
+    images. The tiny backbone is untrained noise (F1 ~0.2, logits near the threshold), so its masks flip more
+    easily than a real model's: the agreement floor is 0.98 here (real bundles: the default 0.99)."""
     from click.testing import CliRunner
 
     from lungsam.cli import main
