@@ -724,6 +724,10 @@ def _str_map(v: Any, path: str, keys: tuple[str, ...] | None = None) -> dict[str
 # the manifest
 # ---------------------------------------------------------------------------------------------
 
+#: ``quantization.int8.method`` of dynamic-INT8 bundles exported before it said ``"dynamic"``.
+LEGACY_DYNAMIC_INT8_METHOD = "onnxruntime.quantization.quantize_dynamic"
+
+
 @dataclass(eq=False)
 class Manifest:
     """A validated ``manifest.json`` (see the module doc and docs/DEVELOPING.md).
@@ -873,6 +877,13 @@ class Manifest:
     def model_names(self) -> tuple[str, ...]:
         """The models present, in :data:`MODEL_NAMES` order."""
         return tuple(n for n in MODEL_NAMES if self.models.get(n))
+
+    def int8_method(self) -> str | None:
+        """How the INT8 encoder was made (``quantization.int8.method``: ``"static"`` or ``"dynamic"``), None
+        without one. Bundles exported before the dynamic record said ``"dynamic"`` named onnxruntime's function
+        (:data:`LEGACY_DYNAMIC_INT8_METHOD`) instead."""
+        method = ((self.quantization or {}).get("int8") or {}).get("method")
+        return "dynamic" if method == LEGACY_DYNAMIC_INT8_METHOD else method
 
     def model_files(self) -> set[str]:
         """Every file a model entry, engine or timing cache names (all listed under ``files``)."""

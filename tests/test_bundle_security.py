@@ -346,6 +346,17 @@ def test_manifest_round_trips_through_the_typed_record(tiny_bundle):
     assert m.run.fold == 0 and m.parity.min_agreement == 0.99 and m.provenance is False
 
 
+def test_manifest_says_how_its_int8_encoder_was_made(tiny_bundle):
+    from dataclasses import replace
+
+    from lungsam.manifest import LEGACY_DYNAMIC_INT8_METHOD
+
+    m = parse_manifest((tiny_bundle / "manifest.json").read_bytes())
+    assert m.int8_method() is None  # exported without --int8
+    for recorded, said in (("static", "static"), ("dynamic", "dynamic"), (LEGACY_DYNAMIC_INT8_METHOD, "dynamic")):
+        assert replace(m, quantization={"int8": {"method": recorded}}).int8_method() == said
+
+
 # ---------------------------------------------------------------------------------------------
 # privacy
 # ---------------------------------------------------------------------------------------------

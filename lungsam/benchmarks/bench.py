@@ -238,16 +238,7 @@ def bundle_record(bundle, bundle_dir: str | Path, box_from_first_pass: bool, run
                            "ground truth" if bundle.prompt.needs_ground_truth else
                            "mean-mask box" if bundle.prompt.mode in BOX_PROMPT_MODES else None),
             "run": None if run_path is None else str(run_path), "fold": fold,
-            "int8_method": int8_method(bundle)}
-
-
-def int8_method(bundle) -> str | None:
-    """How the bundle's INT8 encoder was made (manifest ``quantization.int8.method``: ``"static"`` or
-    ``"dynamic"``), or None when it has none."""
-    quantization = (bundle.meta.quantization if bundle.meta is not None else None) or {}
-    method = (quantization.get("int8") or {}).get("method")
-    # bundles exported before the record said "dynamic" named onnxruntime's function instead
-    return "dynamic" if method == "onnxruntime.quantization.quantize_dynamic" else method
+            "int8_method": None if bundle.meta is None else bundle.meta.int8_method()}
 
 
 def write_report(results: dict, out_dir: str | Path, compare_lines: list[str] | None = None) -> BenchLayout:
