@@ -15,7 +15,8 @@ digest. ``lungsam export`` prints it and writes it beside the manifest in :data:
 
 Keys (docs/DEVELOPING.md, "Bundle format"), in the order written: :data:`KEY_ORDER`. Optional sections
 ``postprocess`` and ``qc`` are open JSON objects (their owners validate their contents); ``quantization``
-is an open object keyed by precision. The model names and precisions a bundle may carry are
+is an open object keyed by precision; ``export`` records what the export was asked for (the fields of
+:class:`lungsam.export.config.ExportOptions`, a record for audit, read by nothing at run time). The model names and precisions a bundle may carry are
 :data:`MODEL_NAMES` and :data:`PRECISIONS` (extend them here).
 """
 from __future__ import annotations
@@ -90,7 +91,7 @@ PADS = ("bottom_right",)
 KEY_ORDER: tuple[str, ...] = (
     "format", "created", "backbone", "preprocess", "working_size", "prompt", "threshold", "inference", "opset",
     "precisions", "models", "quantization", "skipped", "engines", "timing_cache", "postprocess", "qc", "parity",
-    "run", "provenance", "versions", "files")
+    "run", "export", "provenance", "versions", "files")
 REQUIRED_KEYS: tuple[str, ...] = ("format", "backbone", "preprocess", "working_size", "prompt", "threshold",
                                   "models", "files")
 
@@ -742,7 +743,8 @@ class Manifest:
         quantization: open record per quantised precision. skipped: ``{model: why it was not exported}``.
         engines: TensorRT engine records. timing_cache: its file.
         postprocess, qc: open sections (mask clean-up, quality flags), ``None`` when absent.
-        parity: the export's gate. run: the source run. provenance: whether local paths, host names and
+        parity: the export's gate. run: the source run. export: the export's options (an open record).
+        provenance: whether local paths, host names and
             held-out image ids were included (``lungsam export --provenance``). versions: packages.
     """
 
@@ -766,6 +768,7 @@ class Manifest:
     qc: dict | None = None
     parity: ParityRecord | None = None
     run: RunRecord | None = None
+    export: dict | None = None
     provenance: bool | None = None
     versions: dict[str, str] | None = None
 
@@ -802,7 +805,7 @@ class Manifest:
                 timing_cache=_opt(d, "timing_cache", _rel_path, path),
                 postprocess=_opt(d, "postprocess", _obj, path), qc=_opt(d, "qc", _obj, path),
                 parity=_opt(d, "parity", ParityRecord.from_dict, path), run=_opt(d, "run", RunRecord.from_dict, path),
-                provenance=_opt(d, "provenance", _bool, path), versions=_opt(d, "versions", _str_map, path))
+                export=_opt(d, "export", _obj, path), provenance=_opt(d, "provenance", _bool, path), versions=_opt(d, "versions", _str_map, path))
         m._cross_check(path)
         return m
 
@@ -859,7 +862,8 @@ class Manifest:
             "quantization": self.quantization, "skipped": self.skipped, "engines": self.engines,
             "timing_cache": self.timing_cache, "postprocess": self.postprocess, "qc": self.qc,
             "parity": None if self.parity is None else self.parity.to_dict(),
-            "run": None if self.run is None else self.run.to_dict(), "provenance": self.provenance,
+            "run": None if self.run is None else self.run.to_dict(), "export": self.export,
+            "provenance": self.provenance,
             "versions": self.versions, "files": {k: r.to_dict() for k, r in self.files.items()},
         }
         d["preprocess"]["pixel_mean"] = list(d["preprocess"]["pixel_mean"])

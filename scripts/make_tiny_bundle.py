@@ -17,7 +17,7 @@ def main(out: Path) -> None:
     """Same settings as the test suite's ``tiny_bundle`` fixture: points, one split, 3 epochs, FP32 ONNX."""
     train_run(TrainConfig(backbone="tiny", prompt="points", folds=1, epochs=3, lr=1e-3, batch_size=4),
               out / "run", log=print, progress=False)
-    result = export_bundle(out / "run", out / "bundle", fp16=False, trt=False, parity_images=4, log=print)
+    result = export_bundle(out / "run", out / "bundle", parity_images=4, log=print)
     print(result.summary())
 
 

@@ -89,7 +89,7 @@ def tiny_bundle(request, tmp_path_factory) -> Path:
     tiny_run = request.getfixturevalue("tiny_run")
 
     out = tmp_path_factory.mktemp("bundles") / "tiny_points"
-    export_bundle(tiny_run, out, fp16=False, trt=False, parity_images=4, log=lambda m: None)
+    export_bundle(tiny_run, out, parity_images=4, log=lambda m: None)
     return out
 
 
@@ -98,6 +98,7 @@ def tiny_both_bundle(tmp_path_factory) -> tuple[Path, Path]:
     """``(run, bundle)``: the tiny backbone trained with ``--prompt both`` and exported with
     ``box_from_first_pass=True`` (the bundle's default inference takes its box from its own first mask)."""
     from lungsam.export.bundle import export_bundle
+    from lungsam.export.config import ExportOptions
     from lungsam.train.config import TrainConfig
     from lungsam.train.run import train_run
 
@@ -105,6 +106,6 @@ def tiny_both_bundle(tmp_path_factory) -> tuple[Path, Path]:
     run = root / "run"
     train_run(TrainConfig(backbone="tiny", prompt="both", folds=1, epochs=2, lr=1e-3), run,
               log=lambda m: None, progress=False)
-    export_bundle(run, root / "bundle", fp16=False, trt=False, parity_images=2, box_from_first_pass=True,
-                  provenance=True, log=lambda m: None)  # provenance: bench finds the run (torch reference)
+    export_bundle(run, root / "bundle", ExportOptions(box_from_first_pass=True, provenance=True), parity_images=2,
+                  log=lambda m: None)  # provenance: bench finds the run (torch reference)
     return run, root / "bundle"

@@ -261,8 +261,9 @@ def test_trt_engines_match_onnx(tiny_run, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA GPU")
     from lungsam.export.bundle import export_bundle
+    from lungsam.export.config import ExportOptions
 
-    res = export_bundle(tiny_run, tmp_path / "b", trt=True, max_batch=4, log=lambda m: None)
+    res = export_bundle(tiny_run, tmp_path / "b", ExportOptions(trt=True, max_batch=4), log=lambda m: None)
     eng = res.manifest["engines"]
     assert set(eng) == {"encoder", "decoder", "decoder_fixed"}
     for rec in eng.values():
@@ -308,8 +309,8 @@ def test_a_killed_export_leaves_a_temp_folder_that_the_next_export_removes(tiny_
     from lungsam.export.bundle import make_temp_folder
 
     out = tmp_path / "bundles" / "b"
-    code = (f"from lungsam.export.bundle import export_bundle; "
-            f"export_bundle({str(tiny_run)!r}, {str(out)!r}, fp16=True, log=lambda m: None)")
+    code = (f"from lungsam.export.bundle import export_bundle; from lungsam.export.config import ExportOptions; "
+            f"export_bundle({str(tiny_run)!r}, {str(out)!r}, ExportOptions(fp16=True), log=lambda m: None)")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     try:

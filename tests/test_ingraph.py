@@ -80,9 +80,10 @@ def test_postprocess_graph_matches_the_runtime_matrices():
 @pytest.fixture(scope="module")
 def graph_bundle(tiny_run, tmp_path_factory) -> Path:
     from lungsam.export.bundle import export_bundle
+    from lungsam.export.config import ExportOptions
 
     out = tmp_path_factory.mktemp("ingraph") / "bundle"
-    export_bundle(tiny_run, out, parity_images=4, in_graph_preprocess=True, log=lambda m: None)
+    export_bundle(tiny_run, out, ExportOptions(in_graph=True), parity_images=4, log=lambda m: None)
     return out
 
 

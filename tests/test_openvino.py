@@ -228,6 +228,7 @@ def test_int8_gate_refuses_a_degraded_model(tiny_run, tmp_path, monkeypatch):
     so real inputs saturate): refused, nothing written, and the message says which option to change."""
     from lungsam.export import quantize
     from lungsam.export.bundle import ParityGateError, export_bundle
+    from lungsam.export.config import ExportOptions
 
     real = quantize.calibration_inputs
 
@@ -238,8 +239,8 @@ def test_int8_gate_refuses_a_degraded_model(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(quantize, "calibration_inputs", too_dark)
     out = tmp_path / "bad"
     with pytest.raises(ParityGateError, match="int8.*--int8-method dynamic.*--calibration-images") as e:
-        export_bundle(tiny_run, out, int8=True, int8_method="static", calibration_images=2, min_agreement=0.98,
-                      log=lambda m: None)
+        export_bundle(tiny_run, out, ExportOptions(int8=True, int8_method="static", calibration_images=2,
+                                                min_agreement=0.98), log=lambda m: None)
     assert not out.exists() and not list(tmp_path.glob(".bad.*"))
     res = e.value.parity["results"]
     assert res["onnx-int8/decoder_fixed"]["agreement_mean"] < 0.98

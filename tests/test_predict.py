@@ -392,7 +392,9 @@ def test_box_from_first_pass_matches_training_code_and_needs_no_box(tmp_path, ti
 
 def test_export_refuses_first_pass_for_a_points_run(tiny_run, tmp_path):
     from lungsam.export.bundle import ExportError, export_bundle
+    from lungsam.export.config import ExportOptions
 
     with pytest.raises(ExportError, match="prompted with a box"):
-        export_bundle(tiny_run, tmp_path / "b", box_from_first_pass=True, parity_images=1, log=lambda m: None)
+        export_bundle(tiny_run, tmp_path / "b", ExportOptions(box_from_first_pass=True), parity_images=1,
+                      log=lambda m: None)
     assert not (tmp_path / "b").exists()

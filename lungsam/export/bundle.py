@@ -58,6 +58,7 @@ from ..manifest import (
 )
 from ..postprocess import CleanupSpec
 from ..qc import load_calibration
+from .config import ExportOptions
 from .trt import TensorRTUnavailable, gpu_record, require_tensorrt
 
 __all__ = ["BUNDLE_FORMAT", "ExportError", "ExportResult", "ParityGateError", "export_bundle"]
@@ -143,20 +144,19 @@ def parity_samples(run_model, data_dir: str | None, limit: int | None) -> tuple[
                      "ids": [s.id for s in samples]}
 
 
-def export_models(run_model, tmp: Path, *, fp16: bool, opset: int, log: Log, int8: bool = False,
-                  int8_method: str = "static", calibration_images: int = 32,
-                  in_graph: bool = False) -> tuple[dict, dict, dict]:
-    """Write the ONNX models into ``tmp``: FP32, plus FP16 versions of each (``fp16``), an INT8 encoder
-    (``int8``, :func:`add_int8_encoder`) and the in-graph pre/postprocessing models (``in_graph``,
-    :func:`add_graph_models`).
+def export_models(run_model, tmp: Path, opts: ExportOptions, log: Log) -> tuple[dict, dict, dict]:
+    """Write the ONNX models into ``tmp`` (at ``opts.opset``): FP32, plus FP16 versions of each
+    (``opts.writes_fp16``), an INT8 encoder (``opts.int8``, :func:`add_int8_encoder`) and the in-graph
+    pre/postprocessing models (``opts.in_graph``, :func:`add_graph_models`).
     Returns ``(models, skipped, int8_info)``: ``models[name][precision] = [files]``, ``skipped[name] = reason``,
     ``int8_info = {"record": manifest quantization.int8 record, "openvino": {name: [IR files]}}`` (empty without int8)."""
-    models, skipped = export_fp32_models(run_model, tmp, opset, log)
-    if fp16:
+    models, skipped = export_fp32_models(run_model, tmp, opts.opset, log)
+    if opts.writes_fp16:
         add_fp16_models(models, tmp, log)
-    int8_info = add_int8_encoder(run_model, models, tmp, int8_method, calibration_images, log) if int8 else {}
-    if in_graph:
-        add_graph_models(run_model, models, tmp, opset, log)
+    int8_info = (add_int8_encoder(run_model, models, tmp, opts.int8_method, opts.calibration_images, log)
+                 if opts.int8 else {})
+    if opts.in_graph:
+        add_graph_models(run_model, models, tmp, opts.opset, log)
     return models, skipped, int8_info
 
 
@@ -495,21 +495,21 @@ def model_entries(models: dict, openvino_files: dict | None = None) -> dict[str,
 
 
 def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: dict, engines: dict,
-                   parity: dict, opset: int, box_from_first_pass: bool = False, provenance: bool = False,
-                   int8_info: dict | None = None) -> Manifest:
-    """The manifest (:mod:`lungsam.manifest`); ``files`` covers everything already in ``tmp``. Without
-    ``provenance`` it holds no host name, local path or held-out image id (see the module doc).
+                   parity: dict, opts: ExportOptions, int8_info: dict | None = None) -> Manifest:
+    """The manifest (:mod:`lungsam.manifest`); ``files`` covers everything already in ``tmp``; ``export`` records
+    ``opts``. Without ``opts.provenance`` it holds no host name, local path or held-out image id (see the module
+    doc).
 
     INT8: ``quantization.int8`` is :func:`lungsam.export.quantize.static_record` (or ``onnx_export.int8_record``
     for ``--int8-method dynamic``) plus ``fp32_models``; an NNCF encoder for OpenVINO is
     ``models.encoder.int8.openvino = {file, files}`` beside the onnxruntime file.
     """
     int8_info = int8_info or {}
-
+    provenance = opts.provenance
     return Manifest(
         format=BUNDLE_FORMAT, created=utc_now(), backbone=run_model.backbone, preprocess=run_model.spec,
         working_size=run_model.working_size, prompt=run_model.prompt, threshold=run_model.threshold,
-        inference=InferencePolicy(box_from_first_pass=box_from_first_pass), opset=opset,
+        inference=InferencePolicy(box_from_first_pass=opts.box_from_first_pass), opset=opts.opset,
         postprocess=run_cleanup(run_model).to_dict(), qc=run_qc(run_model),
         precisions=tuple(sorted({p for m in models.values() for p in m})),
         models=model_entries(models, int8_info.get("openvino")),
@@ -517,7 +517,7 @@ def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: d
                       if "int8" in models.get("encoder", {}) else {}),
         skipped=skipped, engines=engines, timing_cache="timing.cache" if engines else None,
         parity=ParityRecord.from_dict(parity if provenance else private_parity(parity), "parity"),
-        run=run_record(run_model, run_dir, provenance), provenance=provenance, versions=package_versions(),
+        run=run_record(run_model, run_dir, provenance), export=opts.to_dict(), provenance=provenance, versions=package_versions(),
         files=file_records(tmp))
 
 
@@ -588,60 +588,39 @@ def _make_readable(folder: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-@dataclass(frozen=True)
-class ExportOptions:
-    """What an export was asked for (the keyword arguments of :func:`export_bundle`, which documents them)."""
-
-    fp16: bool = False
-    int8: bool = False
-    trt: bool = False
-    opset: int = 17
-    min_agreement: float = 0.99
-    max_batch: int = 8
-    box_from_first_pass: bool = False
-    provenance: bool = False
-    int8_method: str = "static"
-    calibration_images: int = 32
-    max_int8_f1_drop: float = 0.002
-    in_graph: bool = False
-
-
-def export_bundle(run_dir: str | Path, out: str | Path, *, fp16: bool = False, int8: bool = False, trt: bool = False,
-                  opset: int = 17, fold: int | None = None, checkpoint: str | None = None, min_agreement: float = 0.99,
-                  parity_images: int | None = None, data_dir: str | None = None, max_batch: int = 8,
-                  box_from_first_pass: bool = False, provenance: bool = False, int8_method: str = "static",
-                  calibration_images: int = 32, max_int8_f1_drop: float = 0.002, in_graph_preprocess: bool = False,
+def export_bundle(run_dir: str | Path, out: str | Path, opts: ExportOptions | None = None, *, fold: int | None = None,
+                  checkpoint: str | None = None, parity_images: int | None = None, data_dir: str | None = None,
                   log: Log | None = None) -> ExportResult:
-    """Export a trained run to a bundle at ``out``.
+    """Export a trained run to a bundle at ``out``, as ``opts`` (:class:`ExportOptions`, default: FP32 only) asks.
 
-    Steps: load the run (:func:`lungsam.runs.load_run`); write ONNX FP32 (+FP16 with ``fp16`` or ``trt``,
-    +an INT8 encoder for onnxruntime on CPU with ``int8``) and TensorRT engines (``trt``) into a temporary
-    folder beside ``out``; compare every exported pipeline with torch on held-out images; if each one's mean mask
-    agreement reaches ``min_agreement``, write ``manifest.json`` and rename the folder to ``out``. Otherwise nothing
-    is left behind and :class:`ParityGateError` carries the figures.
+    Steps: load the run's ``fold`` (:func:`lungsam.runs.load_run`; default its best on validation, ``checkpoint``
+    when the backbone weights recorded in run.json are not found); write ONNX FP32 (+FP16 with ``opts.fp16`` or
+    ``opts.trt``, +INT8 encoders for CPUs with ``opts.int8``) and TensorRT engines (``opts.trt``) into a temporary
+    folder beside ``out``; compare every exported pipeline with torch on held-out images (at most
+    ``parity_images`` of the fold's test split, or of ``data_dir``); if each one's mean mask agreement reaches
+    ``opts.min_agreement``, write ``manifest.json`` and rename the folder to ``out``. Otherwise nothing is left
+    behind and :class:`ParityGateError` carries the figures.
 
-    ``box_from_first_pass`` (models prompted with a box): the bundle's default inference takes each image's
+    ``opts.box_from_first_pass`` (models prompted with a box): the bundle's default inference takes each image's
     box from the model's own first mask (``manifest["inference"]``); its accuracy on the parity images,
     through the runtime, is measured and recorded in ``manifest["inference"]["first_pass_check"]``.
 
-    ``provenance``: also record the run folder, data folders, checkpoint path, host name and parity image ids
+    ``opts.provenance``: also record the run folder, data folders, checkpoint path, host name and parity image ids
     (left out by default: the bundle leaves the building). A full disk or a read-only folder raises
     :class:`ExportError` naming the path; nothing is left at ``out``.
 
-    ``int8``: see :func:`export_models` (``int8_method``, ``calibration_images``); every INT8 pipeline must also
-    keep its mean F1 against ground truth within ``max_int8_f1_drop`` of torch FP32's (:func:`int8_gate`).
-    With openvino installed every precision is also gated through OpenVINO's CPU plugin (``openvino-*`` rows).
+    ``opts.int8``: see :func:`export_models` (``int8_method``, ``calibration_images``); every INT8 pipeline must
+    also keep its mean F1 against ground truth within ``opts.max_int8_f1_drop`` of torch FP32's
+    (:func:`int8_gate`). With openvino installed every precision is also gated through OpenVINO's CPU plugin
+    (``openvino-*`` rows).
 
-    ``in_graph_preprocess``: also write ``encoder_raw`` / ``decoder_mask`` (:mod:`lungsam.export.ingraph`), gated
+    ``opts.in_graph``: also write ``encoder_raw`` / ``decoder_mask`` (:mod:`lungsam.export.ingraph`), gated
     through the runtime against the host path on the parity images' files (:func:`lungsam.export.parity.
     in_graph_check`, recorded as ``manifest["parity"]["in_graph"]``). ``log``: progress lines (default: this
     module's logger at INFO).
     """
     log = log or logger.info
-    opts = ExportOptions(fp16=fp16 or trt, int8=int8, trt=trt, opset=opset, min_agreement=min_agreement,
-                         max_batch=max_batch, box_from_first_pass=box_from_first_pass, provenance=provenance,
-                         int8_method=int8_method, calibration_images=calibration_images,
-                         max_int8_f1_drop=max_int8_f1_drop, in_graph=in_graph_preprocess)
+    opts = opts or ExportOptions()
     run_dir, out = Path(run_dir), Path(out)
     run_model = load_for_export(run_dir, out, fold, checkpoint, opts)
     from .parity import make_cases
@@ -745,16 +724,13 @@ def _build_in(tmp: Path, run_model, run_dir: Path, out: Path, cases: list, sourc
     """Models, engines, parity gate and manifest in ``tmp``; returns ``(manifest, digest, parity table)``."""
     from .parity import format_table
 
-    models, skipped, int8_info = export_models(run_model, tmp, fp16=opts.fp16, int8=opts.int8, opset=opts.opset,
-                                               log=log, int8_method=opts.int8_method,
-                                               calibration_images=opts.calibration_images, in_graph=opts.in_graph)
+    models, skipped, int8_info = export_models(run_model, tmp, opts, log)
     engines = build_engines(run_model, tmp, models, opts.max_batch, log) if opts.trt else {}
     results = run_parity(run_model, tmp, models, engines, cases, log, int8_info)
     table = format_table(results, opts.min_agreement)
     parity = parity_record(run_model, source, results, opts)
     check_gates(results, opts, out, table, parity)
-    manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opts.opset,
-                              opts.box_from_first_pass, opts.provenance, int8_info)
+    manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opts, int8_info)
     digest = write_manifest(tmp, manifest)
     if opts.in_graph:  # manifest.json is not among the files it hashes: rewriting it is safe
         manifest, digest, table = gate_in_graph(tmp, manifest, samples, out, table, log)

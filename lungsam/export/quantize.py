@@ -27,8 +27,6 @@ import numpy as np
 
 from ..errors import LungsamError
 
-INT8_METHODS = ("static", "dynamic")
-DEFAULT_CALIBRATION_IMAGES = 32
 STATIC_OP_TYPES = ("MatMul", "Gemm")
 STATIC_EXTRA_OPTIONS = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False}
 OPENVINO_INT8_SUFFIX = "_ov"  # encoder_int8_ov.xml / .bin
