@@ -16,8 +16,8 @@ digest. ``lungsam export`` prints it and writes it beside the manifest in :data:
 Keys (docs/DEVELOPING.md, "Bundle format"), in the order written: :data:`KEY_ORDER`. Optional sections
 ``postprocess`` and ``qc`` are open JSON objects (their owners validate their contents); ``quantization``
 is an open object keyed by precision; ``export`` records what the export was asked for (the fields of
-:class:`lungsam.export.config.ExportOptions`, a record for audit, read by nothing at run time). The model names and precisions a bundle may carry are
-:data:`MODEL_NAMES` and :data:`PRECISIONS` (extend them here).
+:class:`lungsam.export.config.ExportOptions`, a record for audit, read by nothing at run time). The model names
+and precisions a bundle may carry are :data:`MODEL_NAMES` and :data:`PRECISIONS` (extend them here).
 """
 from __future__ import annotations
 
@@ -805,7 +805,8 @@ class Manifest:
                 timing_cache=_opt(d, "timing_cache", _rel_path, path),
                 postprocess=_opt(d, "postprocess", _obj, path), qc=_opt(d, "qc", _obj, path),
                 parity=_opt(d, "parity", ParityRecord.from_dict, path), run=_opt(d, "run", RunRecord.from_dict, path),
-                export=_opt(d, "export", _obj, path), provenance=_opt(d, "provenance", _bool, path), versions=_opt(d, "versions", _str_map, path))
+                export=_opt(d, "export", _obj, path), provenance=_opt(d, "provenance", _bool, path),
+                versions=_opt(d, "versions", _str_map, path))
         m._cross_check(path)
         return m
 

@@ -6,18 +6,19 @@ A MEMBER is ``RUN`` (its best fold) or ``RUN:FOLD``: each a tuned decoder of the
 (a 5-fold run's folds, or runs of different options), so one encoder pass per image serves all of them (the
 embeddings come from the cache, ``LUNGSAM_CACHE``). For every image of ``--data`` (working frame S x S):
 
-* each member's probability ``(S, S)``, its own threshold and clean-up (the fold's validation choice): its F1, IoU;
+* each member's probability ``(S, S)``, its own threshold and clean-up (the fold's validation choice): its F1,
+  HD95 and its own quality flag (its fold's ``qc`` calibration, as ``lungsam eval`` computes it) as a detector of
+  its bad masks (AUROC, share flagged, bad masks caught);
 * the **ensemble**: the mean of the members' probabilities, thresholded at the mean of their thresholds and cleaned
   up when most members clean up: F1, IoU, HD95 and ASD (pixels of the working frame, MONAI);
 * **disagreement** signals, no ground truth: ``member_iou_min`` / ``member_iou_mean`` (pairwise IoU of the members'
-  masks); ``prob_std`` (mean over the union of the members'
-  masks of the per-pixel standard deviation of their probabilities), ``ens_soft_fraction`` (pixels of the mean map
-  in (0.2, 0.8) / ensemble mask area);
-* the first member's own quality flag (its fold's ``qc`` calibration, as ``lungsam eval`` computes it).
+  masks); ``prob_std`` (mean over the union of the members' masks of the per-pixel standard deviation of their
+  probabilities), ``ens_soft_fraction`` (pixels of the mean map in (0.2, 0.8) / ensemble mask area), and
+  ``mean_qc_score`` (the mean of the members' quality scores).
 
 Each signal is scored as a detector of bad masks (F1 < 0.90) of the ensemble and of the first member: AUROC, and the
-rank mean of a signal with the first member's quality score. ``OUT.json`` (strict JSON, per image rows) and
-``OUT.md``. ``--work DIR`` keeps each member's probabilities (``npz``) so a rerun only scores.
+rank mean of a signal with the first member's quality score (``qc_score``). ``OUT.json`` (strict JSON, per image
+rows) and ``OUT.md``. ``--work DIR`` keeps each member's probabilities (``npz``) so a rerun only scores.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from lungsam.artifacts import write_json_atomic, write_text_atomic
 from lungsam.boundary import boundary_scores
 from lungsam.metrics import f1_score, iou_score
 from lungsam.postprocess import CleanupSpec, clean_mask
-from lungsam.qc import auroc, load_calibration
+from lungsam.qc import auroc, detection_summary, load_calibration
 from lungsam.runs import load_run
 from lungsam.train.config import TrainConfig
 from lungsam.train.engine import predict_with_iou
@@ -97,7 +98,8 @@ def disagreement(probs: list[np.ndarray], masks: list[np.ndarray], ens_mask: np.
 
 
 #: Orientation of each signal: +1 when a high value means a good mask.
-GOOD_HIGH = {"member_iou_min": 1, "member_iou_mean": 1, "prob_std": -1, "ens_soft_fraction": -1, "qc_score": 1}
+GOOD_HIGH = {"member_iou_min": 1, "member_iou_mean": 1, "prob_std": -1, "ens_soft_fraction": -1, "qc_score": 1,
+             "mean_qc_score": 1}
 
 
 def rank01(x: np.ndarray) -> np.ndarray:
@@ -116,7 +118,7 @@ def detector_table(rows: list[dict], f1_key: str) -> dict:
             continue
         s = sign * np.array([r[sig] for r in rows], np.float64)
         out["auroc"][sig] = auroc(list(s), bad)
-        if qc is not None and sig != "qc_score":
+        if qc is not None and sig not in ("qc_score", "mean_qc_score"):
             out["auroc_with_qc"][sig] = auroc(list(rank01(s) + rank01(qc)), bad)
     return out
 
@@ -135,11 +137,32 @@ def paired(a: list[float], b: list[float], seed: int = 0) -> dict:
             "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
 
 
+def member_quality(m: dict) -> list:
+    """The member's own quality flag of each image (:class:`lungsam.qc.QcResult`, its fold's calibration, as
+    ``lungsam eval`` computes it), or ``None`` each when the fold has none."""
+    if m["qc"] is None:
+        return [None] * len(m["prob"])
+    return [m["qc"].assess_map(p.astype(np.float32), m["threshold"], float(i), m["cleanup"], image=im)
+            for p, i, im in zip(m["prob"], m["iou"], m["images"])]
+
+
+def member_record(m: dict, masks: list[np.ndarray], qc: list) -> dict:
+    """One member's figures on the images: F1, HD95, masks below 0.90 and its quality flag as a detector."""
+    f1 = [f1_score(mk, g) for mk, g in zip(masks, m["gt"])]
+    hd, _ = boundary_scores(masks, m["gt"])
+    rec = {"name": m["name"], "threshold": m["threshold"], "cleanup": m["cleanup"].enabled, "f1": summary(f1),
+           "hd95": summary(hd), "below_0.90": int(sum(x < BAD_BELOW for x in f1))}
+    if qc[0] is not None:
+        rec["qc_detection"] = detection_summary(qc, f1, BAD_BELOW)
+    return rec
+
+
 def evaluate(members: list[dict]) -> dict:
     first = members[0]
     if len({m["fingerprint"] for m in members}) != 1:
         raise SystemExit("members differ in encoder weights: an ensemble of decoders needs one encoder")
     masks = [member_masks(m) for m in members]
+    quality = [member_quality(m) for m in members]
     thr = float(np.mean([m["threshold"] for m in members]))
     clean = sum(m["cleanup"].enabled for m in members) * 2 > len(members)
     spec = first["cleanup"] if first["cleanup"].enabled == clean else CleanupSpec(enabled=clean)
@@ -150,28 +173,34 @@ def evaluate(members: list[dict]) -> dict:
         ens = clean_mask(ens_prob > thr, spec)
         ens_masks.append(ens)
         gt = first["gt"][i]
-        q = (first["qc"].assess_map(probs[0], first["threshold"], float(first["iou"][i]), first["cleanup"],
-                                    image=first["images"][i]) if first["qc"] is not None else None)
+        scores = [q[i].score for q in quality if q[i] is not None]
         row = {"id": image_id, "ensemble_f1": f1_score(ens, gt), "ensemble_iou": iou_score(ens, gt),
-               "member_f1": [f1_score(mk[i], gt) for mk in masks], "qc_score": q.score if q else None,
-               "qc_flag": q.flag if q else None,
+               "member_f1": [f1_score(mk[i], gt) for mk in masks], "member_qc_score": scores,
+               "qc_score": scores[0] if scores else None,
+               "mean_qc_score": float(np.mean(scores)) if scores else None,
                **disagreement(probs, [mk[i] for mk in masks], ens, ens_prob)}
         row["first_f1"] = row["member_f1"][0]
         rows.append(row)
     hd, asd = boundary_scores(ens_masks, first["gt"])
-    hd0, _ = boundary_scores(masks[0], first["gt"])
-    for r, h, a, h0 in zip(rows, hd, asd, hd0):
-        r.update(ensemble_hd95=h, ensemble_asd=a, first_hd95=h0)
-    member_means = [float(np.mean([r["member_f1"][k] for r in rows])) for k in range(len(members))]
+    for r, h, a in zip(rows, hd, asd):
+        r.update(ensemble_hd95=h, ensemble_asd=a)
+    records = [member_record(m, mk, q) for m, mk, q in zip(members, masks, quality)]
+    member_means = [r["f1"]["mean"] for r in records]
+    aurocs = [r["qc_detection"]["auroc"] for r in records if r.get("qc_detection", {}).get("auroc") is not None]
     return {
-        "members": [{"name": m["name"], "threshold": m["threshold"], "cleanup": m["cleanup"].enabled,
-                     "f1": summary([r["member_f1"][k] for r in rows])} for k, m in enumerate(members)],
+        "members": records,
+        "over_members": {"f1_mean": float(np.mean(member_means)), "f1_sd": float(np.std(member_means, ddof=1))
+                         if len(member_means) > 1 else 0.0,
+                         "hd95_mean": float(np.mean([r["hd95"]["mean"] for r in records])),
+                         "qc_auroc_mean": float(np.mean(aurocs)) if aurocs else None,
+                         "qc_auroc_min": float(min(aurocs)) if aurocs else None,
+                         "qc_auroc_max": float(max(aurocs)) if aurocs else None},
         "ensemble": {"threshold": thr, "cleanup": clean, "f1": summary([r["ensemble_f1"] for r in rows]),
                      "iou": summary([r["ensemble_iou"] for r in rows]), "hd95": summary(hd), "asd": summary(asd),
                      "below_0.90": int(sum(r["ensemble_f1"] < BAD_BELOW for r in rows)),
                      "vs_first": paired([r["ensemble_f1"] for r in rows], [r["first_f1"] for r in rows]),
                      "vs_member_mean": float(np.mean([r["ensemble_f1"] for r in rows]) - np.mean(member_means))},
-        "first": {"hd95": summary(hd0), "below_0.90": int(sum(r["first_f1"] < BAD_BELOW for r in rows))},
+        "first": {"hd95": records[0]["hd95"], "below_0.90": records[0]["below_0.90"]},
         "detect_ensemble_bad": detector_table(rows, "ensemble_f1"),
         "detect_first_bad": detector_table(rows, "first_f1"),
         "per_image": rows,
@@ -179,15 +208,27 @@ def evaluate(members: list[dict]) -> dict:
 
 
 def markdown(res: dict, argv: list[str]) -> str:
-    e = res["ensemble"]
+    e, o = res["ensemble"], res["over_members"]
     lines = ["# Decoder ensemble", "", "```console", "$ python scripts/decoder_ensemble.py " + " ".join(argv), "```",
-             "", "| member | threshold | clean-up | F1 mean | min |", "|---|---|---|---|---|"]
+             "", "| member | threshold | clean-up | F1 mean | min | < 0.90 | HD95 px | its qc: AUROC | flagged "
+             "| bad caught |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in res["members"]:
+        d = m.get("qc_detection") or {}
+        au = "–" if d.get("auroc") is None else f"{d['auroc']:.3f}"
+        fl = f"{d['flagged']} ({100 * d['flagged_share']:.1f} %)" if d else "–"
+        ca = f"{d['bad_caught']} of {d['bad']}" if d else "–"
         lines.append(f"| {m['name']} | {m['threshold']:.2f} | {'on' if m['cleanup'] else 'off'} | "
-                     f"{m['f1']['mean']:.4f} | {m['f1']['min']:.3f} |")
+                     f"{m['f1']['mean']:.4f} | {m['f1']['min']:.3f} | {m['below_0.90']} | {m['hd95']['mean']:.2f} | "
+                     f"{au} | {fl} | {ca} |")
     v = e["vs_first"]
     lines += [f"| **ensemble** (mean probability) | {e['threshold']:.2f} | {'on' if e['cleanup'] else 'off'} | "
-              f"**{e['f1']['mean']:.4f}** | {e['f1']['min']:.3f} |", "",
+              f"**{e['f1']['mean']:.4f}** | {e['f1']['min']:.3f} | {e['below_0.90']} | {e['hd95']['mean']:.2f} | "
+              "| | |", "",
+              f"Over the members: F1 {o['f1_mean']:.4f} (sd of the members' means {o['f1_sd']:.4f}), HD95 "
+              f"{o['hd95_mean']:.2f} px" + ("" if o["qc_auroc_mean"] is None else
+                                             f", their own quality flags' AUROC {o['qc_auroc_mean']:.3f} "
+                                             f"({o['qc_auroc_min']:.3f}-{o['qc_auroc_max']:.3f})") + ".", "",
               f"Ensemble: F1 {e['f1']['mean']:.4f} ± {e['f1']['std']:.4f}, IoU {e['iou']['mean']:.4f}, HD95 "
               f"{e['hd95']['mean']:.2f} px (first member {res['first']['hd95']['mean']:.2f}), "
               f"ASD {e['asd']['mean']:.2f} px; {e['below_0.90']} images below 0.90 "

@@ -7,7 +7,9 @@ valid ``TrainConfig`` from every recipe.
 
 * ``recommended``: today's best measured recipe (results/README.md, results/montgomery_cv5, results/quality):
   LiteMedSAM, learned point prompts (3 per lung), Adam lr 1e-4, the threshold swept 0.05-0.95 and the mask
-  clean-up chosen on validation. 5-fold test F1 0.979 Montgomery, 0.960 Shenzhen (2-core CPU, 2026-11-27).
+  clean-up chosen on validation. 5-fold test F1 0.979 Montgomery, 0.960 Shenzhen (2-core CPU, 2026-11-27); run
+  as this recipe on the same Montgomery folds 0.9790, HD95 3.4 px (results/montgomery_cv5/recommended_cv5,
+  2026-12-01). Capping it at 15 epochs transfers +0.001 better to Shenzhen but costs 0.0008 in-domain: not taken.
 * ``paper``: Carvalho & Almeida, CIARP 2024, as ``lungsam reproduce`` runs it (lungsam/reproduce/paper.py and
   protocol.py): SAM ViT-B (its weights are not downloadable: pass ``--checkpoint sam_vit_b_01ec64.pth``), learned
   point prompts (3 per lung), the grid's chosen lr 1e-5 and weight decay 0, at most 100 epochs with patience 15,
