@@ -517,7 +517,8 @@ def build_manifest(run_model, run_dir: Path, tmp: Path, models: dict, skipped: d
                       if "int8" in models.get("encoder", {}) else {}),
         skipped=skipped, engines=engines, timing_cache="timing.cache" if engines else None,
         parity=ParityRecord.from_dict(parity if provenance else private_parity(parity), "parity"),
-        run=run_record(run_model, run_dir, provenance), export=opts.to_dict(), provenance=provenance, versions=package_versions(),
+        run=run_record(run_model, run_dir, provenance), export=opts.to_dict(), provenance=provenance,
+        versions=package_versions(),
         files=file_records(tmp))
 
 

@@ -4,10 +4,10 @@ from these fields (:func:`lungsam.options.options_from`: default, help, range an
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ..options import option
-from ..ranges import check_choice, check_fields
+from ..ranges import RANGES, check_choice, check_fields
 
 #: ``--int8-method``: how the INT8 encoders are made (:mod:`lungsam.export.quantize`).
 INT8_METHODS = ("static", "dynamic")
@@ -67,7 +67,7 @@ class ExportOptions:
         "--preprocess graph; docs/in_graph_preprocessing.md).", flag="--in-graph-preprocess"))
 
     def __post_init__(self) -> None:
-        check_fields(self, ("calibration_images", "max_int8_f1_drop", "opset", "min_agreement", "max_batch"))
+        check_fields(self, [f.name for f in fields(self) if f.name in RANGES])  # every ranged field
         check_choice("int8_method", self.int8_method, INT8_METHODS, type(self).__name__)
 
     @property

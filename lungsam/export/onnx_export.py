@@ -157,7 +157,8 @@ INT8_EXTRA_OPTIONS = {"MatMulConstBOnly": True}  # only MatMuls by a weight (not
 
 def int8_record() -> dict:
     """What ``quantize_int8`` does, for the bundle manifest (so an INT8 model explains itself)."""
-    return {"method": "dynamic", "function": "onnxruntime.quantization.quantize_dynamic", "op_types": list(INT8_OP_TYPES),
+    return {"method": "dynamic", "function": "onnxruntime.quantization.quantize_dynamic",
+            "op_types": list(INT8_OP_TYPES),
             "weight_type": "uint8", "activations": "uint8, quantised per call (DynamicQuantizeLinear)",
             "per_channel": False, "extra_options": dict(INT8_EXTRA_OPTIONS), "quantised_models": ["encoder"],
             "runs_on": "onnxruntime CPUExecutionProvider only"}
