@@ -31,7 +31,7 @@ import numpy as np
 
 from lungsam.artifacts import write_json_atomic, write_text_atomic
 from lungsam.boundary import boundary_scores
-from lungsam.metrics import f1_score, iou_score
+from lungsam.metrics import f1_score, iou_score, summarize
 from lungsam.postprocess import CleanupSpec, clean_mask
 from lungsam.qc import auroc, detection_summary, load_calibration
 from lungsam.runs import load_run
@@ -52,32 +52,42 @@ def parse_member(text: str) -> tuple[str, int | None]:
     return text, None
 
 
-def member_probabilities(member: str, data_dirs: list[str], work: Path | None) -> dict:
+def member_probabilities(member: str, data_dirs: list[str], shared: dict, work: Path | None) -> dict:
     """One member on every image of ``data_dirs``: ``{"name", "ids", "prob" (N, S, S) float16, "iou" (N,),
-    "threshold", "cleanup" (CleanupSpec), "qc" (the fold's calibration or None), "images", "gt", "fingerprint"}``."""
+    "threshold", "cleanup" (CleanupSpec), "qc" (the fold's calibration or None), "images", "gt"}``.
+
+    ``shared`` (empty for the first member) keeps what every member reads alike: the images, loaded once at the
+    first member's working size, and their embeddings, computed (or read from the cache) once; a member of another
+    encoder or working size is refused, since one encoder pass must serve them all."""
     run, fold = parse_member(member)
     rm = load_run(run, fold, None)
     name = f"{Path(run).name}:{rm.fold}"
-    cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"),
-                      size=int(rm.run["config"]["size"]), encoder_size=rm.run["config"].get("encoder_size"))
-    data = load_data(data_dirs, cfg.size, log.info)
-    samples = data.samples
+    key = (rm.encoder_fingerprint, rm.run["config"].get("encoder_size"), int(rm.run["config"]["size"]))
+    if not shared:
+        cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"), size=key[2],
+                          encoder_size=key[1])
+        shared.update(key=key, cfg=cfg, samples=load_data(data_dirs, cfg.size, log.info).samples, emb=None)
+    elif key != shared["key"]:
+        raise SystemExit(f"{member}: another encoder or working size than the first member; an ensemble of "
+                         "decoders needs one encoder")
+    samples, cfg = shared["samples"], shared["cfg"]
     cached = work / f"{name.replace(':', '_fold')}.npz" if work else None
     if cached and cached.exists():
         z = np.load(cached)
         prob, iou = z["prob"], z["iou"]
     else:
-        emb, _ = embed_samples(rm.sam, cfg, cfg.checkpoint, samples, "cpu", False,
-                               fingerprint=rm.encoder_fingerprint)
-        prob, iou = predict_with_iou(rm.sam, emb, [s.mask for s in samples], rm.prompt, rm.spec, cfg.size, "cpu")
+        if shared["emb"] is None:
+            shared["emb"], _ = embed_samples(rm.sam, cfg, cfg.checkpoint, samples, "cpu", False,
+                                             fingerprint=rm.encoder_fingerprint)
+        prob, iou = predict_with_iou(rm.sam, shared["emb"], [s.mask for s in samples], rm.prompt, rm.spec, cfg.size,
+                                     "cpu")
         prob = prob.astype(np.float16)
         if cached:
             np.savez(cached, prob=prob, iou=iou)
     return {"name": name, "ids": [s.id for s in samples], "prob": prob, "iou": iou, "threshold": rm.threshold,
             "cleanup": CleanupSpec.from_dict(rm.metrics.get("postprocess")),
             "qc": load_calibration(rm.metrics.get("qc")),
-            "images": [s.image for s in samples], "gt": [s.mask for s in samples],
-            "fingerprint": rm.encoder_fingerprint}
+            "images": [s.image for s in samples], "gt": [s.mask for s in samples]}
 
 
 def member_masks(m: dict) -> list[np.ndarray]:
@@ -124,8 +134,8 @@ def detector_table(rows: list[dict], f1_key: str) -> dict:
 
 
 def summary(values: list[float | None]) -> dict:
-    v = np.array([x for x in values if x is not None], np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "n": int(len(v))}
+    """:func:`lungsam.metrics.summarize` of the defined values (an HD95 is ``None`` where one mask is empty)."""
+    return summarize(x for x in values if x is not None)
 
 
 def paired(a: list[float], b: list[float], seed: int = 0) -> dict:
@@ -159,8 +169,6 @@ def member_record(m: dict, masks: list[np.ndarray], qc: list) -> dict:
 
 def evaluate(members: list[dict]) -> dict:
     first = members[0]
-    if len({m["fingerprint"] for m in members}) != 1:
-        raise SystemExit("members differ in encoder weights: an ensemble of decoders needs one encoder")
     masks = [member_masks(m) for m in members]
     quality = [member_quality(m) for m in members]
     thr = float(np.mean([m["threshold"] for m in members]))
@@ -263,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(a.work) if a.work else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
-    members = [member_probabilities(m, a.data, work) for m in a.members]
+    shared: dict = {}
+    members = [member_probabilities(m, a.data, shared, work) for m in a.members]
     res = evaluate(members)
     res["command"] = "python scripts/decoder_ensemble.py " + " ".join(argv)
     write_json_atomic(Path(a.out + ".json"), res)
