@@ -18,7 +18,7 @@ from .export.commands import export
 from .node.commands import node
 from .options import Group
 from .reproduce.commands import reproduce
-from .runtime.commands import predict, verify
+from .runtime.commands import predict, qc_site, verify
 from .train.commands import compare, eval_cmd, train, train_unet, weights
 
 
@@ -31,6 +31,6 @@ def main() -> None:
     """
 
 
-for _cmd in (train, train_unet, eval_cmd, compare, weights, reproduce, export, predict, verify, bench, bench_train,
-             node):
+for _cmd in (train, train_unet, eval_cmd, compare, weights, reproduce, export, predict, qc_site, verify, bench,
+             bench_train, node):
     main.add_command(_cmd)

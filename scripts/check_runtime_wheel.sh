@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The install a hospital gets: build the wheel, install it with the runtime's dependencies only (no torch) into a
-# fresh venv, segment the packaged demo images with a bundle, and check that `lungsam train` names its extra.
+# fresh venv, segment the packaged demo images with a bundle (and set a site flag line from them), and check that
+# `lungsam train` names its extra.
 # Usage: scripts/check_runtime_wheel.sh DEV_PYTHON WORK_DIR   (DEV_PYTHON: the dev venv's python, for the bundle)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,10 @@ if "$work/rt/bin/python" -c "import torch" 2>/dev/null; then echo "torch is inst
 images=$("$work/rt/bin/python" -c "import lungsam, pathlib; print(pathlib.Path(lungsam.__file__).parent / 'demo_data/montgomery/images')")
 "$work/rt/bin/lungsam" predict "$work/tiny/bundle" "$images" --out "$work/pred" -q
 test "$(wc -l < "$work/pred/predictions.jsonl")" -eq 16
+# a site's own flag line from that run, then used (torch-free as well)
+"$work/rt/bin/lungsam" qc-site "$work/tiny/bundle" "$work/pred" --flag-share 0.25 --min-images 16 --out "$work/site.json"
+"$work/rt/bin/lungsam" predict "$work/tiny/bundle" "$images" --out "$work/pred_site" --qc-site "$work/site.json" -q
+grep -q '"source": "site"' "$work/pred_site/predict.json"
 set +e
 "$work/rt/bin/lungsam" train --folds 1 --out "$work/train_run" 2> "$work/train.err"
 rc=$?

@@ -54,6 +54,17 @@ def test_config_parses_with_defaults_and_relative_paths(tmp_path):
     assert SECONDARY_CAPTURE in sc.listen.sop_classes
 
 
+def test_config_reads_qc_site_beside_the_config_and_refuses_a_missing_one(tmp_path):
+    (tmp_path / "site.json").write_text("{}")  # read (and validated) when the node loads the bundle
+    site = GOOD.replace('bundle = "bundles/lite"', 'bundle = "bundles/lite"\nqc_site = "site.json"')
+    c = load_config(write(tmp_path, site))
+    assert c.model.qc_site == tmp_path / "site.json"
+    assert load_config(write(tmp_path, GOOD)).model.qc_site is None
+    with pytest.raises(ConfigError, match="model.qc_site: .*missing.json: no such file"):
+        load_config(write(tmp_path, GOOD.replace('bundle = "bundles/lite"',
+                                                 'bundle = "bundles/lite"\nqc_site = "missing.json"')))
+
+
 @pytest.mark.parametrize("change, message", [
     (("port = 11112", "port = 70000"), "listen.port: 70000 is not a TCP port"),
     (("port = 11112", "prot = 11112"), "listen.prot: unknown key"),

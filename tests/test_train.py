@@ -426,7 +426,7 @@ def test_unet_input_is_standardised_per_image():
 
 
 def test_unet_baseline_tests_the_sam_runs_images_and_compares_paired(tiny_run, tmp_path):
-    from lungsam.artifacts import read_json
+    from lungsam.artifacts import read_json, sha256_file
     from lungsam.train.compare import compare_runs
     from lungsam.train.engine import score
     from lungsam.train.unet import UNetConfig, load_unet, predict_unet, train_unet_run
@@ -452,6 +452,20 @@ def test_unet_baseline_tests_the_sam_runs_images_and_compares_paired(tiny_run, t
     probs = predict_unet(net, np.stack([by_id[r["id"]].image for r in fold["per_image"]]), "cpu")
     f1, _ = score(probs, [by_id[r["id"]].mask for r in fold["per_image"]], fold["threshold"])
     np.testing.assert_allclose(f1, [r["f1"] for r in fold["per_image"]], atol=1e-6)
+    # lungsam eval scores a U-Net run as it scores a SAM run: its test images (the recorded scores again), or all
+    ev = CliRunner().invoke(main, ["eval", str(out), "--data", str(DEMO_DATA), "--split", "test", "--out",
+                                   str(tmp_path / "unet_eval")])
+    assert ev.exit_code == 0, ev.output
+    evm = read_json(tmp_path / "unet_eval" / "metrics.json")
+    assert evm["n"] == len(fold["per_image"]) and evm["prompt"] == "none (U-Net)" and evm["qc_detection"] is None
+    np.testing.assert_allclose(sorted(r["f1"] for r in evm["per_image"]), sorted(r["f1"] for r in fold["per_image"]),
+                               atol=1e-6)
+    assert evm["parts"][0]["checkpoint"]["sha256"] == sha256_file(out / "folds" / "fold_0" / "unet_best.safetensors")
+    ev = CliRunner().invoke(main, ["eval", str(out), "--data", str(DEMO_DATA), "--out", str(tmp_path / "unet_all")])
+    assert ev.exit_code == 0 and read_json(tmp_path / "unet_all" / "metrics.json")["n"] == 16, ev.output
+    ev = CliRunner().invoke(main, ["eval", str(out), "--data", str(DEMO_DATA), "--box-from-first-pass", "--out",
+                                   str(tmp_path / "unet_box")])
+    assert ev.exit_code == 2 and "U-Net has no prompt" in ev.output
     cmp = compare_runs([tiny_run, out])
     assert cmp["n_images"] == len(sam_split["test"]) and "f1_vs_baseline" in cmp["runs"][1]
     assert cmp["runs"][1]["changed"] == {"model": ["SAM tiny (points prompt)", "U-Net 4-8-16"]}

@@ -75,6 +75,7 @@ class ModelConfig:
     fractional: bool = False
     sr: bool = True
     secondary_capture: bool = False
+    qc_site: Path | None = None  # a site's flag line (lungsam qc-site), as `lungsam predict --qc-site`
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,11 @@ def _model(src: Path, t: dict, base: Path) -> ModelConfig:
     for k in ("fractional", "sr", "secondary_capture"):
         if k in t:
             kw[k] = _typed(src, f"model.{k}", t[k], bool)
+    if "qc_site" in t:
+        p = _path(src, "model.qc_site", t["qc_site"], base)
+        if not p.is_file():
+            raise _err(src, "model.qc_site", f"{p}: no such file (make it with lungsam qc-site)")
+        kw["qc_site"] = p
     return ModelConfig(**kw)
 
 

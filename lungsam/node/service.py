@@ -179,10 +179,13 @@ def _with_timeout(request, timeout_s: float):
 
 
 def load_segmenter(m: ModelConfig):
-    """Open ``[model]``'s bundle (sha256 verified) with its backend; a bundle that needs a box per image is refused."""
+    """Open ``[model]``'s bundle (sha256 verified) with its backend and, with ``qc_site``, the site's flag line; a
+    bundle that needs a box per image is refused."""
     from ..runtime.segmenter import LungSegmenter
 
     seg = LungSegmenter.load(m.bundle, backend=m.backend, device=m.device, precision=m.precision, threads=m.threads)
+    if m.qc_site is not None:
+        seg.use_site_operating_point(m.qc_site)
     if seg.needs_box:
         raise ValueError(f"bundle {m.bundle} needs a lung box per image (prompt {seg.prompt.mode!r}); export it "
                          "with --box-from-first-pass or use a points / auto-box / auto-both bundle")

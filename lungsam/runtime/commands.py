@@ -63,6 +63,9 @@ BOX_SOURCE_CHOICES = ("learned", "given", "first-pass")  # lungsam.manifest.BOX_
 @click.option("--expect-digest", default=None, metavar="HEX",
               help="Refuse the bundle unless its digest (sha256 of manifest.json, printed by lungsam export and "
                    "lungsam verify) is HEX: pins the exact bundle a site validated.")
+@click.option("--qc-site", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None, metavar="FILE",
+              help="Flag at this site's own line (a file from `lungsam qc-site`, made for this bundle) instead of "
+                   "the bundle's; scores are unchanged, predict.json records the line (docs/quality.md).")
 @click.option("--overwrite", is_flag=True,
               help="--out holds a previous `lungsam predict` run: remove its files first (anything else there is "
                    "refused). Without it a non-empty --out is refused.")
@@ -83,7 +86,8 @@ BOX_SOURCE_CHOICES = ("learned", "given", "first-pass")  # lungsam.manifest.BOX_
 def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, backend: str, device: str,
             precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
             box_source: str | None, box_from_first_pass: bool | None, dicom_seg: bool, fractional: bool, sr: bool,
-            secondary_capture: bool, no_progress: bool, expect_digest: str | None, overwrite: bool, max_pixels: int,
+            secondary_capture: bool, no_progress: bool, expect_digest: str | None, qc_site: str | None,
+            overwrite: bool, max_pixels: int,
             ray_address: str | None, ray_workers: int, ray_cpus_per_worker: float, ray_gpus_per_worker: float,
             performance_hint: str | None, preprocess: str, quiet: int) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
@@ -104,16 +108,20 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
                                    "--preprocess graph/auto is not wired into --ray yet: drop it, or run without --ray")
         return _predict_ray(bundle, inputs, out_dir, ray_address, ray_workers, ray_cpus_per_worker,
                             ray_gpus_per_worker, overlay=overlay, batch_size=batch_size, ground_truth=ground_truth,
-                            no_progress=no_progress, **load, **dicom)
+                            no_progress=no_progress, qc_site=qc_site, **load, **dicom)
     listing = _input_listing(inputs, out_dir, overwrite)
     seg = _load_segmenter(bundle, performance_hint=performance_hint, preprocess=preprocess, **load)
+    if qc_site is not None:
+        seg.use_site_operating_point(qc_site)  # a SiteQcError (LungsamError) is the CLI's error line
     _refuse_needs_box(seg, bundle)
     _require_inputs(listing)
     n = len(listing.files)
     d = seg.describe()
     fp = " (box from the first pass)" if d["box_from_first_pass"] else ""
+    site = (f", site flag line {d['qc_operating_point']['flag_below']:.4f}"
+            if d["qc_operating_point"]["source"] == "site" else "")
     log_to("predict")(f"{n} inputs; {d['backend']} on {d['device']} ({d['precision']}), prompt {d['prompt_mode']}{fp}, "
-                      f"threshold {d['threshold']:.3f}")
+                      f"threshold {d['threshold']:.3f}{site}")
     summary = _predict_listing(seg, listing, out_dir, overlay=overlay, batch_size=batch_size,
                                ground_truth=ground_truth, overwrite=overwrite, no_progress=no_progress,
                                hook=_dicom_hook(seg, **dicom))
@@ -257,6 +265,45 @@ def verify(bundle: str, expect_digest: str | None, quiet: int) -> None:
     if expect_digest is None:
         click.echo("note: no --expect-digest given; compare the digest below with the one you validated")
     click.echo(f"digest sha256:{b.digest}")
+
+
+SITE_MIN_IMAGES = 50  # lungsam.qc_site.DEFAULT_MIN_IMAGES (a test pins the two)
+
+
+@click.command("qc-site", cls=Command, epilog=examples(
+    "lungsam predict bundles/lite site_batch/ --out site_batch_pred",
+    "lungsam qc-site bundles/lite site_batch_pred --flag-share 0.10 --out site_qc.json",
+    "lungsam predict bundles/lite new_images/ --qc-site site_qc.json --out new_pred"))
+@click.argument("bundle", type=click.Path(exists=True, path_type=str))
+@click.argument("predict_run", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--flag-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.10,
+              show_default=True, help="Share of the batch's images the site's line flags (its review budget).")
+@click.option("--min-images", type=click.IntRange(min=1), default=SITE_MIN_IMAGES, show_default=True,
+              help="Fewest segmented images the line may be set from.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="The site file to write (JSON, lungsam-qc-site/1).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@verbosity
+def qc_site(bundle: str, predict_run: str, flag_share: float, min_images: int, out: str, overwrite: bool,
+            quiet: int) -> None:
+    """Set this site's quality-flag line for BUNDLE from PREDICT_RUN, a finished `lungsam predict` of a batch of
+    the site's own radiographs (no ground truth): the score below which --flag-share of them fall. The bundle's
+    own line was set on the training hospital's images and flags a different share elsewhere; this one is bound
+    to the bundle's digest and used with `lungsam predict --qc-site` or the node's model.qc_site.
+    """
+    from pathlib import Path
+
+    from ..errors import OutputExistsError
+    from ..qc_site import write_site_file
+    from .site_line import site_line_from_run
+
+    if Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; add --overwrite to replace it")
+    op = site_line_from_run(bundle, predict_run, flag_share, min_images)
+    write_site_file(out, op)
+    click.echo(f"site line {op.flag_below:.4f}: flags {op.flagged} of {op.n} images ({op.flagged / op.n:.1%}); the "
+               f"bundle's line {op.bundle_flag_below:.4f} flagged {op.bundle_flagged} ({op.bundle_flagged / op.n:.1%}) "
+               f"of the same images; written {out}")
 
 
 def _predict_ray(bundle: str, inputs: tuple[str, ...], out_dir: str, address: str, workers: int, cpus: float,

@@ -294,6 +294,56 @@ def predict_files(segmenter: LungSegmenter, inputs: Iterable[str | Path] | Input
     return run.summary
 
 
+@dataclass
+class FinishedRun:
+    """A complete ``lungsam predict`` folder read back: its ``predict.json`` and every ``predictions.jsonl`` line."""
+
+    root: Path
+    record: dict
+    lines: list[dict]
+    predictions_sha256: str
+
+    @property
+    def ok(self) -> list[dict]:
+        """The lines of inputs segmented (``status: ok``), in input order."""
+        return [r for r in self.lines if r.get("status") == "ok"]
+
+
+def read_finished_run(folder: str | Path) -> FinishedRun:
+    """Read a ``lungsam predict --out`` folder (plain or ``--ray``) that finished: ``predict.json`` of this format
+    with ``status: complete``, and ``predictions.jsonl``, strict JSON, one object with a ``file`` and a ``status``
+    per line. Raises :class:`PredictOutputError` naming the file and the problem (an incomplete or killed run
+    included: its records are not a whole batch)."""
+    import hashlib
+
+    from ..artifacts import loads_json_strict
+
+    layout = PredictLayout(Path(folder))
+    try:
+        record = loads_json_strict(layout.predict_json.read_text(encoding="utf-8"))
+        data = layout.predictions_jsonl.read_bytes()
+    except OSError as e:
+        raise PredictOutputError(f"{folder}: not a finished `lungsam predict` folder ({e.filename}: "
+                                 f"{e.strerror or e})") from e
+    except ValueError as e:
+        raise PredictOutputError(f"{layout.predict_json}: {e}") from e
+    if not isinstance(record, dict) or record.get("format") != PREDICT_FORMAT:
+        raise PredictOutputError(f"{layout.predict_json}: not a {PREDICT_FORMAT} record")
+    if record.get("status") != "complete":
+        raise PredictOutputError(f"{layout.predict_json}: status {record.get('status')!r}: the run did not finish "
+                                 f"({record.get('error') or 'stopped'}); rerun it")
+    lines = []
+    for i, text in enumerate(data.decode("utf-8").splitlines(), 1):
+        try:
+            rec = loads_json_strict(text)
+        except ValueError as e:
+            raise PredictOutputError(f"{layout.predictions_jsonl}: line {i}: {e}") from e
+        if not isinstance(rec, dict) or "file" not in rec or "status" not in rec:
+            raise PredictOutputError(f"{layout.predictions_jsonl}: line {i}: not an input's record")
+        lines.append(rec)
+    return FinishedRun(layout.root, record, lines, hashlib.sha256(data).hexdigest())
+
+
 def remove_previous_run(out: Path, overwrite: bool) -> None:
     """Check ``out`` (:func:`check_out_dir`) and remove the previous run's files ``overwrite`` allows."""
     for p in check_out_dir(out, overwrite):

@@ -69,6 +69,7 @@ class SegmenterOptions:
     fractional: bool = False
     sr: bool = False
     secondary_capture: bool = False
+    qc_site: str | None = None  # a site's flag line (lungsam qc-site), as `lungsam predict --qc-site`
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -125,6 +126,8 @@ class SegmentBlocks:
                                             allow_fallback=o.allow_fallback, threads=o.threads,
                                             box_from_first_pass=o.box_from_first_pass, box_source=o.box_source,
                                             expect_digest=o.expect_digest, max_pixels=o.max_pixels)
+        if o.qc_site is not None:
+            self.segmenter.use_site_operating_point(o.qc_site)
         self.record_hook = None
         if o.dicom_seg:
             from .dicom_out import dicom_record_hook
@@ -163,7 +166,9 @@ def run_identity(bundle: str | Path, options: SegmenterOptions) -> dict[str, Any
     o = options.to_dict()
     keys = ("backend", "device", "precision", "box_from_first_pass", "overlay", "ground_truth")
     keys += ("box_source",) if o["box_source"] is not None else ()  # absent: folders of earlier versions resume
-    return {"format": RUN_FORMAT, "bundle_manifest_sha256": sha256_file(manifest), "options": {k: o[k] for k in keys}}
+    site = {} if o["qc_site"] is None else {"qc_site_sha256": sha256_file(o["qc_site"])}  # the flags depend on it
+    return {"format": RUN_FORMAT, "bundle_manifest_sha256": sha256_file(manifest), "options": {k: o[k] for k in keys},
+            **site}
 
 
 def read_records(path: Path) -> list[dict]:

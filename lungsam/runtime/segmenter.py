@@ -34,6 +34,7 @@ from ..manifest import normalize_digest
 from ..postprocess import CleanupSpec, clean_mask
 from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_prompt
 from ..qc import load_calibration
+from ..qc_site import SiteOperatingPoint, read_site_file, site_quality_model
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
 from .prompting import (
@@ -214,6 +215,12 @@ def listing_failure(e: Exception) -> SegmentationFailure:
     return SegmentationFailure(None, f"input listing failed: {type(e).__name__}: {e}", "list")
 
 
+def _site_file(path: str | Path) -> tuple[SiteOperatingPoint, dict]:
+    """A site file read, with what :meth:`LungSegmenter.describe` records of it (path, sha256)."""
+    op, digest = read_site_file(path)
+    return op, {"file": str(path), "sha256": digest}
+
+
 def open_bundle(bundle: str | Path | Bundle, expect_digest: str | None) -> Bundle:
     """The bundle folder (or its manifest.json) loaded, or a loaded :class:`Bundle`, with every file's sha256
     verified and, with ``expect_digest``, its digest checked; raises :class:`BundleIntegrityError` otherwise."""
@@ -281,6 +288,8 @@ class LungSegmenter:
             self.qc = load_calibration(bundle.manifest.get("qc"))
         except ValueError as e:
             raise BundleError(f"bundle {bundle.root}: {e}") from None
+        self.qc_operating_point: dict = {"source": "bundle",
+                                         "flag_below": getattr(self.qc, "flag_below", None)}
         self.choice = choice
         self.threads = threads
         self._models = models
@@ -384,9 +393,19 @@ class LungSegmenter:
                 "box_source": self.box_source,
                 "threshold": self.threshold, "working_size": self.working_size,
                 "postprocess": self.cleanup.enabled, "quality_flag": self.qc is not None,
+                "qc_operating_point": dict(self.qc_operating_point),
                 "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks),
                 "max_pixels": self.max_pixels, "preprocess": self.preprocess_path,
                 **({"backend_choice": self.choice.why} if self.choice.why else {})}
+
+    def use_site_operating_point(self, site: str | Path | SiteOperatingPoint) -> None:
+        """Flag at a site's own line (a ``lungsam qc-site`` file, :mod:`lungsam.qc_site`) instead of the bundle's:
+        only ``qc.flag`` changes, every score stays. Refused (:class:`lungsam.qc_site.SiteQcError`) for a file
+        made for another bundle, or a bundle without a version 2 quality model. :meth:`describe` records it."""
+        op, file = (site, {}) if isinstance(site, SiteOperatingPoint) else _site_file(site)
+        self.qc = site_quality_model(self.qc, op, self.bundle.digest)
+        self.qc_operating_point = {"source": "site", "flag_below": op.flag_below, "flag_share": op.flag_share,
+                                   "n": op.n, "bundle_flag_below": op.bundle_flag_below, "created": op.created, **file}
 
     # -----------------------------------------------------------------------------------------
     # stages

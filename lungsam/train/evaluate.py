@@ -26,6 +26,7 @@ from . import report
 from .config import TrainConfig
 from .engine import binarize, pick_device, predict_with_first_pass_box, predict_with_iou, score
 from .folds import assess_quality
+from .unet import RUN_FORMAT as UNET_RUN_FORMAT
 
 Log = Callable[[str], None]
 logger = logging.getLogger(__name__)
@@ -147,6 +148,54 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
     return parts, name
 
 
+def _score_unet_fold(run_dir: str, fold: int | None, samples: list[Sample], threshold: float | None,
+                     device: str) -> ScoredPart:
+    """One fold of a U-Net baseline run (``lungsam train-unet``) on ``samples``: no prompt, no clean-up (the
+    baseline chose none), no quality flag (no predicted IoU)."""
+    from ..artifacts import sha256_file
+    from ..layout import FoldLayout
+    from ..runs import pick_fold
+    from .unet import load_unet, predict_unet
+
+    fd = FoldLayout(pick_fold(Path(run_dir), fold))
+    metrics = read_json(fd.metrics_json)
+    weights = fd.weights("unet", "best")
+    net, _ = load_unet(weights, device)
+    thr, thr_src = ((threshold, "given") if threshold is not None
+                    else (float(metrics["threshold"]), "chosen on the fold's validation split"))
+    probs = predict_unet(net, np.stack([s.image for s in samples]), device)
+    f1, iou = score(probs, [s.mask for s in samples], thr, None)
+    return ScoredPart(samples, probs, f1, iou, {
+        "fold": fd.index, "n": len(samples), "threshold": thr, "threshold_source": thr_src,
+        "postprocess": CleanupSpec().to_dict(), "prompt": "none (U-Net)", "prompt_uses_ground_truth": False,
+        "box_source": None, "first_pass_empty": None, "learned_prompt": None,
+        "checkpoint": {"path": str(weights), "sha256": sha256_file(weights)},
+        "f1": summarize(f1), "iou": summarize(iou)})
+
+
+def _evaluate_unet_run(run_dir: str, run_cfg: dict, data_paths: list[str], fold: int | None, split: str,
+                       threshold: float | None, size: int | None, device: str, log: Log) -> Scored:
+    """A U-Net baseline run scored as :func:`_run_parts` scores a SAM run (``split`` all or test)."""
+    from ..layout import FoldLayout
+    from ..runs import pick_fold
+
+    trained_size = int(run_cfg["size"])
+    size = size or trained_size
+    data = load_data(data_paths, size, log)
+    by_id = data.by_id()
+    parts = []
+    for f in _folds_to_score(run_dir, fold, split):
+        samples = data.samples
+        if split == "test":
+            fd = FoldLayout(pick_fold(Path(run_dir), f))
+            samples = held_out_samples(read_json(fd.split_json)["test"], by_id, f"{run_dir} fold {fd.index}")
+        parts.append(_score_unet_fold(run_dir, f, samples, threshold, device))
+    what = "each on its own held-out test images" if split == "test" else "on every image"
+    name = (f"U-Net run {run_dir}, fold{'s' if len(parts) > 1 else ''} "
+            f"{', '.join(str(p.record['fold']) for p in parts)} {what}")
+    return Scored(parts, name, data, size, trained_size, None)
+
+
 @dataclass
 class Scored:
     """What an evaluation scored: the parts, their name, the data, the working size and the run's trained size
@@ -170,7 +219,13 @@ def _evaluate_run(run_dir: str, data_paths: list[str], fold: int | None, checkpo
         raise RunError(f"{run_dir}: not a lungsam run (no run.json)")
     if encoder_size is not None:
         raise ArgumentError("--encoder-size is for zero-shot evaluation; a run is scored at its own encoder size")
-    run_cfg = read_json(run_json)["config"]
+    run = read_json(run_json)
+    run_cfg = run["config"]
+    if run.get("format") == UNET_RUN_FORMAT:
+        if box_from_first_pass or checkpoint:
+            raise ArgumentError("--box-from-first-pass and --checkpoint are for SAM runs; a U-Net has no prompt "
+                                "and no backbone")
+        return _evaluate_unet_run(run_dir, run_cfg, data_paths, fold, split, threshold, size, device, log)
     trained_size, encoder_size = int(run_cfg["size"]), run_cfg.get("encoder_size")
     size = size or trained_size
     data = load_data(data_paths, size, log)
