@@ -110,9 +110,11 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
-def package_versions(names: tuple[str, ...] = ("lungsam", "numpy", "pillow", "torch", "torchvision", "segment-anything",
-                                                 "monai", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxconverter-common",
-                                                 "tensorrt", "pydicom")) -> dict[str, str]:
+RESULT_PACKAGES = ("lungsam", "numpy", "pillow", "torch", "torchvision", "segment-anything", "monai", "onnx",
+                   "onnxruntime", "onnxruntime-gpu", "onnxconverter-common", "tensorrt", "pydicom")
+
+
+def package_versions(names: tuple[str, ...] = RESULT_PACKAGES) -> dict[str, str]:
     """Installed versions of the packages that shape results (missing ones are left out)."""
     out = {"python": sys.version.split()[0]}
     for n in names:

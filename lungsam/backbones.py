@@ -61,7 +61,8 @@ def _sam_heads(embed_dim: int, embedding_size: int, img_size: int, *, mlp_dim: i
     return prompt_encoder, mask_decoder
 
 
-def _assemble(encoder: torch.nn.Module, spec: PreprocessSpec, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> Sam:
+def _assemble(encoder: torch.nn.Module, spec: PreprocessSpec, prompt_encoder: PromptEncoder,
+              mask_decoder: MaskDecoder) -> Sam:
     # Sam keeps its own mean/std buffers; lungsam normalises in preprocess.py, so they are unused here.
     sam = Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder,
               pixel_mean=list(spec.pixel_mean), pixel_std=list(spec.pixel_std))
@@ -120,7 +121,8 @@ def _build_tiny(spec: PreprocessSpec, dim: int) -> Sam:
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
-        BackboneSpec("mobile_sam", "MobileSAM (TinyViT-5M, 1024 input)", MOBILE_SAM_PREPROCESS, build_mobile_sam, "mobile_sam"),
+        BackboneSpec("mobile_sam", "MobileSAM (TinyViT-5M, 1024 input)", MOBILE_SAM_PREPROCESS, build_mobile_sam,
+                     "mobile_sam"),
         BackboneSpec("lite_medsam", "LiteMedSAM (TinyViT-5M, 256 input, medical pre-training)", LITE_MEDSAM_PREPROCESS,
                      build_lite_medsam, "lite_medsam"),
         BackboneSpec("vit_b", "SAM ViT-B (checkpoint from a user path)", SAM_PREPROCESS,

@@ -40,7 +40,8 @@ def summarize(values: Iterable[float]) -> dict[str, float]:
     v = np.asarray(list(values), np.float64)
     if v.size == 0:
         return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
+            "n": int(v.size)}
 
 
 def fmt_mean_std(s: dict[str, float], digits: int = 3) -> str:

@@ -294,7 +294,8 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def postprocess_matrices(spec: PreprocessSpec, input_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def postprocess_matrices(spec: PreprocessSpec, input_hw: tuple[int, int],
+                         out_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Row and column matrices ``(A_y, A_x)`` so that ``A_y @ low_res @ A_x.T`` equals SAM's
     ``postprocess_masks`` (upsample to ``img_size``, crop to ``input_hw``, resize to ``out_hw``).
 
@@ -307,7 +308,8 @@ def postprocess_matrices(spec: PreprocessSpec, input_hw: tuple[int, int], out_hw
     return ay.astype(np.float32), ax.astype(np.float32)
 
 
-def postprocess_logits(low_res: np.ndarray, spec: PreprocessSpec, input_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
+def postprocess_logits(low_res: np.ndarray, spec: PreprocessSpec, input_hw: tuple[int, int],
+                       out_hw: tuple[int, int]) -> np.ndarray:
     """Low-res logits ``(..., L, L)`` float -> logits ``(..., H, W)`` float32 at ``out_hw``."""
     ay, ax = postprocess_matrices(spec, input_hw, out_hw)
     return (ay @ np.asarray(low_res, np.float32) @ ax.T).astype(np.float32)

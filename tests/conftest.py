@@ -19,8 +19,9 @@ TINY_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7)
 
 # Test tiers (docs/DEVELOPING.md). ``e2e``: a test that trains, evaluates, exports or times a model, through a
 # session fixture (E2E_FIXTURES; pytest lists fixtures transitively, so those built on them count) or in its own
-# body (a call matching E2E_CALLS in its source). ``fast``: every other test that needs neither ../shared
-# (``integration``) nor the opt-in tiers; a developer runs ``pytest -m fast`` on every change.
+# body (a call matching E2E_CALLS in its source), or marked ``@pytest.mark.e2e`` (training in a subprocess).
+# ``fast``: every other test that needs neither ../shared (``integration``) nor the opt-in tiers; a developer runs
+# ``pytest -m fast`` on every change.
 E2E_FIXTURES = {"tiny_run", "tiny_bundle", "tiny_both_bundle", "tiny_bench", "fp16_bundle", "lora_run", "reproduced",
                 "decoder_session", "seg"}
 E2E_CALLS = re.compile(r"\b(train_run|train_unet_run|train_fold|export_bundle|evaluate|run_protocol|run_train_speed|"
@@ -41,7 +42,7 @@ def _trains_inline(item) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if E2E_FIXTURES & set(item.fixturenames) or _trains_inline(item):
+        if item.get_closest_marker("e2e") or E2E_FIXTURES & set(item.fixturenames) or _trains_inline(item):
             item.add_marker(pytest.mark.e2e)
         elif not any(item.get_closest_marker(m) for m in OPT_IN):
             item.add_marker(pytest.mark.fast)

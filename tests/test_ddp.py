@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from .conftest import REPO
 
@@ -34,6 +35,7 @@ def _weights(path):
     return load_file(str(path))
 
 
+@pytest.mark.e2e  # trains three times in subprocesses (about 40 s): not the fast tier
 def test_two_process_ddp_matches_one_process_and_refuses_another_world_size(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = subprocess.run([sys.executable, "-m", "lungsam", *ARGS, "--out", str(one)], env=_env(), cwd=tmp_path,

@@ -59,7 +59,8 @@ def test_batched_decode_equals_sam_per_image(kind):
         for i in range(4):
             sp, de = sam.prompt_encoder(points=(coords[i:i + 1], labels[i:i + 1]) if pts[0] is not None else None,
                                         boxes=bx[i:i + 1] if bx is not None else None, masks=None)
-            ref, ref_iou = sam.mask_decoder(emb[i:i + 1], sam.prompt_encoder.get_dense_pe(), sp, de, multimask_output=False)
+            ref, ref_iou = sam.mask_decoder(emb[i:i + 1], sam.prompt_encoder.get_dense_pe(), sp, de,
+                                            multimask_output=False)
             torch.testing.assert_close(masks[i:i + 1], ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(iou[i:i + 1], ref_iou, atol=1e-5, rtol=1e-5)
 
@@ -272,13 +273,15 @@ def test_loop_state_keeps_the_shuffling_and_the_amp_scaler_through_a_saved_state
 
 
 def test_cli_train_and_eval_end_to_end(tmp_path):
-    r = CliRunner().invoke(main, ["train", "--backbone", "tiny", "--prompt", "auto-box", "--folds", "3", "--epochs", "2",
-                                  "--lr", "1e-3", "--size", "64", "--out", str(tmp_path / "run"), "--quiet"])
+    r = CliRunner().invoke(main, ["train", "--backbone", "tiny", "--prompt", "auto-box", "--folds", "3",
+                                  "--epochs", "2", "--lr", "1e-3", "--size", "64", "--out", str(tmp_path / "run"),
+                                  "--quiet"])
     assert r.exit_code == 0, r.output
     assert "test F1" in r.output and "mean ± std of 3 folds" in r.output
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(summary["folds"]) == 3
-    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data", DEMO_DATA, "--out", str(tmp_path / "ev"), "--quiet"])
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data", DEMO_DATA, "--out", str(tmp_path / "ev"),
+                                  "--quiet"])
     assert r.exit_code == 0, r.output
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["n"] == 16 and ev["size"] == 64 and len(ev["per_image"]) == 16
@@ -300,7 +303,8 @@ def test_cli_train_and_eval_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     ev = json.loads((tmp_path / "ev128" / "metrics.json").read_text())
     assert ev["size"] == 128 and ev["trained_size"] == 64 and [p["fold"] for p in ev["parts"]] == [1]
-    assert {x["id"] for x in ev["per_image"]} == set(json.loads((tmp_path / "run" / "splits.json").read_text())[1]["test"])
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert {x["id"] for x in ev["per_image"]} == set(splits[1]["test"])
     assert "trained at 64x64" in (tmp_path / "ev128" / "report.md").read_text()
     r = CliRunner().invoke(main, ["eval", "--backbone", "tiny", "--split", "test", "--data", DEMO_DATA,
                                   "--out", str(tmp_path / "zs_bad")])
@@ -311,8 +315,8 @@ def test_cli_train_and_eval_end_to_end(tmp_path):
     assert "box from ground truth" in r.output
     assert "ground-truth masks" in (tmp_path / "zs" / "report.md").read_text()
     # zero-shot at a smaller encoder input; a run is scored at its own, so the option is refused with one
-    r = CliRunner().invoke(main, ["eval", "--backbone", "tiny", "--data", DEMO_DATA, "--size", "64", "--encoder-size", "64",
-                                  "--out", str(tmp_path / "zs64"), "--quiet"])
+    r = CliRunner().invoke(main, ["eval", "--backbone", "tiny", "--data", DEMO_DATA, "--size", "64",
+                                  "--encoder-size", "64", "--out", str(tmp_path / "zs64"), "--quiet"])
     assert r.exit_code == 0, r.output
     zs64 = json.loads((tmp_path / "zs64" / "metrics.json").read_text())
     assert zs64["encoder_size"] == 64 and "encoder input 64" in zs64["model"]
@@ -326,7 +330,8 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.exit_code == 2 and "known backbones" in r.output
     (tmp_path / "empty" / "images").mkdir(parents=True)
     (tmp_path / "empty" / "masks").mkdir()
-    r = CliRunner().invoke(main, ["train", "--backbone", "tiny", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "y")])
+    r = CliRunner().invoke(main, ["train", "--backbone", "tiny", "--data", str(tmp_path / "empty"), "--out",
+                                  str(tmp_path / "y")])
     assert r.exit_code == 1 and "no usable" in r.output
     r = CliRunner().invoke(main, ["train", "--backbone", "vit_b", "--out", str(tmp_path / "z")])
     assert r.exit_code == 2 and "--checkpoint" in r.output
@@ -346,7 +351,8 @@ def test_mobile_sam_train_and_eval_on_real_montgomery(tmp_path):
     summary = train_run(cfg, tmp_path / "run", log=lambda m: None, progress=False)
     f1 = summary["aggregate"]["test_f1_across_folds"]["mean"]
     assert f1 > 0.8, f1  # MobileSAM with learned points already segments lungs well
-    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data", str(sub), "--out", str(tmp_path / "ev"), "--quiet"])
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data", str(sub), "--out", str(tmp_path / "ev"),
+                                  "--quiet"])
     assert r.exit_code == 0, r.output
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["embedding"]["computed"] == 12
@@ -369,7 +375,8 @@ def test_pooled_run_reports_each_data_set(tmp_path):
     summary = train_run(cfg, tmp_path / "run", log=lambda m: None, progress=False)
     by = summary["aggregate"]["test_by_dataset"]
     assert set(by) == {"site_a", "site_b"} and by["site_a"]["f1"]["n"] + by["site_b"]["f1"]["n"] == 16
-    per = [r for k in range(3) for r in json.loads((tmp_path / "run" / "folds" / f"fold_{k}" / "metrics.json").read_text())["per_image"]]
+    folds = tmp_path / "run" / "folds"
+    per = [r for k in range(3) for r in json.loads((folds / f"fold_{k}" / "metrics.json").read_text())["per_image"]]
     a = [r["f1"] for r in per if r["id"].startswith("site_a/")]
     assert by["site_a"]["f1"]["mean"] == pytest.approx(np.mean(a))
     assert "| site_b |" in (tmp_path / "run" / "report.md").read_text()
@@ -511,7 +518,8 @@ def test_unet_fold_killed_mid_run_resumes_where_it_stopped(tmp_path, monkeypatch
     train_unet_run(cfg, tmp_path / "broken", resume=True, log=logs.append, progress=False)
     assert any("resuming after epoch 2" in m for m in logs)
     assert 1000 < read_json(fd / "metrics.json")["fold_wall_s"] < 1600
-    hist = lambda d: [r.split(",") for r in (d / "folds" / "fold_0" / "history.csv").read_text().splitlines()[1:]]  # noqa: E731
+    def hist(d):
+        return [r.split(",") for r in (d / "folds" / "fold_0" / "history.csv").read_text().splitlines()[1:]]
     whole, resumed = hist(tmp_path / "whole"), hist(tmp_path / "broken")
     assert [int(r[0]) for r in resumed] == [1, 2, 3, 4]
     np.testing.assert_allclose([float(r[1]) for r in resumed], [float(r[1]) for r in whole], rtol=1e-4)  # train loss
@@ -540,7 +548,8 @@ def test_early_stopping_marks_best_and_patience():
     assert again == stop and again.should_stop(5) and not again.should_stop(4)
     # restored from a train_state: flat marks (every run now), or U-Net's older nested "stop" record
     assert EarlyStopping.restore(2, 0.01, {"epoch": 4, **stop.marks()}) == stop
-    assert EarlyStopping.restore(2, 0.01, {"epoch": 4, "stop": {"patience": 2, "min_delta": 0.01, **stop.marks()}}) == stop
+    saved = {"epoch": 4, "stop": {"patience": 2, "min_delta": 0.01, **stop.marks()}}
+    assert EarlyStopping.restore(2, 0.01, saved) == stop
 
 
 def test_fold_records_its_epochs_whole_wall_time(tiny_run):

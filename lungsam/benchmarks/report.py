@@ -38,7 +38,8 @@ def markdown_table(results: dict) -> str:
     ref = "torch fp32 eager"
     head = ("| backend | precision | device | F1 mean ± std (min) | IoU mean ± std (min) | vs ref mask F1 mean / min "
             "| max abs logit diff | changed masks | pre / enc / dec / post p50 ms | end-to-end p50 / p95 / p99 ms "
-            f"| e2e p50 vs {ref} | images/s (batch) | images/s w/o host preprocess (batch) | peak RSS MB | GPU peak MB |")
+            f"| e2e p50 vs {ref} | images/s (batch) | images/s w/o host preprocess (batch) | peak RSS MB "
+            "| GPU peak MB |")
     sep = "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"
     rows = [head, sep]
     for r in results["results"]:
@@ -76,15 +77,15 @@ def markdown_table(results: dict) -> str:
 def markdown_report(results: dict, compare_lines: list[str] | None = None) -> str:
     b, d, s = results["bundle"], results["data"], results["settings"]
     v = results["versions"]
-    vers = ", ".join(f"{k} {v[k]}" for k in ("lungsam", "python", "torch", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "tensorrt")
-                     if k in v)
+    packages = ("lungsam", "python", "torch", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "tensorrt")
+    vers = ", ".join(f"{k} {v[k]}" for k in packages if k in v)
     lines = [
         f"## lungsam bench: {b['backbone']} ({Path(b['path']).name})",
         "",
         f"- machine: {describe_machine(results['machine'])}",
         f"- versions: {vers}",
-        f"- data: {d['source']}, {d['n_images']} images at the working resolution {b['working_size']}x{b['working_size']}"
-        f" (encoder input {b['img_size']}), prompt `{b['prompt']}`"
+        f"- data: {d['source']}, {d['n_images']} images at the working resolution "
+        f"{b['working_size']}x{b['working_size']} (encoder input {b['img_size']}), prompt `{b['prompt']}`"
         + (f" (box: {b['box_source']})" if b.get("box_source") else "") + f", threshold {b['threshold']:.2f}",
         f"- settings: device {s['device']}, batches {s['batches']}, warm-up {s['warmup']}, repeats {s['repeats']}, "
         f"threads {s['threads'] if s['threads'] else 'default'}, batch preprocessing in "
@@ -181,9 +182,9 @@ def compare(new: dict, old: dict) -> tuple[list[str], list[dict]]:
 
 # --- The CPU table over several bundles (issue 19): one row per backbone x size x backend x precision ---------------
 
-CPU_TABLE_HEAD = ("| backbone | encoder size | backend | precision | F1 mean (min) | agreement with torch FP32 mean (min) "
-                  "| pre / enc / dec / post p50 ms | end-to-end p50 / p95 ms | vs torch FP32 (same run) "
-                  "| RSS growth MB | Pareto |")
+CPU_TABLE_HEAD = ("| backbone | encoder size | backend | precision | F1 mean (min) "
+                  "| agreement with torch FP32 mean (min) | pre / enc / dec / post p50 ms | end-to-end p50 / p95 ms "
+                  "| vs torch FP32 (same run) | RSS growth MB | Pareto |")
 
 
 def cpu_rows(results_list: list[dict]) -> list[dict]:

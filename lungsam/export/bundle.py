@@ -135,8 +135,8 @@ def parity_samples(run_model, data_dir: str | None, limit: int | None) -> tuple[
     selection = "fold test split"
     if not samples:
         if not data_dir:
-            raise ExportError(f"none of the fold's {len(test_ids)} test images was found in {', '.join(map(str, dirs))}; "
-                              "pass --data DIR with held-out images")
+            raise ExportError(f"none of the fold's {len(test_ids)} test images was found in "
+                              f"{', '.join(map(str, dirs))}; pass --data DIR with held-out images")
         samples, selection = data.samples, f"all images of {data_name(data_dir)} (none of the fold's test ids)"
     if limit:
         samples = samples[:limit]
@@ -149,7 +149,8 @@ def export_models(run_model, tmp: Path, opts: ExportOptions, log: Log) -> tuple[
     (``opts.writes_fp16``), an INT8 encoder (``opts.int8``, :func:`add_int8_encoder`) and the in-graph
     pre/postprocessing models (``opts.in_graph``, :func:`add_graph_models`).
     Returns ``(models, skipped, int8_info)``: ``models[name][precision] = [files]``, ``skipped[name] = reason``,
-    ``int8_info = {"record": manifest quantization.int8 record, "openvino": {name: [IR files]}}`` (empty without int8)."""
+    ``int8_info = {"record": manifest quantization.int8 record, "openvino": {name: [IR files]}}`` (empty without
+    int8)."""
     models, skipped = export_fp32_models(run_model, tmp, opts.opset, log)
     if opts.writes_fp16:
         add_fp16_models(models, tmp, log)

@@ -97,7 +97,8 @@ class DecoderGraph(torch.nn.Module):
         return decode_embedded(self.sam, embeddings, sparse, dense)
 
 
-def fixed_prompt_points(prompt: LearnedPrompt, spec: PreprocessSpec, working_size: int) -> tuple[np.ndarray, np.ndarray]:
+def fixed_prompt_points(prompt: LearnedPrompt, spec: PreprocessSpec,
+                        working_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The learned prompt of a points / auto-box / auto-both run as labelled points in the model frame.
 
     Returns:

@@ -108,7 +108,8 @@ def export_decoder(sam: Sam, path: str | Path, opset: int = DEFAULT_OPSET) -> li
     coords = torch.tensor([[[0.3, 0.4], [0.6, 0.5], [0.2, 0.2], [0.8, 0.9]]]) * size
     labels = torch.tensor([[1.0, 0.0, 2.0, 3.0]])
     axes = {"embeddings": {0: "batch"}, "point_coords": {0: "batch", 1: "num_points"},
-            "point_labels": {0: "batch", 1: "num_points"}, "low_res_logits": {0: "batch"}, "iou_predictions": {0: "batch"}}
+            "point_labels": {0: "batch", 1: "num_points"}, "low_res_logits": {0: "batch"},
+            "iou_predictions": {0: "batch"}}
     return _export(DecoderGraph(sam), (_example_embeddings(sam), coords, labels), Path(path), DECODER_INPUTS,
                    DECODER_OUTPUTS, axes, opset, EXTERNAL_DATA_BYTES)
 
@@ -131,7 +132,8 @@ def convert_fp16(src: str | Path, dst: str | Path, external_data_bytes: int = EX
     and :data:`FP16_KEEP_FP32_OPS` left in FP32. Returns the files written."""
     from onnxconverter_common import float16
 
-    with tempfile.TemporaryDirectory(prefix=".lungsam-fp16-", dir=Path(dst).parent) as scratch:  # inside the export temp
+    # the scratch folder lies inside the export's temporary folder
+    with tempfile.TemporaryDirectory(prefix=".lungsam-fp16-", dir=Path(dst).parent) as scratch:
         inferred = Path(scratch) / "inferred.onnx"
         # path-based shape inference works for models over 2 GB, where the in-memory one fails
         onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
@@ -175,7 +177,8 @@ def quantize_int8(src: str | Path, dst: str | Path, external_data_bytes: int = E
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(prefix=".lungsam-int8-", dir=Path(dst).parent) as scratch:  # inside the export temp
+    # the scratch folder lies inside the export's temporary folder
+    with tempfile.TemporaryDirectory(prefix=".lungsam-int8-", dir=Path(dst).parent) as scratch:
         out = Path(scratch) / "int8.onnx"
         root = logging.getLogger()
         level = root.level
@@ -270,8 +273,10 @@ def io_signature(path: str | Path) -> dict[str, list[dict]]:
         for v in values:
             t = v.type.tensor_type
             shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
-            out.append({"name": v.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+            out.append({"name": v.name, "shape": shape, "dtype": dtype})
         return out
 
     init = {i.name for i in model.graph.initializer}
-    return {"inputs": describe(v for v in model.graph.input if v.name not in init), "outputs": describe(model.graph.output)}
+    return {"inputs": describe(v for v in model.graph.input if v.name not in init),
+            "outputs": describe(model.graph.output)}

@@ -40,7 +40,8 @@ class PatchEmbed(nn.Module):
             ks, st, pad = 1, 1, 0
         else:
             raise ValueError(f"patch stride must be 4 or 1, got {stride}")
-        self.seq = nn.Sequential(Conv2dBN(in_chans, dim // 2, ks, st, pad), nn.GELU(), Conv2dBN(dim // 2, dim, ks, st, pad))
+        self.seq = nn.Sequential(Conv2dBN(in_chans, dim // 2, ks, st, pad), nn.GELU(),
+                                 Conv2dBN(dim // 2, dim, ks, st, pad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.seq(x)
@@ -226,7 +227,8 @@ class TinyViT(nn.Module):
             if i == 0:
                 blocks = [MBConv(dim, mbconv_expand_ratio) for _ in range(depths[i])]
             else:
-                blocks = [TinyViTBlock(dim, (res, res), num_heads[i], window_sizes[i], mlp_ratio) for _ in range(depths[i])]
+                blocks = [TinyViTBlock(dim, (res, res), num_heads[i], window_sizes[i], mlp_ratio)
+                          for _ in range(depths[i])]
             self.layers.append(Stage(blocks, down))
             if not last:
                 res = res // stride
