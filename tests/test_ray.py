@@ -103,6 +103,24 @@ def test_ray_outputs_equal_plain_predict_and_rerun_skips_complete(local_ray, tin
         predict_ray(tiny_bundle, inputs, out, options=SegmenterOptions(overlay=True))
 
 
+def test_ray_flags_at_a_site_line_and_refuses_to_mix_it_into_a_folder_without(local_ray, tiny_bundle, inputs, plain,
+                                                                              tmp_path):
+    from lungsam.qc_site import write_site_file
+    from lungsam.runtime.site_line import site_line_from_run
+
+    site = tmp_path / "site.json"
+    write_site_file(site, site_line_from_run(tiny_bundle, plain, 0.25, min_images=16))
+    out = tmp_path / "ray_site"
+    predict_ray(tiny_bundle, inputs, out, workers=1, options=SegmenterOptions(qc_site=str(site)))
+    line = json.loads(site.read_text())["flag_below"]
+    ok = [r for r in records(out) if r["status"] == "ok"]
+    assert [r["qc"]["score"] for r in ok] == [r["qc"]["score"] for r in records(plain) if r["status"] == "ok"]
+    assert [r["qc"]["flag"] for r in ok] == [r["qc"]["score"] < line for r in ok]
+    assert json.loads((out / "predict.json").read_text())["segmenter"]["qc_operating_point"]["source"] == "site"
+    with pytest.raises(RayBatchError, match="another bundle or options"):
+        predict_ray(tiny_bundle, inputs, out, workers=1)  # the same folder at the bundle's line
+
+
 def test_ray_writes_the_same_dicom_seg_and_sr_as_plain_predict(local_ray, tiny_bundle, tmp_path):
     pytest.importorskip("highdicom", reason="highdicom is not installed (pip install 'lungsam[dicom]')")
     from lungsam.runtime.dicom_out import dicom_record_hook, read_seg_masks
