@@ -485,6 +485,46 @@ def test_unet_baseline_tests_the_sam_runs_images_and_compares_paired(tiny_run, t
                        resume=True, log=lambda m: None, progress=False)
 
 
+def test_unet_trains_on_the_same_augmented_views_as_a_sam_run(tmp_path):
+    """``train-unet --augment N`` draws per image and epoch the original or one of the N views that a SAM run with
+    the same seed and policy makes; the run records it and a resume with other views is refused."""
+    from lungsam.artifacts import read_json
+    from lungsam.errors import ConfigError
+    from lungsam.train.augment import AugmentSpec, augmented_views
+    from lungsam.train.folds import FoldData
+    from lungsam.train.unet import UNetConfig, UNetFoldTrainer, train_unet_run
+
+    cfg = UNetConfig(folds=1, epochs=1, channels=(4, 8, 16), res_units=1, batch_size=4, size=64, augment_views=2,
+                     augment_policy="acquisition", opacity_prob=0.5)
+    out = tmp_path / "aug"
+    train_unet_run(cfg, out, log=lambda m: None, progress=False)
+    run = read_json(out / "run.json")
+    assert run["augmentation"]["views"] == 2 and run["augmentation"]["transforms"]["policy"] == "acquisition"
+    assert "2 augmented views per image (acquisition, opacities p 0.5)" in (out / "report.md").read_text()
+
+    samples = load_dataset(DEMO_DATA, 64).samples
+    ids = [s.id for s in samples]
+    data = FoldData.of({"train": ids[:6], "val": ids[6:8], "test": ids[8:10]}, {s.id: s for s in samples})
+    trainer = UNetFoldTrainer(cfg, 0, data, "cpu")
+    sam_views = augmented_views(samples[:6], 2, cfg.seed, AugmentSpec(policy="acquisition", opacity=0.5))
+    for v in range(2):  # the very views a SAM run with these options draws from
+        np.testing.assert_array_equal(trainer.views[0][v], np.stack([s.image for s in sam_views[v]]))
+    seen = set()
+    for _ in range(8):
+        X, Y = trainer.epoch_data()
+        for i in range(6):
+            k = next(k for k, ref in enumerate([trainer.X["train"][i], *trainer.views[0][:, i]])
+                     if np.array_equal(X[i], ref))
+            np.testing.assert_array_equal(Y[i], trainer.Y[i] if k == 0 else trainer.views[1][k - 1, i])
+            seen.add(k)
+    assert seen == {0, 1, 2}
+    with pytest.raises(ConfigError, match="augment_views"):
+        UNetConfig(opacity_prob=0.5)
+    with pytest.raises(ValueError, match="augment_views"):
+        train_unet_run(UNetConfig(folds=1, epochs=1, channels=(4, 8, 16), res_units=1, batch_size=4, size=64,
+                                  augment_views=1), out, resume=True, log=lambda m: None, progress=False)
+
+
 def test_unet_fold_killed_mid_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     """A U-Net fold killed in epoch 3 goes on from epoch 3 with --resume and ends where an unbroken run ends."""
     import lungsam.train.unet as unet_mod

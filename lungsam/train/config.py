@@ -89,6 +89,10 @@ BF16_HELP = ("CPU only: train in bfloat16 autocast (needs AVX512-BF16 or AMX; an
 
 
 AUGMENT_POLICIES = ("affine", "acquisition")  # the --augment-policy choices (lungsam.train.augment)
+AUGMENT_HELP = "Augmented copies per training image (affine + gamma by default, made once; 0 = none)."
+AUGMENT_POLICY_HELP = ("Transforms of the --augment views: affine (geometry + gamma) or acquisition (also exposure, "
+                       "contrast, equalisation, burnt-in text/tubes, blur, noise; docs/generalisation.md).")
+OPACITY_HELP = "Probability that an --augment view gets synthetic opacities inside its lungs (mask unchanged)."
 
 
 def check_augment_options(cfg) -> None:
@@ -208,15 +212,9 @@ class TrainConfig(DictConfig):
     weight_decay: float = field(default=0.0, metadata=option(WD_HELP, range="weight_decay"))
     batch_size: int = field(default=4, metadata=option("Images per step (one prompt each).", range="batch_size"))
     box_jitter: float = 0.05
-    augment_views: int = field(default=0, metadata=option(
-        "Augmented copies per training image (affine + gamma, made once and cached; 0 = none).",
-        flag="--augment", range="augment_views"))
-    augment_policy: str = field(default="affine", metadata=option(
-        "Transforms of the --augment views: affine (geometry + gamma) or acquisition (also exposure, contrast, "
-        "equalisation, burnt-in text/tubes, blur, noise; docs/generalisation.md).", choices=AUGMENT_POLICIES))
-    opacity_prob: float = field(default=0.0, metadata=option(
-        "Probability that an --augment view gets synthetic opacities inside its lungs (mask unchanged).",
-        range="opacity_prob"))
+    augment_views: int = field(default=0, metadata=option(AUGMENT_HELP, flag="--augment", range="augment_views"))
+    augment_policy: str = field(default="affine", metadata=option(AUGMENT_POLICY_HELP, choices=AUGMENT_POLICIES))
+    opacity_prob: float = field(default=0.0, metadata=option(OPACITY_HELP, range="opacity_prob"))
     lora_rank: int = field(default=0, metadata=option(
         "Also train LoRA adapters of this rank on the image encoder (0 = off, the paper's decoder-only recipe; "
         "needs pip install 'lungsam[lora]'; the encoder then runs every step).", range="lora_rank"))
@@ -272,6 +270,9 @@ class UNetConfig(DictConfig):
         res_units: residual units per level.
         epochs, patience, min_delta, lr, weight_decay, batch_size, thresholds, device, cpu_bf16: as for SAM runs
             (there is no CUDA mixed precision for the U-Net: it trains in float32 unless ``cpu_bf16``).
+        augment_views, augment_policy, opacity_prob: as for SAM runs: the same views of the same images for the
+            same seed (:func:`lungsam.train.augment.augmented_views`), kept in memory; each epoch draws per image
+            the original or one view.
     """
 
     data: list[str] = field(default_factory=lambda: ["demo:montgomery"], metadata=option(
@@ -289,11 +290,18 @@ class UNetConfig(DictConfig):
     lr: float = field(default=1e-3, metadata=option(LR_HELP, range="lr"))
     weight_decay: float = field(default=0.0, metadata=option(WD_HELP, range="weight_decay"))
     batch_size: int = field(default=8, metadata=option("Images per step.", range="batch_size"))
+    augment_views: int = field(default=0, metadata=option(AUGMENT_HELP, flag="--augment", range="augment_views"))
+    augment_policy: str = field(default="affine", metadata=option(AUGMENT_POLICY_HELP, choices=AUGMENT_POLICIES))
+    opacity_prob: float = field(default=0.0, metadata=option(OPACITY_HELP, range="opacity_prob"))
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     device: str = field(default="auto", metadata=option(
         "auto: cuda when torch sees a GPU, else cpu.", choices=TRAIN_DEVICES))
     cpu_bf16: bool = field(default=False, metadata=option(BF16_HELP.format(x="1.3x", what="U-Net epochs")))
     model: str = "unet"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_augment_options(self)
 
     def comparable(self) -> dict:
         d = self.to_dict()

@@ -8,7 +8,9 @@ the same ``folds/fold_i/metrics.json`` (with ``per_image``), so ``lungsam compar
 per-image paired difference on identical test images.
 
 Input: the working image's grey channel ``(1, S, S)`` float32, standardised per image (zero mean, unit
-variance), a common choice for radiographs whose exposure varies. No augmentation (as the SAM recipe).
+variance), a common choice for radiographs whose exposure varies. No augmentation by default (as the SAM recipe);
+``--augment N`` (with ``--augment-policy``, ``--opacity-prob``) trains on the same augmented views of the same
+images as a SAM run with those options and seed.
 """
 from __future__ import annotations
 
@@ -100,7 +102,9 @@ class UNetFoldTrainer:
     """The U-Net's side of one fold (:class:`lungsam.train.folds.FoldTrainer`): a MONAI UNet from scratch on the
     working images ``(N, S, S, 3)`` uint8 (standardised grey, :func:`unet_input`), Adam, DiceFocalLoss, the
     shuffling generator seeded per fold; only the best weights are kept, the threshold is chosen alone (no
-    clean-up), and there is no quality flag (no predicted IoU) and no boundary score."""
+    clean-up), and there is no quality flag (no predicted IoU) and no boundary score. With ``augment_views`` V the
+    fold's training images get V augmented views ``(V, N, S, S, 3)`` made once, and each epoch trains on the
+    original or one view per image (:meth:`epoch_data`)."""
 
     keep_last = False
     scoring = FoldScoring(cleanup=False, quality=False, boundary=False)
@@ -114,6 +118,7 @@ class UNetFoldTrainer:
         self.X = {k: np.stack([s.image for s in v]) for k, v in data.samples.items()}
         self.M = data.masks
         self.Y = np.stack(self.M["train"])[:, None].astype(np.float32)
+        self.views = training_views(cfg, data.samples["train"])
         torch.manual_seed(cfg.seed + fold)
         self.rng = np.random.default_rng(cfg.seed + fold)
         self.mixed = mixed_precision(device, False, cfg.cpu_bf16)  # U-Nets train in float32 unless --cpu-bf16
@@ -126,17 +131,29 @@ class UNetFoldTrainer:
         self.net.train()
         t0, total = time.perf_counter(), 0.0
         order = self.rng.permutation(len(self.X["train"]))
+        X, Y = self.epoch_data()
         for s in range(0, len(order), self.cfg.batch_size):
             idx = order[s:s + self.cfg.batch_size]
-            x = torch.from_numpy(unet_input(self.X["train"][idx])).to(self.device)
+            x = torch.from_numpy(unet_input(X[idx])).to(self.device)
             with autocast(self.device, self.mixed):
                 logits = self.net(x)
-            loss = self.loss_fn(logits.float(), torch.from_numpy(self.Y[idx]).to(self.device))
+            loss = self.loss_fn(logits.float(), torch.from_numpy(Y[idx]).to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += float(loss.detach()) * len(idx)
         return total / len(order), time.perf_counter() - t0
+
+    def epoch_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's training images ``(N, S, S, 3)`` uint8 and masks ``(N, 1, S, S)`` float32: without views the
+        originals (nothing drawn from the generator), else per image the original or one view, drawn uniformly."""
+        if self.views is None:
+            return self.X["train"], self.Y
+        vx, vy = self.views
+        pick = self.rng.integers(0, len(vx) + 1, size=len(self.Y))
+        view, idx = np.maximum(pick - 1, 0), np.arange(len(self.Y))
+        orig = (pick == 0)[:, None, None, None]
+        return np.where(orig, self.X["train"], vx[view, idx]), np.where(orig, self.Y, vy[view, idx])
 
     def validate(self) -> dict[str, float]:
         logits = unet_logits(self.net, self.X["val"], self.device, self.cfg.batch_size, self.mixed)
@@ -170,6 +187,33 @@ class UNetFoldTrainer:
         """Nothing to undo: every fold builds its own network."""
 
 
+def training_views(cfg: UNetConfig, samples: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """``cfg.augment_views`` augmented views of the fold's training samples: images ``(V, N, S, S, 3)`` uint8 and
+    masks ``(V, N, 1, S, S)`` float32 (:func:`lungsam.train.augment.augmented_views`), or ``None`` without views."""
+    if cfg.augment_views <= 0:
+        return None
+    from .augment import augmented_views
+
+    views = augmented_views(samples, cfg.augment_views, cfg.seed, augment_spec(cfg))
+    return (np.stack([np.stack([s.image for s in v]) for v in views]),
+            np.stack([np.stack([s.mask for s in v])[:, None] for v in views]).astype(np.float32))
+
+
+def augment_spec(cfg: UNetConfig):
+    """The :class:`lungsam.train.augment.AugmentSpec` of ``cfg``'s views."""
+    from .augment import AugmentSpec
+
+    return AugmentSpec(policy=cfg.augment_policy, opacity=cfg.opacity_prob)
+
+
+def augmentation_note(cfg: dict) -> str:
+    """The report's words for a run config's augmentation."""
+    if not cfg.get("augment_views"):
+        return "no augmentation"
+    opa = f", opacities p {cfg['opacity_prob']:g}" if cfg.get("opacity_prob") else ""
+    return f"{cfg['augment_views']} augmented views per image ({cfg.get('augment_policy', 'affine')}{opa})"
+
+
 def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
     """``report.md`` of a U-Net run."""
     cfg = run["config"]
@@ -184,7 +228,7 @@ def unet_report(run: dict, folds: list[dict], aggregate: dict) -> str:
         f"{run['parameters']:,} parameters; DiceFocalLoss, Adam lr {cfg['lr']:g}, "
         f"weight decay {cfg['weight_decay']:g}, "
         f"batch {cfg['batch_size']}, epochs ≤ {cfg['epochs']} (early stop: val F1 gain < {cfg['min_delta']:g} in "
-        f"{cfg['patience']} epochs); no augmentation",
+        f"{cfg['patience']} epochs); {augmentation_note(cfg)}",
         f"- device {run['device']} ({report.precision_note(cfg, run['device'])}); started {run['started']}; "
         f"finished {run.get('finished', '?')}; "
         f"{report.wall_time_note(run, folds)}",
@@ -222,6 +266,8 @@ def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
            "n_skipped": len(data.skipped), "skipped": data.skipped,
            "parameters": sum(p.numel() for p in build_unet(cfg).parameters()),
            "started": utc_now(), "versions": package_versions()}
+    if cfg.augment_views > 0:
+        run["augmentation"] = {"views": cfg.augment_views, "transforms": augment_spec(cfg).to_dict()}
     start_run(layout, run, old, splits)
     log(f"data: {len(data.samples)} pairs; U-Net {run['parameters']:,} parameters on {device}")
     make = lambda fold, fold_data, fold_layout: UNetFoldTrainer(cfg, fold, fold_data, device)
