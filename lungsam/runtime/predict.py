@@ -329,6 +329,8 @@ def read_finished_run(folder: str | Path) -> FinishedRun:
         raise PredictOutputError(f"{layout.predict_json}: {e}") from e
     if not isinstance(record, dict) or record.get("format") != PREDICT_FORMAT:
         raise PredictOutputError(f"{layout.predict_json}: not a {PREDICT_FORMAT} record")
+    if not isinstance(record.get("segmenter"), dict) or "digest" not in record["segmenter"]:
+        raise PredictOutputError(f"{layout.predict_json}: no segmenter record (bundle digest, backend, ...)")
     if record.get("status") != "complete":
         raise PredictOutputError(f"{layout.predict_json}: status {record.get('status')!r}: the run did not finish "
                                  f"({record.get('error') or 'stopped'}); rerun it")

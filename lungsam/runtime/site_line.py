@@ -44,7 +44,7 @@ def site_line_from_run(bundle: str | Path, predict_run: str | Path, flag_share: 
     b = Bundle.load(bundle, verify=True)
     model = bundle_quality_model(b)
     run = read_finished_run(predict_run)
-    used = run.record.get("segmenter", {}).get("digest")
+    used = run.record["segmenter"]["digest"]
     if used != b.digest:
         raise SiteQcError(f"{predict_run} was made with bundle {str(used)[:16]}..., not {bundle} "
                           f"({str(b.digest)[:16]}...): score the site's images with this bundle first")
