@@ -211,6 +211,7 @@ def test_node_killed_mid_batch_completes_after_restart_without_duplicates(stack,
         node.stop()
     started = [e for e in read_jsonl(audit) if e["event"] == "node_started"]
     assert len(started) == 2 and (started[1]["spooled"] or started[1]["pending"]["pacs"])  # it resumed work
+    assert started[0]["qc_operating_point"]["source"] == "bundle"  # the flag line the node ran with, audited
     ledger = [(e["destination"], e["sop_instance_uid"]) for e in read_jsonl(tmp_path / "work" / "sent.jsonl")]
     assert len(ledger) == len(set(ledger)) == 16  # SEG + SR for each of 8 images, each sent once
     sent = [e["sop_instance_uid"] for e in read_jsonl(audit) if e["event"] == "sent"]

@@ -222,7 +222,7 @@ class Node:
         self.audit.write("node_started", ae_title=self.config.listen.ae_title, port=self.config.listen.port,
                          bundle=str(self.config.model.bundle), bundle_sha256=bundle_digest(seg.bundle),
                          backend=d["backend"], device=d["device"], precision=d["precision"],
-                         spooled=len(self.work.spooled()),
+                         qc_operating_point=d["qc_operating_point"], spooled=len(self.work.spooled()),
                          pending={n: len(self.work.pending(n)) for n in self.work.destinations})
         self.threads.append(threading.Thread(target=self._work_loop, name="lungsam-node-worker", daemon=True))
         for dest in self.config.destinations:
