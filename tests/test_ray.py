@@ -105,6 +105,9 @@ def test_ray_outputs_equal_plain_predict_and_rerun_skips_complete(local_ray, tin
 
 def test_ray_flags_at_a_site_line_and_refuses_to_mix_it_into_a_folder_without(local_ray, tiny_bundle, inputs, plain,
                                                                               tmp_path):
+    from click.testing import CliRunner
+
+    from lungsam.cli import main
     from lungsam.qc_site import write_site_file
     from lungsam.runtime.site_line import site_line_from_run
 
@@ -119,6 +122,13 @@ def test_ray_flags_at_a_site_line_and_refuses_to_mix_it_into_a_folder_without(lo
     assert json.loads((out / "predict.json").read_text())["segmenter"]["qc_operating_point"]["source"] == "site"
     with pytest.raises(RayBatchError, match="another bundle or options"):
         predict_ray(tiny_bundle, inputs, out, workers=1)  # the same folder at the bundle's line
+    d = json.loads(site.read_text())
+    d["bundle_digest"] = "cd" * 32
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(d))
+    r = CliRunner().invoke(main, ["predict", str(tiny_bundle), *map(str, inputs), "--out", str(tmp_path / "x"),
+                                  "--qc-site", str(other), "--ray", "local"])
+    assert r.exit_code == 1 and "made for bundle cdcdcdcd" in r.output and not (tmp_path / "x").exists()
 
 
 def test_ray_writes_the_same_dicom_seg_and_sr_as_plain_predict(local_ray, tiny_bundle, tmp_path):

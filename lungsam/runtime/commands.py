@@ -318,6 +318,11 @@ def _predict_ray(bundle: str, inputs: tuple[str, ...], out_dir: str, address: st
         b = Bundle.load(bundle, verify=True)  # fail here, before a cluster starts, on a broken bundle
     except BundleError as e:
         raise click.ClickException(str(e)) from e
+    if options.get("qc_site") is not None:  # a site file for another bundle fails here too, not in each worker
+        from ..qc import load_calibration
+        from ..qc_site import read_site_file, site_quality_model
+
+        site_quality_model(load_calibration(b.manifest.get("qc")), read_site_file(options["qc_site"])[0], b.digest)
     policy = resolve_policy(b.meta.inference if b.meta is not None else None, options["box_source"],
                             options["box_from_first_pass"])
     if policy.source(b.prompt) == "given":
