@@ -141,19 +141,18 @@ def quantile_key(q: float) -> str:
     return f"p{round(q * 100):02d}"
 
 
-def site_operating_point(scores: Sequence[float], flags_at_bundle_line: Sequence[bool], flag_share: float, *,
-                         bundle_digest: str, bundle_flag_below: float, source: dict,
+def site_operating_point(scores: Sequence[float], flag_share: float, *, bundle_digest: str,
+                         bundle_flag_below: float, source: dict,
                          min_images: int = DEFAULT_MIN_IMAGES) -> SiteOperatingPoint:
-    """The site line for a batch's quality ``scores`` (one per segmented image; an empty mask scores 0) and the
-    bundle's own flags on the same images (:func:`choose_line`)."""
+    """The site line for a batch's quality ``scores`` (one per segmented image; an empty mask scores 0,
+    :func:`choose_line`), beside what the bundle's own line flags of them (score < ``bundle_flag_below``, as
+    :meth:`lungsam.qc.QcModel.assess` flags)."""
     s = np.asarray(list(scores), np.float64)
-    if len(flags_at_bundle_line) != len(s):
-        raise SiteQcError("one bundle-line flag per score expected")
     line = choose_line(s, flag_share, min_images)
     return SiteOperatingPoint(
         bundle_digest=bundle_digest, flag_below=line, flag_share=float(flag_share), n=int(len(s)),
         flagged=int(np.sum(s < line)), bundle_flag_below=float(bundle_flag_below),
-        bundle_flagged=int(sum(bool(f) for f in flags_at_bundle_line)),
+        bundle_flagged=int(np.sum(s < bundle_flag_below)),
         score_quantiles={quantile_key(q): float(np.quantile(s, q)) for q in QUANTILES},
         source=dict(source), created=utc_now(), versions=package_versions(("lungsam", "numpy")))
 
@@ -176,14 +175,21 @@ def read_site_file(path: str | Path) -> tuple[SiteOperatingPoint, str]:
         raise SiteQcError(f"{path}: {e}") from None
 
 
+def score_line_model(model: object, bundle: str = "this bundle") -> QcModel:
+    """``model`` (a bundle's :func:`lungsam.qc.load_calibration`) when it has a score line a site can move: a
+    :class:`lungsam.qc.QcModel`; :class:`SiteQcError` for no quality model or a version 1 calibration."""
+    if model is None:
+        raise SiteQcError(f"{bundle} has no quality model (manifest section qc): a site line has nothing to move")
+    if not isinstance(model, QcModel):
+        raise SiteQcError(f"{bundle}'s quality flag is version 1 (lungsam-qc/1, ranges per signal, no score line); "
+                          "a site line needs a bundle exported since lungsam-qc/2")
+    return model
+
+
 def site_quality_model(model: object, op: SiteOperatingPoint, bundle_digest: str | None) -> QcModel:
     """``model`` (the bundle's :class:`lungsam.qc.QcModel`) with the site's line; refused for another bundle, a
     bundle without a digest or a quality model, or a version 1 calibration (which has no score line)."""
-    if model is None:
-        raise SiteQcError("this bundle has no quality model (manifest section qc): a site line has nothing to move")
-    if not isinstance(model, QcModel):
-        raise SiteQcError("this bundle's quality flag is version 1 (lungsam-qc/1, ranges per signal, no score line); "
-                          "a site line needs a bundle exported since lungsam-qc/2")
+    model = score_line_model(model)
     if bundle_digest != op.bundle_digest:
         raise SiteQcError(f"the site operating point was made for bundle {op.bundle_digest[:16]}..., not this one "
                           f"({(bundle_digest or 'no digest')[:16]}...); make one for this bundle with lungsam qc-site")

@@ -29,7 +29,7 @@ def _op(**kw) -> SiteOperatingPoint:
     scores = np.linspace(0.01, 0.99, 100)
     base = dict(bundle_digest=DIGEST, bundle_flag_below=0.5, source={"predict_run": "x"})
     base.update(kw)
-    return site_operating_point(scores, [s < 0.5 for s in scores], 0.10, **base)
+    return site_operating_point(scores, 0.10, **base)
 
 
 def _model(flag_below: float = 0.5) -> QcModel:
@@ -49,8 +49,7 @@ def test_line_flags_the_asked_share_exactly():
 def test_line_with_ties_at_the_cut_flags_fewer_and_the_count_is_recorded():
     scores = [0.2] * 20 + [0.6] * 40  # the cut at 10 % (6 images) falls inside the tie at 0.2
     assert choose_line(scores, 0.10, min_images=10) == pytest.approx(0.2)
-    op = site_operating_point(scores, [s < 0.5 for s in scores], 0.10, bundle_digest=DIGEST, bundle_flag_below=0.5,
-                              source={}, min_images=10)
+    op = site_operating_point(scores, 0.10, bundle_digest=DIGEST, bundle_flag_below=0.5, source={}, min_images=10)
     assert op.flagged == 0 and op.bundle_flagged == 20
 
 

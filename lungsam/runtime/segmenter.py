@@ -288,8 +288,7 @@ class LungSegmenter:
             self.qc = load_calibration(bundle.manifest.get("qc"))
         except ValueError as e:
             raise BundleError(f"bundle {bundle.root}: {e}") from None
-        self.qc_operating_point: dict = {"source": "bundle",
-                                         "flag_below": getattr(self.qc, "flag_below", None)}
+        self._site: dict | None = None  # what use_site_operating_point applied (None: the bundle's line)
         self.choice = choice
         self.threads = threads
         self._models = models
@@ -393,7 +392,7 @@ class LungSegmenter:
                 "box_source": self.box_source,
                 "threshold": self.threshold, "working_size": self.working_size,
                 "postprocess": self.cleanup.enabled, "quality_flag": self.qc is not None,
-                "qc_operating_point": dict(self.qc_operating_point),
+                "qc_operating_point": self.qc_operating_point,
                 "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks),
                 "max_pixels": self.max_pixels, "preprocess": self.preprocess_path,
                 **({"backend_choice": self.choice.why} if self.choice.why else {})}
@@ -404,8 +403,15 @@ class LungSegmenter:
         made for another bundle, or a bundle without a version 2 quality model. :meth:`describe` records it."""
         op, file = (site, {}) if isinstance(site, SiteOperatingPoint) else _site_file(site)
         self.qc = site_quality_model(self.qc, op, self.bundle.digest)
-        self.qc_operating_point = {"source": "site", "flag_below": op.flag_below, "flag_share": op.flag_share,
-                                   "n": op.n, "bundle_flag_below": op.bundle_flag_below, "created": op.created, **file}
+        self._site = {"flag_share": op.flag_share, "n": op.n, "bundle_flag_below": op.bundle_flag_below,
+                      "created": op.created, **file}
+
+    @property
+    def qc_operating_point(self) -> dict:
+        """The flag line in use: ``{"source": "bundle" | "site", "flag_below": line or None (no score line), ...}``
+        with, for a site's line, its share, image count, the bundle's own line, and the file's path and sha256."""
+        return {"source": "bundle" if self._site is None else "site",
+                "flag_below": getattr(self.qc, "flag_below", None), **(self._site or {})}
 
     # -----------------------------------------------------------------------------------------
     # stages

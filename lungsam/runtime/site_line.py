@@ -9,19 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..qc import QcModel, load_calibration
-from ..qc_site import DEFAULT_MIN_IMAGES, SiteOperatingPoint, SiteQcError, site_operating_point
+from ..qc import load_calibration
+from ..qc_site import DEFAULT_MIN_IMAGES, SiteOperatingPoint, SiteQcError, score_line_model, site_operating_point
 from .bundle import Bundle
 from .predict import read_finished_run
-
-
-def bundle_quality_model(bundle: Bundle) -> QcModel:
-    """The bundle's version 2 quality model; :class:`SiteQcError` when it has none or an older one."""
-    model = load_calibration(bundle.manifest.get("qc"))
-    if not isinstance(model, QcModel):
-        what = "no quality model (manifest section qc)" if model is None else "a version 1 quality flag (lungsam-qc/1)"
-        raise SiteQcError(f"bundle {bundle.root} has {what}: a site line needs a bundle exported since lungsam-qc/2")
-    return model
 
 
 def run_scores(lines: list[dict], where: Path) -> list[float]:
@@ -42,18 +33,18 @@ def site_line_from_run(bundle: str | Path, predict_run: str | Path, flag_share: 
     """The site operating point of ``bundle`` from the scores a finished ``lungsam predict`` run with it gave on a
     batch of the site's images (failed inputs left out; the source records how many)."""
     b = Bundle.load(bundle, verify=True)
-    model = bundle_quality_model(b)
+    model = score_line_model(load_calibration(b.manifest.get("qc")), f"bundle {b.root}")
     run = read_finished_run(predict_run)
-    used = run.record["segmenter"]["digest"]
+    seg = run.record["segmenter"]
+    used = seg["digest"]
     if used != b.digest:
         raise SiteQcError(f"{predict_run} was made with bundle {str(used)[:16]}..., not {bundle} "
                           f"({str(b.digest)[:16]}...): score the site's images with this bundle first")
     ok = run.ok
     scores = run_scores(ok, run.root)
-    seg = run.record["segmenter"]
     source = {"predict_run": str(run.root.resolve()), "predictions_sha256": run.predictions_sha256,
               "inputs": run.record.get("inputs"), "ok": len(ok),
               "failed": sum(r["status"] == "error" for r in run.lines),
               "segmenter": {k: seg.get(k) for k in ("backend", "device", "precision", "preprocess")}}
-    return site_operating_point(scores, [s < model.flag_below for s in scores], flag_share, bundle_digest=b.digest,
-                                bundle_flag_below=model.flag_below, source=source, min_images=min_images)
+    return site_operating_point(scores, flag_share, bundle_digest=b.digest, bundle_flag_below=model.flag_below,
+                                source=source, min_images=min_images)

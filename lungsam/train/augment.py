@@ -63,6 +63,11 @@ class AugmentSpec:
         if not 0.0 <= self.opacity <= 1.0:
             raise ValueError(f"opacity probability {self.opacity!r}: must be in [0, 1]")
 
+    @classmethod
+    def of(cls, cfg) -> "AugmentSpec":
+        """The views' spec of a training config (``augment_policy``, ``opacity_prob``: TrainConfig or UNetConfig)."""
+        return cls(policy=cfg.augment_policy, opacity=cfg.opacity_prob)
+
     def to_dict(self) -> dict:
         """What ``run.json`` records: the policy's own ranges only (the ``affine`` policy without opacities
         records exactly what it did before the other policies existed)."""

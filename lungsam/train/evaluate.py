@@ -16,7 +16,7 @@ from ..boundary import boundary_scores
 from ..data import Dataset, Sample, dataset_of
 from ..embeddings import weights_fingerprint
 from ..errors import ArgumentError
-from ..layout import EvalLayout, RunLayout
+from ..layout import EvalLayout, FoldLayout, RunLayout
 from ..metrics import boundary_summary, summarize
 from ..postprocess import CleanupSpec
 from ..prompts import AUTO_BOX_PROMPT_MODES, learn_prompt
@@ -148,16 +148,12 @@ def _run_parts(run_dir: str, fold: int | None, checkpoint: str | None, split: st
     return parts, name
 
 
-def _score_unet_fold(run_dir: str, fold: int | None, samples: list[Sample], threshold: float | None,
-                     device: str) -> ScoredPart:
-    """One fold of a U-Net baseline run (``lungsam train-unet``) on ``samples``: no prompt, no clean-up (the
-    baseline chose none), no quality flag (no predicted IoU)."""
+def _score_unet_fold(fd: FoldLayout, samples: list[Sample], threshold: float | None, device: str) -> ScoredPart:
+    """One finished fold ``fd`` of a U-Net baseline run (``lungsam train-unet``) on ``samples``: no prompt, no
+    clean-up (the baseline chose none), no quality flag (no predicted IoU)."""
     from ..artifacts import sha256_file
-    from ..layout import FoldLayout
-    from ..runs import pick_fold
     from .unet import load_unet, predict_unet
 
-    fd = FoldLayout(pick_fold(Path(run_dir), fold))
     metrics = read_json(fd.metrics_json)
     weights = fd.weights("unet", "best")
     net, _ = load_unet(weights, device)
@@ -176,7 +172,6 @@ def _score_unet_fold(run_dir: str, fold: int | None, samples: list[Sample], thre
 def _evaluate_unet_run(run_dir: str, run_cfg: dict, data_paths: list[str], fold: int | None, split: str,
                        threshold: float | None, size: int | None, device: str, log: Log) -> Scored:
     """A U-Net baseline run scored as :func:`_run_parts` scores a SAM run (``split`` all or test)."""
-    from ..layout import FoldLayout
     from ..runs import pick_fold
 
     trained_size = int(run_cfg["size"])
@@ -185,11 +180,10 @@ def _evaluate_unet_run(run_dir: str, run_cfg: dict, data_paths: list[str], fold:
     by_id = data.by_id()
     parts = []
     for f in _folds_to_score(run_dir, fold, split):
-        samples = data.samples
-        if split == "test":
-            fd = FoldLayout(pick_fold(Path(run_dir), f))
-            samples = held_out_samples(read_json(fd.split_json)["test"], by_id, f"{run_dir} fold {fd.index}")
-        parts.append(_score_unet_fold(run_dir, f, samples, threshold, device))
+        fd = FoldLayout(pick_fold(Path(run_dir), f))
+        samples = (held_out_samples(read_json(fd.split_json)["test"], by_id, f"{run_dir} fold {fd.index}")
+                   if split == "test" else data.samples)
+        parts.append(_score_unet_fold(fd, samples, threshold, device))
     what = "each on its own held-out test images" if split == "test" else "on every image"
     name = (f"U-Net run {run_dir}, fold{'s' if len(parts) > 1 else ''} "
             f"{', '.join(str(p.record['fold']) for p in parts)} {what}")

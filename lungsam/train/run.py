@@ -71,7 +71,7 @@ def embed_augmented_views(sam, cfg: TrainConfig, ckpt: str | None, samples: list
     t0 = time.perf_counter()
     train_ids = {i for split in splits for i in split["train"]}
     todo = [s for s in samples if s.id in train_ids]
-    spec = AugmentSpec(policy=cfg.augment_policy, opacity=cfg.opacity_prob)
+    spec = AugmentSpec.of(cfg)
     views = augmented_views(todo, cfg.augment_views, cfg.seed, spec)
     t1 = time.perf_counter()
     flat = [v for view in views for v in view]

@@ -192,18 +192,11 @@ def training_views(cfg: UNetConfig, samples: list) -> tuple[np.ndarray, np.ndarr
     masks ``(V, N, 1, S, S)`` float32 (:func:`lungsam.train.augment.augmented_views`), or ``None`` without views."""
     if cfg.augment_views <= 0:
         return None
-    from .augment import augmented_views
+    from .augment import AugmentSpec, augmented_views
 
-    views = augmented_views(samples, cfg.augment_views, cfg.seed, augment_spec(cfg))
+    views = augmented_views(samples, cfg.augment_views, cfg.seed, AugmentSpec.of(cfg))
     return (np.stack([np.stack([s.image for s in v]) for v in views]),
             np.stack([np.stack([s.mask for s in v])[:, None] for v in views]).astype(np.float32))
-
-
-def augment_spec(cfg: UNetConfig):
-    """The :class:`lungsam.train.augment.AugmentSpec` of ``cfg``'s views."""
-    from .augment import AugmentSpec
-
-    return AugmentSpec(policy=cfg.augment_policy, opacity=cfg.opacity_prob)
 
 
 def augmentation_note(cfg: dict) -> str:
@@ -267,7 +260,9 @@ def train_unet_run(cfg: UNetConfig, out: str | Path, *, resume: bool = False,
            "parameters": sum(p.numel() for p in build_unet(cfg).parameters()),
            "started": utc_now(), "versions": package_versions()}
     if cfg.augment_views > 0:
-        run["augmentation"] = {"views": cfg.augment_views, "transforms": augment_spec(cfg).to_dict()}
+        from .augment import AugmentSpec
+
+        run["augmentation"] = {"views": cfg.augment_views, "transforms": AugmentSpec.of(cfg).to_dict()}
     start_run(layout, run, old, splits)
     log(f"data: {len(data.samples)} pairs; U-Net {run['parameters']:,} parameters on {device}")
     make = lambda fold, fold_data, fold_layout: UNetFoldTrainer(cfg, fold, fold_data, device)
