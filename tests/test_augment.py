@@ -45,6 +45,16 @@ def test_augment_moves_image_and_mask_together():
         augment_pair(image[:80], mask[:80], seed=0)
 
 
+def test_draw_views_is_uniform_over_the_original_and_each_view():
+    from lungsam.train.augment import draw_views
+
+    pick = draw_views(np.random.default_rng(3), 30000, 2)
+    assert pick.shape == (30000,) and set(np.unique(pick)) == {0, 1, 2}
+    assert np.all(np.abs(np.bincount(pick) / 30000 - 1 / 3) < 0.02)
+    assert np.array_equal(draw_views(np.random.default_rng(3), 30000, 2), pick)  # same generator state, same epoch
+    assert set(np.unique(draw_views(np.random.default_rng(0), 50, 0))) == {0}  # no views: always the original
+
+
 def test_epoch_views_draw_originals_and_views():
     rng = np.random.default_rng(0)
     E = np.zeros((4, 2, 3, 3), np.float16)

@@ -178,6 +178,13 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, seed: int, spec: AugmentSp
     return img8, msk
 
 
+def draw_views(rng: np.random.Generator, n_images: int, views: int) -> np.ndarray:
+    """One epoch's draw over ``views`` augmented copies: ``(n_images,)`` int, per image ``0`` for the original
+    or ``v`` in ``1..views`` for its view ``v - 1``, uniform over the ``views + 1`` choices. The one rule of the
+    SAM and the U-Net trainings (the same draw from the same generator state gives the same epoch)."""
+    return rng.integers(0, views + 1, size=n_images)
+
+
 def augmented_views(samples: list[Sample], views: int, seed: int, spec: AugmentSpec = AugmentSpec()
                     ) -> list[list[Sample]]:
     """``views`` augmented copies of each sample: ``out[v][i]`` is view ``v`` of ``samples[i]``

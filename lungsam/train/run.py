@@ -94,7 +94,9 @@ def epoch_views(rng: np.random.Generator, ids: list[str], E: np.ndarray, M: list
     drawn uniformly. Without ``aug`` returns ``(E, M)`` and draws nothing from ``rng``."""
     if aug is None:
         return E, M
-    pick = rng.integers(0, aug.record["views"] + 1, size=len(ids))
+    from .augment import draw_views
+
+    pick = draw_views(rng, len(ids), aug.record["views"])
     e = np.stack([E[i] if v == 0 else aug.embeddings[sid][v - 1] for i, (sid, v) in enumerate(zip(ids, pick))])
     m = [M[i] if v == 0 else aug.masks[sid][v - 1] for i, (sid, v) in enumerate(zip(ids, pick))]
     return e, m

@@ -149,8 +149,10 @@ class UNetFoldTrainer:
         originals (nothing drawn from the generator), else per image the original or one view, drawn uniformly."""
         if self.views is None:
             return self.X["train"], self.Y
+        from .augment import draw_views
+
         vx, vy = self.views
-        pick = self.rng.integers(0, len(vx) + 1, size=len(self.Y))
+        pick = draw_views(self.rng, len(self.Y), len(vx))
         view, idx = np.maximum(pick - 1, 0), np.arange(len(self.Y))
         orig = (pick == 0)[:, None, None, None]
         return np.where(orig, self.X["train"], vx[view, idx]), np.where(orig, self.Y, vy[view, idx])
