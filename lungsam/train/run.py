@@ -27,6 +27,7 @@ from ..layout import FoldLayout, RunLayout
 from ..prompts import learn_prompt
 from ..samples import checked_backbone, embed_samples, load_data
 from . import distributed, report
+from .augment import draw_views
 from .checkpoints import load_weights
 from .config import TrainConfig
 from .engine import DecoderTrainer, EncoderLoraTrainer, predict_with_iou
@@ -94,8 +95,6 @@ def epoch_views(rng: np.random.Generator, ids: list[str], E: np.ndarray, M: list
     drawn uniformly. Without ``aug`` returns ``(E, M)`` and draws nothing from ``rng``."""
     if aug is None:
         return E, M
-    from .augment import draw_views
-
     pick = draw_views(rng, len(ids), aug.record["views"])
     e = np.stack([E[i] if v == 0 else aug.embeddings[sid][v - 1] for i, (sid, v) in enumerate(zip(ids, pick))])
     m = [M[i] if v == 0 else aug.masks[sid][v - 1] for i, (sid, v) in enumerate(zip(ids, pick))]

@@ -30,6 +30,7 @@ from ..layout import FoldLayout, RunLayout
 from ..metrics import fmt_mean_std
 from ..samples import load_data
 from . import report
+from .augment import draw_views
 from .checkpoints import load_weights
 from .config import UNetConfig  # defined with the other configs (torch-free, the CLI reads its fields)
 from .engine import autocast, mixed_precision, pick_device, score
@@ -149,8 +150,6 @@ class UNetFoldTrainer:
         originals (nothing drawn from the generator), else per image the original or one view, drawn uniformly."""
         if self.views is None:
             return self.X["train"], self.Y
-        from .augment import draw_views
-
         vx, vy = self.views
         pick = draw_views(self.rng, len(self.Y), len(vx))
         view, idx = np.maximum(pick - 1, 0), np.arange(len(self.Y))

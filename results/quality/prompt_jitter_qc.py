@@ -25,9 +25,9 @@ from lungsam.metrics import f1_score, iou_score
 from lungsam.postprocess import CleanupSpec, clean_mask
 from lungsam.qc import auroc, load_calibration
 from lungsam.runs import load_run
+from lungsam.samples import embed_samples, load_data
 from lungsam.train.config import TrainConfig
 from lungsam.train.engine import predict_with_iou
-from lungsam.samples import embed_samples, load_data
 
 log = logging.getLogger("lungsam.prompt_jitter_qc")
 BAD_BELOW = 0.90
@@ -48,6 +48,35 @@ def prompt_variants(prompt, shift: float) -> dict:
     return out
 
 
+def rank01(x) -> np.ndarray:
+    """Ranks of ``x`` scaled to 0..1 (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    return (rankdata(x) - 1) / max(len(x) - 1, 1)
+
+
+def open_point_run(run: str, fold: int | None, data: list[str], purpose: str):
+    """``(run, config, samples)``: fold ``fold`` of ``run`` (:func:`lungsam.runs.load_run`), the encoder settings
+    it was trained with, and the working-frame samples of ``data``; exits when the run learned no points
+    (``purpose`` says what the points were wanted for)."""
+    rm = load_run(run, fold, None)
+    if not rm.prompt.uses_points:
+        raise SystemExit(f"{run}: prompt mode {rm.prompt.mode!r} has no learned points to {purpose}")
+    cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"),
+                      size=int(rm.run["config"]["size"]), encoder_size=rm.run["config"].get("encoder_size"))
+    return rm, cfg, load_data(data, cfg.size, log.info).samples
+
+
+def jitter_probabilities(rm, cfg: TrainConfig, emb: np.ndarray, gts: list[np.ndarray], shift: float) -> dict:
+    """``{variant: (N, S, S) float32 probabilities}``: the fold's decoder on ``emb`` with each prompt variant of
+    :func:`prompt_variants`."""
+    probs = {}
+    for name, p in prompt_variants(rm.prompt, shift).items():
+        log.info("variant %s", name)
+        probs[name], _ = predict_with_iou(rm.sam, emb, gts, p, rm.spec, cfg.size, "cpu")
+    return probs
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,22 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", help="folder that keeps the probabilities (npz)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rm = load_run(a.run, a.fold, None)
-    if not rm.prompt.uses_points:
-        raise SystemExit(f"{a.run}: prompt mode {rm.prompt.mode!r} has no learned points to move")
-    cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"),
-                      size=int(rm.run["config"]["size"]), encoder_size=rm.run["config"].get("encoder_size"))
-    samples = load_data(a.data, cfg.size, log.info).samples
+    rm, cfg, samples = open_point_run(a.run, a.fold, a.data, "move")
     emb, _ = embed_samples(rm.sam, cfg, cfg.checkpoint, samples, "cpu", False, fingerprint=rm.encoder_fingerprint)
     gts = [s.mask for s in samples]
     cleanup = CleanupSpec.from_dict(rm.metrics.get("postprocess"))
     cal = load_calibration(rm.metrics.get("qc"))
     base, base_iou = predict_with_iou(rm.sam, emb, gts, rm.prompt, rm.spec, cfg.size, "cpu")
-    variants = prompt_variants(rm.prompt, a.shift)
-    probs = {}
-    for name, p in variants.items():
-        log.info("variant %s", name)
-        probs[name], _ = predict_with_iou(rm.sam, emb, gts, p, rm.spec, cfg.size, "cpu")
+    probs = jitter_probabilities(rm, cfg, emb, gts, a.shift)
+    variants = list(probs)
     rows = []
     for i, s in enumerate(samples):
         mask = clean_mask(base[i] > rm.threshold, cleanup)
@@ -90,11 +111,6 @@ def main(argv: list[str] | None = None) -> None:
                      "shift_iou_min": min(shifts), "drop_iou_min": min(drops) if drops else None,
                      "jitter_prob_std": float(std[union].mean()) if union.any() else 0.0, "variant_iou": ious})
     bad = [r["f1"] < BAD_BELOW for r in rows]
-    from scipy.stats import rankdata
-
-    def rank01(x):
-        return (rankdata(x) - 1) / max(len(x) - 1, 1)
-
     signals = {"jitter_iou_min": 1, "jitter_iou_mean": 1, "shift_iou_min": 1, "drop_iou_min": 1,
                "jitter_prob_std": -1, "qc_score": 1}
     table = {}

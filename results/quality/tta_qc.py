@@ -1,6 +1,6 @@
 """Test-time augmentation agreement as a quality signal: a horizontal flip and two gammas, each one more encoder pass.
 
-Usage: python results/quality/tta_qc.py RUN --data DIR --out OUT [--fold N] [--gammas 0.8,1.25 ("" = none)] [--shift 0.03]
+Usage: python results/quality/tta_qc.py RUN --data DIR --out OUT [--fold N] [--gammas 0.8,1.25 or ""] [--shift 0.03]
 
 For every image of ``--data`` (working frame S x S, uint8 RGB): the fold's mask (learned prompt, its threshold and
 clean-up) and the masks of augmented copies of the image, each encoded again by the run's encoder:
@@ -27,19 +27,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import rankdata
 
 from lungsam.artifacts import write_json_atomic, write_text_atomic
 from lungsam.metrics import f1_score, iou_score
 from lungsam.postprocess import CleanupSpec, clean_mask
 from lungsam.qc import auroc, load_calibration
-from lungsam.runs import load_run
-from lungsam.samples import embed_samples, load_data
-from lungsam.train.config import TrainConfig
+from lungsam.samples import embed_samples
 from lungsam.train.engine import predict_with_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prompt_jitter_qc import prompt_variants  # noqa: E402  (the sibling script's variants, not a copy)
+from prompt_jitter_qc import jitter_probabilities, open_point_run, rank01  # noqa: E402  (the sibling script's)
 
 log = logging.getLogger("lungsam.tta_qc")
 BAD_BELOW = 0.90
@@ -56,11 +53,6 @@ def flipped_prompt(prompt):
     pts = prompt.points.copy()
     pts[:, 0] = 1.0 - pts[:, 0]
     return replace(prompt, points=pts.astype(np.float32))
-
-
-def rank01(x) -> np.ndarray:
-    """Ranks of ``x`` scaled to 0..1 (ties share their mean rank)."""
-    return (rankdata(x) - 1) / max(len(x) - 1, 1)
 
 
 def caught_at_share(score: np.ndarray, bad: np.ndarray, share: float) -> dict:
@@ -82,12 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shift", type=float, default=0.03)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rm = load_run(a.run, a.fold, None)
-    if not rm.prompt.uses_points:
-        raise SystemExit(f"{a.run}: prompt mode {rm.prompt.mode!r} has no learned points to mirror")
-    cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"),
-                      size=int(rm.run["config"]["size"]), encoder_size=rm.run["config"].get("encoder_size"))
-    samples = load_data(a.data, cfg.size, log.info).samples
+    rm, cfg, samples = open_point_run(a.run, a.fold, a.data, "mirror")
     gts = [s.mask for s in samples]
     cleanup = CleanupSpec.from_dict(rm.metrics.get("postprocess"))
     cal = load_calibration(rm.metrics.get("qc"))
@@ -103,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     tta = {"flip": decode([s.image[:, ::-1] for s in samples], flipped_prompt(rm.prompt))[1][0][:, :, ::-1]}
     for g in (float(x) for x in a.gammas.split(",") if x.strip()):
         tta[f"gamma{g:g}"] = decode([gamma_image(s.image, g) for s in samples], rm.prompt)[1][0]
-    jitter = {n: predict_with_iou(rm.sam, emb, gts, p, rm.spec, cfg.size, "cpu")[0]
-              for n, p in prompt_variants(rm.prompt, a.shift).items()}
+    jitter = jitter_probabilities(rm, cfg, emb, gts, a.shift)
     rows = []
     for i, s in enumerate(samples):
         mask = clean_mask(base[i] > rm.threshold, cleanup)
