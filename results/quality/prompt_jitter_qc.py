@@ -1,6 +1,6 @@
 """Prompt-jitter agreement as a quality signal: the decoder rerun with the learned points moved, no second encoder pass.
 
-Usage: python results/quality/prompt_jitter_qc.py RUN --data DIR --out OUT [--fold N] [--shift 0.03] [--work DIR]
+Usage: python results/quality/prompt_jitter_qc.py RUN --data DIR --out OUT [--fold N] [--shift 0.03]
 
 For every image of ``--data``: the fold's mask (learned prompt, its threshold and clean-up) and the masks of
 variants of the prompt, each point moved by ``shift`` (fraction of the working frame) up, down, left, right, and
@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--fold", type=int, default=None)
     ap.add_argument("--shift", type=float, default=0.03)
-    ap.add_argument("--work", help="folder that keeps the probabilities (npz)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rm, cfg, samples = open_point_run(a.run, a.fold, a.data, "move")
