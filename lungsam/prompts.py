@@ -35,6 +35,8 @@ POINT_PROMPT_MODES = ("points", "both", "auto-both")
 AUTO_BOX_PROMPT_MODES = ("auto-box", "auto-both")
 BOX_PROMPT_MODES = ("box", "both", "auto-box", "auto-both")
 GT_PROMPT_MODES = ("box", "both")
+#: Modes whose learned points the quality flag jitters (:func:`jitter_prompts`; a box prompt stays uncalibrated).
+JITTER_PROMPT_MODES = ("points",)
 
 
 @dataclass(frozen=True)
@@ -223,3 +225,29 @@ def labelled_points(coords: np.ndarray | None, labels: np.ndarray | None, box: n
         c.append(np.zeros((1, 2), np.float32))
         lab.append(np.asarray([-1.0], np.float32))
     return np.concatenate(c).astype(np.float32), np.concatenate(lab).astype(np.float32)
+
+
+#: The moves of :func:`jitter_prompts`: name -> (dx, dy) in units of the shift (working-frame fractions).
+JITTER_MOVES = {"up": (0.0, -1.0), "down": (0.0, 1.0), "left": (-1.0, 0.0), "right": (1.0, 0.0)}
+
+
+def jitter_prompts(prompt: LearnedPrompt, shift: float) -> dict[str, LearnedPrompt]:
+    """Small variants of a learned point prompt, for the quality flag's prompt-jitter agreement
+    (:mod:`lungsam.qc`): ``up``, ``down``, ``left``, ``right`` (every point moved by ``shift``, a fraction of the
+    working frame, clipped to the frame) and ``drop<i>`` (point ``i`` left out; only with more than one point per
+    lung). Same mode and box as ``prompt``, so training's and the runtime's decoders see the same inputs
+    (:func:`model_prompt`). Raises :class:`~lungsam.errors.ArgumentError` for a prompt without points or a
+    ``shift`` outside (0, 0.25]."""
+    if not prompt.uses_points or prompt.points is None:
+        raise ArgumentError(f"prompt jitter needs learned points; prompt {prompt.mode!r} has none")
+    if not 0.0 < shift <= 0.25:
+        raise ArgumentError(f"prompt jitter shift must be in (0, 0.25] of the frame, got {shift!r}")
+    out = {}
+    for name, (dx, dy) in JITTER_MOVES.items():
+        pts = np.clip(prompt.points + shift * np.asarray([dx, dy], np.float32), 0.0, 1.0).astype(np.float32)
+        out[name] = replace(prompt, points=pts)
+    if prompt.points_per_lung > 1:
+        for i in range(len(prompt.points)):
+            keep = np.arange(len(prompt.points)) != i
+            out[f"drop{i}"] = replace(prompt, points=prompt.points[keep], labels=prompt.labels[keep])
+    return out

@@ -31,7 +31,7 @@ manifest's optional section ``qc`` (:meth:`QcCalibration.to_dict`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -234,9 +234,9 @@ class QcCalibration:
         return QcResult(score=score, flag=bool(reasons), reasons=reasons, features=dict(features), z=z)
 
     def assess_map(self, prob: np.ndarray, threshold: float, pred_iou: float, cleanup: CleanupSpec | None = None,
-                   second: np.ndarray | None = None, image: np.ndarray | None = None) -> QcResult:
-        """:class:`QcResult` of one image from its working-frame probability ``(S, S)`` (``second`` and
-        ``image`` are unused by this version's signals)."""
+                   second: np.ndarray | None = None, image: np.ndarray | None = None, variants=None) -> QcResult:
+        """:class:`QcResult` of one image from its working-frame probability ``(S, S)`` (``second``, ``image``
+        and ``variants`` are unused by this version's signals)."""
         return self.assess(qc_features(prob, threshold, pred_iou, cleanup))
 
 
@@ -418,6 +418,94 @@ def _finite(name: str, v) -> float:
     return float(v)
 
 
+#: The prompt-jitter signal: mean IoU of the masks of the decoder rerun with small prompt variants
+#: (:func:`lungsam.prompts.jitter_prompts`) with the returned mask (low: the decoder is unsure where the lung is).
+JITTER = "jitter_iou"
+DEFAULT_JITTER_SHIFT = 0.03
+#: Log-odds of a good mask lost per validation tail scale of jitter-agreement deficit (see :class:`JitterTerm`).
+DEFAULT_JITTER_WEIGHT = 1.0
+JITTER_MIN_SCALE = 0.005
+
+
+def jitter_agreement(mask: np.ndarray, variants, threshold: float, cleanup: CleanupSpec | None = None) -> float:
+    """Mean IoU of each variant's mask (probability ``(S, S)`` > ``threshold``, cleaned like the returned mask)
+    with the returned ``mask`` ``(S, S)`` bool; ``variants``: the variants' working-frame probabilities."""
+    spec = cleanup or CleanupSpec()
+    maps = list(variants)
+    if not maps:
+        raise QcError("prompt jitter: no variant maps")
+    return float(np.mean([iou_score(clean_mask(np.asarray(v) > threshold, spec), mask) for v in maps]))
+
+
+@dataclass(frozen=True)
+class JitterTerm:
+    """The prompt-jitter part of the version 2 flag, calibrated on a run's real validation images.
+
+    The decoder is rerun on the image's embedding with each variant of the learned prompt (``variants``, made by
+    :func:`lungsam.prompts.jitter_prompts` with ``shift``); :data:`JITTER` is the mean IoU of their masks with the
+    returned mask. Its deficit ``d = clip((center - jitter_iou) / scale, 0, Z_CLIP)`` (``center``: the median over
+    the validation images; ``scale``: the spread of their low tail, :func:`tail_scale`, floored at
+    :data:`JITTER_MIN_SCALE`) lowers the flag's log-odds by ``weight * d``. The logistic model cannot learn this
+    weight: its degraded copies are probability maps with no embedding to rerun, so it is a fixed rule.
+
+    Attributes:
+        shift: the prompt move, fraction of the working frame; variants: the variant names, in order.
+        center, scale: from the validation images' jitter IoU; weight: log-odds per scale; n: images.
+    """
+
+    shift: float
+    variants: tuple[str, ...]
+    center: float
+    scale: float
+    weight: float = DEFAULT_JITTER_WEIGHT
+    n: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < _finite("jitter.shift", self.shift) <= 0.25:
+            raise QcError(f"qc.jitter.shift: expected a number in (0, 0.25], got {self.shift!r}")
+        if not self.variants or not all(isinstance(v, str) for v in self.variants):
+            raise QcError("qc.jitter.variants: expected a non-empty list of names")
+        if not 0.0 <= _finite("jitter.center", self.center) <= 1.0:
+            raise QcError(f"qc.jitter.center: expected an IoU in [0, 1], got {self.center!r}")
+        if not _finite("jitter.scale", self.scale) > 0:
+            raise QcError(f"qc.jitter.scale: expected a number > 0, got {self.scale!r}")
+        if not _finite("jitter.weight", self.weight) >= 0:
+            raise QcError(f"qc.jitter.weight: expected a number >= 0, got {self.weight!r}")
+
+    @classmethod
+    def calibrate(cls, values, shift: float, variants, weight: float = DEFAULT_JITTER_WEIGHT) -> "JitterTerm":
+        """From the validation images' :data:`JITTER` values (at least 3)."""
+        v = np.asarray(list(values), np.float64)
+        if len(v) < 3:
+            raise ValueError(f"prompt-jitter calibration needs at least 3 validation images, got {len(v)}")
+        med = float(np.median(v))
+        return cls(shift=float(shift), variants=tuple(variants), center=med,
+                   scale=max(tail_scale(v, med, "low"), JITTER_MIN_SCALE), weight=float(weight), n=len(v))
+
+    def contribution(self, value: float) -> float:
+        """Its term of the log-odds of a good mask (<= 0)."""
+        return -self.weight * float(np.clip((self.center - value) / self.scale, 0.0, Z_CLIP))
+
+    def to_dict(self) -> dict:
+        return {"signal": JITTER, "shift": float(self.shift), "variants": list(self.variants),
+                "center": float(self.center), "scale": float(self.scale), "weight": float(self.weight),
+                "n": int(self.n), "z_clip": Z_CLIP}
+
+    @classmethod
+    def from_dict(cls, d) -> "JitterTerm":
+        """Inverse of :meth:`to_dict`; :class:`QcError` naming the key otherwise."""
+        keys = {"signal", "shift", "variants", "center", "scale", "weight", "n", "z_clip"}
+        if not isinstance(d, dict) or set(d) != keys:
+            raise QcError(f"qc.jitter: expected an object with keys {', '.join(sorted(keys))}")
+        if d["signal"] != JITTER or d["z_clip"] != Z_CLIP:
+            raise QcError(f"qc.jitter: signal {d['signal']!r} / z_clip {d['z_clip']!r} differ from this version's "
+                          f"{JITTER!r} / {Z_CLIP!r}")
+        if not isinstance(d["variants"], list) or isinstance(d["n"], bool) or not isinstance(d["n"], int):
+            raise QcError("qc.jitter: variants must be a list and n an integer")
+        return cls(shift=d["shift"], variants=tuple(d["variants"]), center=d["center"], scale=d["scale"],
+                   weight=d["weight"], n=d["n"])
+
+
 @dataclass(frozen=True)
 class QcModel:
     """The version 2 quality flag: a logistic model of P(good mask) on standardised signals.
@@ -436,6 +524,9 @@ class QcModel:
         shape: the :class:`ShapeModel` (needed when a shape signal is used).
         n: real validation images; n_degraded: degraded copies; source: where they came from (text).
         fit: how it was fitted (degradations, regularisation, target recall, figures on the fit set).
+        jitter: the prompt-jitter term (:class:`JitterTerm`), or ``None``. A model with one reads :data:`JITTER`
+            when the caller passes the variants' maps (``variants=``); a result without them (an interactive prompt,
+            which the term was not calibrated for) is scored by the logistic model alone.
     """
 
     features: tuple[str, ...]
@@ -450,6 +541,7 @@ class QcModel:
     n_degraded: int = 0
     source: str = "validation"
     fit: dict = field(default_factory=dict)
+    jitter: JitterTerm | None = None
 
     def __post_init__(self):
         known = FEATURES + SHAPE_FEATURES + IMAGE_FEATURES + (TWO_PASS,)
@@ -481,9 +573,10 @@ class QcModel:
         return any(f in IMAGE_FEATURES for f in self.features)
 
     def signals(self, prob: np.ndarray, threshold: float, pred_iou: float, cleanup: CleanupSpec | None = None,
-                second: np.ndarray | None = None, image: np.ndarray | None = None) -> dict:
-        """:func:`qc_features` plus the shape signals and (given ``image``, see :func:`working_gray`) the image
-        signals of the returned (cleaned) mask."""
+                second: np.ndarray | None = None, image: np.ndarray | None = None, variants=None) -> dict:
+        """:func:`qc_features` plus the shape signals, (given ``image``, see :func:`working_gray``) the image
+        signals of the returned (cleaned) mask and (given ``variants``, the working-frame probabilities of the
+        prompt variants named by :attr:`jitter`) :data:`JITTER`."""
         f = qc_features(prob, threshold, pred_iou, cleanup, second)
         mask = clean_mask(np.asarray(prob) > threshold, cleanup or CleanupSpec())
         if self.shape is not None:
@@ -492,6 +585,11 @@ class QcModel:
             f.update(image_signals(image, mask))
         elif self.needs_image:
             raise QcError("qc: this calibration reads the image (edge contrast); pass image=...")
+        if variants is not None:
+            maps = list(variants)
+            if self.jitter is not None and len(maps) != len(self.jitter.variants):
+                raise QcError(f"qc: {len(maps)} prompt-variant maps for the calibration's {len(self.jitter.variants)}")
+            f[JITTER] = jitter_agreement(mask, maps, threshold, cleanup)
         return f
 
     def standardised(self, features: dict) -> dict:
@@ -508,6 +606,8 @@ class QcModel:
         if self.two_pass and TWO_PASS not in features:
             raise QcError("qc: this calibration reads two_pass_iou; pass the two-pass probability (second=...)")
         contrib = {f: self.weights[f] * v for f, v in self.standardised(features).items()}
+        if self.jitter is not None and JITTER in features:
+            contrib[JITTER] = self.jitter.contribution(float(features[JITTER]))
         logit = self.bias + sum(contrib.values())
         empty = features.get("area_fraction", 1.0) == 0.0
         score = 0.0 if empty else float(1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50))))
@@ -515,13 +615,25 @@ class QcModel:
         reasons = ["empty mask"] if empty else []
         if flag and not empty:
             worst = sorted((f for f in contrib if contrib[f] < 0), key=lambda f: contrib[f])[:3]
-            reasons += [f"{f} {features[f]:.3g} (validation median {self.center[f]:.3g})" for f in worst]
+            reasons += [f"{f} {features[f]:.3g} (validation median {self.median(f):.3g})" for f in worst]
         return QcResult(score=score, flag=bool(flag), reasons=reasons, features=dict(features), z=contrib)
 
+    def without_jitter(self) -> "QcModel":
+        """The model without its prompt-jitter term, flagging at the line it had before the term
+        (``fit.flag_below_without_jitter``): what a site bound by latency runs (no variant decodes)."""
+        if self.jitter is None:
+            return self
+        return replace(self, jitter=None, flag_below=float(self.fit.get("flag_below_without_jitter", self.flag_below)),
+                       source=f"{self.source}; prompt jitter off")
+
+    def median(self, signal: str) -> float:
+        """The signal's median over the real validation images."""
+        return self.jitter.center if signal == JITTER and self.jitter is not None else self.center[signal]
+
     def assess_map(self, prob: np.ndarray, threshold: float, pred_iou: float, cleanup: CleanupSpec | None = None,
-                   second: np.ndarray | None = None, image: np.ndarray | None = None) -> QcResult:
+                   second: np.ndarray | None = None, image: np.ndarray | None = None, variants=None) -> QcResult:
         """:class:`QcResult` of one image from its working-frame probability ``(S, S)`` (see :meth:`signals`)."""
-        return self.assess(self.signals(prob, threshold, pred_iou, cleanup, second, image))
+        return self.assess(self.signals(prob, threshold, pred_iou, cleanup, second, image, variants))
 
     def to_dict(self) -> dict:
         """The manifest / metrics section (format ``lungsam-qc/2``, strict JSON)."""
@@ -531,7 +643,8 @@ class QcModel:
                 "z_clip": Z_CLIP, "uncertain_band": list(UNCERTAIN), "soft_band": list(SOFT),
                 "border_band": BORDER_BAND, "edge_bands": [*EDGE_OUT, EDGE_IN],
                 "shape": self.shape.to_dict() if self.shape is not None else None,
-                "n": int(self.n), "n_degraded": int(self.n_degraded), "source": self.source, "fit": dict(self.fit)}
+                "n": int(self.n), "n_degraded": int(self.n_degraded), "source": self.source, "fit": dict(self.fit),
+                "jitter": self.jitter.to_dict() if self.jitter is not None else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QcModel":
@@ -541,7 +654,7 @@ class QcModel:
             raise QcError(f"qc: expected an object of format {FORMAT_V2!r}")
         known = {"format", "features", "mean", "std", "weights", "center", "bias", "flag_below", "log_signals",
                  "z_clip", "uncertain_band", "soft_band", "border_band", "edge_bands", "shape", "n", "n_degraded",
-                 "source", "fit"}
+                 "source", "fit", "jitter"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise QcError(f"qc: unknown key(s) {', '.join(unknown)}")
@@ -557,7 +670,8 @@ class QcModel:
                        flag_below=d["flag_below"], center=d["center"],
                        shape=None if d.get("shape") is None else ShapeModel.from_dict(d["shape"]),
                        n=int(d.get("n", 0)), n_degraded=int(d.get("n_degraded", 0)),
-                       source=str(d.get("source", "validation")), fit=dict(d.get("fit") or {}))
+                       source=str(d.get("source", "validation")), fit=dict(d.get("fit") or {}),
+                       jitter=None if d.get("jitter") is None else JitterTerm.from_dict(d["jitter"]))
         except KeyError as e:
             raise QcError(f"qc: missing key {e}") from None
 
@@ -565,7 +679,7 @@ class QcModel:
 def load_calibration(d: dict | None) -> "QcModel | QcCalibration | None":
     """A run's or bundle's ``qc`` section: :class:`QcModel` (``lungsam-qc/2``), :class:`QcCalibration` (an
     older ``lungsam-qc/1``), or ``None`` when absent. Both answer ``assess_map(prob, threshold, pred_iou,
-    cleanup, second=None)``. Raises :class:`QcError` for anything else."""
+    cleanup, second=None, image=None, variants=None)``. Raises :class:`QcError` for anything else."""
     if d is None:
         return None
     if isinstance(d, dict) and d.get("format") == FORMAT_V2:

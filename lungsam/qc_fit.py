@@ -21,13 +21,26 @@ percentile score by default: the issue's budget of 10 % flagged). ``fit.recall``
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 
 from .metrics import f1_score
 from .postprocess import CleanupSpec, clean_mask
-from .qc import FEATURES, IMAGE_FEATURES, SHAPE_FEATURES, Z_CLIP, QcModel, ShapeModel, good_sign, transform_signal
+from .qc import (
+    DEFAULT_JITTER_WEIGHT,
+    FEATURES,
+    IMAGE_FEATURES,
+    JITTER,
+    SHAPE_FEATURES,
+    Z_CLIP,
+    JitterTerm,
+    QcModel,
+    ShapeModel,
+    good_sign,
+    transform_signal,
+)
 
 DEFAULT_L2 = 1.0
 DEFAULT_TARGET_RECALL = 0.80
@@ -229,3 +242,23 @@ def fit_from_examples(rows: list[dict], good: np.ndarray, kind: list[str], feats
     return QcModel(features=feats, mean=dict(zip(feats, map(float, mean))), std=dict(zip(feats, map(float, std))),
                    weights=dict(zip(feats, map(float, w))), bias=b, flag_below=line, center=center, shape=shape,
                    n=int(real.sum()), n_degraded=int((~real).sum()), source=source, fit=fit)
+
+
+def add_jitter_term(model: QcModel, rows: list[dict], good: np.ndarray, shift: float, variants,
+                    weight: float = DEFAULT_JITTER_WEIGHT) -> QcModel:
+    """``model`` with its prompt-jitter term (:class:`lungsam.qc.JitterTerm`) calibrated on the real validation
+    images' signals ``rows`` (:meth:`QcModel.signals` with the variants' maps, so each has :data:`JITTER`) and
+    their labels ``good`` ``(N,)`` bool (F1 >= ``bad_below``). The degraded copies cannot carry the term (no
+    embedding to rerun), so the fit's recall is left as it was; the operating point is lowered where the term
+    would flag more than ``fit["max_flagged"]`` of the good real images, the same cap the fit applies.
+    ``fit`` records ``flag_below_without_jitter`` and the new ``real_flagged_share``."""
+    term = JitterTerm.calibrate([r[JITTER] for r in rows], shift, variants, weight)
+    m = replace(model, jitter=term)
+    scores = np.asarray([m.assess(r).score for r in rows])
+    line = model.flag_below
+    if good.any():
+        line = min(line, float(np.quantile(scores[good], model.fit.get("max_flagged", DEFAULT_MAX_FLAGGED))))
+    line = float(np.clip(line, 1e-6, 1 - 1e-6))
+    fit = {**model.fit, "flag_below_without_jitter": model.flag_below,
+           "real_flagged_share": float((scores < line).mean())}
+    return replace(m, flag_below=line, fit=fit)

@@ -1,6 +1,7 @@
 """Re-derive a finished fold's quality calibration (``metrics.json`` ``qc``) and its test figures from its own
 validation images with this version's :mod:`lungsam.qc`, without retraining (decoder weights, threshold and
-clean-up as chosen). It rewrites the fold's metrics.json: run it on a copy.
+clean-up as chosen; the prompt-jitter term as ``lungsam train`` now adds it for a ``points`` run). It rewrites the
+fold's metrics.json: run it on a copy.
 Usage: python scripts/quality_recalibrate.py RUN [--fold N] [--data DIR]
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lungsam.runs import load_run
 from lungsam.samples import embed_samples, load_data
 from lungsam.train.config import TrainConfig
 from lungsam.train.engine import predict_with_iou
-from lungsam.train.folds import assess_quality, calibrate_quality
+from lungsam.train.folds import assess_quality, calibrate_quality, prompt_jitter_of, with_jitter_term
 
 log = logging.getLogger("lungsam.quality_recalibrate")
 
@@ -31,15 +32,19 @@ def main(argv: list[str]) -> None:
     data = load_data(argv[argv.index("--data") + 1:argv.index("--data") + 2] if "--data" in argv
                      else rm.run["config"]["data"], cfg.size, log.info).by_id()
     cleanup, thr = CleanupSpec.from_dict(rm.metrics.get("postprocess")), rm.threshold
-    out, parts = {}, {p: [data[i] for i in rm.split[p]] for p in ("train", "val", "test")}
+    out, jitter, parts = {}, {}, {p: [data[i] for i in rm.split[p]] for p in ("train", "val", "test")}
     for part in ("val", "test"):
         samples = parts[part]
         emb, _ = embed_samples(rm.sam, cfg, cfg.checkpoint, samples, "cpu", False, fingerprint=rm.encoder_fingerprint)
-        out[part] = predict_with_iou(rm.sam, emb, [s.mask for s in samples], rm.prompt, rm.spec, cfg.size, "cpu")
+        masks = [s.mask for s in samples]
+        out[part] = predict_with_iou(rm.sam, emb, masks, rm.prompt, rm.spec, cfg.size, "cpu")
+        jitter[part] = prompt_jitter_of(rm.sam, emb, masks, rm.prompt, rm.spec, cfg.size, "cpu")
     cal = calibrate_quality(*out["val"], thr, cleanup, f"fold {fold} validation images",
                             [s.mask for s in parts["val"]], [s.mask for s in parts["train"]],
                             [s.image for s in parts["val"]])
-    qc = assess_quality(cal, *out["test"], thr, cleanup, [s.image for s in parts["test"]])
+    cal = with_jitter_term(cal, *out["val"], thr, cleanup, jitter.get("val"), [s.mask for s in parts["val"]],
+                           [s.image for s in parts["val"]])
+    qc = assess_quality(cal, *out["test"], thr, cleanup, [s.image for s in parts["test"]], jitter.get("test"))
     m = dict(rm.metrics)
     by_id = {r["id"]: r for r in m["per_image"]}
     for i, q in zip(rm.split["test"], qc):

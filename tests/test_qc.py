@@ -10,7 +10,9 @@ import pytest
 from lungsam.qc import (
     FEATURES,
     IMAGE_FEATURES,
+    JITTER,
     SHAPE_FEATURES,
+    JitterTerm,
     QcCalibration,
     QcError,
     QcModel,
@@ -188,6 +190,78 @@ def test_fitted_model_flags_a_degraded_mask_with_its_reason_and_round_trips():
     assert isinstance(load_calibration(good_calibration().to_dict()), QcCalibration)  # older runs and bundles
 
 
+def test_jitter_prompts_move_every_point_and_drop_each_in_turn():
+    from lungsam.errors import ArgumentError
+    from lungsam.prompts import LearnedPrompt, jitter_prompts
+
+    pts = np.asarray([[0.3, 0.3], [0.3, 0.5], [0.01, 0.7], [0.7, 0.3], [0.7, 0.5], [0.7, 0.7]], np.float32)
+    p = LearnedPrompt("points", pts, np.ones(6, np.int32), None, 3)
+    v = jitter_prompts(p, 0.03)
+    assert list(v) == ["up", "down", "left", "right"] + [f"drop{i}" for i in range(6)]
+    np.testing.assert_allclose(v["up"].points[:, 1], pts[:, 1] - 0.03, atol=1e-6)
+    np.testing.assert_allclose(v["right"].points[:, 0], pts[:, 0] + 0.03, atol=1e-6)
+    assert v["left"].points[2, 0] == 0.0  # clipped to the frame
+    assert len(v["drop2"].points) == 5 and not (v["drop2"].points == pts[2]).all(axis=1).any()
+    assert list(jitter_prompts(LearnedPrompt("points", pts[[0, 3]], np.ones(2, np.int32), None, 1), 0.03)) == \
+        ["up", "down", "left", "right"]  # one point per lung: nothing to drop
+    with pytest.raises(ArgumentError, match="learned points"):
+        jitter_prompts(LearnedPrompt("auto-box", None, None, np.zeros(4, np.float32), 3), 0.03)
+    with pytest.raises(ArgumentError, match="shift"):
+        jitter_prompts(p, 0.5)
+
+
+def test_jitter_term_lowers_the_score_only_below_validation_and_round_trips():
+    from dataclasses import replace
+
+    base = fitted_model()
+    names = ("up", "down", "left", "right")
+    term = JitterTerm.calibrate([0.97, 0.975, 0.98, 0.985, 0.99], 0.03, names)
+    assert term.center == pytest.approx(0.98) and term.scale >= 0.005 and term.n == 5
+    model = replace(base, jitter=term)
+    good, image = lungs(1, 0), radiograph(lungs(1, 0) > 0.5)
+    agree = model.assess_map(good, 0.5, 0.95, image=image, variants=[good] * 4)
+    assert agree.features[JITTER] == 1.0 and agree.z[JITTER] == 0.0  # better than validation: no bonus, no cost
+    assert agree.score == pytest.approx(base.assess_map(good, 0.5, 0.95, image=image).score)
+    moved = [lungs(1, 6), lungs(1, -6), lungs(7, 0), lungs(-5, 0)]  # the decoder's mask moves with its prompt
+    unsure = model.assess_map(good, 0.5, 0.95, image=image, variants=moved)
+    assert unsure.features[JITTER] < 0.9 and unsure.z[JITTER] == pytest.approx(-6.0)  # clipped at Z_CLIP scales
+    assert unsure.score < agree.score
+    heavy = replace(model, jitter=replace(term, weight=3.0)).assess_map(good, 0.5, 0.95, image=image, variants=moved)
+    assert heavy.flag and heavy.reasons[0].startswith(JITTER)  # 18 log-odds: flagged, the jitter named first
+    interactive = model.assess_map(good, 0.5, 0.95, image=image)  # no variants: the logistic model alone
+    assert JITTER not in interactive.features and interactive.score == pytest.approx(agree.score)
+    with pytest.raises(QcError, match="prompt-variant maps"):
+        model.assess_map(good, 0.5, 0.95, image=image, variants=[good] * 3)
+    d = model.to_dict()
+    back = load_calibration(json.loads(json.dumps(d, allow_nan=False)))
+    assert back.jitter == term and back.assess_map(good, 0.5, 0.95, image=image, variants=moved).score == \
+        pytest.approx(unsure.score, abs=1e-4)  # the shape model is stored rounded
+    assert load_calibration(base.to_dict()).jitter is None  # a calibration from before the term
+    for bad, match in (({**d["jitter"], "shift": 0.0}, "shift"), ({**d["jitter"], "scale": -1.0}, "scale"),
+                       ({**d["jitter"], "signal": "two_pass_iou"}, "signal"), ({**d["jitter"], "x": 1}, "keys"),
+                       ({**d["jitter"], "center": float("nan")}, "finite")):
+        with pytest.raises(QcError, match=match):
+            load_calibration({**d, "jitter": bad})
+    with pytest.raises(ValueError, match="at least 3"):
+        JitterTerm.calibrate([0.9, 0.95], 0.03, names)
+
+
+def test_adding_the_jitter_term_keeps_the_validation_flag_budget():
+    from lungsam.qc_fit import add_jitter_term
+
+    base = fitted_model()
+    val = [lungs(dy, dx) for dy in (-2, 0, 2) for dx in (-1, 0, 1)]
+    rows = [{**base.signals(p, 0.5, 0.95, image=radiograph(p > 0.5)), JITTER: j}
+            for p, j in zip(val, (0.99, 0.985, 0.98, 0.99, 0.97, 0.975, 0.99, 0.96, 0.93))]
+    good = np.ones(len(rows), bool)
+    model = add_jitter_term(base, rows, good, 0.03, ("up", "down"), weight=3.0)
+    assert model.jitter.n == 9 and model.jitter.center == pytest.approx(0.98) and model.jitter.weight == 3.0
+    scores = np.array([model.assess(r).score for r in rows])
+    assert (scores < model.flag_below).mean() <= base.fit["max_flagged"] + 1 / len(rows)  # the same cap as the fit
+    assert model.flag_below <= base.flag_below and model.fit["flag_below_without_jitter"] == base.flag_below
+    assert model.fit["real_flagged_share"] == pytest.approx((scores < model.flag_below).mean())
+
+
 # ---- a tiny run, its bundle and the runtime ----------------------------------------------------------------
 
 def test_tiny_run_records_threshold_range_cleanup_and_qc(tiny_run):
@@ -221,8 +295,48 @@ def test_bundle_and_runtime_carry_postprocess_and_qc(tiny_run, tiny_bundle, tmp_
     images = sorted((demo_data_dir() / "images").iterdir())[:2]
     r = seg.segment(images[0])
     assert set(r.qc) == {"score", "flag", "reasons"} and 0.0 <= r.qc["score"] <= 1.0
+    # the prompt-jitter term (a points run): ten decodes of the learned prompt's variants on the same embedding
+    term = seg.qc.jitter
+    assert term is not None and term.n == fold["n"]["val"]
+    assert list(term.variants) == ["up", "down", "left", "right"] + [f"drop{i}" for i in range(6)]
+    prepared = seg.preprocess(images[0])
+    maps = seg.jitter_maps(seg.encode(prepared.model_input[None])[0], prepared.input_hw)
+    assert len(maps) == 10 and all(m.shape == (seg.working_size,) * 2 and m.dtype == np.float32 for m in maps)
+    direct = seg.qc.assess_map(seg.working_probability(*seg.decode(seg.encode(prepared.model_input[None]))[0][:1],
+                                                       prepared.input_hw), seg.threshold, r.score, seg.cleanup,
+                               image=prepared.model_input[:, :prepared.input_hw[0], :prepared.input_hw[1]]
+                               .transpose(1, 2, 0), variants=maps)
+    assert JITTER in direct.features and direct.score == pytest.approx(r.qc["score"], abs=1e-5)
+    clicked = seg.segment(images[0], points=np.asarray([[150.0, 250.0], [350.0, 250.0]]))
+    assert clicked.prompt == "interactive" and set(clicked.qc) == {"score", "flag", "reasons"}  # scored without it
+    fast = LungSegmenter.load(tiny_bundle)
+    fast.drop_qc_jitter()  # a site bound by CPU time: the logistic model alone, at the line it had before the term
+    assert fast.qc.jitter is None and fast.qc.flag_below == fold["qc"]["fit"]["flag_below_without_jitter"]
+    assert fast.describe()["qc_jitter"] is False and seg.describe()["qc_jitter"] is True
+    assert 0.0 <= fast.segment(images[0]).qc["score"] <= 1.0
+    with pytest.raises(Exception, match="site"):
+        fast.use_site_operating_point(tmp_path / "site.json")
     out = tmp_path / "pred"
     predict_files(seg, images, out, overlay=True)
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert all(set(x["qc"]) == {"score", "flag", "reasons"} for x in lines)
     assert (out / "contact_sheet.png").is_file()
+
+
+def test_eval_scores_the_run_s_test_images_with_the_same_jitter_term(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from lungsam.cli import main
+    from lungsam.data import DEMO_DATA
+
+    r = CliRunner().invoke(main, ["eval", str(tiny_run), "--data", DEMO_DATA, "--split", "test", "--out",
+                                  str(tmp_path / "ev"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    fold = json.loads((tiny_run / "folds" / "fold_0" / "metrics.json").read_text())
+    assert fold["qc"]["jitter"] is not None
+    mine = {x["id"]: x["qc"] for x in ev["per_image"]}
+    for x in fold["per_image"]:
+        assert JITTER in mine[x["id"]]["features"]
+        assert mine[x["id"]]["score"] == pytest.approx(x["qc"]["score"], abs=1e-5)
+        assert mine[x["id"]]["flag"] == x["qc"]["flag"]

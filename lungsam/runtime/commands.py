@@ -66,6 +66,10 @@ BOX_SOURCE_CHOICES = ("learned", "given", "first-pass")  # lungsam.manifest.BOX_
 @click.option("--qc-site", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None, metavar="FILE",
               help="Flag at this site's own line (a file from `lungsam qc-site`, made for this bundle) instead of "
                    "the bundle's; scores are unchanged, predict.json records the line (docs/quality.md).")
+@click.option("--qc-jitter/--no-qc-jitter", default=True, show_default=True,
+              help="Score the quality flag with its prompt-jitter term (ten more decoder runs per image, no second "
+                   "encoder pass) where the bundle has one; --no-qc-jitter: the flag without it, at its own line, "
+                   "for sites bound by CPU time (docs/quality.md).")
 @click.option("--overwrite", is_flag=True,
               help="--out holds a previous `lungsam predict` run: remove its files first (anything else there is "
                    "refused). Without it a non-empty --out is refused.")
@@ -87,7 +91,7 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
             precision: str, allow_fallback: bool, threads: int | None, batch_size: int, ground_truth: str | None,
             box_source: str | None, box_from_first_pass: bool | None, dicom_seg: bool, fractional: bool, sr: bool,
             secondary_capture: bool, no_progress: bool, expect_digest: str | None, qc_site: str | None,
-            overwrite: bool, max_pixels: int,
+            qc_jitter: bool, overwrite: bool, max_pixels: int,
             ray_address: str | None, ray_workers: int, ray_cpus_per_worker: float, ray_gpus_per_worker: float,
             performance_hint: str | None, preprocess: str, quiet: int) -> None:
     """Segment the lungs in chest X-rays (PNG/JPEG/TIFF, 8/16-bit, and DICOM) with an exported BUNDLE.
@@ -97,6 +101,9 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
     """
     no_progress = no_progress or quiet
     _check_combinations(dicom_seg, fractional, sr, secondary_capture, box_source, box_from_first_pass)
+    if qc_site is not None and not qc_jitter:
+        raise click.UsageError("--qc-site cannot be combined with --no-qc-jitter: a site's line is set on the "
+                               "bundle's full scores (with the prompt jitter)")
     load = dict(backend=backend, device=device, precision=precision, allow_fallback=allow_fallback, threads=threads,
                 box_source=box_source, box_from_first_pass=box_from_first_pass, expect_digest=expect_digest,
                 max_pixels=max_pixels)
@@ -108,9 +115,11 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
                                    "--preprocess graph/auto is not wired into --ray yet: drop it, or run without --ray")
         return _predict_ray(bundle, inputs, out_dir, ray_address, ray_workers, ray_cpus_per_worker,
                             ray_gpus_per_worker, overlay=overlay, batch_size=batch_size, ground_truth=ground_truth,
-                            no_progress=no_progress, qc_site=qc_site, **load, **dicom)
+                            no_progress=no_progress, qc_site=qc_site, qc_jitter=qc_jitter, **load, **dicom)
     listing = _input_listing(inputs, out_dir, overwrite)
     seg = _load_segmenter(bundle, performance_hint=performance_hint, preprocess=preprocess, **load)
+    if not qc_jitter:
+        seg.drop_qc_jitter()
     if qc_site is not None:
         seg.use_site_operating_point(qc_site)  # a SiteQcError (LungsamError) is the CLI's error line
     _refuse_needs_box(seg, bundle)

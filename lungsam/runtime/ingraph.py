@@ -24,6 +24,7 @@ from .. import preprocess as pp
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..manifest import GRAPH_MODEL_NAMES
 from ..postprocess import clean_mask
+from ..qc import load_calibration
 from .backends import BackendUnavailableError, resolve_backend, timing_text
 from .bundle import Bundle
 from .segmenter import LungSegmenter, Prepared, SegmentationResult, open_bundle, open_models
@@ -39,6 +40,12 @@ OPENVINO_REFUSAL = ("OpenVINO's CPU plugin does not compute ONNX Resize with ant
 
 class InGraphUnavailableError(BackendUnavailableError):
     """``--preprocess graph`` cannot run this bundle, backend or request (the message says why and what to do)."""
+
+
+def has_jitter_term(bundle: Bundle) -> bool:
+    """Whether the bundle's quality flag reads the prompt-jitter agreement (then the prompted ``decoder`` runs
+    beside the in-graph models, once per prompt variant)."""
+    return getattr(load_calibration(bundle.manifest.get("qc")), "jitter", None) is not None
 
 
 def graph_unavailable(bundle: Bundle, precision: str, box_from_first_pass: bool | None) -> str | None:
@@ -117,7 +124,8 @@ class GraphLungSegmenter(LungSegmenter):
         if choice.backend not in GRAPH_BACKENDS or choice.precision != "fp32":
             raise InGraphUnavailableError(f"--preprocess graph runs on {' or '.join(GRAPH_BACKENDS)} fp32; the request "
                                           f"resolved to {choice.backend} {choice.precision}: use --preprocess host")
-        models = open_models(b, list(GRAPH_MODEL_NAMES), choice, threads, performance_hint)
+        names = list(GRAPH_MODEL_NAMES) + (["decoder"] if has_jitter_term(b) else [])  # the qc's prompt variants
+        models = open_models(b, names, choice, threads, performance_hint)
         return cls(b, models, choice, threads, False, max_pixels)
 
     def describe(self) -> dict[str, Any]:
@@ -158,10 +166,10 @@ class GraphLungSegmenter(LungSegmenter):
         out = self.decode_mask(emb, prepared.original_hw)
         t2 = time.perf_counter()
         timings = dict(prepared.timings, encode_s=t1 - t0, decode_s=t2 - t1)
-        return self._finish_mask(prepared, out, timings)
+        return self._finish_mask(prepared, out, timings, emb)
 
-    def _finish_mask(self, prepared: Prepared, out: dict[str, np.ndarray], timings: dict[str, float]
-                     ) -> SegmentationResult:
+    def _finish_mask(self, prepared: Prepared, out: dict[str, np.ndarray], timings: dict[str, float],
+                     embedding: np.ndarray | None = None) -> SegmentationResult:
         t0 = time.perf_counter()
         mask = clean_mask(np.asarray(out["mask"])[0, 0].view(bool), self.cleanup)
         score = float(np.asarray(out["iou_predictions"]).reshape(-1)[0])
@@ -169,7 +177,9 @@ class GraphLungSegmenter(LungSegmenter):
         if self.qc is not None:
             working = np.asarray(out["working_probability"], np.float32)[0, 0]
             image = np.asarray(prepared.model_input)[0]  # (H, W, C) uint8 at the original size; qc stretches it
-            qc = self.qc.assess_map(working, self.threshold, score, self.cleanup, image=image).to_dict()
+            variants = None if embedding is None else self.jitter_maps(embedding, prepared.input_hw)
+            qc = self.qc.assess_map(working, self.threshold, score, self.cleanup, image=image,
+                                    variants=variants).to_dict()
         timings["postprocess_s"] = time.perf_counter() - t0
         timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
         area = int(np.count_nonzero(mask))

@@ -70,6 +70,7 @@ class SegmenterOptions:
     sr: bool = False
     secondary_capture: bool = False
     qc_site: str | None = None  # a site's flag line (lungsam qc-site), as `lungsam predict --qc-site`
+    qc_jitter: bool = True  # False: the flag without its prompt-jitter term, as `lungsam predict --no-qc-jitter`
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -126,6 +127,8 @@ class SegmentBlocks:
                                             allow_fallback=o.allow_fallback, threads=o.threads,
                                             box_from_first_pass=o.box_from_first_pass, box_source=o.box_source,
                                             expect_digest=o.expect_digest, max_pixels=o.max_pixels)
+        if not o.qc_jitter:
+            self.segmenter.drop_qc_jitter()
         if o.qc_site is not None:
             self.segmenter.use_site_operating_point(o.qc_site)
         self.record_hook = None

@@ -32,7 +32,7 @@ from ..imageio import (
 )
 from ..manifest import normalize_digest
 from ..postprocess import CleanupSpec, clean_mask
-from ..prompts import first_pass_box, first_pass_prompt, labelled_points, model_prompt
+from ..prompts import first_pass_box, first_pass_prompt, jitter_prompts, labelled_points, model_prompt
 from ..qc import load_calibration
 from ..qc_site import SiteOperatingPoint, read_site_file, site_quality_model
 from .backends import BackendChoice, Model, open_model, resolve_backend
@@ -293,6 +293,29 @@ class LungSegmenter:
         self.threads = threads
         self._models = models
         self._matrices: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._jitter = self.jitter_prompt_inputs()
+        self._jitter_dropped = False  # drop_qc_jitter()
+
+    def jitter_prompt_inputs(self) -> list[Prompt] | None:
+        """Model-frame ``(coords, labels)`` of the quality flag's prompt variants (the learned prompt moved and
+        thinned as training calibrated it: :func:`lungsam.prompts.jitter_prompts`, the manifest's ``qc.jitter``),
+        or ``None`` for a calibration without a jitter term. Raises :class:`BundleError` when the variants
+        cannot be made as calibrated (other names, no prompted decoder)."""
+        term = getattr(self.qc, "jitter", None)
+        if term is None:
+            return None
+        try:
+            variants = jitter_prompts(self.prompt, term.shift)
+        except ValueError as e:
+            raise BundleError(f"bundle {self.bundle.root}: qc.jitter: {e}") from None
+        if tuple(variants) != tuple(term.variants):
+            raise BundleError(f"bundle {self.bundle.root}: qc.jitter names variants {list(term.variants)}; this "
+                              f"version makes {list(variants)} from the learned prompt")
+        if "decoder" not in self._models:
+            raise BundleError(f"bundle {self.bundle.root}: the quality flag's prompt jitter needs the prompted "
+                              f"decoder; this bundle has {', '.join(self._models)}")
+        s = (self.working_size, self.working_size)
+        return [labelled_points(*model_prompt(v, self.spec, s)) for v in variants.values()]
 
     # -----------------------------------------------------------------------------------------
     @classmethod
@@ -392,15 +415,31 @@ class LungSegmenter:
                 "box_source": self.box_source,
                 "threshold": self.threshold, "working_size": self.working_size,
                 "postprocess": self.cleanup.enabled, "quality_flag": self.qc is not None,
-                "qc_operating_point": self.qc_operating_point,
+                "qc_operating_point": self.qc_operating_point, "qc_jitter": self._jitter is not None,
                 "img_size": self.spec.img_size, "threads": self.threads, "fallbacks": list(self.choice.fallbacks),
                 "max_pixels": self.max_pixels, "preprocess": self.preprocess_path,
                 **({"backend_choice": self.choice.why} if self.choice.why else {})}
 
+    def drop_qc_jitter(self) -> None:
+        """Score the quality flag without its prompt-jitter term (no variant decodes: about a third of a CPU
+        image's time, docs/quality.md): the logistic model alone at its own line. Refused after a site's line
+        (:meth:`use_site_operating_point`), which was set on scores with the term. :meth:`describe` records it."""
+        if self._site is not None:
+            raise BundleError("the site's flag line was set on scores with the prompt-jitter term; drop the jitter "
+                              "before a site line, or not at all")
+        if getattr(self.qc, "jitter", None) is not None:
+            self.qc = self.qc.without_jitter()
+            self._jitter_dropped = True
+        self._jitter = None
+
     def use_site_operating_point(self, site: str | Path | SiteOperatingPoint) -> None:
         """Flag at a site's own line (a ``lungsam qc-site`` file, :mod:`lungsam.qc_site`) instead of the bundle's:
         only ``qc.flag`` changes, every score stays. Refused (:class:`lungsam.qc_site.SiteQcError`) for a file
-        made for another bundle, or a bundle without a version 2 quality model. :meth:`describe` records it."""
+        made for another bundle, or a bundle without a version 2 quality model, and after :meth:`drop_qc_jitter`
+        (the site's line was set on the full scores). :meth:`describe` records it."""
+        if self._jitter_dropped:
+            raise BundleError("a site's flag line is set on the bundle's full scores (with the prompt jitter); it "
+                              "cannot follow drop_qc_jitter()")
         op, file = (site, {}) if isinstance(site, SiteOperatingPoint) else _site_file(site)
         self.qc = site_quality_model(self.qc, op, self.bundle.digest)
         self._site = {"flag_share": op.flag_share, "n": op.n, "bundle_flag_below": op.bundle_flag_below,
@@ -587,26 +626,49 @@ class LungSegmenter:
         prob = pp.sigmoid(self.postprocess_logits(low_res, prepared))
         return clean_mask(prob > self.threshold, self.cleanup), prob
 
-    def quality(self, low_res: np.ndarray, iou: float, prepared: Prepared) -> dict | None:
-        """The quality flag of one image (``SegmentationResult.qc``) from its low-res logits ``(1, L, L)`` and
-        predicted IoU, computed in the working frame (S x S) as calibrated; ``None`` without calibration."""
+    def working_probability(self, low_res: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
+        """Low-res logits ``(L, L)`` (or ``(1, L, L)``) -> ``(S, S)`` float32 probability in the working frame (what
+        the quality flag was calibrated on)."""
+        ay, ax = pp.postprocess_matrices(self.spec, tuple(input_hw), (self.working_size,) * 2)
+        return pp.sigmoid(ay @ np.asarray(low_res, np.float32).reshape(ay.shape[1], ax.shape[1]) @ ax.T)
+
+    def jitter_maps(self, embedding: np.ndarray, input_hw: tuple[int, int]) -> list[np.ndarray] | None:
+        """Working-frame probabilities ``(S, S)`` of the prompt variants (:meth:`jitter_prompt_inputs`) for one
+        image's embedding ``(C, E, E)`` or ``(1, C, E, E)``: the prompted decoder run once per variant group on
+        the same embedding, no second encoder pass. ``None`` without a jitter term."""
+        if self._jitter is None:
+            return None
+        e = np.asarray(embedding, np.float32).reshape((1, *np.shape(embedding)[-3:]))
+        low, _ = LungSegmenter.decode(self, np.repeat(e, len(self._jitter), 0), self._jitter)
+        return [self.working_probability(lo, input_hw) for lo in low]
+
+    def quality(self, low_res: np.ndarray, iou: float, prepared: Prepared,
+                variants: list[np.ndarray] | None = None) -> dict | None:
+        """The quality flag of one image (``SegmentationResult.qc``) from its low-res logits ``(1, L, L)``,
+        predicted IoU and the prompt variants' working-frame maps (:meth:`jitter_maps`; ``None`` for an
+        interactive prompt, scored without the jitter term), computed in the working frame (S x S) as
+        calibrated; ``None`` without calibration."""
         if self.qc is None:
             return None
-        ay, ax = pp.postprocess_matrices(self.spec, tuple(prepared.input_hw), (self.working_size,) * 2)
-        prob = pp.sigmoid(ay @ np.asarray(low_res, np.float32).reshape(ay.shape[1], ax.shape[1]) @ ax.T)
+        prob = self.working_probability(low_res, prepared.input_hw)
         h, w = prepared.input_hw  # the resized image before padding; qc brings it to the working frame
         image = prepared.model_input[:, :h, :w].transpose(1, 2, 0)
-        return self.qc.assess_map(prob, self.threshold, iou, self.cleanup, image=image).to_dict()
+        return self.qc.assess_map(prob, self.threshold, iou, self.cleanup, image=image, variants=variants).to_dict()
 
     # -----------------------------------------------------------------------------------------
     # whole pipeline
     # -----------------------------------------------------------------------------------------
     def _finish(self, prepared: Prepared, low: np.ndarray, iou: np.ndarray, timings: dict[str, float],
-                prompt_kind: str, box_source: str | None = None) -> SegmentationResult:
+                prompt_kind: str, box_source: str | None = None, embedding: np.ndarray | None = None
+                ) -> SegmentationResult:
+        """The result of one image; ``embedding`` ``(C, E, E)``: its encoder output, for the quality flag's prompt
+        variants when the prompt is the learned one (their decodes count in ``postprocess_s``)."""
         t0 = time.perf_counter()
         mask, prob = self.postprocess(low, prepared)
         score = float(np.asarray(iou).reshape(-1)[0])
-        qc = self.quality(low, score, prepared)
+        variants = (self.jitter_maps(embedding, prepared.input_hw)
+                    if prompt_kind == LEARNED_KIND and embedding is not None and self.qc is not None else None)
+        qc = self.quality(low, score, prepared, variants)
         timings["postprocess_s"] = time.perf_counter() - t0
         timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
         area = int(np.count_nonzero(mask))
@@ -660,7 +722,7 @@ class LungSegmenter:
         for i, p in enumerate(batch):
             timings = dict(p.timings, encode_s=(t1 - t0) / b, decode_s=(t2 - t1) / b)
             box_source = result_box_source(kinds[i], self.prompt, None if prompts[i] is None else prompts[i][1])
-            out.append(self._finish(p, low[i], iou[i], timings, kinds[i], box_source))
+            out.append(self._finish(p, low[i], iou[i], timings, kinds[i], box_source, emb[i]))
         return out
 
     def first_pass_prompts(self, embeddings: np.ndarray, batch: list[Prepared], prompts: list[Prompt | None]

@@ -20,7 +20,7 @@ from ..metrics import f1_score, iou_score
 from ..modeling.decoder import decode
 from ..postprocess import CleanupSpec, clean_masks
 from ..preprocess import PreprocessSpec, encoder_input, fractions_to_pixels, preprocess_shape
-from ..prompts import LearnedPrompt, first_pass_prompt, mask_box, model_prompt, perturb_box
+from ..prompts import LearnedPrompt, first_pass_prompt, jitter_prompts, mask_box, model_prompt, perturb_box
 
 
 def pick_device(device: str) -> str:
@@ -145,6 +145,16 @@ def predict_with_iou(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarray], 
         out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
         ious.append(iou.float().reshape(len(emb), -1)[:, 0].cpu().numpy())
     return np.concatenate(out).astype(np.float32), np.concatenate(ious).astype(np.float32)
+
+
+def predict_variants(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarray], prompt: LearnedPrompt,
+                     spec: PreprocessSpec, size: int, device: str, shift: float, batch_size: int = 8,
+                     amp: bool = False) -> np.ndarray:
+    """``(V, N, S, S)`` float32 probabilities of the prompt's jitter variants
+    (:func:`lungsam.prompts.jitter_prompts`, in its order) for cached ``(N, C, E, E)`` embeddings: what the
+    quality flag's prompt-jitter agreement reads (:class:`lungsam.qc.JitterTerm`)."""
+    return np.stack([predict_with_iou(sam, embeddings, masks, p, spec, size, device, batch_size, amp)[0]
+                     for p in jitter_prompts(prompt, shift).values()])
 
 
 @torch.no_grad()

@@ -28,11 +28,28 @@ from ..errors import ArgumentError, OutputExistsError
 from ..layout import FoldLayout, RunLayout
 from ..metrics import boundary_summary, summarize
 from ..postprocess import CleanupSpec
-from ..qc import QcCalibration, QcModel, QcResult, calibrate, detection_summary, qc_features
-from ..qc_fit import fit_quality_model
+from ..prompts import JITTER_PROMPT_MODES, LearnedPrompt, jitter_prompts
+from ..qc import (
+    DEFAULT_JITTER_SHIFT,
+    QcCalibration,
+    QcModel,
+    QcResult,
+    calibrate,
+    detection_summary,
+    qc_features,
+)
+from ..qc_fit import add_jitter_term, fit_quality_model
 from . import report
 from .checkpoints import load_train_state, save_train_state, save_weights, train_state_weights
-from .engine import EarlyStopping, binarize, choose_threshold, choose_threshold_and_cleanup, score, sweep_thresholds
+from .engine import (
+    EarlyStopping,
+    binarize,
+    choose_threshold,
+    choose_threshold_and_cleanup,
+    predict_variants,
+    score,
+    sweep_thresholds,
+)
 
 Log = Callable[[str], None]
 PARTS = ("train", "val", "test")
@@ -70,6 +87,32 @@ class FoldData:
     def of(cls, split: dict, by_id: dict[str, Sample]) -> "FoldData":
         samples = {k: [by_id[i] for i in split[k]] for k in PARTS}
         return cls(samples, {k: [s.mask for s in v] for k, v in samples.items()})
+
+
+@dataclass(frozen=True)
+class PromptJitter:
+    """A model's prompt variants on one part's images (:func:`lungsam.prompts.jitter_prompts`): their ``names``,
+    the ``shift`` they were made with and ``maps(sl)``, the variants' probabilities ``(V, n, S, S)`` float32 of the
+    part's images ``sl`` (a slice; computed on demand, so memory stays bounded by :data:`QC_CHUNK` images)."""
+
+    shift: float
+    names: tuple[str, ...]
+    maps: Callable[[slice], np.ndarray]
+
+
+#: Images per batch of prompt-variant maps while the quality flag is computed.
+QC_CHUNK = 32
+
+
+def prompt_jitter_of(sam, embeddings: np.ndarray, masks: list[np.ndarray], prompt: LearnedPrompt, spec, size: int,
+                     device: str, shift: float = DEFAULT_JITTER_SHIFT, batch_size: int = 8) -> PromptJitter | None:
+    """The :class:`PromptJitter` of a SAM model on cached embeddings ``(N, C, E, E)`` (their working-frame
+    ``masks`` only feed ground-truth boxes), or ``None`` for a prompt mode the flag does not jitter
+    (:data:`lungsam.prompts.JITTER_PROMPT_MODES`)."""
+    if prompt.mode not in JITTER_PROMPT_MODES:
+        return None
+    return PromptJitter(shift, tuple(jitter_prompts(prompt, shift)), lambda sl: predict_variants(
+        sam, embeddings[sl], masks[sl], prompt, spec, size, device, shift, batch_size))
 
 
 class FoldTrainer(Protocol):
@@ -119,6 +162,10 @@ class FoldTrainer(Protocol):
     def predict(self, part: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities ``(N, S, S)`` float32 of the ``val`` or ``test`` images, and the model's predicted IoU
         ``(N,)`` (``None`` for a model without one)."""
+
+    def prompt_jitter(self, part: str) -> PromptJitter | None:
+        """The prompt variants of the ``val`` or ``test`` images for the quality flag, or ``None`` for a model
+        without learned points."""
 
     def release(self) -> None:
         """Undo what the fold changed in shared state (the next fold starts from the pretrained decoder)."""
@@ -298,6 +345,8 @@ def choose_on_validation(trainer: FoldTrainer, data: FoldData, sched: Schedule, 
     if trainer.scoring.quality:
         cal = calibrate_quality(probs, pred_iou, thr, cleanup, f"fold {fold} validation images", masks,
                                 data.masks["train"], [s.image for s in data.samples["val"]])
+        cal = with_jitter_term(cal, probs, pred_iou, thr, cleanup, trainer.prompt_jitter("val"), masks,
+                               [s.image for s in data.samples["val"]])
     return ValidationChoice(thr, cleanup, record, f1, iou, cal)
 
 
@@ -311,7 +360,7 @@ def score_test(trainer: FoldTrainer, data: FoldData, val: ValidationChoice, layo
     qc = None
     if trainer.scoring.quality:
         qc = assess_quality(val.qc, probs, pred_iou, val.threshold, val.cleanup,
-                            [s.image for s in data.samples["test"]])
+                            [s.image for s in data.samples["test"]], trainer.prompt_jitter("test"))
     order = np.argsort(f1)
     test = data.samples["test"]
     report.overlays([{"label": f"{lab}: {test[i].id.split('/')[-1]} F1 {f1[i]:.3f}",
@@ -382,14 +431,47 @@ def calibrate_quality(probs: np.ndarray, iou: np.ndarray, threshold: float, clea
     return calibrate([qc_features(p, threshold, float(i), cleanup) for p, i in zip(probs, iou)], source=source)
 
 
+def with_jitter_term(cal: QcModel | QcCalibration | None, probs: np.ndarray, iou: np.ndarray, threshold: float,
+                     cleanup: CleanupSpec | None, jitter: PromptJitter | None, masks: list[np.ndarray],
+                     images: list[np.ndarray] | None) -> QcModel | QcCalibration | None:
+    """``cal`` with its prompt-jitter term calibrated on the validation probabilities ``(N, S, S)``, predicted
+    IoU ``(N,)``, ground truth, images and prompt variants (:func:`lungsam.qc_fit.add_jitter_term`); ``cal``
+    unchanged without variants or for a version 1 calibration (normal ranges)."""
+    if not isinstance(cal, QcModel) or jitter is None:
+        return cal
+    ims = images if images is not None else [None] * len(probs)
+    rows = [cal.signals(p, threshold, float(i), cleanup, image=im, variants=v)
+            for p, i, im, v in zip(probs, iou, ims, variant_maps_per_image(jitter, len(probs)))]
+    f1, _ = score(probs, masks, threshold, cleanup)
+    return add_jitter_term(cal, rows, np.asarray(f1) >= cal.fit.get("bad_below", 0.90), jitter.shift, jitter.names)
+
+
+def variant_maps_per_image(jitter: PromptJitter, n: int):
+    """Each image's variant maps ``(V, S, S)`` in order, computed :data:`QC_CHUNK` images at a time."""
+    for start in range(0, n, QC_CHUNK):
+        maps = jitter.maps(slice(start, min(n, start + QC_CHUNK)))
+        for j in range(maps.shape[1]):
+            yield maps[:, j]
+
+
 def assess_quality(cal: QcModel | QcCalibration | None, probs: np.ndarray, iou: np.ndarray, threshold: float,
-                   cleanup: CleanupSpec, images: list[np.ndarray] | None = None) -> list[QcResult | None]:
-    """The quality flag of each image (``assess_map``; ``images`` the working-frame images ``(S, S, 3)``);
-    ``None`` each without a calibration."""
+                   cleanup: CleanupSpec, images: list[np.ndarray] | None = None,
+                   jitter: PromptJitter | None = None) -> list[QcResult | None]:
+    """The quality flag of each image (``assess_map``; ``images`` the working-frame images ``(S, S, 3)``;
+    ``jitter`` the prompt variants, read when the calibration has a jitter term); ``None`` each without a
+    calibration."""
     if cal is None:
         return [None] * len(probs)
     ims = images if images is not None else [None] * len(probs)
-    return [cal.assess_map(p, threshold, float(i), cleanup, image=im) for p, i, im in zip(probs, iou, ims)]
+    uses_jitter = isinstance(cal, QcModel) and cal.jitter is not None
+    if uses_jitter and jitter is None:
+        raise ArgumentError("the quality calibration has a prompt-jitter term but no prompt variants were given")
+    if uses_jitter and (jitter.names != cal.jitter.variants or jitter.shift != cal.jitter.shift):
+        raise ArgumentError(f"prompt variants {jitter.names} (shift {jitter.shift}) differ from the calibration's "
+                            f"{cal.jitter.variants} (shift {cal.jitter.shift})")
+    maps = variant_maps_per_image(jitter, len(probs)) if uses_jitter else iter([None] * len(probs))
+    return [cal.assess_map(p, threshold, float(i), cleanup, image=im, variants=v)
+            for p, i, im, v in zip(probs, iou, ims, maps)]
 
 
 # --- the run ---------------------------------------------------------------------------------------------------

@@ -34,9 +34,11 @@ from .engine import DecoderTrainer, EncoderLoraTrainer, predict_with_iou
 from .folds import (
     FoldData,
     FoldScoring,
+    PromptJitter,
     check_resumed_splits,
     config_differences,
     open_run,
+    prompt_jitter_of,
     refuse_changed_settings,
     start_run,
     train_all_folds,
@@ -196,6 +198,12 @@ class SamFoldTrainer:
     def predict(self, part: str) -> tuple[np.ndarray, np.ndarray | None]:
         return predict_with_iou(self.sam, self.E[part], self.M[part], self.prompt, self.spec, self.cfg.size,
                                 self.device, self.cfg.batch_size)
+
+    def prompt_jitter(self, part: str) -> PromptJitter | None:
+        """The learned points' variants (:func:`lungsam.prompts.jitter_prompts`) on the part's cached embeddings;
+        ``None`` unless the prompt is ``points`` (box prompts have no calibrated jitter)."""
+        return prompt_jitter_of(self.sam, self.E[part], self.M[part], self.prompt, self.spec, self.cfg.size,
+                                self.device, batch_size=self.cfg.batch_size)
 
     def release(self) -> None:
         """The next fold starts from the pretrained decoder (and the untrained adapter)."""

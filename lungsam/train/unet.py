@@ -184,6 +184,10 @@ class UNetFoldTrainer:
     def predict(self, part: str) -> tuple[np.ndarray, None]:
         return predict_unet(self.net, self.X[part], self.device, self.cfg.batch_size), None
 
+    def prompt_jitter(self, part: str) -> None:
+        """No prompt to jitter."""
+        return None
+
     def release(self) -> None:
         """Nothing to undo: every fold builds its own network."""
 
