@@ -192,7 +192,7 @@ def test_fitted_model_flags_a_degraded_mask_with_its_reason_and_round_trips():
 
 def test_jitter_prompts_move_every_point_and_drop_each_in_turn():
     from lungsam.errors import ArgumentError
-    from lungsam.prompts import LearnedPrompt, jitter_prompts
+    from lungsam.prompts import LearnedPrompt, default_jitter_names, jitter_prompts
 
     pts = np.asarray([[0.3, 0.3], [0.3, 0.5], [0.01, 0.7], [0.7, 0.3], [0.7, 0.5], [0.7, 0.7]], np.float32)
     p = LearnedPrompt("points", pts, np.ones(6, np.int32), None, 3)
@@ -204,6 +204,7 @@ def test_jitter_prompts_move_every_point_and_drop_each_in_turn():
     assert len(v["drop2"].points) == 5 and not (v["drop2"].points == pts[2]).all(axis=1).any()
     assert list(jitter_prompts(LearnedPrompt("points", pts[[0, 3]], np.ones(2, np.int32), None, 1), 0.03)) == \
         ["up", "down", "left", "right"]  # one point per lung: nothing to drop
+    assert default_jitter_names(p) == tuple(v)  # what the flag runs by default: all ten
     with pytest.raises(ArgumentError, match="learned points"):
         jitter_prompts(LearnedPrompt("auto-box", None, None, np.zeros(4, np.float32), 3), 0.03)
     with pytest.raises(ArgumentError, match="shift"):

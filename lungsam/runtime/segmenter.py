@@ -308,14 +308,15 @@ class LungSegmenter:
             variants = jitter_prompts(self.prompt, term.shift)
         except ValueError as e:
             raise BundleError(f"bundle {self.bundle.root}: qc.jitter: {e}") from None
-        if tuple(variants) != tuple(term.variants):
-            raise BundleError(f"bundle {self.bundle.root}: qc.jitter names variants {list(term.variants)}; this "
-                              f"version makes {list(variants)} from the learned prompt")
+        unknown = [n for n in term.variants if n not in variants]
+        if unknown:
+            raise BundleError(f"bundle {self.bundle.root}: qc.jitter names variants {unknown} this version cannot "
+                              f"make from the learned prompt (it makes {', '.join(variants)})")
         if "decoder" not in self._models:
             raise BundleError(f"bundle {self.bundle.root}: the quality flag's prompt jitter needs the prompted "
                               f"decoder; this bundle has {', '.join(self._models)}")
         s = (self.working_size, self.working_size)
-        return [labelled_points(*model_prompt(v, self.spec, s)) for v in variants.values()]
+        return [labelled_points(*model_prompt(variants[n], self.spec, s)) for n in term.variants]
 
     # -----------------------------------------------------------------------------------------
     @classmethod

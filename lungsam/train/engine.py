@@ -148,13 +148,14 @@ def predict_with_iou(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarray], 
 
 
 def predict_variants(sam: Sam, embeddings: np.ndarray, masks: list[np.ndarray], prompt: LearnedPrompt,
-                     spec: PreprocessSpec, size: int, device: str, shift: float, batch_size: int = 8,
-                     amp: bool = False) -> np.ndarray:
-    """``(V, N, S, S)`` float32 probabilities of the prompt's jitter variants
-    (:func:`lungsam.prompts.jitter_prompts`, in its order) for cached ``(N, C, E, E)`` embeddings: what the
+                     spec: PreprocessSpec, size: int, device: str, shift: float, names: tuple[str, ...],
+                     batch_size: int = 8, amp: bool = False) -> np.ndarray:
+    """``(V, N, S, S)`` float32 probabilities of the prompt's jitter variants ``names``
+    (:func:`lungsam.prompts.jitter_prompts`, in that order) for cached ``(N, C, E, E)`` embeddings: what the
     quality flag's prompt-jitter agreement reads (:class:`lungsam.qc.JitterTerm`)."""
-    return np.stack([predict_with_iou(sam, embeddings, masks, p, spec, size, device, batch_size, amp)[0]
-                     for p in jitter_prompts(prompt, shift).values()])
+    variants = jitter_prompts(prompt, shift)
+    return np.stack([predict_with_iou(sam, embeddings, masks, variants[n], spec, size, device, batch_size, amp)[0]
+                     for n in names])
 
 
 @torch.no_grad()

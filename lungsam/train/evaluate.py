@@ -52,12 +52,13 @@ class ScoredPart:
 
 def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str | None, fingerprint: str | None,
                 samples: list[Sample], device: str, progress: bool, box_from_first_pass: bool = False,
-                cleanup: CleanupSpec | None = None, jitter_shift: float | None = None
+                cleanup: CleanupSpec | None = None, jitter: tuple[float, tuple[str, ...]] | None = None
                 ) -> tuple[np.ndarray, list[float], list[float], dict]:
     """Probabilities ``(n, S, S)`` (S = ``cfg.size``), per-image F1/IoU of one model on ``samples``, and
     the record's prompt fields (``prompt_uses_ground_truth``, ``box_source``, ``first_pass_empty``) and, for
-    one-pass prompts, the decoder's predicted IoU ``pred_iou`` ``(n,)`` and, given ``jitter_shift``, the prompt
-    variants ``prompt_jitter`` (:class:`lungsam.train.folds.PromptJitter`; both popped by the caller).
+    one-pass prompts, the decoder's predicted IoU ``pred_iou`` ``(n,)`` and, given ``jitter`` (``(shift, variant
+    names)`` of a calibration's term), the prompt variants ``prompt_jitter``
+    (:class:`lungsam.train.folds.PromptJitter`; both popped by the caller).
 
     ``box_from_first_pass``: the box comes from the model's own first mask, not from the ground truth
     (:func:`lungsam.train.engine.predict_with_first_pass_box`). ``cleanup``: the masks are cleaned before scoring
@@ -74,8 +75,8 @@ def score_model(sam, spec, prompt, threshold: float, cfg: TrainConfig, ckpt: str
                  "box_source": ("ground truth" if prompt.needs_ground_truth else
                                 "mean training mask" if prompt.mode in AUTO_BOX_PROMPT_MODES else None),
                  "first_pass_empty": None}
-        if jitter_shift is not None:
-            notes["prompt_jitter"] = prompt_jitter_of(sam, emb, masks, prompt, spec, cfg.size, device, jitter_shift)
+        if jitter is not None:
+            notes["prompt_jitter"] = prompt_jitter_of(sam, emb, masks, prompt, spec, cfg.size, device, *jitter)
     f1, iou = score(probs, masks, threshold, cleanup)
     return probs, f1, iou, notes
 
@@ -122,7 +123,7 @@ def _score_run_fold(rm, samples: list[Sample], threshold: float | None, size: in
     term = getattr(cal, "jitter", None)
     probs, f1, iou, notes = score_model(rm.sam, rm.spec, rm.prompt, thr, cfg, cfg.checkpoint, rm.encoder_fingerprint,
                                         samples, device, progress, box_from_first_pass, cleanup,
-                                        jitter_shift=None if term is None else term.shift)
+                                        jitter=None if term is None else (term.shift, term.variants))
     pred_iou = notes.pop("pred_iou", None)
     jitter = notes.pop("prompt_jitter", None)
     qc = (assess_quality(cal, probs, pred_iou, thr, cleanup, [s.image for s in samples], jitter)

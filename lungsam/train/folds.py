@@ -28,7 +28,7 @@ from ..errors import ArgumentError, OutputExistsError
 from ..layout import FoldLayout, RunLayout
 from ..metrics import boundary_summary, summarize
 from ..postprocess import CleanupSpec
-from ..prompts import JITTER_PROMPT_MODES, LearnedPrompt, jitter_prompts
+from ..prompts import JITTER_PROMPT_MODES, LearnedPrompt, default_jitter_names
 from ..qc import (
     DEFAULT_JITTER_SHIFT,
     QcCalibration,
@@ -105,14 +105,17 @@ QC_CHUNK = 32
 
 
 def prompt_jitter_of(sam, embeddings: np.ndarray, masks: list[np.ndarray], prompt: LearnedPrompt, spec, size: int,
-                     device: str, shift: float = DEFAULT_JITTER_SHIFT, batch_size: int = 8) -> PromptJitter | None:
+                     device: str, shift: float = DEFAULT_JITTER_SHIFT, names: tuple[str, ...] | None = None,
+                     batch_size: int = 8) -> PromptJitter | None:
     """The :class:`PromptJitter` of a SAM model on cached embeddings ``(N, C, E, E)`` (their working-frame
-    ``masks`` only feed ground-truth boxes), or ``None`` for a prompt mode the flag does not jitter
+    ``masks`` only feed ground-truth boxes) with the variants ``names`` (default
+    :func:`lungsam.prompts.default_jitter_names`), or ``None`` for a prompt mode the flag does not jitter
     (:data:`lungsam.prompts.JITTER_PROMPT_MODES`)."""
     if prompt.mode not in JITTER_PROMPT_MODES:
         return None
-    return PromptJitter(shift, tuple(jitter_prompts(prompt, shift)), lambda sl: predict_variants(
-        sam, embeddings[sl], masks[sl], prompt, spec, size, device, shift, batch_size))
+    names = tuple(names or default_jitter_names(prompt))
+    return PromptJitter(shift, names, lambda sl: predict_variants(
+        sam, embeddings[sl], masks[sl], prompt, spec, size, device, shift, names, batch_size))
 
 
 class FoldTrainer(Protocol):

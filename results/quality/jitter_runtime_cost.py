@@ -4,7 +4,7 @@ Usage: python results/quality/jitter_runtime_cost.py BUNDLE --data DIR --out OUT
        [--backend onnxruntime|openvino] [--threads T]
 
 Opens BUNDLE once and, for each of the first ``--images`` images of ``--data`` (its ``images/`` folder), times
-``segment`` (read, preprocess, encoder, decoder, clean-up, quality flag with its ten prompt-variant decodes) and,
+``segment`` (read, preprocess, encoder, decoder, clean-up, quality flag with its prompt-variant decodes) and,
 on the same embedding, the variant decodes alone (``LungSegmenter.jitter_maps``), alternating image by image,
 ``--repeats`` times after one warm-up pass. Writes ``OUT.json`` (strict JSON: medians, per-stage medians, the
 CPU and its flags) and ``OUT.md``.
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json_atomic(Path(a.out + ".json"), res)
     md = ["# Runtime cost of the prompt-jitter term", "", "```console", "$ " + res["command"], "```", "",
           f"{res['backend']}, {len(paths)} images x {a.repeats} passes (median seconds per image).", "",
-          "| segment (all stages) | the ten variant decodes alone | share | encode | decode | postprocess (incl. qc) |",
+          "| segment (all stages) | the variant decodes alone | share | encode | decode | postprocess (incl. qc) |",
           "|---|---|---|---|---|---|",
           f"| {res['median_total_s']:.3f} | {res['median_jitter_s']:.3f} | {res['jitter_share_of_total']:.0%} | "
           f"{med['encode_s']:.3f} | {med['decode_s']:.3f} | {med['postprocess_s']:.3f} |"]
