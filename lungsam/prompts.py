@@ -259,4 +259,4 @@ def default_jitter_names(prompt: LearnedPrompt) -> tuple[str, ...]:
     ten, but their validation-calibrated line flagged 27 % of an unseen hospital's images against 14.5 %
     (results/quality/README.md): not the default. A calibration names its variants (``qc.jitter.variants``); the
     runtime runs those."""
-    return tuple(jitter_prompts(prompt, 0.03))
+    return tuple(jitter_prompts(prompt, 0.03))  # the names do not depend on the shift

@@ -16,7 +16,7 @@ from lungsam.qc import detection_summary
 from lungsam.runs import load_run
 from lungsam.samples import embed_samples, load_data
 from lungsam.train.config import TrainConfig
-from lungsam.train.engine import predict_with_iou
+from lungsam.train.engine import predict_with_iou, score
 from lungsam.train.folds import assess_quality, calibrate_quality, prompt_jitter_of, with_jitter_term
 
 log = logging.getLogger("lungsam.quality_recalibrate")
@@ -42,8 +42,8 @@ def main(argv: list[str]) -> None:
     cal = calibrate_quality(*out["val"], thr, cleanup, f"fold {fold} validation images",
                             [s.mask for s in parts["val"]], [s.mask for s in parts["train"]],
                             [s.image for s in parts["val"]])
-    cal = with_jitter_term(cal, *out["val"], thr, cleanup, jitter.get("val"), [s.mask for s in parts["val"]],
-                           [s.image for s in parts["val"]])
+    val_f1, _ = score(out["val"][0], [s.mask for s in parts["val"]], thr, cleanup)
+    cal = with_jitter_term(cal, *out["val"], thr, cleanup, jitter.get("val"), val_f1, [s.image for s in parts["val"]])
     qc = assess_quality(cal, *out["test"], thr, cleanup, [s.image for s in parts["test"]], jitter.get("test"))
     m = dict(rm.metrics)
     by_id = {r["id"]: r for r in m["per_image"]}

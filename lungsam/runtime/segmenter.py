@@ -594,22 +594,35 @@ class LungSegmenter:
             coords, labs, _ = model_prompt(self.prompt, self.spec, s, gt_box=b)
         return labelled_points(coords, labs, None if b is None else pp.boxes_to_model(b, s, self.spec))
 
-    def output_matrices(self, input_hw: tuple[int, int], original_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """``(M_y (H0, L), M_x (W0, L))``: SAM postprocess to the working frame composed with bilinear
-        resizing to the original size, so logits = ``M_y @ low_res @ M_x.T`` (cached per size)."""
-        key = (tuple(input_hw), tuple(original_hw))
+    def _cached_matrices(self, key: tuple, make: Callable[[], tuple[np.ndarray, np.ndarray]]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """``make()`` once per ``key``, kept in a small LRU cache (at most 16 entries)."""
         m = self._matrices.get(key)
         if m is None:
-            s = self.working_size
-            ay, ax = pp.postprocess_matrices(self.spec, tuple(input_hw), (s, s))
-            my = (pp.bilinear_matrix(s, original_hw[0]) @ ay.astype(np.float64)).astype(np.float32)
-            mx = (pp.bilinear_matrix(s, original_hw[1]) @ ax.astype(np.float64)).astype(np.float32)
-            m = self._matrices[key] = (my, mx)
+            m = self._matrices[key] = make()
             if len(self._matrices) > 16:
                 self._matrices.popitem(last=False)
         else:
             self._matrices.move_to_end(key)
         return m
+
+    def working_matrices(self, input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(A_y (S, L), A_x (S, L))``: SAM postprocess to the working frame (S x S), so working-frame logits =
+        ``A_y @ low_res @ A_x.T`` (:func:`lungsam.preprocess.postprocess_matrices`, cached per size)."""
+        s = (self.working_size, self.working_size)
+        return self._cached_matrices(("working", tuple(input_hw)),
+                                     lambda: pp.postprocess_matrices(self.spec, tuple(input_hw), s))
+
+    def output_matrices(self, input_hw: tuple[int, int], original_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(M_y (H0, L), M_x (W0, L))``: SAM postprocess to the working frame composed with bilinear
+        resizing to the original size, so logits = ``M_y @ low_res @ M_x.T`` (cached per size)."""
+        def make():
+            s = self.working_size
+            ay, ax = pp.postprocess_matrices(self.spec, tuple(input_hw), (s, s))
+            return ((pp.bilinear_matrix(s, original_hw[0]) @ ay.astype(np.float64)).astype(np.float32),
+                    (pp.bilinear_matrix(s, original_hw[1]) @ ax.astype(np.float64)).astype(np.float32))
+
+        return self._cached_matrices((tuple(input_hw), tuple(original_hw)), make)
 
     def postprocess_logits(self, low_res: np.ndarray, prepared: Prepared) -> np.ndarray:
         """Low-res logits ``(L, L)`` (or ``(1, L, L)``, ``(1, 1, L, L)``) -> ``(H0, W0)`` float32 logits."""
@@ -630,7 +643,7 @@ class LungSegmenter:
     def working_probability(self, low_res: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
         """Low-res logits ``(L, L)`` (or ``(1, L, L)``) -> ``(S, S)`` float32 probability in the working frame (what
         the quality flag was calibrated on)."""
-        ay, ax = pp.postprocess_matrices(self.spec, tuple(input_hw), (self.working_size,) * 2)
+        ay, ax = self.working_matrices(input_hw)
         return pp.sigmoid(ay @ np.asarray(low_res, np.float32).reshape(ay.shape[1], ax.shape[1]) @ ax.T)
 
     def jitter_maps(self, embedding: np.ndarray, input_hw: tuple[int, int]) -> list[np.ndarray] | None:
@@ -660,15 +673,13 @@ class LungSegmenter:
     # whole pipeline
     # -----------------------------------------------------------------------------------------
     def _finish(self, prepared: Prepared, low: np.ndarray, iou: np.ndarray, timings: dict[str, float],
-                prompt_kind: str, box_source: str | None = None, embedding: np.ndarray | None = None
-                ) -> SegmentationResult:
+                prompt_kind: str, box_source: str | None, embedding: np.ndarray) -> SegmentationResult:
         """The result of one image; ``embedding`` ``(C, E, E)``: its encoder output, for the quality flag's prompt
         variants when the prompt is the learned one (their decodes count in ``postprocess_s``)."""
         t0 = time.perf_counter()
         mask, prob = self.postprocess(low, prepared)
         score = float(np.asarray(iou).reshape(-1)[0])
-        variants = (self.jitter_maps(embedding, prepared.input_hw)
-                    if prompt_kind == LEARNED_KIND and embedding is not None and self.qc is not None else None)
+        variants = self.jitter_maps(embedding, prepared.input_hw) if prompt_kind == LEARNED_KIND else None
         qc = self.quality(low, score, prepared, variants)
         timings["postprocess_s"] = time.perf_counter() - t0
         timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
@@ -740,13 +751,8 @@ class LungSegmenter:
         todo = [i for i, p in enumerate(prompts) if p is None]
         low, _ = self.decode(embeddings[todo], [labelled_points(coords, labels, mean_box)] * len(todo))
         out = list(prompts)
-        to_working: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # one input size per batch in practice
         for j, i in enumerate(todo):
-            hw = tuple(batch[i].input_hw)
-            if hw not in to_working:
-                to_working[hw] = pp.postprocess_matrices(self.spec, hw, s)
-            ay, ax = to_working[hw]
-            mask = pp.sigmoid(ay @ low[j, 0] @ ax.T) > self.threshold
+            mask = self.working_probability(low[j, 0], batch[i].input_hw) > self.threshold
             out[i] = labelled_points(coords, labels, first_pass_box(mask, mean_box, self.spec))
         return out
 

@@ -348,7 +348,7 @@ def choose_on_validation(trainer: FoldTrainer, data: FoldData, sched: Schedule, 
     if trainer.scoring.quality:
         cal = calibrate_quality(probs, pred_iou, thr, cleanup, f"fold {fold} validation images", masks,
                                 data.masks["train"], [s.image for s in data.samples["val"]])
-        cal = with_jitter_term(cal, probs, pred_iou, thr, cleanup, trainer.prompt_jitter("val"), masks,
+        cal = with_jitter_term(cal, probs, pred_iou, thr, cleanup, trainer.prompt_jitter("val"), f1,
                                [s.image for s in data.samples["val"]])
     return ValidationChoice(thr, cleanup, record, f1, iou, cal)
 
@@ -435,17 +435,17 @@ def calibrate_quality(probs: np.ndarray, iou: np.ndarray, threshold: float, clea
 
 
 def with_jitter_term(cal: QcModel | QcCalibration | None, probs: np.ndarray, iou: np.ndarray, threshold: float,
-                     cleanup: CleanupSpec | None, jitter: PromptJitter | None, masks: list[np.ndarray],
+                     cleanup: CleanupSpec | None, jitter: PromptJitter | None, f1: list[float],
                      images: list[np.ndarray] | None) -> QcModel | QcCalibration | None:
     """``cal`` with its prompt-jitter term calibrated on the validation probabilities ``(N, S, S)``, predicted
-    IoU ``(N,)``, ground truth, images and prompt variants (:func:`lungsam.qc_fit.add_jitter_term`); ``cal``
-    unchanged without variants or for a version 1 calibration (normal ranges)."""
+    IoU ``(N,)``, their F1 against the ground truth (at ``threshold`` and ``cleanup``), images and prompt variants
+    (:func:`lungsam.qc_fit.add_jitter_term`); ``cal`` unchanged without variants or for a version 1 calibration
+    (normal ranges)."""
     if not isinstance(cal, QcModel) or jitter is None:
         return cal
     ims = images if images is not None else [None] * len(probs)
     rows = [cal.signals(p, threshold, float(i), cleanup, image=im, variants=v)
             for p, i, im, v in zip(probs, iou, ims, variant_maps_per_image(jitter, len(probs)))]
-    f1, _ = score(probs, masks, threshold, cleanup)
     return add_jitter_term(cal, rows, np.asarray(f1) >= cal.fit.get("bad_below", 0.90), jitter.shift, jitter.names)
 
 
