@@ -454,6 +454,7 @@ class ParityRecord:
     timing: str | None = None
     max_int8_f1_drop: float | None = None
     in_graph: dict | None = None  # the in-graph path against the host path (lungsam.export.bundle.in_graph_check)
+    max_jitter_log_odds_shift: float | None = None  # the gate at the quality flag's prompt variants (export.parity)
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"min_agreement": self.min_agreement, "threshold": self.threshold, "source": self.source}
@@ -469,6 +470,8 @@ class ParityRecord:
             d["max_int8_f1_drop"] = self.max_int8_f1_drop
         if self.in_graph is not None:
             d["in_graph"] = self.in_graph
+        if self.max_jitter_log_odds_shift is not None:
+            d["max_jitter_log_odds_shift"] = self.max_jitter_log_odds_shift
         d.update(machine=self.machine, results=self.results)
         return d
 
@@ -476,7 +479,7 @@ class ParityRecord:
     def from_dict(cls, v: Any, path: str) -> ParityRecord:
         d = _obj(v, path)
         _keys(d, path, ("min_agreement", "threshold", "source", "metric", "onnxruntime", "machine", "results",
-                        "postprocess", "timing", "max_int8_f1_drop", "in_graph"))
+                        "postprocess", "timing", "max_int8_f1_drop", "in_graph", "max_jitter_log_odds_shift"))
         results = _obj(_need(d, "results", path), f"{path}.results")
         for k, r in results.items():
             _obj(r, f"{path}.results.{k}")
@@ -489,7 +492,8 @@ class ParityRecord:
                    postprocess=_opt(d, "postprocess", _bool, path),
                    timing=_opt(d, "timing", _str, path, max_len=MAX_STRING),
                    max_int8_f1_drop=_opt(d, "max_int8_f1_drop", _num, path, 0.0, 1.0),
-                   in_graph=_opt(d, "in_graph", _obj, path))
+                   in_graph=_opt(d, "in_graph", _obj, path),
+                   max_jitter_log_odds_shift=_opt(d, "max_jitter_log_odds_shift", _num, path, 0.0, 100.0))
 
 
 @dataclass(frozen=True)

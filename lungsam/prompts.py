@@ -260,3 +260,25 @@ def default_jitter_names(prompt: LearnedPrompt) -> tuple[str, ...]:
     (results/quality/README.md): not the default. A calibration names its variants (``qc.jitter.variants``); the
     runtime runs those."""
     return tuple(jitter_prompts(prompt, 0.03))  # the names do not depend on the shift
+
+
+def jitter_model_prompts(prompt: LearnedPrompt, spec: PreprocessSpec, size: int, shift: float,
+                         names) -> list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]]:
+    """The variants ``names`` of :func:`jitter_prompts` (in that order) in SAM's model frame for a working frame of
+    ``size`` x ``size`` (:func:`model_prompt`: ``(coords (N, 2), labels (N,), box or None)``), as training's torch
+    decoder takes them. Raises :class:`~lungsam.errors.ArgumentError` for a name :func:`jitter_prompts` does not
+    make."""
+    variants = jitter_prompts(prompt, shift)
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise ArgumentError(f"prompt jitter variants {unknown} cannot be made from the learned prompt (it makes "
+                            f"{', '.join(variants)})")
+    return [model_prompt(variants[n], spec, (size, size)) for n in names]
+
+
+def jitter_point_inputs(prompt: LearnedPrompt, spec: PreprocessSpec, size: int, shift: float,
+                        names) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`jitter_model_prompts` in SAM's ONNX point form (:func:`labelled_points`: ``[(coords (N', 2), labels
+    (N',)) float32]``), what the runtime feeds its prompted decoder and the export's parity gate feeds the exported
+    decoders."""
+    return [labelled_points(*p) for p in jitter_model_prompts(prompt, spec, size, shift, names)]

@@ -173,6 +173,15 @@ def test_export_bundle_manifest_and_parity(fp16_bundle, tiny_run):
     fp32, fp16 = par["results"]["onnx-fp32/decoder"], par["results"]["onnx-fp16/decoder_fixed"]
     assert fp32["n"] == 3 and fp32["agreement_min"] >= 0.999 and fp32["max_abs_logit_diff"] < 1e-3
     assert fp16["agreement_mean"] >= 0.99 and fp16["max_abs_logit_diff"] < 0.05
+    # the run's quality flag has a prompt-jitter term: every prompted decoder is gated at its ten variants too
+    assert par["max_jitter_log_odds_shift"] == 1.0 and m["qc"]["jitter"]["variants"]
+    for name, r in par["results"].items():
+        if name.endswith("/decoder_fixed"):
+            assert "jitter" not in r  # the learned prompt is baked in: no variants to feed it
+        else:
+            assert r["jitter"]["n"] == 3 * len(m["qc"]["jitter"]["variants"]), name
+            assert r["jitter"]["agreement_mean"] >= 0.99 and r["jitter"]["max_log_odds_shift"] <= 1.0, name
+    assert par["results"]["onnx-fp32/decoder"]["jitter"]["max_abs_jitter_iou_diff"] < 1e-6
     int8 = par["results"]["onnx-int8/decoder"]
     assert int8["agreement_mean"] >= 0.99 and 0 < int8["max_abs_logit_diff"] < 0.5  # quantised, so never exact
     assert m["precisions"] == ["fp16", "fp32", "int8"]
@@ -228,6 +237,46 @@ def test_gate_failure_writes_nothing(tiny_run, tmp_path):
     assert res.exit_code != 0
     assert "parity gate failed" in res.output and "agree mean" in res.output
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no temporary folder left either
+
+
+def test_gate_catches_a_decoder_that_ignores_the_prompt_variants(fp16_bundle, tiny_run):
+    """A decoder exact at the learned prompt but blind to moved points (the fixed decoder fed as a prompted one)
+    passes the learned-prompt check and fails at the quality flag's variants."""
+    from lungsam.export.bundle import parity_samples, run_cleanup, run_qc
+    from lungsam.export.parity import JitterVariants, Pipeline, compare, failing, make_cases, onnx_pipeline
+    from lungsam.runs import load_run
+
+    out, _ = fp16_bundle
+    rm = load_run(tiny_run, None, None)
+    samples, _ = parity_samples(rm, None, 2)
+    cases = make_cases(samples, rm.prompt, rm.spec)
+    fixed = onnx_pipeline(out / "encoder.onnx", out / "decoder_fixed.onnx", True)
+    pipes = {"blind": Pipeline(fixed.encode, fixed.decode, fixed=False),
+             "prompted": onnx_pipeline(out / "encoder.onnx", out / "decoder.onnx", False)}
+    jitter = JitterVariants.of(run_qc(rm), rm.prompt, rm.spec, rm.working_size)
+    res = compare(pipes, rm.sam, rm.spec, cases, rm.threshold, cleanup=run_cleanup(rm), jitter=jitter)
+    blind = res["blind"].summary()
+    assert blind["agreement_mean"] == 1.0  # exact where the learned-prompt check looks
+    assert blind["jitter"]["max_log_odds_shift"] > 1.0 and res["prompted"].summary()["jitter"]["max_log_odds_shift"] < 1e-3
+    assert list(failing(res, 0.99)) == ["blind"] and "prompt variants" in failing(res, 0.99)["blind"]
+
+
+def test_gate_fails_on_the_prompt_variants_alone():
+    from lungsam.export.parity import JitterParity, ParityResult, failing, format_table
+
+    def result(name, variant_agreement, iou_diff):
+        return ParityResult(name, agreement=[1.0, 1.0], f1_gt=[0.9, 0.9], f1_gt_torch=[0.9, 0.9], ids=["a", "b"],
+                            jitter=JitterParity(0.005, 1.0, agreement=variant_agreement, iou_diff=iou_diff))
+
+    res = {"ok": result("ok", [0.999] * 4, [0.001, 0.002]), "moved": result("moved", [0.95] * 4, [0.0, 0.0]),
+           "score": result("score", [0.999] * 4, [0.001, 0.0075]),
+           "fixed": ParityResult("fixed", agreement=[1.0], f1_gt=[0.9], f1_gt_torch=[0.9], ids=["a"])}
+    why = failing(res, 0.99)
+    assert set(why) == {"moved", "score"}
+    assert "prompt variants 0.95000" in why["moved"] and "1.50 log-odds > 1.0" in why["score"]
+    assert res["score"].summary()["jitter"]["max_log_odds_shift"] == pytest.approx(1.5)
+    table = format_table(res, 0.99).splitlines()
+    assert "jitter agree" in table[0] and table[4].split()[-1] == "ok" and table[2].split()[-1] == "FAIL"
 
 
 def test_gate_failure_names_the_optional_export_to_drop():

@@ -211,6 +211,32 @@ def test_jitter_prompts_move_every_point_and_drop_each_in_turn():
         jitter_prompts(p, 0.5)
 
 
+def test_jitter_inputs_are_the_model_frame_variants_in_the_calibrated_order():
+    """One definition of what the flag's variant decodes are fed: the runtime and the export's parity gate
+    (ONNX point form) and torch (model frame) read the same prompts, in the calibration's order."""
+    from lungsam.backbones import get_backbone
+    from lungsam.errors import ArgumentError
+    from lungsam.prompts import (LearnedPrompt, jitter_model_prompts, jitter_point_inputs, jitter_prompts,
+                                 labelled_points, model_prompt)
+
+    spec = get_backbone("lite_medsam").preprocess
+    pts = np.asarray([[0.3, 0.3], [0.3, 0.5], [0.3, 0.7], [0.7, 0.3], [0.7, 0.5], [0.7, 0.7]], np.float32)
+    p = LearnedPrompt("points", pts, np.ones(6, np.int32), None, 3)
+    names = ("drop4", "up", "left")
+    onnx, model = jitter_point_inputs(p, spec, 256, 0.03, names), jitter_model_prompts(p, spec, 256, 0.03, names)
+    v = jitter_prompts(p, 0.03)
+    for (c, lab), m, n in zip(onnx, model, names):
+        ref = labelled_points(*model_prompt(v[n], spec, (256, 256)))
+        np.testing.assert_array_equal(c, ref[0])
+        np.testing.assert_array_equal(lab, ref[1])
+        assert m[2] is None and len(m[0]) == len(c) - 1 and lab[-1] == -1  # one padding point, as SAM adds it
+    assert [len(c) for c, _ in onnx] == [6, 7, 7]  # a dropped point: one prompt point fewer
+    np.testing.assert_allclose(model[1][0][:, 1], model_prompt(p, spec, (256, 256))[0][:, 1] - 0.03 * spec.img_size,
+                               atol=1e-3)  # moved up by 3 % of the frame, in model-frame pixels
+    with pytest.raises(ArgumentError, match=r"\['drop9'\] cannot be made"):
+        jitter_point_inputs(p, spec, 256, 0.03, ("up", "drop9"))
+
+
 def test_jitter_term_lowers_the_score_only_below_validation_and_round_trips():
     from dataclasses import replace
 

@@ -304,28 +304,12 @@ def openvino_precisions(models: dict, int8_info: dict) -> list[str]:
     return precs + (["bf16"] if cpu_features()["native_bf16"] else [])
 
 
-def _timed(run, times: list):
-    def timed(raw, points, labels):
-        t0 = time.perf_counter()
-        out = run(raw, points, labels)
-        times.append((time.perf_counter() - t0, len(raw)))
-        return out
-    return timed
-
-
-def ms_per_image(times: list[tuple[float, int]]) -> float | None:
-    """Mean wall ms per image over a pipeline's parity batches, the first (warm-up) batch left out."""
-    rest = times[1:] if len(times) > 1 else times
-    n = sum(k for _, k in rest)
-    return 1000.0 * sum(t for t, _ in rest) / n if n else None
-
-
 def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, log: Log,
                int8_info: dict | None = None) -> dict:
     """:class:`lungsam.export.parity.ParityResult` per pipeline ``"<onnx|openvino|trt>-<precision>/<decoder>"``,
     each with ``ms_per_image``: its wall time on the parity batches, all pipelines interleaved batch by batch
     (what ``--backend auto`` reads, :func:`lungsam.runtime.backends.auto_cpu_backend`)."""
-    from .parity import compare, onnx_pipeline, openvino_pipeline
+    from .parity import JitterVariants, compare, onnx_pipeline, openvino_pipeline
 
     pipelines = {}
     for precision in models["encoder"]:
@@ -348,13 +332,11 @@ def run_parity(run_model, tmp: Path, models: dict, engines: dict, cases: list, l
             if dec in engines:
                 pipelines[f"trt-fp16/{dec}"] = engine_pipeline(tmp / engines["encoder"]["file"],
                                                                tmp / engines[dec]["file"], dec == "decoder_fixed")
-    times: dict[str, list] = {name: [] for name in pipelines}
-    timed = {name: _timed(run, times[name]) for name, run in pipelines.items()}
-    results = compare(timed, run_model.sam, run_model.spec, cases, run_model.threshold, log=log,
-                      cleanup=run_cleanup(run_model))
-    for name, r in results.items():
-        r.ms_per_image = ms_per_image(times[name])
-    return results
+    jitter = JitterVariants.of(run_qc(run_model), run_model.prompt, run_model.spec, run_model.working_size)
+    if jitter is not None:
+        log(f"parity: also at the quality flag's {len(jitter.names)} prompt variants (shift {jitter.shift})")
+    return compare(pipelines, run_model.sam, run_model.spec, cases, run_model.threshold, log=log,
+                   cleanup=run_cleanup(run_model), jitter=jitter)
 
 
 def int8_gate(results: dict, max_f1_drop: float) -> list[str]:
@@ -683,11 +665,17 @@ def move_into_place(tmp: Path, out: Path) -> None:
 
 def parity_record(run_model, source: dict, results: dict, opts: ExportOptions) -> dict:
     """The manifest's ``parity`` section (before :func:`private_parity`) from the gate's results."""
+    from .parity import MAX_JITTER_LOG_ODDS_SHIFT
+
     parity = {"min_agreement": opts.min_agreement, "threshold": run_model.threshold, "source": source,
               "postprocess": run_cleanup(run_model).enabled,
               "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold, "
                         "then the run's clean-up when on); "
-                        "max_abs_logit_diff over low-res logits; torch = SAM preprocess + encoder + decode",
+                        "max_abs_logit_diff over low-res logits; torch = SAM preprocess + encoder + decode; "
+                        "jitter (a run whose quality flag has a prompt-jitter term, prompted decoders): the same "
+                        "agreement per image and prompt variant (qc.jitter.variants, decoded on each pipeline's own "
+                        "embeddings), and |jitter IoU exported - torch| per image, max_log_odds_shift = its max x "
+                        "weight / scale of the term (the largest move of the flag's log-odds)",
               "onnxruntime": "CPUExecutionProvider, ORT_ENABLE_ALL",
               # int8 kernels (and so its agreement) and the timings auto reads depend on the CPU's instructions
               "machine": {**machine_record(), "cpu_features": cpu_features()},
@@ -696,29 +684,31 @@ def parity_record(run_model, source: dict, results: dict, opts: ExportOptions) -
               "results": {name: {**r.summary(), "ms_per_image": r.ms_per_image} for name, r in results.items()}}
     if opts.int8:
         parity["max_int8_f1_drop"] = opts.max_int8_f1_drop
+    if any(r.jitter is not None for r in results.values()):
+        parity["max_jitter_log_odds_shift"] = MAX_JITTER_LOG_ODDS_SHIFT
     return parity
 
 
 def check_gates(results: dict, opts: ExportOptions, out: Path, table: str, parity: dict) -> None:
     """Raise :class:`ParityGateError` (nothing is written to ``out``) when a pipeline misses the INT8 F1 gate or
     the agreement gate, with the option to change."""
-    from .parity import gate
+    from .parity import failing
 
     failed_int8 = int8_gate(results, opts.max_int8_f1_drop) if opts.int8 else []
     if failed_int8:
         raise ParityGateError(f"INT8 gate failed for {', '.join(failed_int8)}: mean F1 against ground truth more than "
                               f"{opts.max_int8_f1_drop} below torch FP32 on the same images; nothing was written to "
                               f"{out}; {int8_hint(opts.int8_method, opts.calibration_images)}", table, parity)
-    failed = gate(results, opts.min_agreement)
+    why = failing(results, opts.min_agreement)
+    failed = list(why)
+    detail = "; ".join(f"{n}: {w}" for n, w in why.items())
     if failed and opts.int8 and all("-int8/" in f for f in failed):
-        raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement with torch FP32 "
-                              f"below {opts.min_agreement}; nothing was written to {out}; "
+        raise ParityGateError(f"parity gate failed against torch FP32 ({detail}); nothing was written to {out}; "
                               f"{int8_hint(opts.int8_method, opts.calibration_images)}", table, parity)
     if failed:
         options = optional_exports(failed)
         hint = f" (export again without {', '.join(options)} to keep the other models)" if options else ""
-        raise ParityGateError(f"parity gate failed for {', '.join(failed)}: mean mask agreement below "
-                              f"{opts.min_agreement}; nothing was written to {out}{hint}", table, parity)
+        raise ParityGateError(f"parity gate failed ({detail}); nothing was written to {out}{hint}", table, parity)
 
 
 def _build_in(tmp: Path, run_model, run_dir: Path, out: Path, cases: list, source: dict, opts: ExportOptions,

@@ -182,12 +182,16 @@ class EngineRunner:
 
 
 def engine_pipeline(encoder_engine: str | Path, decoder_engine: str | Path, fixed: bool):
-    """A :data:`lungsam.export.parity.Pipeline` over two engines."""
+    """A :class:`lungsam.export.parity.Pipeline` over two engines."""
+    from .parity import Pipeline
+
     enc, dec = EngineRunner(encoder_engine), EngineRunner(decoder_engine)
 
-    def run(raw, points, labels):
-        emb = enc.run({"image": raw})["embeddings"]
+    def encode(raw):
+        return enc.run({"image": raw})["embeddings"]
+
+    def decode(emb, points, labels):
         feeds = {"embeddings": emb} if fixed else {"embeddings": emb, "point_coords": points, "point_labels": labels}
         return dec.run(feeds)["low_res_logits"]
 
-    return run
+    return Pipeline(encode, decode, fixed)

@@ -32,7 +32,7 @@ from ..imageio import (
 )
 from ..manifest import normalize_digest
 from ..postprocess import CleanupSpec, clean_mask
-from ..prompts import first_pass_box, first_pass_prompt, jitter_prompts, labelled_points, model_prompt
+from ..prompts import first_pass_box, first_pass_prompt, jitter_point_inputs, labelled_points, model_prompt
 from ..qc import load_calibration
 from ..qc_site import SiteOperatingPoint, read_site_file, site_quality_model
 from .backends import BackendChoice, Model, open_model, resolve_backend
@@ -304,19 +304,13 @@ class LungSegmenter:
         term = getattr(self.qc, "jitter", None)
         if term is None:
             return None
-        try:
-            variants = jitter_prompts(self.prompt, term.shift)
-        except ValueError as e:
-            raise BundleError(f"bundle {self.bundle.root}: qc.jitter: {e}") from None
-        unknown = [n for n in term.variants if n not in variants]
-        if unknown:
-            raise BundleError(f"bundle {self.bundle.root}: qc.jitter names variants {unknown} this version cannot "
-                              f"make from the learned prompt (it makes {', '.join(variants)})")
         if "decoder" not in self._models:
             raise BundleError(f"bundle {self.bundle.root}: the quality flag's prompt jitter needs the prompted "
                               f"decoder; this bundle has {', '.join(self._models)}")
-        s = (self.working_size, self.working_size)
-        return [labelled_points(*model_prompt(variants[n], self.spec, s)) for n in term.variants]
+        try:
+            return jitter_point_inputs(self.prompt, self.spec, self.working_size, term.shift, term.variants)
+        except ValueError as e:
+            raise BundleError(f"bundle {self.bundle.root}: qc.jitter: {e}") from None
 
     # -----------------------------------------------------------------------------------------
     @classmethod
