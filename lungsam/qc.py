@@ -473,14 +473,15 @@ class JitterTerm:
             raise QcError(f"qc.jitter.weight: expected a number >= 0, got {self.weight!r}")
 
     @classmethod
-    def calibrate(cls, values, shift: float, variants, weight: float = DEFAULT_JITTER_WEIGHT) -> "JitterTerm":
-        """From the validation images' :data:`JITTER` values (at least 3)."""
+    def calibrate(cls, values, shift: float, variants, weight: float = DEFAULT_JITTER_WEIGHT,
+                  min_scale: float = JITTER_MIN_SCALE) -> "JitterTerm":
+        """From the validation images' :data:`JITTER` values (at least 3); ``scale`` at least ``min_scale``."""
         v = np.asarray(list(values), np.float64)
         if len(v) < 3:
             raise ValueError(f"prompt-jitter calibration needs at least 3 validation images, got {len(v)}")
         med = float(np.median(v))
         return cls(shift=float(shift), variants=tuple(variants), center=med,
-                   scale=max(tail_scale(v, med, "low"), JITTER_MIN_SCALE), weight=float(weight), n=len(v))
+                   scale=max(tail_scale(v, med, "low"), float(min_scale)), weight=float(weight), n=len(v))
 
     def contribution(self, value: float) -> float:
         """Its term of the log-odds of a good mask (<= 0)."""

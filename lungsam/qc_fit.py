@@ -33,6 +33,7 @@ from .qc import (
     FEATURES,
     IMAGE_FEATURES,
     JITTER,
+    JITTER_MIN_SCALE,
     SHAPE_FEATURES,
     Z_CLIP,
     JitterTerm,
@@ -245,14 +246,15 @@ def fit_from_examples(rows: list[dict], good: np.ndarray, kind: list[str], feats
 
 
 def add_jitter_term(model: QcModel, rows: list[dict], good: np.ndarray, shift: float, variants,
-                    weight: float = DEFAULT_JITTER_WEIGHT) -> QcModel:
+                    weight: float = DEFAULT_JITTER_WEIGHT, min_scale: float = JITTER_MIN_SCALE) -> QcModel:
     """``model`` with its prompt-jitter term (:class:`lungsam.qc.JitterTerm`) calibrated on the real validation
     images' signals ``rows`` (:meth:`QcModel.signals` with the variants' maps, so each has :data:`JITTER`) and
     their labels ``good`` ``(N,)`` bool (F1 >= ``bad_below``). The degraded copies cannot carry the term (no
     embedding to rerun), so the fit's recall is left as it was; the operating point is lowered where the term
     would flag more than ``fit["max_flagged"]`` of the good real images, the same cap the fit applies.
-    ``fit`` records ``flag_below_without_jitter`` and the new ``real_flagged_share``."""
-    term = JitterTerm.calibrate([r[JITTER] for r in rows], shift, variants, weight)
+    ``fit`` records ``flag_below_without_jitter`` and the new ``real_flagged_share``. ``min_scale``: the floor of
+    the term's tail scale (:data:`lungsam.qc.JITTER_MIN_SCALE`)."""
+    term = JitterTerm.calibrate([r[JITTER] for r in rows], shift, variants, weight, min_scale)
     m = replace(model, jitter=term)
     scores = np.asarray([m.assess(r).score for r in rows])
     line = model.flag_below

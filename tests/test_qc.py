@@ -309,6 +309,28 @@ def test_tiny_run_records_threshold_range_cleanup_and_qc(tiny_run):
     assert "hd95" in m["test"] and m["boundary_unit"].startswith("px")
 
 
+def test_a_bundle_with_a_bad_quality_section_is_refused_naming_it(tiny_bundle, tmp_path):
+    """The manifest's open ``qc`` object is validated once, at load (lungsam.runtime.bundle.Bundle.quality_model),
+    and a bad one is a BundleError naming the bundle and the key (the in-graph path reads the same property)."""
+    import hashlib
+    import shutil
+
+    from lungsam.manifest import BundleError
+    from lungsam.runtime.segmenter import LungSegmenter
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bad)
+    (bad / "manifest.json").chmod(0o644)
+    (bad / "manifest.json.sha256").chmod(0o644)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["qc"]["jitter"]["scale"] = 0.0
+    data = json.dumps(m).encode()
+    (bad / "manifest.json").write_bytes(data)
+    (bad / "manifest.json.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
+    with pytest.raises(BundleError, match=r"bundle .*bundle: qc\.jitter\.scale: expected a number > 0"):
+        LungSegmenter.load(bad)
+
+
 def test_bundle_and_runtime_carry_postprocess_and_qc(tiny_run, tiny_bundle, tmp_path):
     from lungsam.data import demo_data_dir
     from lungsam.runtime.predict import predict_files

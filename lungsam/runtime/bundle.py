@@ -13,6 +13,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ from ..manifest import (
     parse_digest_line,
     parse_manifest,
 )
+from ..postprocess import CleanupSpec
 from ..preprocess import PreprocessSpec
 from ..prompts import LearnedPrompt
+from ..qc import load_calibration
 
 __all__ = ["BUNDLE_FORMAT", "MODEL_NAMES", "ONNX_IO", "PRECISIONS", "Bundle", "BundleError", "BundleIntegrityError"]
 
@@ -219,6 +222,25 @@ class Bundle:
     def box_from_first_pass(self) -> bool:
         """The bundle's default prompt policy (``manifest.inference.box_from_first_pass``)."""
         return self.meta.inference.box_from_first_pass if self.meta is not None else False
+
+    @cached_property
+    def postprocess(self) -> CleanupSpec:
+        """The mask clean-up (manifest ``postprocess``; absent: off), validated once; a bad section raises
+        :class:`BundleError` naming the bundle."""
+        try:
+            return CleanupSpec.from_dict(self.manifest.get("postprocess"))
+        except ValueError as e:
+            raise BundleError(f"bundle {self.root}: {e}") from None
+
+    @cached_property
+    def quality_model(self):
+        """The quality flag's calibration (manifest ``qc``, :func:`lungsam.qc.load_calibration`: a
+        :class:`~lungsam.qc.QcModel`, a version 1 calibration, or ``None`` without one), parsed and validated once;
+        a bad section raises :class:`BundleError` naming the bundle."""
+        try:
+            return load_calibration(self.manifest.get("qc"))
+        except ValueError as e:
+            raise BundleError(f"bundle {self.root}: {e}") from None
 
     def model_names(self) -> tuple[str, ...]:
         """The models present, in :data:`MODEL_NAMES` order."""

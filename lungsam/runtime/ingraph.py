@@ -24,7 +24,6 @@ from .. import preprocess as pp
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..manifest import GRAPH_MODEL_NAMES
 from ..postprocess import clean_mask
-from ..qc import load_calibration
 from .backends import BackendUnavailableError, resolve_backend, timing_text
 from .bundle import Bundle
 from .segmenter import LungSegmenter, Prepared, SegmentationResult, open_bundle, open_models
@@ -45,7 +44,7 @@ class InGraphUnavailableError(BackendUnavailableError):
 def has_jitter_term(bundle: Bundle) -> bool:
     """Whether the bundle's quality flag reads the prompt-jitter agreement (then the prompted ``decoder`` runs
     beside the in-graph models, once per prompt variant)."""
-    return getattr(load_calibration(bundle.manifest.get("qc")), "jitter", None) is not None
+    return getattr(bundle.quality_model, "jitter", None) is not None
 
 
 def graph_unavailable(bundle: Bundle, precision: str, box_from_first_pass: bool | None) -> str | None:

@@ -31,9 +31,8 @@ from ..imageio import (
     read_image,
 )
 from ..manifest import normalize_digest
-from ..postprocess import CleanupSpec, clean_mask
+from ..postprocess import clean_mask
 from ..prompts import first_pass_box, first_pass_prompt, jitter_point_inputs, labelled_points, model_prompt
-from ..qc import load_calibration
 from ..qc_site import SiteOperatingPoint, read_site_file, site_quality_model
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
@@ -283,11 +282,8 @@ class LungSegmenter:
         self.working_size = bundle.working_size
         self.prompt = bundle.prompt
         self.threshold = bundle.threshold
-        try:  # optional manifest sections (absent: no clean-up, no quality flag)
-            self.cleanup = CleanupSpec.from_dict(bundle.manifest.get("postprocess"))
-            self.qc = load_calibration(bundle.manifest.get("qc"))
-        except ValueError as e:
-            raise BundleError(f"bundle {bundle.root}: {e}") from None
+        self.cleanup = bundle.postprocess  # optional manifest sections (absent: no clean-up, no quality flag)
+        self.qc = bundle.quality_model
         self._site: dict | None = None  # what use_site_operating_point applied (None: the bundle's line)
         self.choice = choice
         self.threads = threads
