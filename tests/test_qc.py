@@ -216,8 +216,14 @@ def test_jitter_inputs_are_the_model_frame_variants_in_the_calibrated_order():
     (ONNX point form) and torch (model frame) read the same prompts, in the calibration's order."""
     from lungsam.backbones import get_backbone
     from lungsam.errors import ArgumentError
-    from lungsam.prompts import (LearnedPrompt, jitter_model_prompts, jitter_point_inputs, jitter_prompts,
-                                 labelled_points, model_prompt)
+    from lungsam.prompts import (
+        LearnedPrompt,
+        jitter_model_prompts,
+        jitter_point_inputs,
+        jitter_prompts,
+        labelled_points,
+        model_prompt,
+    )
 
     spec = get_backbone("lite_medsam").preprocess
     pts = np.asarray([[0.3, 0.3], [0.3, 0.5], [0.3, 0.7], [0.7, 0.3], [0.7, 0.5], [0.7, 0.7]], np.float32)
