@@ -46,7 +46,8 @@ def test_cli_options_come_from_the_dataclass(tmp_path):
 @pytest.mark.parametrize("argv, why", [(["--opset", "12"], "--opset"), (["--min-agreement", "2"], "--min-agreement"),
                                        (["--int8", "--calibration-images", "0"], "--calibration-images"),
                                        (["--int8", "--int8-method", "x"], "--int8-method"),
-                                       (["--calibration-images", "8"], "--calibration-images only apply with --int8")])
+                                       (["--calibration-images", "8"], "--calibration-images only apply with --int8"),
+                                       (["--no-openvino-int8"], "--openvino-int8 only apply with --int8")])
 def test_cli_refuses_before_any_work(tmp_path, argv, why):
     run = tmp_path / "run"
     run.mkdir()
@@ -63,3 +64,13 @@ def test_manifest_records_the_export_options(tiny_both_bundle):
     m = Manifest.from_dict(json.loads((bundle / "manifest.json").read_text()))
     assert m.export == ExportOptions(box_from_first_pass=True, provenance=True).to_dict()
     assert m.inference.box_from_first_pass and m.provenance
+
+
+def test_int8_hint_names_the_option_for_what_failed():
+    from lungsam.export.bundle import int8_hint
+
+    only_ov = int8_hint("static", 32, ["openvino-int8/decoder", "openvino-int8/decoder_fixed"])
+    assert "--no-openvino-int8" in only_ov and "onnxruntime's static INT8 passed" in only_ov
+    both = int8_hint("static", 32, ["onnx-int8/decoder", "openvino-int8/decoder"])
+    assert "--no-openvino-int8" not in both and "--int8-method dynamic" in both
+    assert "--int8-method static" in int8_hint("dynamic", 32, ["onnx-int8/decoder"])

@@ -210,6 +210,29 @@ def test_static_int8_export(static_int8_bundle, tiny_run):
         assert r["agreement_mean"] >= 0.98 and r["f1_gt_mean"] >= r["f1_gt_torch_mean"] - 0.002
 
 
+def test_no_openvino_int8_keeps_onnxruntime_int8_only(tiny_run, tmp_path):
+    """--no-openvino-int8: the static INT8 encoder for onnxruntime alone (no NNCF model, no openvino-int8 gate rows;
+    the runtime refuses OpenVINO int8 for it with the reason)."""
+    from click.testing import CliRunner
+
+    from lungsam.cli import main
+    from lungsam.runtime.backends import BackendUnavailableError, resolve_backend
+    from lungsam.runtime.bundle import Bundle
+
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--int8", "--calibration-images", "4",
+                                    "--no-openvino-int8", "--parity-images", "2", "--min-agreement", "0.98"])
+    assert res.exit_code == 0, res.output
+    assert "--no-openvino-int8: no OpenVINO (NNCF) INT8 encoder" in res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert "openvino" not in m["models"]["encoder"]["int8"] and not list(out.glob("*_ov.*"))
+    assert "onnx-int8/decoder" in m["parity"]["results"]
+    assert not [k for k in m["parity"]["results"] if k.startswith("openvino-int8/")]
+    assert m["export"]["openvino_int8"] is False
+    with pytest.raises(BackendUnavailableError, match="no OpenVINO \\(NNCF\\) model"):
+        resolve_backend(Bundle.load(out), "openvino", "cpu", "int8")
+
+
 def test_static_int8_runs_on_both_cpu_backends(static_int8_bundle):
     from lungsam.runtime import LungSegmenter
 

@@ -154,7 +154,8 @@ def export_models(run_model, tmp: Path, opts: ExportOptions, log: Log) -> tuple[
     models, skipped = export_fp32_models(run_model, tmp, opts.opset, log)
     if opts.writes_fp16:
         add_fp16_models(models, tmp, log)
-    int8_info = (add_int8_encoder(run_model, models, tmp, opts.int8_method, opts.calibration_images, log)
+    int8_info = (add_int8_encoder(run_model, models, tmp, opts.int8_method, opts.calibration_images, log,
+                                  opts.openvino_int8)
                  if opts.int8 else {})
     if opts.in_graph:
         add_graph_models(run_model, models, tmp, opts.opset, log)
@@ -194,11 +195,11 @@ def add_fp16_models(models: dict, tmp: Path, log: Log) -> None:
 
 
 def add_int8_encoder(run_model, models: dict, tmp: Path, int8_method: str, calibration_images: int,
-                     log: Log) -> dict:
+                     log: Log, openvino_int8: bool = True) -> dict:
     """The INT8 encoder (``models["encoder"]["int8"]``; the decoders' int8 entries name their FP32 files, see
     :data:`INT8_FP32_MODELS`): ``"static"`` calibrates on ``calibration_images`` training images
-    (:func:`static_int8_encoder`), ``"dynamic"`` is onnxruntime's dynamic quantisation of the weight MatMuls.
-    Returns ``int8_info`` (see :func:`export_models`)."""
+    (:func:`static_int8_encoder`; ``openvino_int8``: also the NNCF model), ``"dynamic"`` is onnxruntime's dynamic
+    quantisation of the weight MatMuls. Returns ``int8_info`` (see :func:`export_models`)."""
     from .onnx_export import int8_record, quantize_int8
 
     t = time.perf_counter()
@@ -208,7 +209,8 @@ def add_int8_encoder(run_model, models: dict, tmp: Path, int8_method: str, calib
         int8_info = {"record": int8_record(), "openvino": {}}
         log(f"quantised the encoder to INT8 (dynamic, weight MatMuls) in {time.perf_counter() - t:.1f} s")
     elif int8_method == "static":
-        models["encoder"]["int8"], int8_info = static_int8_encoder(run_model, src, dst, calibration_images, log)
+        models["encoder"]["int8"], int8_info = static_int8_encoder(run_model, src, dst, calibration_images, log,
+                                                                   openvino_int8)
     else:
         raise ExportError(f"unknown --int8-method {int8_method!r}; choose static or dynamic")
     for name in INT8_FP32_MODELS:
@@ -217,9 +219,11 @@ def add_int8_encoder(run_model, models: dict, tmp: Path, int8_method: str, calib
     return int8_info
 
 
-def static_int8_encoder(run_model, src: Path, dst: Path, calibration_images: int, log: Log) -> tuple[list, dict]:
+def static_int8_encoder(run_model, src: Path, dst: Path, calibration_images: int, log: Log,
+                        openvino_int8: bool = True) -> tuple[list, dict]:
     """Static INT8 encoders calibrated on training images: onnxruntime QDQ at ``dst``, and the NNCF OpenVINO IR
-    beside it when openvino/nncf are installed (:mod:`lungsam.export.quantize`). Returns ``(files, int8_info)``."""
+    beside it when openvino/nncf are installed and ``openvino_int8`` (:mod:`lungsam.export.quantize`). Returns
+    ``(files, int8_info)``."""
     from .quantize import (
         OPENVINO_INT8_SUFFIX,
         calibration_inputs,
@@ -235,7 +239,9 @@ def static_int8_encoder(run_model, src: Path, dst: Path, calibration_images: int
     log(f"quantised the encoder to INT8 (onnxruntime static QDQ, per-channel, {calib['n']} training images) "
         f"in {time.perf_counter() - t:.1f} s")
     ov_files = {}
-    if openvino_available():
+    if not openvino_int8:
+        log("--no-openvino-int8: no OpenVINO (NNCF) INT8 encoder")
+    elif openvino_available():
         t = time.perf_counter()
         xml = dst.parent / f"{model_filename('encoder', 'int8')[:-5]}{OPENVINO_INT8_SUFFIX}.xml"
         ov_files["encoder"] = quantize_openvino(src, xml, inputs)
@@ -351,9 +357,12 @@ def int8_gate(results: dict, max_f1_drop: float) -> list[str]:
     return failed
 
 
-def int8_hint(int8_method: str, calibration_images: int) -> str:
-    """Which option to change when an INT8 model fails the gate."""
+def int8_hint(int8_method: str, calibration_images: int, failed: list[str] = ()) -> str:
+    """Which option to change when INT8 pipelines (``failed``: their names) fail the gate."""
     if int8_method == "static":
+        if failed and all(f.startswith("openvino-int8/") for f in failed):
+            return ("onnxruntime's static INT8 passed: export again with --no-openvino-int8 to keep it without the "
+                    f"NNCF model, or try more calibration images (--calibration-images, now {calibration_images})")
         return (f"try --int8-method dynamic (weight MatMuls only), more calibration images (--calibration-images, now "
                 f"{calibration_images}), or export without --int8")
     return "export without --int8 (dynamic quantisation has no further setting), or try --int8-method static"
@@ -695,16 +704,19 @@ def check_gates(results: dict, opts: ExportOptions, out: Path, table: str, parit
     from .parity import failing
 
     failed_int8 = int8_gate(results, opts.max_int8_f1_drop) if opts.int8 else []
+    why = failing(results, opts.min_agreement)
+    failed = list(why)
+    # the hint names what to change for every INT8 pipeline that misses either gate
+    hint_int8 = int8_hint(opts.int8_method, opts.calibration_images,
+                          sorted(set(failed_int8) | {f for f in failed if "-int8/" in f}))
     if failed_int8:
         raise ParityGateError(f"INT8 gate failed for {', '.join(failed_int8)}: mean F1 against ground truth more than "
                               f"{opts.max_int8_f1_drop} below torch FP32 on the same images; nothing was written to "
-                              f"{out}; {int8_hint(opts.int8_method, opts.calibration_images)}", table, parity)
-    why = failing(results, opts.min_agreement)
-    failed = list(why)
+                              f"{out}; {hint_int8}", table, parity)
     detail = "; ".join(f"{n}: {w}" for n, w in why.items())
     if failed and opts.int8 and all("-int8/" in f for f in failed):
         raise ParityGateError(f"parity gate failed against torch FP32 ({detail}); nothing was written to {out}; "
-                              f"{int8_hint(opts.int8_method, opts.calibration_images)}", table, parity)
+                              f"{hint_int8}", table, parity)
     if failed:
         options = optional_exports(failed)
         hint = f" (export again without {', '.join(options)} to keep the other models)" if options else ""

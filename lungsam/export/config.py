@@ -12,7 +12,7 @@ from ..ranges import RANGES, check_choice, check_fields
 #: ``--int8-method``: how the INT8 encoders are made (:mod:`lungsam.export.quantize`).
 INT8_METHODS = ("static", "dynamic")
 #: The options that only mean something with ``int8`` (the command refuses them without ``--int8``).
-INT8_ONLY = ("int8_method", "calibration_images", "max_int8_f1_drop")
+INT8_ONLY = ("int8_method", "calibration_images", "max_int8_f1_drop", "openvino_int8")
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class ExportOptions:
     Attributes:
         fp16: also write FP16 ONNX models. int8: also write INT8 encoders for CPUs, gated on parity and on F1.
         int8_method: ``static`` (calibrated) or ``dynamic``. calibration_images: static INT8's training images.
+        openvino_int8: static INT8 also through NNCF for OpenVINO (when openvino/nncf are installed).
         max_int8_f1_drop: the INT8 gate: largest allowed drop of mean F1 (ground truth) below torch FP32.
         trt: also build TensorRT FP16 engines (implies FP16 models: :attr:`writes_fp16`).
         opset: ONNX opset. min_agreement: the parity gate (every model's mean mask F1 against torch).
@@ -42,6 +43,11 @@ class ExportOptions:
         "gate). docs/cpu_inference.md.", choices=INT8_METHODS))
     calibration_images: int = field(default=32, metadata=option(
         "--int8 static: training-split images used to calibrate the activation ranges.", range="calibration_images"))
+    openvino_int8: bool = field(default=True, metadata=option(
+        "--int8 static with openvino/nncf installed: also write the NNCF INT8 encoder for OpenVINO "
+        "(encoder_int8_ov.xml), gated like every INT8 model; --no-openvino-int8 keeps onnxruntime's INT8 encoder "
+        "only (where the NNCF model fails the gate and onnxruntime's passes).",
+        flag="--openvino-int8/--no-openvino-int8"))
     max_int8_f1_drop: float = field(default=0.002, metadata=option(
         "INT8 gate: largest allowed drop of mean F1 against ground truth below torch FP32.",
         range="max_int8_f1_drop"))
