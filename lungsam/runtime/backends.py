@@ -356,9 +356,9 @@ def check_openvino(bundle, device: str, precision: str, models: tuple[str, ...])
                                       f"(export with --{src} to add them)")
     if precision == "int8" and not (bundle.model_entry("encoder", "int8").get("openvino")):
         raise BackendUnavailableError(
-            f"bundle {bundle.root}: its int8 encoder has no OpenVINO (NNCF) model (dynamic int8, or exported without "
-            "openvino installed); re-export with `lungsam export RUN --int8` (static, the default) and openvino "
-            "installed, or use --backend onnxruntime")
+            f"bundle {bundle.root}: its int8 encoder has no OpenVINO (NNCF) model (dynamic int8, exported with "
+            "--no-openvino-int8, or without openvino installed); re-export with `lungsam export RUN --int8` (static, "
+            "the default) and openvino installed, or use --backend onnxruntime")
     if not _parity_key_gated(bundle, "openvino", precision):
         where = " on a CPU with native bfloat16" if precision == "bf16" else " with openvino installed"
         raise BackendUnavailableError(
