@@ -86,6 +86,7 @@ RANGES: dict[str, Range] = {
     "threshold": PROBABILITY_OPEN,           # a probability threshold; 0 or 1 makes every pixel one class
     "min_agreement": Range(float, 0.0, 1.0),  # the export parity gate (mask F1 vs torch)
     "max_int8_f1_drop": Range(float, 0.0),   # the export INT8 gate (F1 against ground truth vs torch FP32)
+    "max_jitter_log_odds_shift": Range(float, 0.0, 100.0),  # the export gate at the quality flag's prompt variants
     "calibration_images": INT_POS,
     "opset": Range(int, 13, 23),             # ONNX opsets the exporter and onnxruntime both take
     "max_batch": INT_POS,

@@ -15,6 +15,13 @@ SHENZHEN = SHARED / "data" / "shenzhen"
 MOBILE_SAM = SHARED / "weights" / "mobile_sam.pt"
 LITE_MEDSAM = SHARED / "weights" / "lite_medsam.pth"
 TINY_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7)
+# The export gate's bound on the quality flag's jitter IoU for the tiny backbone (lungsam export
+# --max-jitter-log-odds-shift; default 1). The tiny model is untrained: its probabilities sit at the threshold, so
+# bf16 or INT8 rounding moves its variant masks' IoU by ~0.01, 2 log-odds at the term's 0.005 floor (measured 2.26 for
+# OpenVINO bf16 of the LoRA run on an AMX CPU; trained LiteMedSAM: 0.03-0.32). Tiny exports relax it to the term's
+# clip (6: no bound), as they relax the agreement floor for INT8; the agreement at the variants still applies, and
+# tests/test_export.py tests the bound itself.
+TINY_JITTER_SHIFT = 6.0
 
 
 # Test tiers (docs/DEVELOPING.md). ``e2e``: a test that trains, evaluates, exports or times a model, through a
@@ -90,7 +97,10 @@ def tiny_bundle(request, tmp_path_factory) -> Path:
     tiny_run = request.getfixturevalue("tiny_run")
 
     out = tmp_path_factory.mktemp("bundles") / "tiny_points"
-    export_bundle(tiny_run, out, parity_images=4, log=lambda m: None)
+    from lungsam.export.config import ExportOptions
+
+    export_bundle(tiny_run, out, ExportOptions(max_jitter_log_odds_shift=TINY_JITTER_SHIFT), parity_images=4,
+                  log=lambda m: None)
     return out
 
 

@@ -18,8 +18,11 @@ from click.testing import CliRunner
 
 from lungsam.artifacts import sha256_file
 from lungsam.cli import main
+from lungsam.export.config import ExportOptions
 from lungsam.manifest import DIGEST_FILE, Manifest, manifest_digest, parse_manifest
 from lungsam.runtime import Bundle, BundleError, BundleIntegrityError, LungSegmenter
+
+from .conftest import TINY_JITTER_SHIFT
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGE = REPO / "lungsam" / "demo_data" / "montgomery" / "images" / "MCUCXR_0001_0.png"
@@ -422,7 +425,8 @@ def test_export_to_a_read_only_or_full_disk_is_a_clear_error(tiny_run, tmp_path,
     _mount_tmpfs(mnt, options)
     try:
         with pytest.raises(ExportError, match=f"cannot write the bundle .*{mnt}.*{why}"):
-            export_bundle(tiny_run, mnt / "bundle", parity_images=1, log=lambda m: None)
+            export_bundle(tiny_run, mnt / "bundle", ExportOptions(max_jitter_log_odds_shift=TINY_JITTER_SHIFT),
+                          parity_images=1, log=lambda m: None)
         assert not (mnt / "bundle").exists()
         assert [p.name for p in mnt.iterdir()] == []  # no temp folder left behind
     finally:

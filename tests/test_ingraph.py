@@ -14,6 +14,8 @@ from lungsam import preprocess as pp
 from lungsam.export.ingraph import MIN_RESIZE_OPSET, postprocess_graph, preprocess_graph, resize_difference
 from lungsam.imageio import read_image
 
+from .conftest import TINY_JITTER_SHIFT
+
 DEMO = Path(__file__).resolve().parents[1] / "lungsam" / "demo_data" / "montgomery"
 
 
@@ -83,7 +85,8 @@ def graph_bundle(tiny_run, tmp_path_factory) -> Path:
     from lungsam.export.config import ExportOptions
 
     out = tmp_path_factory.mktemp("ingraph") / "bundle"
-    export_bundle(tiny_run, out, ExportOptions(in_graph=True), parity_images=4, log=lambda m: None)
+    export_bundle(tiny_run, out, ExportOptions(in_graph=True, max_jitter_log_odds_shift=TINY_JITTER_SHIFT),
+                  parity_images=4, log=lambda m: None)
     return out
 
 

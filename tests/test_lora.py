@@ -8,11 +8,14 @@ import torch
 pytest.importorskip("peft")
 
 from lungsam.backbones import build_backbone, get_backbone  # noqa: E402
+from lungsam.export.config import ExportOptions  # noqa: E402
 from lungsam.lora import LoraSpec, add_lora, encoder_fingerprint, lora_state, merge_lora  # noqa: E402
 from lungsam.preprocess import encoder_input  # noqa: E402
 from lungsam.runs import load_run  # noqa: E402
 from lungsam.train.config import TrainConfig  # noqa: E402
 from lungsam.train.run import train_run  # noqa: E402
+
+from .conftest import TINY_JITTER_SHIFT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,8 @@ def test_lora_run_evaluates_and_exports(lora_run, tmp_path):
     by_id = {p["id"]: p["f1"] for p in r["per_image"]}
     for p in fold["per_image"]:  # eval reads the adapted encoder's embeddings: same test scores as training
         assert by_id[p["id"]] == p["f1"]  # the run's cached embeddings of the adapted encoder are reused
-    res = export_bundle(lora_run, tmp_path / "bundle", parity_images=3, log=lambda m: None)
+    res = export_bundle(lora_run, tmp_path / "bundle", ExportOptions(max_jitter_log_odds_shift=TINY_JITTER_SHIFT),
+                        parity_images=3, log=lambda m: None)
     parity = res.manifest["parity"]["results"]
     assert all(v["agreement_mean"] > 0.99 for v in parity.values())
     assert res.manifest["run"]["config"]["lora_rank"] == 2

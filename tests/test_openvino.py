@@ -9,6 +9,8 @@ import pytest
 
 from lungsam.cpufeatures import cpu_features, isa_summary
 
+from .conftest import TINY_JITTER_SHIFT
+
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'lungsam[openvino]'); "
                                             "CI installs it through .[dev]")
 
@@ -173,7 +175,7 @@ def static_int8_bundle(tiny_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("int8") / "bundle"
     res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--int8", "--calibration-images", "4",
-                                    "--min-agreement", "0.98"])
+                                    "--min-agreement", "0.98", "--max-jitter-log-odds-shift", str(TINY_JITTER_SHIFT)])
     assert res.exit_code == 0, res.output
     return out
 
@@ -221,7 +223,8 @@ def test_no_openvino_int8_keeps_onnxruntime_int8_only(tiny_run, tmp_path):
 
     out = tmp_path / "bundle"
     res = CliRunner().invoke(main, ["export", str(tiny_run), "--out", str(out), "--int8", "--calibration-images", "4",
-                                    "--no-openvino-int8", "--parity-images", "2", "--min-agreement", "0.98"])
+                                    "--no-openvino-int8", "--parity-images", "2", "--min-agreement", "0.98",
+                                    "--max-jitter-log-odds-shift", str(TINY_JITTER_SHIFT)])
     assert res.exit_code == 0, res.output
     assert "--no-openvino-int8: no OpenVINO (NNCF) INT8 encoder" in res.output
     m = json.loads((out / "manifest.json").read_text())

@@ -674,8 +674,6 @@ def move_into_place(tmp: Path, out: Path) -> None:
 
 def parity_record(run_model, source: dict, results: dict, opts: ExportOptions) -> dict:
     """The manifest's ``parity`` section (before :func:`private_parity`) from the gate's results."""
-    from .parity import MAX_JITTER_LOG_ODDS_SHIFT
-
     parity = {"min_agreement": opts.min_agreement, "threshold": run_model.threshold, "source": source,
               "postprocess": run_cleanup(run_model).enabled,
               "metric": "agreement = F1 between exported and torch masks (working frame, sigmoid > threshold, "
@@ -694,7 +692,7 @@ def parity_record(run_model, source: dict, results: dict, opts: ExportOptions) -
     if opts.int8:
         parity["max_int8_f1_drop"] = opts.max_int8_f1_drop
     if any(r.jitter is not None for r in results.values()):
-        parity["max_jitter_log_odds_shift"] = MAX_JITTER_LOG_ODDS_SHIFT
+        parity["max_jitter_log_odds_shift"] = opts.max_jitter_log_odds_shift
     return parity
 
 
@@ -704,7 +702,7 @@ def check_gates(results: dict, opts: ExportOptions, out: Path, table: str, parit
     from .parity import failing
 
     failed_int8 = int8_gate(results, opts.max_int8_f1_drop) if opts.int8 else []
-    why = failing(results, opts.min_agreement)
+    why = failing(results, opts.min_agreement, opts.max_jitter_log_odds_shift)
     failed = list(why)
     # the hint names what to change for every INT8 pipeline that misses either gate
     hint_int8 = int8_hint(opts.int8_method, opts.calibration_images,
@@ -731,7 +729,7 @@ def _build_in(tmp: Path, run_model, run_dir: Path, out: Path, cases: list, sourc
     models, skipped, int8_info = export_models(run_model, tmp, opts, log)
     engines = build_engines(run_model, tmp, models, opts.max_batch, log) if opts.trt else {}
     results = run_parity(run_model, tmp, models, engines, cases, log, int8_info)
-    table = format_table(results, opts.min_agreement)
+    table = format_table(results, opts.min_agreement, opts.max_jitter_log_odds_shift)
     parity = parity_record(run_model, source, results, opts)
     check_gates(results, opts, out, table, parity)
     manifest = build_manifest(run_model, run_dir, tmp, models, skipped, engines, parity, opts, int8_info)

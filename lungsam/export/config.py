@@ -24,6 +24,7 @@ class ExportOptions:
         int8_method: ``static`` (calibrated) or ``dynamic``. calibration_images: static INT8's training images.
         openvino_int8: static INT8 also through NNCF for OpenVINO (when openvino/nncf are installed).
         max_int8_f1_drop: the INT8 gate: largest allowed drop of mean F1 (ground truth) below torch FP32.
+        max_jitter_log_odds_shift: the gate at the quality flag's prompt variants (``export.parity.failing``).
         trt: also build TensorRT FP16 engines (implies FP16 models: :attr:`writes_fp16`).
         opset: ONNX opset. min_agreement: the parity gate (every model's mean mask F1 against torch).
         max_batch: largest batch of the TensorRT profiles. box_from_first_pass: the bundle's default inference
@@ -57,6 +58,10 @@ class ExportOptions:
     min_agreement: float = field(default=0.99, metadata=option(
         "Parity gate, in [0, 1]: every exported model's mean mask agreement (F1 vs torch) must reach this.",
         range="min_agreement"))
+    max_jitter_log_odds_shift: float = field(default=1.0, metadata=option(
+        "Parity gate, runs whose quality flag has a prompt-jitter term: the largest move of the flag's log-odds "
+        "that an exported decoder's jitter IoU may cause against torch's on one parity image (docs/quality.md).",
+        range="max_jitter_log_odds_shift"))
     max_batch: int = field(default=8, metadata=option(
         "Largest batch of the TensorRT optimisation profiles.", range="max_batch"))
     box_from_first_pass: bool = field(default=False, metadata=option(
