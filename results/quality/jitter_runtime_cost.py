@@ -1,7 +1,7 @@
 """What the quality flag's prompt-jitter term costs the torch-free runtime, measured side by side.
 
 Usage: python results/quality/jitter_runtime_cost.py BUNDLE --data DIR --out OUT [--images N] [--repeats R]
-       [--backend onnxruntime|openvino] [--threads T]
+       [--backend onnxruntime|openvino] [--precision fp32|fp16|int8|bf16] [--threads T]
 
 Opens BUNDLE once and, for each of the first ``--images`` images of ``--data`` (its ``images/`` folder), times
 ``segment`` (read, preprocess, encoder, decoder, clean-up, quality flag with its prompt-variant decodes) and,
@@ -33,9 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
-    seg = LungSegmenter.load(a.bundle, backend=a.backend, threads=a.threads)
+    seg = LungSegmenter.load(a.bundle, backend=a.backend, precision=a.precision, threads=a.threads)
     if seg.qc is None or getattr(seg.qc, "jitter", None) is None:
         raise SystemExit(f"{a.bundle}: its quality flag has no prompt-jitter term")
     paths = sorted((Path(a.data) / "images").iterdir())[:a.images]
@@ -55,14 +56,14 @@ def main(argv: list[str] | None = None) -> None:
                     stages.setdefault(k, []).append(v)
     med = {k: float(np.median(v)) for k, v in stages.items()}
     res = {"command": "python results/quality/jitter_runtime_cost.py " + " ".join(argv), "bundle": a.bundle,
-           "backend": seg.backend, "threads": a.threads, "images": len(paths), "repeats": a.repeats,
+           "backend": seg.backend, "precision": a.precision, "threads": a.threads, "images": len(paths), "repeats": a.repeats,
            "variants": len(seg.qc.jitter.variants), "median_total_s": float(np.median(total)),
            "median_jitter_s": float(np.median(jitter)), "median_stage_s": med,
            "jitter_share_of_total": float(np.median(jitter) / np.median(total)),
            "cpu": cpu_features(), "python": platform.python_version()}
     write_json_atomic(Path(a.out + ".json"), res)
     md = ["# Runtime cost of the prompt-jitter term", "", "```console", "$ " + res["command"], "```", "",
-          f"{res['backend']}, {len(paths)} images x {a.repeats} passes (median seconds per image).", "",
+          f"{res['backend']} {a.precision}, {len(paths)} images x {a.repeats} passes (median seconds per image).", "",
           "| segment (all stages) | the variant decodes alone | share | encode | decode | postprocess (incl. qc) |",
           "|---|---|---|---|---|---|",
           f"| {res['median_total_s']:.3f} | {res['median_jitter_s']:.3f} | {res['jitter_share_of_total']:.0%} | "
