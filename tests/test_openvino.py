@@ -51,6 +51,40 @@ def test_cpu_features_reads_cpuinfo(tmp_path):
     assert not empty["native_bf16"] and empty["source"].startswith("no CPU flags")
 
 
+def _dynamic_batch_model(path):
+    """A small ONNX model with dynamic batch and feature-count axes: y = relu(x @ W) summed over the features."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.linspace(-1, 1, 2 * 8, dtype=np.float32).reshape(2, 8), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceSum", ["r", "axes"], ["y"], keepdims=0)]
+    axes = numpy_helper.from_array(np.asarray([1], np.int64), "axes")
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=[w, axes])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_ov_model_compiles_the_first_shapes_statically_and_agrees(tmp_path):
+    """OvModel runs each of its first STATIC_SHAPES input shapes on a static compilation of its own (faster kernels
+    on the CPU plugin), later shapes on the dynamic one; the outputs are the same either way."""
+    from lungsam.runtime.openvino_backend import OvModel
+
+    path = _dynamic_batch_model(tmp_path / "m.onnx")
+    static, dynamic = OvModel(path, "fp32", threads=1, static_shapes=2), OvModel(path, "fp32", threads=1,
+                                                                                   static_shapes=0)
+    rng = np.random.default_rng(0)
+    for shape in ((1, 7, 2), (4, 7, 2), (6, 6, 2), (1, 7, 2)):
+        x = rng.normal(size=shape).astype(np.float32)
+        ref = np.maximum(x @ np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8), 0).sum(1)
+        np.testing.assert_allclose(static.run({"x": x})["y"], ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dynamic.run({"x": x})["y"], ref, rtol=1e-5, atol=1e-5)
+    assert static.static_compiled == [((1, 7, 2),), ((4, 7, 2),)]  # the third shape ran on the dynamic model
+    assert dynamic.static_compiled == []
+
+
 def test_openvino_bundle_matches_onnxruntime(tiny_bundle):
     """The export gated OpenVINO too, and the runtime's openvino backend gives onnxruntime's masks."""
     from lungsam.runtime import LungSegmenter
