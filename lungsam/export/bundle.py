@@ -686,8 +686,9 @@ def parity_record(run_model, source: dict, results: dict, opts: ExportOptions) -
               "onnxruntime": "CPUExecutionProvider, ORT_ENABLE_ALL",
               # int8 kernels (and so its agreement) and the timings auto reads depend on the CPU's instructions
               "machine": {**machine_record(), "cpu_features": cpu_features()},
-              "timing": "ms_per_image: wall time per image of each pipeline (encoder + decoder, batches of 2, "
-                        "the first batch left out), pipelines interleaved batch by batch on the same images",
+              "timing": "ms_per_image: wall time per image of each pipeline (encoder + decoder at the learned "
+                        "prompt, batches of 2), the median over the batches after the first, pipelines interleaved "
+                        "batch by batch on the same images",
               "results": {name: {**r.summary(), "ms_per_image": r.ms_per_image} for name, r in results.items()}}
     if opts.int8:
         parity["max_int8_f1_drop"] = opts.max_int8_f1_drop

@@ -204,7 +204,7 @@ class ParityResult:
         agreement: per-image F1 between exported and torch binary masks (working frame).
         f1_gt: per-image F1 of the exported masks against ground truth; f1_gt_torch: same for torch.
         ms_per_image: the pipeline's wall time per image (encoder + decoder at the learned prompt) on the parity
-            batches, the first batch left out (``None`` with a single batch).
+            batches, the median over the batches after the first (:func:`ms_per_image`).
         jitter: its figures at the quality flag's prompt variants (``None``: no jitter term, or a fixed decoder).
     """
 
@@ -230,11 +230,12 @@ class ParityResult:
 
 
 def ms_per_image(times: list[tuple[float, int]]) -> float | None:
-    """Mean wall ms per image over a pipeline's parity batches ``[(seconds, images)]``, the first (warm-up) batch
-    left out (kept when it is the only one)."""
+    """Wall ms per image of a pipeline's parity batches ``[(seconds, images)]``: the median over the batches of its
+    per-image time, the first (warm-up) batch left out (kept when it is the only one). A median, so a one-off cost
+    inside one batch (OpenVINO compiling a shape statically on its second call) does not move it."""
     rest = times[1:] if len(times) > 1 else times
-    n = sum(k for _, k in rest)
-    return 1000.0 * sum(t for t, _ in rest) / n if n else None
+    per_image = [1000.0 * t / k for t, k in rest if k]
+    return float(np.median(per_image)) if per_image else None
 
 
 def compare(pipelines: dict[str, Pipeline], sam, spec: PreprocessSpec, cases: list[ParityCase], threshold: float,

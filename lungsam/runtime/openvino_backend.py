@@ -15,8 +15,9 @@ Static shapes: the bundle's models have dynamic batch (and prompt-point) axes, a
 dynamic shape are slower than for a fixed one (measured on a 2-core AMX Xeon, LiteMedSAM@256, bf16: prompted
 decoder 74 / 109 ms dynamic against 50 / 75 ms static for batches of 4 / 6, encoder 156 against 134 ms). So
 :class:`OvModel` compiles the model once more for each of the first :data:`STATIC_SHAPES` distinct input shapes it
-is given (the shapes a runtime sees: one image, the quality flag's two variant batches) and runs those there; any
-further shape runs on the dynamic compilation. Same model file, same precision hint: only the kernels' shape
+is given twice (the shapes a runtime sees: one image, the quality flag's two variant batches; a shape's first call
+runs on the dynamic compilation, so a one-image run pays no extra compile) and runs those there; any further shape
+runs on the dynamic compilation. Same model file, same precision hint: only the kernels' shape
 specialisation differs.
 """
 from __future__ import annotations
@@ -117,6 +118,7 @@ class OvModel:
         self.request = self.compiled.create_infer_request()
         self.static_shapes = int(static_shapes)
         self._static: OrderedDict[tuple, Any] = OrderedDict()  # input shapes -> infer request (None: dynamic)
+        self._seen: set[tuple] = set()  # shapes called once so far (compiled statically on their second call)
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         got = got.to_string() if hasattr(got, "to_string") else str(got)
         self.providers = [f"OpenVINO CPU ({got}, {self.config['PERFORMANCE_HINT'].lower()})"]
@@ -130,11 +132,15 @@ class OvModel:
 
     def request_for(self, shapes: tuple[tuple[int, ...], ...]):
         """The infer request for inputs of these ``shapes`` (port order): a static compilation of the model at them
-        for the first :attr:`static_shapes` distinct shapes, else the dynamic one. A model the plugin cannot
-        reshape or compile at a shape keeps the dynamic request for it."""
+        for the first :attr:`static_shapes` distinct shapes seen twice (the first call of a shape runs on the
+        dynamic model, so a one-image run pays no extra compilation), else the dynamic one. A model the plugin
+        cannot reshape or compile at a shape keeps the dynamic request for it."""
         if shapes in self._static:
             return self._static[shapes] or self.request
         if len(self._static) >= self.static_shapes:
+            return self.request
+        if shapes not in self._seen:
+            self._seen.add(shapes)
             return self.request
         try:
             model = core().read_model(str(self.path))
