@@ -180,14 +180,6 @@ def torch_decode(sam, emb, cases: list[ParityCase], points: Points | None = None
     return low.numpy().astype(np.float32)
 
 
-def torch_low_res(sam, spec: PreprocessSpec, cases: list[ParityCase]) -> np.ndarray:
-    """The reference: SAM's own preprocessing, image encoder and :func:`lungsam.modeling.decoder.decode`.
-
-    Returns ``(B, 1, L, L)`` float32 low-res logits for ``cases`` (one batch).
-    """
-    return torch_decode(sam, torch_embeddings(sam, spec, cases), cases)
-
-
 def working_logits(low_res: np.ndarray, case: ParityCase, spec: PreprocessSpec) -> np.ndarray:
     """``(1, L, L)`` or ``(L, L)`` low-res logits -> ``(S, S)`` float32 logits in the working frame."""
     low = np.asarray(low_res, np.float32).reshape(low_res.shape[-2:])
@@ -379,12 +371,6 @@ def failing(results: dict[str, ParityResult], min_agreement: float,
             out[n] = (f"the quality flag's jitter IoU differs from torch's by {j['max_abs_jitter_iou_diff']:.4f} "
                       f"({j['max_log_odds_shift']:.2f} log-odds > {max_jitter_shift})")
     return out
-
-
-def gate(results: dict[str, ParityResult], min_agreement: float,
-         max_jitter_shift: float = MAX_JITTER_LOG_ODDS_SHIFT) -> list[str]:
-    """Names of the pipelines :func:`failing` lists (empty: the gate passes)."""
-    return list(failing(results, min_agreement, max_jitter_shift))
 
 
 def format_table(results: dict[str, ParityResult], min_agreement: float,

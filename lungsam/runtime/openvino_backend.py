@@ -22,7 +22,6 @@ specialisation differs.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +116,7 @@ class OvModel:
             raise OpenVINOUnavailable(f"{self.path}: OpenVINO cannot load the model ({e})") from e
         self.request = self.compiled.create_infer_request()
         self.static_shapes = int(static_shapes)
-        self._static: OrderedDict[tuple, Any] = OrderedDict()  # input shapes -> infer request (None: dynamic)
+        self._static: dict[tuple, Any] = {}  # input shapes -> infer request (None: the dynamic one runs them)
         self._seen: set[tuple] = set()  # shapes called once so far (compiled statically on their second call)
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         got = got.to_string() if hasattr(got, "to_string") else str(got)

@@ -72,12 +72,13 @@ def validation_signals(run_dir: str, fold: int) -> tuple[QcModel, list[dict], np
 
 def unseen_scores(per_image: list[dict], model: QcModel) -> tuple[np.ndarray, np.ndarray]:
     """``(score, flag)`` per eval row under ``model``: the eval's logistic contributions (every signal but the
-    jitter IoU) plus ``model``'s jitter term on the row's jitter IoU."""
+    jitter IoU) plus ``model``'s jitter term on the row's jitter IoU (none for a model without the term)."""
     out, flags = [], []
     for r in per_image:
         q = r["qc"]
         logit = model.bias + sum(v for k, v in q["z"].items() if k != JITTER)
-        logit += model.jitter.contribution(float(q["features"][JITTER]))
+        if model.jitter is not None:
+            logit += model.jitter.contribution(float(q["features"][JITTER]))
         empty = q["features"].get("area_fraction", 1.0) == 0.0
         s = 0.0 if empty else float(1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50))))
         out.append(s)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                              "jitter_p10": float(np.quantile(val_jitter, 0.1)),
                              "tail_scale": float((np.median(val_jitter) - np.quantile(val_jitter, 0.1)) / 1.2816)},
               "line_without_jitter": base.flag_below, "floors": []}
-    s0, f0 = unseen_scores_base(per_image, base)
+    s0, f0 = unseen_scores(per_image, base)  # without the term, at the line the model had before it
     record["without_jitter"] = {k: detection(s0[m], f0[m], bad[m]) for k, m in subsets.items()}
     for floor in floors:
         m = add_jitter_term(base, rows, good, cal.jitter.shift, cal.jitter.variants, cal.jitter.weight, floor)
@@ -144,19 +145,6 @@ def main(argv: list[str] | None = None) -> None:
     write_json_atomic(Path(f"{a.out}.json"), record)
     write_text_atomic(Path(f"{a.out}.md"), markdown(record, list(subsets)))
     print(markdown(record, list(subsets)))
-
-
-def unseen_scores_base(per_image: list[dict], base: QcModel) -> tuple[np.ndarray, np.ndarray]:
-    """``(score, flag)`` per eval row without the jitter term, at the line the model had before it."""
-    out, flags = [], []
-    for r in per_image:
-        q = r["qc"]
-        logit = base.bias + sum(v for k, v in q["z"].items() if k != JITTER)
-        empty = q["features"].get("area_fraction", 1.0) == 0.0
-        s = 0.0 if empty else float(1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50))))
-        out.append(s)
-        flags.append(empty or s < base.flag_below)
-    return np.asarray(out), np.asarray(flags)
 
 
 def cell(d: dict) -> str:
