@@ -35,8 +35,8 @@ from lungsam.metrics import f1_score, iou_score, summarize
 from lungsam.postprocess import CleanupSpec, clean_mask
 from lungsam.qc import auroc, detection_summary, load_calibration
 from lungsam.runs import load_run
-from lungsam.train.config import TrainConfig
 from lungsam.train.engine import predict_with_iou
+from lungsam.train.redecode import encoder_config
 from lungsam.train.run import embed_samples, load_data
 
 log = logging.getLogger("lungsam.decoder_ensemble")
@@ -64,8 +64,7 @@ def member_probabilities(member: str, data_dirs: list[str], shared: dict, work: 
     name = f"{Path(run).name}:{rm.fold}"
     key = (rm.encoder_fingerprint, rm.run["config"].get("encoder_size"), int(rm.run["config"]["size"]))
     if not shared:
-        cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"), size=key[2],
-                          encoder_size=key[1])
+        cfg = encoder_config(rm)
         shared.update(key=key, cfg=cfg, samples=load_data(data_dirs, cfg.size, log.info).samples, emb=None)
     elif key != shared["key"]:
         raise SystemExit(f"{member}: another encoder or working size than the first member; an ensemble of "

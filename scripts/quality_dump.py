@@ -18,8 +18,8 @@ from dataclasses import replace
 import numpy as np
 
 from lungsam.runs import load_run
-from lungsam.train.config import TrainConfig
 from lungsam.train.engine import predict_with_iou
+from lungsam.train.redecode import encoder_config
 from lungsam.train.run import embed_samples, load_data
 
 log = logging.getLogger("lungsam.quality_dump")
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rm = load_run(a.run, a.fold, None)
-    cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"),
-                      size=int(rm.run["config"]["size"]), encoder_size=rm.run["config"].get("encoder_size"))
+    cfg = encoder_config(rm)
     data = load_data(a.data or rm.run["config"]["data"], cfg.size, log.info)
     samples = data.samples if a.part == "all" else [data.by_id()[i] for i in rm.split[a.part]]
     emb, _ = embed_samples(rm.sam, cfg, cfg.checkpoint, samples, "cpu", False, fingerprint=rm.encoder_fingerprint)

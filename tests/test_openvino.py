@@ -167,21 +167,36 @@ def test_openvino_refusals(tiny_bundle):
         resolve_backend(ungated, "openvino", "cpu", "fp32")
 
 
+def _with_times(path, learned, variants=(0.0, 0.0), features=None):
+    """The bundle at ``path`` with the export's timings replaced: ``learned`` = ``(onnxruntime, openvino)``
+    ``ms_per_image`` of every pipeline, ``variants`` the same for the prompted decoders' ``jitter.ms_per_image``
+    (``None``: not timed, as in bundles exported before it was); ``features``: the recorded CPU."""
+    par = _bundle(path).manifest["parity"]
+    res = {}
+    for k, v in par["results"].items():
+        i = 0 if k.startswith("onnx-") else 1
+        row = {**v, "ms_per_image": learned[i]}
+        if "jitter" in v:
+            jit = {kk: vv for kk, vv in v["jitter"].items() if kk != "ms_per_image"}
+            row["jitter"] = jit if variants[i] is None else {**jit, "ms_per_image": variants[i]}
+        res[k] = row
+    machine = {**par["machine"], "cpu_features": features or par["machine"]["cpu_features"]}
+    return _bundle(path, parity={**par, "results": res, "machine": machine})
+
+
 def test_auto_picks_the_recorded_fastest_on_this_cpu_only(tiny_bundle):
     from lungsam.runtime.backends import resolve_backend
 
-    b = _bundle(tiny_bundle)
-    par = b.manifest["parity"]
+    par = _bundle(tiny_bundle).manifest["parity"]
 
     def with_times(ort_ms, ov_ms, features=None):
-        res = {k: {**v, "ms_per_image": ort_ms if k.startswith("onnx-") else ov_ms} for k, v in par["results"].items()}
-        machine = {**par["machine"], "cpu_features": features or par["machine"]["cpu_features"]}
-        return _bundle(tiny_bundle, parity={**par, "results": res, "machine": machine})
+        return _with_times(tiny_bundle, (ort_ms, ov_ms), features=features)
 
     c = resolve_backend(with_times(10.0, 5.0), "auto", "cpu", "fp32")
     assert (c.backend, c.precision) == ("openvino", "fp32") and "openvino" in c.why and not c.fallbacks
     c = resolve_backend(with_times(5.0, 10.0), "auto", "cpu", "fp32")
-    assert c.backend == "onnxruntime" and "fp32: onnxruntime 5 ms, openvino 10 ms" in c.why
+    assert c.backend == "onnxruntime"
+    assert "fp32, with the flag's prompt variants: onnxruntime 5 ms, openvino 10 ms" in c.why
     c = resolve_backend(with_times(5.0, None), "auto", "cpu", "fp32")  # OpenVINO not timed at export
     assert c.backend == "onnxruntime" and "openvino not timed" in c.why
     other = copy.deepcopy(par["machine"]["cpu_features"])
@@ -193,6 +208,39 @@ def test_auto_picks_the_recorded_fastest_on_this_cpu_only(tiny_bundle):
 
     with pytest.raises(BackendUnavailableError, match="no int8"):
         resolve_backend(with_times(10.0, 5.0), "auto", "cpu", "int8")
+
+
+def test_auto_counts_the_quality_flags_variant_decodes(tiny_bundle):
+    """The flag's prompt variants run on the prompted decoder for every image: auto adds their recorded time
+    (``jitter.ms_per_image``), so a backend faster at the learned prompt but slower at the variants loses, and
+    wins again when the variants are dropped (``--no-qc-jitter``)."""
+    from lungsam.runtime.backends import resolve_backend
+    from lungsam.runtime.segmenter import LungSegmenter
+
+    b = _bundle(tiny_bundle)
+    par = b.manifest["parity"]
+    assert b.quality_model.jitter is not None
+    for name in ("onnx-fp32/decoder", "openvino-fp32/decoder"):  # the export times them
+        assert par["results"][name]["jitter"]["ms_per_image"] > 0
+    assert "jitter.ms_per_image" in par["timing"]
+
+    def with_times(learned, variants):
+        return _with_times(tiny_bundle, learned, variants)
+
+    slow_variants = with_times((10.0, 5.0), (1.0, 20.0))  # OpenVINO: faster encoder, slower variant decodes
+    c = resolve_backend(slow_variants, "auto", "cpu", "fp32")
+    assert c.backend == "onnxruntime", c.why
+    assert "with the flag's prompt variants: onnxruntime 11 ms, openvino 25 ms" in c.why
+    c = resolve_backend(slow_variants, "auto", "cpu", "fp32", qc_jitter=False)
+    assert c.backend == "openvino" and "5 ms per image against onnxruntime's 10 ms" in c.why
+    seg = LungSegmenter.load(slow_variants, qc_jitter=False)  # what `lungsam predict --no-qc-jitter` loads
+    assert seg.backend == "openvino" and seg.describe()["qc_jitter"] is False
+    assert LungSegmenter.load(slow_variants).backend == "onnxruntime"
+    c = resolve_backend(with_times((10.0, 5.0), (1.0, 2.0)), "auto", "cpu", "fp32")
+    assert c.backend == "openvino" and "7 ms per image against onnxruntime's 11 ms" in c.why
+    untimed = with_times((10.0, 5.0), (None, None))  # a bundle exported before the variants were timed
+    c = resolve_backend(untimed, "auto", "cpu", "fp32")
+    assert c.backend == "openvino" and "variant decodes were not timed at export" in c.why
 
 
 # ---------------------------------------------------------------------------------------------

@@ -395,3 +395,34 @@ def test_eval_scores_the_run_s_test_images_with_the_same_jitter_term(tiny_run, t
         assert JITTER in mine[x["id"]]["features"]
         assert mine[x["id"]]["score"] == pytest.approx(x["qc"]["score"], abs=1e-5)
         assert mine[x["id"]]["flag"] == x["qc"]["flag"]
+
+
+def test_a_fold_decoded_again_reproduces_its_calibration_and_test_flags(tiny_run):
+    """``lungsam.train.redecode`` (what the recalibration scripts use) decodes a finished fold as training did:
+    its validation images give the fold's own calibration back (jitter term included) and its test images the
+    same flags."""
+    from lungsam.postprocess import CleanupSpec
+    from lungsam.runs import load_run
+    from lungsam.train.engine import score
+    from lungsam.train.folds import assess_quality, calibrate_quality, with_jitter_term
+    from lungsam.train.redecode import DEFAULT_JITTER, calibrated_jitter, decode_samples, encoder_config, fold_parts
+
+    rm = load_run(tiny_run, 0)
+    assert encoder_config(rm).size == rm.working_size and encoder_config(rm, 64).size == 64
+    assert calibrated_jitter(rm) == (rm.metrics["qc"]["jitter"]["shift"], tuple(rm.metrics["qc"]["jitter"]["variants"]))
+    parts = fold_parts(rm)
+    assert [s.id for s in parts["test"]] == rm.split["test"]
+    cleanup = CleanupSpec.from_dict(rm.metrics.get("postprocess"))
+    val, test = (decode_samples(rm, parts[p], DEFAULT_JITTER) for p in ("val", "test"))
+    cal = calibrate_quality(val.probs, val.iou, rm.threshold, cleanup, "fold 0 validation images", val.masks,
+                            [s.mask for s in parts["train"]], val.images)
+    f1, _ = score(val.probs, val.masks, rm.threshold, cleanup)
+    cal = with_jitter_term(cal, val.probs, val.iou, rm.threshold, cleanup, val.jitter, f1, val.images)
+    mine, theirs = cal.to_dict(), rm.metrics["qc"]
+    assert mine["jitter"]["center"] == pytest.approx(theirs["jitter"]["center"], abs=1e-6)
+    assert mine["flag_below"] == pytest.approx(theirs["flag_below"], abs=1e-6)
+    assert mine["weights"] == pytest.approx(theirs["weights"], abs=1e-4)
+    qc = assess_quality(cal, test.probs, test.iou, rm.threshold, cleanup, test.images, test.jitter)
+    recorded = {r["id"]: r["qc"] for r in rm.metrics["per_image"]}
+    for s, q in zip(test.samples, qc):
+        assert q.score == pytest.approx(recorded[s.id]["score"], abs=1e-5) and q.flag == recorded[s.id]["flag"]

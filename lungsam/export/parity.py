@@ -99,19 +99,28 @@ class JitterParity:
         agreement: F1 between the exported and torch masks, per image and variant (working frame, cleaned).
         iou_diff: per image, |jitter IoU exported - jitter IoU torch| (:func:`lungsam.qc.jitter_agreement`).
         scale, weight: the term's; ``iou_diff * weight / scale`` is the shift of the flag's log-odds.
+        times: ``(seconds, images)`` per batch of the variants' decoder calls (all variants of the batch; model
+            calls only, the masks' postprocessing left out): what the flag adds to an image on this pipeline.
     """
 
     scale: float
     weight: float
     agreement: list[float] = field(default_factory=list)
     iou_diff: list[float] = field(default_factory=list)
+    times: list[tuple[float, int]] = field(default_factory=list)
 
     def summary(self) -> dict:
+        """The manifest's ``parity.results[pipeline].jitter``; ``ms_per_image`` (the variants' decodes per image,
+        :func:`ms_per_image`) is left out when nothing was timed."""
         a = summarize(self.agreement)
         worst = max(self.iou_diff) if self.iou_diff else 0.0
-        return {"n": a["n"], "agreement_mean": a["mean"], "agreement_min": a["min"],
-                "max_abs_jitter_iou_diff": worst, "mean_abs_jitter_iou_diff": float(np.mean(self.iou_diff or [0.0])),
-                "max_log_odds_shift": worst * self.weight / self.scale}
+        out = {"n": a["n"], "agreement_mean": a["mean"], "agreement_min": a["min"],
+               "max_abs_jitter_iou_diff": worst, "mean_abs_jitter_iou_diff": float(np.mean(self.iou_diff or [0.0])),
+               "max_log_odds_shift": worst * self.weight / self.scale}
+        ms = ms_per_image(self.times)
+        if ms is not None:
+            out["ms_per_image"] = ms
+        return out
 
 
 @dataclass
@@ -239,7 +248,8 @@ def compare(pipelines: dict[str, Pipeline], sam, spec: PreprocessSpec, cases: li
     before the next (their timings interleaved). ``cleanup``: the run's mask clean-up
     (:func:`lungsam.postprocess.clean_mask`), applied to torch's and the exported masks alike when enabled, so the
     gate covers what the runtime returns. ``jitter``: the quality flag's prompt variants; every prompted pipeline is
-    also decoded at each of them on its own embeddings and compared with torch's (:class:`JitterParity`; not timed).
+    also decoded at each of them on its own embeddings and compared with torch's (:class:`JitterParity`; its
+    decoder calls timed apart from the learned prompt's, so ``--backend auto`` can add what the flag costs).
     """
     rules = cleanup or CleanupSpec()  # disabled: clean_mask returns the mask as it is
 
@@ -290,9 +300,13 @@ def compare_variants(out: JitterParity, pipe: Pipeline, emb: np.ndarray, jitter:
     """One batch of :func:`compare` at the prompt variants: each variant decoded by ``pipe`` on its embeddings
     ``emb``; per image and variant the mask agreement with torch's variant mask, and per image the difference of
     the jitter IoU (mean IoU of the variant masks with the image's returned mask, as :func:`lungsam.qc.
-    jitter_agreement` computes it; exported variants against the exported mask, torch's against torch's)."""
+    jitter_agreement` computes it; exported variants against the exported mask, torch's against torch's). The
+    decoder calls are timed (``out.times``), the masks' postprocessing not."""
     n = len(batch)
-    variants = [masks_of(pipe.decode(emb, *jitter.onnx_points(v, n)), batch) for v in range(len(jitter.names))]
+    t0 = time.perf_counter()
+    low = [pipe.decode(emb, *jitter.onnx_points(v, n)) for v in range(len(jitter.names))]
+    out.times.append((time.perf_counter() - t0, n))
+    variants = [masks_of(lo, batch) for lo in low]
     for i in range(n):
         for v in range(len(jitter.names)):
             out.agreement.append(f1_score(variants[v][i], ref_variants[v][i]))

@@ -106,7 +106,7 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
                                "bundle's full scores (with the prompt jitter)")
     load = dict(backend=backend, device=device, precision=precision, allow_fallback=allow_fallback, threads=threads,
                 box_source=box_source, box_from_first_pass=box_from_first_pass, expect_digest=expect_digest,
-                max_pixels=max_pixels)
+                max_pixels=max_pixels, qc_jitter=qc_jitter)
     dicom = dict(dicom_seg=dicom_seg, fractional=fractional, sr=sr, secondary_capture=secondary_capture)
     if ray_address is not None:
         if overwrite or preprocess != "host":  # a Ray rerun resumes its folder (ray_run.json); it never clears it
@@ -115,11 +115,9 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
                                    "--preprocess graph/auto is not wired into --ray yet: drop it, or run without --ray")
         return _predict_ray(bundle, inputs, out_dir, ray_address, ray_workers, ray_cpus_per_worker,
                             ray_gpus_per_worker, overlay=overlay, batch_size=batch_size, ground_truth=ground_truth,
-                            no_progress=no_progress, qc_site=qc_site, qc_jitter=qc_jitter, **load, **dicom)
+                            no_progress=no_progress, qc_site=qc_site, **load, **dicom)
     listing = _input_listing(inputs, out_dir, overwrite)
     seg = _load_segmenter(bundle, performance_hint=performance_hint, preprocess=preprocess, **load)
-    if not qc_jitter:
-        seg.drop_qc_jitter()
     if qc_site is not None:
         seg.use_site_operating_point(qc_site)  # a SiteQcError (LungsamError) is the CLI's error line
     _refuse_needs_box(seg, bundle)

@@ -126,9 +126,8 @@ class SegmentBlocks:
         self.segmenter = LungSegmenter.load(bundle, backend=o.backend, device=o.device, precision=o.precision,
                                             allow_fallback=o.allow_fallback, threads=o.threads,
                                             box_from_first_pass=o.box_from_first_pass, box_source=o.box_source,
-                                            expect_digest=o.expect_digest, max_pixels=o.max_pixels)
-        if not o.qc_jitter:
-            self.segmenter.drop_qc_jitter()
+                                            expect_digest=o.expect_digest, max_pixels=o.max_pixels,
+                                            qc_jitter=o.qc_jitter)
         if o.qc_site is not None:
             self.segmenter.use_site_operating_point(o.qc_site)
         self.record_hook = None

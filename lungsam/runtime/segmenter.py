@@ -314,7 +314,7 @@ class LungSegmenter:
              allow_fallback: bool = False, threads: int | None = None,
              box_from_first_pass: bool | None = None, expect_digest: str | None = None,
              max_pixels: int | None = DEFAULT_MAX_PIXELS, performance_hint: str | None = None,
-             box_source: str | None = None, preprocess: str = "host") -> "LungSegmenter":
+             box_source: str | None = None, preprocess: str = "host", qc_jitter: bool = True) -> "LungSegmenter":
         """Open a bundle (verifying every file's sha256) with the requested backend.
 
         Args:
@@ -344,6 +344,8 @@ class LungSegmenter:
             preprocess: ``host`` (numpy), ``graph`` (the bundle's in-graph models, ``lungsam export
                 --in-graph-preprocess``: :class:`lungsam.runtime.ingraph.GraphLungSegmenter`) or ``auto``
                 (:func:`lungsam.runtime.ingraph.choose_preprocess`).
+            qc_jitter: ``False``: the quality flag without its prompt-jitter term (:meth:`drop_qc_jitter`,
+                ``lungsam predict --no-qc-jitter``); ``auto`` then times the backends without the variant decodes.
         Raises:
             BundleError / BundleIntegrityError: not a bundle, a malformed manifest, a listed file missing or
                 changed, or a digest other than ``expect_digest``.
@@ -355,14 +357,19 @@ class LungSegmenter:
             seg = _load_graph(b, preprocess, backend, device, precision, allow_fallback, threads, first_pass,
                               expect_digest, max_pixels, performance_hint)
             if seg is not None:
+                if not qc_jitter:
+                    seg.drop_qc_jitter()
                 return seg
         names = b.model_names()
         if "encoder" not in names or not ({"decoder", "decoder_fixed"} & set(names)):
             raise BundleError(f"bundle {b.root} needs an encoder and a decoder (has: {', '.join(names) or 'none'})")
-        choice = resolve_backend(b, backend, device, precision, allow_fallback, models=names)
+        choice = resolve_backend(b, backend, device, precision, allow_fallback, models=names, qc_jitter=qc_jitter)
         models = open_models(b, names, choice, threads, performance_hint)
         policy = resolve_policy(b.meta.inference if b.meta is not None else None, box_source, box_from_first_pass)
-        return cls(b, models, choice, threads, max_pixels=max_pixels, policy=policy)
+        seg = cls(b, models, choice, threads, max_pixels=max_pixels, policy=policy)
+        if not qc_jitter:
+            seg.drop_qc_jitter()
+        return seg
 
     @property
     def backend(self) -> str:

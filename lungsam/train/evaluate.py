@@ -26,6 +26,7 @@ from . import report
 from .config import TrainConfig
 from .engine import binarize, pick_device, predict_with_first_pass_box, predict_with_iou, score
 from .folds import assess_quality, prompt_jitter_of
+from .redecode import encoder_config
 from .unet import RUN_FORMAT as UNET_RUN_FORMAT
 
 Log = Callable[[str], None]
@@ -114,8 +115,7 @@ def _folds_to_score(run_dir: str, fold: int | None, split: str) -> list[int | No
 def _score_run_fold(rm, samples: list[Sample], threshold: float | None, size: int, device: str, progress: bool,
                     box_from_first_pass: bool) -> ScoredPart:
     """One fold of a run (:class:`lungsam.runs.RunModel`) scored on ``samples`` at working size ``size``."""
-    cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"), size=size,
-                      encoder_size=rm.run["config"].get("encoder_size"))
+    cfg = encoder_config(rm, size)
     thr, thr_src = ((threshold, "given") if threshold is not None
                     else (rm.threshold, "chosen on the fold's validation split"))
     cleanup = CleanupSpec.from_dict(rm.metrics.get("postprocess"))

@@ -55,13 +55,12 @@ def score_subset(run_dir: Path, folder: Path, fold: int | None) -> tuple[list, l
     from lungsam.postprocess import CleanupSpec
     from lungsam.runs import load_run
     from lungsam.samples import load_data
-    from lungsam.train.config import TrainConfig
     from lungsam.train.engine import binarize, pick_device
     from lungsam.train.evaluate import score_model
+    from lungsam.train.redecode import encoder_config
 
     rm = load_run(run_dir, fold)
-    cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"),
-                      size=int(rm.run["config"]["size"]), encoder_size=rm.run["config"].get("encoder_size"))
+    cfg = encoder_config(rm)
     data = load_data([str(folder)], cfg.size, logger.info)
     cleanup = CleanupSpec.from_dict(rm.metrics.get("postprocess"))
     probs, f1, _, _ = score_model(rm.sam, rm.spec, rm.prompt, rm.threshold, cfg, cfg.checkpoint,

@@ -30,10 +30,9 @@ from lungsam.postprocess import CleanupSpec
 from lungsam.qc import JITTER, JITTER_MIN_SCALE, QcModel, auroc, load_calibration
 from lungsam.qc_fit import add_jitter_term
 from lungsam.runs import load_run
-from lungsam.samples import embed_samples, load_data
-from lungsam.train.config import TrainConfig
-from lungsam.train.engine import predict_with_iou, score
-from lungsam.train.folds import prompt_jitter_of, variant_maps_per_image
+from lungsam.train.engine import score
+from lungsam.train.folds import variant_maps_per_image
+from lungsam.train.redecode import calibrated_jitter, decode_samples, fold_parts
 
 BAD_BELOW = 0.90
 FLOORS = (0.005, 0.0075, 0.01, 0.015, 0.02)
@@ -52,21 +51,12 @@ def validation_signals(run_dir: str, fold: int) -> tuple[QcModel, list[dict], np
     cal = load_calibration(rm.metrics.get("qc"))
     if not isinstance(cal, QcModel) or cal.jitter is None:
         raise SystemExit(f"{run_dir} fold {fold}: no lungsam-qc/2 calibration with a prompt-jitter term")
-    c = rm.run["config"]
-    cfg = TrainConfig(backbone=rm.backbone, checkpoint=c.get("checkpoint"), size=int(c["size"]),
-                      encoder_size=c.get("encoder_size"))
-    data = load_data(c["data"], cfg.size, log.info).by_id()
-    samples = [data[i] for i in rm.split["val"]]
-    emb, _ = embed_samples(rm.sam, cfg, cfg.checkpoint, samples, "cpu", False, fingerprint=rm.encoder_fingerprint)
-    masks = [s.mask for s in samples]
-    probs, iou = predict_with_iou(rm.sam, emb, masks, rm.prompt, rm.spec, cfg.size, "cpu")
-    jitter = prompt_jitter_of(rm.sam, emb, masks, rm.prompt, rm.spec, cfg.size, "cpu", cal.jitter.shift,
-                              cal.jitter.variants)
+    val = decode_samples(rm, fold_parts(rm, log=log.info)["val"], calibrated_jitter(rm))
     cleanup = CleanupSpec.from_dict(rm.metrics.get("postprocess"))
     base = cal.without_jitter()
-    rows = [base.signals(p, rm.threshold, float(i), cleanup, image=s.image, variants=v)
-            for p, i, s, v in zip(probs, iou, samples, variant_maps_per_image(jitter, len(probs)))]
-    f1, _ = score(probs, masks, rm.threshold, cleanup)
+    rows = [base.signals(p, rm.threshold, float(i), cleanup, image=im, variants=v)
+            for p, i, im, v in zip(val.probs, val.iou, val.images, variant_maps_per_image(val.jitter, len(val.probs)))]
+    f1, _ = score(val.probs, val.masks, rm.threshold, cleanup)
     return cal, rows, np.asarray(f1) >= cal.fit.get("bad_below", BAD_BELOW)
 
 

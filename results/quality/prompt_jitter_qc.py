@@ -28,6 +28,7 @@ from lungsam.runs import load_run
 from lungsam.samples import embed_samples, load_data
 from lungsam.train.config import TrainConfig
 from lungsam.train.engine import predict_with_iou
+from lungsam.train.redecode import encoder_config
 
 log = logging.getLogger("lungsam.prompt_jitter_qc")
 BAD_BELOW = 0.90
@@ -62,8 +63,7 @@ def open_point_run(run: str, fold: int | None, data: list[str], purpose: str):
     rm = load_run(run, fold, None)
     if not rm.prompt.uses_points:
         raise SystemExit(f"{run}: prompt mode {rm.prompt.mode!r} has no learned points to {purpose}")
-    cfg = TrainConfig(backbone=rm.backbone, checkpoint=rm.run["config"].get("checkpoint"),
-                      size=int(rm.run["config"]["size"]), encoder_size=rm.run["config"].get("encoder_size"))
+    cfg = encoder_config(rm)
     return rm, cfg, load_data(data, cfg.size, log.info).samples
 
 
