@@ -431,10 +431,17 @@ def jitter_agreement(mask: np.ndarray, variants, threshold: float, cleanup: Clea
     """Mean IoU of each variant's mask (probability ``(S, S)`` > ``threshold``, cleaned like the returned mask)
     with the returned ``mask`` ``(S, S)`` bool; ``variants``: the variants' working-frame probabilities."""
     spec = cleanup or CleanupSpec()
-    maps = list(variants)
-    if not maps:
+    return agreement_of_masks(mask, [clean_mask(np.asarray(v) > threshold, spec) for v in variants])
+
+
+def agreement_of_masks(mask: np.ndarray, variant_masks) -> float:
+    """:data:`JITTER` from masks already thresholded and cleaned: the mean IoU of each ``(S, S)`` bool variant mask
+    with the returned ``mask``. The one definition the flag (:func:`jitter_agreement`) and the export's parity gate
+    (:func:`lungsam.export.parity.compare_variants`) share."""
+    masks = list(variant_masks)
+    if not masks:
         raise QcError("prompt jitter: no variant maps")
-    return float(np.mean([iou_score(clean_mask(np.asarray(v) > threshold, spec), mask) for v in maps]))
+    return float(np.mean([iou_score(m, mask) for m in masks]))
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,7 @@ def test_auto_picks_the_recorded_fastest_on_this_cpu_only(tiny_bundle):
         resolve_backend(with_times(10.0, 5.0), "auto", "cpu", "int8")
 
 
-def test_auto_counts_the_quality_flags_variant_decodes(tiny_bundle):
+def test_auto_counts_the_quality_flags_variant_decodes(tiny_bundle, tmp_path):
     """The flag's prompt variants run on the prompted decoder for every image: auto adds their recorded time
     (``jitter.ms_per_image``), so a backend faster at the learned prompt but slower at the variants loses, and
     wins again when the variants are dropped (``--no-qc-jitter``)."""
@@ -241,6 +241,17 @@ def test_auto_counts_the_quality_flags_variant_decodes(tiny_bundle):
     untimed = with_times((10.0, 5.0), (None, None))  # a bundle exported before the variants were timed
     c = resolve_backend(untimed, "auto", "cpu", "fp32")
     assert c.backend == "openvino" and "variant decodes were not timed at export" in c.why
+    from click.testing import CliRunner
+
+    from lungsam.cli import main
+    from lungsam.data import demo_data_dir
+
+    image = sorted((demo_data_dir() / "images").iterdir())[0]
+    for extra, said in (([], "with the flag's prompt variants"), (["--no-qc-jitter"], "fp32: ")):
+        r = CliRunner().invoke(main, ["predict", str(tiny_bundle), str(image), "--out", str(tmp_path / str(len(extra))),
+                                      "--threads", "1", "--no-progress", *extra])
+        assert r.exit_code == 0, r.output
+        assert "auto: " in r.output and said in r.output  # the CLI says how auto chose
 
 
 # ---------------------------------------------------------------------------------------------

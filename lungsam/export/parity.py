@@ -21,10 +21,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..metrics import f1_score, iou_score, summarize
+from ..metrics import f1_score, summarize
 from ..postprocess import CleanupSpec, clean_mask
 from ..preprocess import PreprocessSpec, encoder_input, model_input, postprocess_logits, sigmoid
 from ..prompts import LearnedPrompt, jitter_model_prompts, labelled_points, mask_box, model_prompt
+from ..qc import agreement_of_masks
 
 #: ``(B, N, 2)`` point coords, ``(B, N)`` labels: one prompt per image in SAM's ONNX point form (model frame).
 Points = tuple[np.ndarray, np.ndarray]
@@ -83,11 +84,6 @@ class JitterVariants:
     def torch_points(self, i: int, n: int) -> Points:
         """Variant ``i`` for a batch of ``n`` images, model frame: ``(coords (n, N, 2), labels (n, N))``."""
         c, lab, _ = self.model[i]
-        return np.repeat(c[None], n, 0), np.repeat(lab[None], n, 0)
-
-    def onnx_points(self, i: int, n: int) -> Points:
-        """Variant ``i`` for a batch of ``n`` images, ONNX point form: ``(coords (n, N', 2), labels (n, N'))``."""
-        c, lab = self.onnx[i]
         return np.repeat(c[None], n, 0), np.repeat(lab[None], n, 0)
 
 
@@ -297,22 +293,42 @@ def compare(pipelines: dict[str, Pipeline], sam, spec: PreprocessSpec, cases: li
 def compare_variants(out: JitterParity, pipe: Pipeline, emb: np.ndarray, jitter: JitterVariants,
                      masks: list[np.ndarray], ref_masks: list[np.ndarray], ref_variants: list[list[np.ndarray]],
                      batch: list[ParityCase], masks_of) -> None:
-    """One batch of :func:`compare` at the prompt variants: each variant decoded by ``pipe`` on its embeddings
-    ``emb``; per image and variant the mask agreement with torch's variant mask, and per image the difference of
-    the jitter IoU (mean IoU of the variant masks with the image's returned mask, as :func:`lungsam.qc.
-    jitter_agreement` computes it; exported variants against the exported mask, torch's against torch's). The
-    decoder calls are timed (``out.times``), the masks' postprocessing not."""
-    n = len(batch)
+    """One batch of :func:`compare` at the prompt variants: each image's variants decoded by ``pipe`` on its
+    embedding as the runtime decodes them (:func:`variant_logits`); per image and variant the mask agreement with
+    torch's variant mask, and per image the difference of the jitter IoU (:func:`lungsam.qc.agreement_of_masks`,
+    the flag's own definition; exported variants against the exported mask, torch's against torch's). The decoder
+    calls are timed (``out.times``), the masks' postprocessing not."""
+    n, k = len(batch), len(jitter.names)
     t0 = time.perf_counter()
-    low = [pipe.decode(emb, *jitter.onnx_points(v, n)) for v in range(len(jitter.names))]
+    low = variant_logits(pipe, emb, jitter)
     out.times.append((time.perf_counter() - t0, n))
-    variants = [masks_of(lo, batch) for lo in low]
+    variants = [masks_of(low[v], batch) for v in range(k)]
     for i in range(n):
-        for v in range(len(jitter.names)):
+        for v in range(k):
             out.agreement.append(f1_score(variants[v][i], ref_variants[v][i]))
-        ours = float(np.mean([iou_score(variants[v][i], masks[i]) for v in range(len(jitter.names))]))
-        theirs = float(np.mean([iou_score(ref_variants[v][i], ref_masks[i]) for v in range(len(jitter.names))]))
+        ours = agreement_of_masks(masks[i], [variants[v][i] for v in range(k)])
+        theirs = agreement_of_masks(ref_masks[i], [ref_variants[v][i] for v in range(k)])
         out.iou_diff.append(abs(ours - theirs))
+
+
+def variant_logits(pipe: Pipeline, emb: np.ndarray, jitter: JitterVariants) -> np.ndarray:
+    """``(V, B, 1, L, L)`` low-res logits of every variant for each of the ``B`` embeddings ``(B, C, E, E)``, decoded
+    the way the runtime's flag decodes them (:meth:`lungsam.runtime.segmenter.LungSegmenter.jitter_maps`): one
+    image at a time, its variants of equal point count in one decoder call (the four moves, then the six dropped
+    points), so the timing of these calls is the flag's cost per image on this pipeline."""
+    groups: dict[int, list[int]] = {}
+    for v, (_, labels) in enumerate(jitter.onnx):
+        groups.setdefault(len(labels), []).append(v)
+    out = None
+    for i in range(emb.shape[0]):
+        for idx in groups.values():
+            coords = np.stack([jitter.onnx[v][0] for v in idx]).astype(np.float32)
+            labels = np.stack([jitter.onnx[v][1] for v in idx]).astype(np.float32)
+            lo = np.asarray(pipe.decode(np.repeat(emb[i:i + 1], len(idx), 0), coords, labels), np.float32)
+            if out is None:
+                out = np.empty((len(jitter.names), emb.shape[0], *lo.shape[1:]), np.float32)
+            out[idx, i] = lo
+    return out
 
 
 def ort_session(path: str | Path):

@@ -129,6 +129,8 @@ def predict(bundle: str, inputs: tuple[str, ...], out_dir: str, overlay: bool, b
             if d["qc_operating_point"]["source"] == "site" else "")
     log_to("predict")(f"{n} inputs; {d['backend']} on {d['device']} ({d['precision']}), prompt {d['prompt_mode']}{fp}, "
                       f"threshold {d['threshold']:.3f}{site}")
+    if "backend_choice" in d:  # how --backend auto chose, said where the user can see it
+        log_to("predict")(d["backend_choice"])
     summary = _predict_listing(seg, listing, out_dir, overlay=overlay, batch_size=batch_size,
                                ground_truth=ground_truth, overwrite=overwrite, no_progress=no_progress,
                                hook=_dicom_hook(seg, **dicom))
