@@ -689,8 +689,9 @@ def parity_record(run_model, source: dict, results: dict, opts: ExportOptions) -
               "timing": "ms_per_image: wall time per image of each pipeline (encoder + decoder at the learned "
                         "prompt, batches of 2), the median over the batches after the first, pipelines interleaved "
                         "batch by batch on the same images; jitter.ms_per_image: the decoder calls at the flag's "
-                        "prompt variants per image (all variants, same batches and median), which the runtime adds "
-                        "to an image when the flag has a jitter term",
+                        "prompt variants per image, decoded as the runtime does (one image at a time, equal point "
+                        "counts in one call; median over the batches after the first), which the runtime adds to an "
+                        "image when the flag has a jitter term",
               "results": {name: {**r.summary(), "ms_per_image": r.ms_per_image} for name, r in results.items()}}
     if opts.int8:
         parity["max_int8_f1_drop"] = opts.max_int8_f1_drop

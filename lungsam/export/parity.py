@@ -93,10 +93,10 @@ class JitterParity:
 
     Attributes:
         agreement: F1 between the exported and torch masks, per image and variant (working frame, cleaned).
-        iou_diff: per image, |jitter IoU exported - jitter IoU torch| (:func:`lungsam.qc.jitter_agreement`).
+        iou_diff: per image, |jitter IoU exported - jitter IoU torch| (:func:`lungsam.qc.agreement_of_masks`).
         scale, weight: the term's; ``iou_diff * weight / scale`` is the shift of the flag's log-odds.
-        times: ``(seconds, images)`` per batch of the variants' decoder calls (all variants of the batch; model
-            calls only, the masks' postprocessing left out): what the flag adds to an image on this pipeline.
+        times: ``(seconds, images)`` per batch of the variants' decoder calls (:func:`variant_logits`; model calls
+            only, the masks' postprocessing left out): what the flag adds to an image on this pipeline.
     """
 
     scale: float
