@@ -282,3 +282,14 @@ def jitter_point_inputs(prompt: LearnedPrompt, spec: PreprocessSpec, size: int, 
     (N',)) float32]``), what the runtime feeds its prompted decoder and the export's parity gate feeds the exported
     decoders."""
     return [labelled_points(*p) for p in jitter_model_prompts(prompt, spec, size, shift, names)]
+
+
+def point_count_groups(prompts) -> dict[int | None, list[int]]:
+    """Indices of ``prompts`` (ONNX point form ``(coords (N', 2), labels (N',))``, or ``None`` for the learned prompt
+    baked into ``decoder_fixed``) grouped by point count, in first-seen order: prompts of equal count share one
+    decoder call (SAM pads with one -1 point only). The runtime's decoder and the export's parity gate, which times
+    the flag's variants as the runtime runs them, group alike."""
+    groups: dict[int | None, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(None if p is None else len(p[1]), []).append(i)
+    return groups

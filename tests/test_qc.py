@@ -223,6 +223,7 @@ def test_jitter_inputs_are_the_model_frame_variants_in_the_calibrated_order():
         jitter_prompts,
         labelled_points,
         model_prompt,
+        point_count_groups,
     )
 
     spec = get_backbone("lite_medsam").preprocess
@@ -237,6 +238,8 @@ def test_jitter_inputs_are_the_model_frame_variants_in_the_calibrated_order():
         np.testing.assert_array_equal(lab, ref[1])
         assert m[2] is None and len(m[0]) == len(c) - 1 and lab[-1] == -1  # one padding point, as SAM adds it
     assert [len(c) for c, _ in onnx] == [6, 7, 7]  # a dropped point: one prompt point fewer
+    # the runtime's decoder and the parity gate's timing both decode equal point counts together
+    assert point_count_groups([*onnx, None]) == {6: [0], 7: [1, 2], None: [3]}
     np.testing.assert_allclose(model[1][0][:, 1], model_prompt(p, spec, (256, 256))[0][:, 1] - 0.03 * spec.img_size,
                                atol=1e-3)  # moved up by 3 % of the frame, in model-frame pixels
     with pytest.raises(ArgumentError, match=r"\['drop9'\] cannot be made"):

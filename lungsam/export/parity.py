@@ -24,7 +24,14 @@ import numpy as np
 from ..metrics import f1_score, summarize
 from ..postprocess import CleanupSpec, clean_mask
 from ..preprocess import PreprocessSpec, encoder_input, model_input, postprocess_logits, sigmoid
-from ..prompts import LearnedPrompt, jitter_model_prompts, labelled_points, mask_box, model_prompt
+from ..prompts import (
+    LearnedPrompt,
+    jitter_model_prompts,
+    labelled_points,
+    mask_box,
+    model_prompt,
+    point_count_groups,
+)
 from ..qc import agreement_of_masks
 
 #: ``(B, N, 2)`` point coords, ``(B, N)`` labels: one prompt per image in SAM's ONNX point form (model frame).
@@ -316,14 +323,12 @@ def variant_logits(pipe: Pipeline, emb: np.ndarray, jitter: JitterVariants) -> n
     the way the runtime's flag decodes them (:meth:`lungsam.runtime.segmenter.LungSegmenter.jitter_maps`): one
     image at a time, its variants of equal point count in one decoder call (the four moves, then the six dropped
     points), so the timing of these calls is the flag's cost per image on this pipeline."""
-    groups: dict[int, list[int]] = {}
-    for v, (_, labels) in enumerate(jitter.onnx):
-        groups.setdefault(len(labels), []).append(v)
+    groups = [(idx, np.stack([jitter.onnx[v][0] for v in idx]).astype(np.float32),
+               np.stack([jitter.onnx[v][1] for v in idx]).astype(np.float32))
+              for idx in point_count_groups(jitter.onnx).values()]
     out = None
     for i in range(emb.shape[0]):
-        for idx in groups.values():
-            coords = np.stack([jitter.onnx[v][0] for v in idx]).astype(np.float32)
-            labels = np.stack([jitter.onnx[v][1] for v in idx]).astype(np.float32)
+        for idx, coords, labels in groups:
             lo = np.asarray(pipe.decode(np.repeat(emb[i:i + 1], len(idx), 0), coords, labels), np.float32)
             if out is None:
                 out = np.empty((len(jitter.names), emb.shape[0], *lo.shape[1:]), np.float32)

@@ -32,7 +32,14 @@ from ..imageio import (
 )
 from ..manifest import normalize_digest
 from ..postprocess import clean_mask
-from ..prompts import first_pass_box, first_pass_prompt, jitter_point_inputs, labelled_points, model_prompt
+from ..prompts import (
+    first_pass_box,
+    first_pass_prompt,
+    jitter_point_inputs,
+    labelled_points,
+    model_prompt,
+    point_count_groups,
+)
 from ..qc_site import SiteOperatingPoint, read_site_file, site_quality_model
 from .backends import BackendChoice, Model, open_model, resolve_backend
 from .bundle import ONNX_IO, Bundle, BundleError, BundleIntegrityError
@@ -531,10 +538,7 @@ class LungSegmenter:
             raise ValueError(f"{len(prompts)} prompts for {b} embeddings")
         low = np.empty((b, 1, self.spec.low_res_size, self.spec.low_res_size), np.float32)
         iou = np.empty((b, 1), np.float32)
-        groups: dict[Any, list[int]] = {}
-        for i, p in enumerate(prompts):  # equal point counts share a decoder call (SAM pads with one -1 point only)
-            groups.setdefault(None if p is None else len(p[1]), []).append(i)
-        for n, idx in groups.items():
+        for n, idx in point_count_groups(prompts).items():
             if n is None:
                 lo, io = self._decode_fixed(e[idx])
             else:
