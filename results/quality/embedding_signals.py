@@ -34,6 +34,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from lungsam.artifacts import read_json, write_json_atomic, write_text_atomic
+from lungsam.metrics import iou_score
 from lungsam.postprocess import CleanupSpec, clean_mask
 from lungsam.qc import Z_CLIP, auroc, tail_scale
 from lungsam.runs import load_run
@@ -118,11 +119,6 @@ def pooled(emb: np.ndarray, grid_masks: list[np.ndarray] | None = None) -> np.nd
     return np.asarray(out)
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    u = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / u) if u else 1.0
-
-
 def signals_of(rm, cfg, samples, masks_pred: list[np.ndarray], fitted: dict) -> dict[str, np.ndarray]:
     """The four signals of ``samples`` given their returned working-frame masks, in chunks of :data:`CHUNK`."""
     out = {k: [] for k in BAD_SIDE}
@@ -136,7 +132,7 @@ def signals_of(rm, cfg, samples, masks_pred: list[np.ndarray], fitted: dict) -> 
         out["gap_distance"] += list(fitted["gap"].distance(g))
         out["gap_residual"] += list(fitted["gap"].residual(g))
         out["lung_distance"] += list(fitted["lung"].distance(pooled(emb, grid)))
-        out["probe_iou"] += [iou(p, m) for p, m in zip(fitted["probe"].lung(emb), grid)]
+        out["probe_iou"] += [iou_score(p, m) for p, m in zip(fitted["probe"].lung(emb), grid)]
     return {k: np.asarray(v) for k, v in out.items()}
 
 
