@@ -167,15 +167,16 @@ def test_openvino_refusals(tiny_bundle):
         resolve_backend(ungated, "openvino", "cpu", "fp32")
 
 
-def _with_times(path, learned, variants=(0.0, 0.0), features=None):
+def _with_times(path, learned, variants=(0.0, 0.0), features=None, fixed=None):
     """The bundle at ``path`` with the export's timings replaced: ``learned`` = ``(onnxruntime, openvino)``
-    ``ms_per_image`` of every pipeline, ``variants`` the same for the prompted decoders' ``jitter.ms_per_image``
-    (``None``: not timed, as in bundles exported before it was); ``features``: the recorded CPU."""
+    ``ms_per_image`` of every pipeline (``fixed``: other ones for the ``decoder_fixed`` pipelines), ``variants``
+    the same for the prompted decoders' ``jitter.ms_per_image`` (``None``: not timed, as in bundles exported
+    before it was); ``features``: the recorded CPU."""
     par = _bundle(path).manifest["parity"]
     res = {}
     for k, v in par["results"].items():
         i = 0 if k.startswith("onnx-") else 1
-        row = {**v, "ms_per_image": learned[i]}
+        row = {**v, "ms_per_image": (fixed if fixed and k.endswith("/decoder_fixed") else learned)[i]}
         if "jitter" in v:
             jit = {kk: vv for kk, vv in v["jitter"].items() if kk != "ms_per_image"}
             row["jitter"] = jit if variants[i] is None else {**jit, "ms_per_image": variants[i]}
@@ -252,6 +253,29 @@ def test_auto_counts_the_quality_flags_variant_decodes(tiny_bundle, tmp_path):
                                       "--threads", "1", "--no-progress", *extra])
         assert r.exit_code == 0, r.output
         assert "auto: " in r.output and said in r.output  # the CLI says how auto chose
+
+
+def test_auto_times_the_decoder_that_runs_the_learned_prompt(tiny_bundle):
+    """A points bundle decodes the learned prompt with ``decoder_fixed``: auto compares that pipeline's recorded
+    time, not the prompted decoder's (which only the flag's variants, a caller's box or a first pass use)."""
+    from lungsam.runtime.prompting import PromptPolicy
+    from lungsam.runtime.segmenter import LungSegmenter, learned_prompt_decoder
+
+    b = _bundle(tiny_bundle)
+    assert {"decoder", "decoder_fixed"} <= set(b.model_names())
+    assert learned_prompt_decoder(b.model_names(), PromptPolicy(None), b.prompt) == "decoder_fixed"
+    for source in ("given", "first-pass"):  # a box from the caller or the first mask: the prompted decoder
+        assert learned_prompt_decoder(b.model_names(), PromptPolicy(source), b.prompt) == "decoder"
+    assert learned_prompt_decoder(["encoder", "decoder"], PromptPolicy(None), b.prompt) == "decoder"
+    # onnxruntime's fixed-prompt pipeline is the fastest; its prompted one the slowest
+    timed = _with_times(tiny_bundle, (10.0, 5.0), fixed=(3.0, 5.0))
+    seg = LungSegmenter.load(timed, qc_jitter=False)
+    assert seg.uses_fixed_decoder
+    assert seg.backend == "onnxruntime" and "onnxruntime 3 ms, openvino 5 ms" in seg.choice.why, seg.choice.why
+    from lungsam.runtime.backends import resolve_backend
+
+    c = resolve_backend(timed, "auto", "cpu", "fp32", qc_jitter=False)  # the prompted decoder, by default
+    assert c.backend == "openvino" and "5 ms per image against onnxruntime's 10 ms" in c.why
 
 
 # ---------------------------------------------------------------------------------------------

@@ -367,16 +367,18 @@ def check_openvino(bundle, device: str, precision: str, models: tuple[str, ...])
             "--backend onnxruntime")
 
 
-def auto_cpu_backend(bundle, precision: str, models: tuple[str, ...], qc_jitter: bool = True) -> tuple[str, str]:
+def auto_cpu_backend(bundle, precision: str, models: tuple[str, ...], qc_jitter: bool = True,
+                     learned_decoder: str = "decoder") -> tuple[str, str]:
     """``(backend, why)`` for ``--backend auto`` on the CPU.
 
     Rule: onnxruntime, unless the bundle's export timed OpenVINO and onnxruntime on the parity images (same
     images, interleaved batch by batch: ``manifest["parity"]["results"][*]["ms_per_image"]``) on a CPU with
     this one's model name and ISA flags, OpenVINO was faster at the requested precision, and OpenVINO can run
     it here (:func:`check_openvino`). The time compared is what the runtime will run per image
-    (:func:`recorded_ms`): the learned prompt's pipeline and, when the quality flag has a prompt-jitter term that
-    is kept (``qc_jitter``), its variant decodes on the prompted decoder. ``bf16`` exists on OpenVINO only, so
-    auto means OpenVINO for it. The precision is never changed by ``auto``.
+    (:func:`recorded_ms`): the pipeline of the decoder that runs the learned prompt (``learned_decoder``:
+    ``decoder_fixed`` or ``decoder``, :func:`lungsam.runtime.segmenter.learned_prompt_decoder`) and, when the
+    quality flag has a prompt-jitter term that is kept (``qc_jitter``), its variant decodes on the prompted decoder.
+    ``bf16`` exists on OpenVINO only, so auto means OpenVINO for it. The precision is never changed by ``auto``.
     """
     from ..cpufeatures import cpu_features
 
@@ -389,7 +391,8 @@ def auto_cpu_backend(bundle, precision: str, models: tuple[str, ...], qc_jitter:
         return "onnxruntime", "auto: onnxruntime (the bundle's export timings are from another CPU, or absent)"
     variants = qc_jitter and "decoder" in models and getattr(bundle.quality_model, "jitter", None) is not None
     results = parity.get("results") or {}
-    (ort_ms, ort_note), (ov_ms, ov_note) = (recorded_ms(results, p, precision, variants) for p in ("onnx", "openvino"))
+    (ort_ms, ort_note), (ov_ms, ov_note) = (recorded_ms(results, p, precision, variants, learned_decoder)
+                                            for p in ("onnx", "openvino"))
     what = f"{precision}, with the flag's prompt variants" if variants else precision
     note = ort_note or ov_note
     if ort_ms is None or ov_ms is None or ov_ms >= ort_ms:
@@ -403,17 +406,17 @@ def auto_cpu_backend(bundle, precision: str, models: tuple[str, ...], qc_jitter:
                         f"onnxruntime's {ort_ms:.0f} ms{note})")
 
 
-def recorded_ms(results: dict, prefix: str, precision: str, variants: bool) -> tuple[float | None, str]:
+def recorded_ms(results: dict, prefix: str, precision: str, variants: bool,
+                learned_decoder: str = "decoder") -> tuple[float | None, str]:
     """``(ms per image, note)`` the export recorded for backend ``prefix`` (``onnx``/``openvino``) at ``precision``:
-    the mean ``ms_per_image`` of its learned-prompt pipelines (``<prefix>-<precision>/<decoder>``), plus, with
-    ``variants``, the prompted decoder's ``jitter.ms_per_image`` (the flag's variant decodes). ``None`` when the
-    backend was not timed; ``note`` says when the variants were not (a bundle exported before they were)."""
+    the ``ms_per_image`` of pipeline ``<prefix>-<precision>/<learned_decoder>`` (the encoder and the decoder that
+    runs the learned prompt), plus, with ``variants``, the prompted decoder's ``jitter.ms_per_image`` (the flag's
+    variant decodes). ``None`` when that pipeline was not timed; ``note`` says when the variants were not (a bundle
+    exported before they were)."""
     rows = {k.split("/", 1)[1]: r for k, r in results.items() if k.startswith(f"{prefix}-{precision}/")}
-    vals = [r.get("ms_per_image") for r in rows.values()]
-    vals = [v for v in vals if isinstance(v, (int, float))]
-    if not vals:
+    ms = (rows.get(learned_decoder) or {}).get("ms_per_image")
+    if not isinstance(ms, (int, float)):
         return None, ""
-    ms = sum(vals) / len(vals)
     if not variants:
         return ms, ""
     extra = ((rows.get("decoder") or {}).get("jitter") or {}).get("ms_per_image")
@@ -430,13 +433,14 @@ def timing_text(ms: float | None) -> str:
 
 def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
                     allow_fallback: bool = False, models: tuple[str, ...] = ("encoder", "decoder"),
-                    qc_jitter: bool = True) -> BackendChoice:
+                    qc_jitter: bool = True, learned_decoder: str = "decoder") -> BackendChoice:
     """Decide backend, device and precision for ``bundle`` (a :class:`~lungsam.runtime.bundle.Bundle`).
 
     ``auto`` means TensorRT when ``device == "cuda"`` and the bundle carries engines usable here,
     else onnxruntime (on the CPU, OpenVINO where the bundle's export timed it faster here:
     :func:`auto_cpu_backend`; ``qc_jitter``: whether the quality flag's prompt variants will run, which it
-    counts in). Explicit requests that cannot be met raise unless ``allow_fallback``.
+    counts in; ``learned_decoder``: the model that will run the learned prompt, whose pipeline it times).
+    Explicit requests that cannot be met raise unless ``allow_fallback``.
     """
     _check_request(backend, device, precision)
     choice = BackendChoice(backend="onnxruntime", device=device, precision=precision,
@@ -445,7 +449,7 @@ def resolve_backend(bundle, backend: str = "auto", device: str = "cpu", precisio
         choice.backend, choice.device = "triton", "server"
         return choice
     if backend == "auto" and device == "cpu":
-        backend, choice.why = auto_cpu_backend(bundle, precision, models, qc_jitter)
+        backend, choice.why = auto_cpu_backend(bundle, precision, models, qc_jitter, learned_decoder)
     if backend == "openvino":
         if _chose_openvino(choice, bundle, models, allow_fallback):
             return choice

@@ -33,6 +33,7 @@ from ..imageio import (
 from ..manifest import normalize_digest
 from ..postprocess import clean_mask
 from ..prompts import (
+    LearnedPrompt,
     first_pass_box,
     first_pass_prompt,
     jitter_point_inputs,
@@ -177,6 +178,13 @@ class SegmentationFailure:
 
 
 Prompt = tuple[np.ndarray, np.ndarray]  # model-frame (N, 2) coords and (N,) labels (SAM ONNX convention)
+
+
+def learned_prompt_decoder(model_names: Iterable[str], policy: PromptPolicy, prompt: LearnedPrompt) -> str:
+    """The bundle model that decodes an image given no prompt: ``decoder_fixed`` (the learned prompt baked in)
+    when the bundle has one and the policy's box source is ``learned``, else ``decoder`` (the caller's box, or the
+    first pass's)."""
+    return "decoder_fixed" if "decoder_fixed" in model_names and policy.source(prompt) == "learned" else "decoder"
 
 
 def bundle_box_from_first_pass(bundle: Bundle) -> bool:
@@ -370,9 +378,10 @@ class LungSegmenter:
         names = b.model_names()
         if "encoder" not in names or not ({"decoder", "decoder_fixed"} & set(names)):
             raise BundleError(f"bundle {b.root} needs an encoder and a decoder (has: {', '.join(names) or 'none'})")
-        choice = resolve_backend(b, backend, device, precision, allow_fallback, models=names, qc_jitter=qc_jitter)
-        models = open_models(b, names, choice, threads, performance_hint)
         policy = resolve_policy(b.meta.inference if b.meta is not None else None, box_source, box_from_first_pass)
+        choice = resolve_backend(b, backend, device, precision, allow_fallback, models=names, qc_jitter=qc_jitter,
+                                 learned_decoder=learned_prompt_decoder(names, policy, b.prompt))
+        models = open_models(b, names, choice, threads, performance_hint)
         seg = cls(b, models, choice, threads, max_pixels=max_pixels, policy=policy)
         if not qc_jitter:
             seg.drop_qc_jitter()
@@ -409,7 +418,7 @@ class LungSegmenter:
     @property
     def uses_fixed_decoder(self) -> bool:
         """True when :meth:`decode` without prompts runs ``decoder_fixed`` (the learned prompt baked in)."""
-        return "decoder_fixed" in self._models and not self.needs_box and not self.box_from_first_pass
+        return learned_prompt_decoder(self._models, self.policy, self.prompt) == "decoder_fixed"
 
     def describe(self) -> dict[str, Any]:
         """Facts for logs/reports: backend, device, precision, providers, prompt mode, fallbacks."""
