@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
                     stages.setdefault(k, []).append(v)
     med = {k: float(np.median(v)) for k, v in stages.items()}
     res = {"command": "python results/quality/jitter_runtime_cost.py " + " ".join(argv), "bundle": a.bundle,
-           "backend": seg.backend, "precision": a.precision, "threads": a.threads, "images": len(paths), "repeats": a.repeats,
+           "backend": seg.backend, "precision": a.precision, "threads": a.threads, "images": len(paths),
+           "repeats": a.repeats,
            "variants": len(seg.qc.jitter.variants), "median_total_s": float(np.median(total)),
            "median_jitter_s": float(np.median(jitter)), "median_stage_s": med,
            "jitter_share_of_total": float(np.median(jitter) / np.median(total)),

@@ -77,15 +77,21 @@ def jitter_probabilities(rm, cfg: TrainConfig, emb: np.ndarray, gts: list[np.nda
     return probs
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def point_run_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments of the scripts that rescore a point run's fold: ``RUN --data DIR.. --out OUT [--fold N]
+    [--shift S]`` (``--shift``: the prompt jitter's, working-frame fraction)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("run")
     ap.add_argument("--data", nargs="+", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--fold", type=int, default=None)
     ap.add_argument("--shift", type=float, default=0.03)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = point_run_arguments(__doc__.splitlines()[0]).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rm, cfg, samples = open_point_run(a.run, a.fold, a.data, "move")
     emb, _ = embed_samples(rm.sam, cfg, cfg.checkpoint, samples, "cpu", False, fingerprint=rm.encoder_fingerprint)
@@ -120,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         v = sign * np.array([r[sig] for r in rows], float)
         table[sig] = {"auroc": auroc(list(v), bad),
                       "auroc_with_qc": auroc(list(rank01(v) + rank01(qc)), bad) if qc is not None else None}
-    res = {"command": "python results/quality/prompt_jitter_qc.py " + " ".join(argv), "run": str(a.run), "fold": rm.fold,
-           "shift": a.shift, "variants": list(variants), "n": len(rows), "bad": int(sum(bad)),
+    res = {"command": "python results/quality/prompt_jitter_qc.py " + " ".join(argv), "run": str(a.run),
+           "fold": rm.fold, "shift": a.shift, "variants": list(variants), "n": len(rows), "bad": int(sum(bad)),
            "f1_mean": float(np.mean([r["f1"] for r in rows])), "detectors": table, "per_image": rows}
     write_json_atomic(Path(a.out + ".json"), res)
     fmt = (lambda x: "–" if x is None else f"{x:.3f}")  # noqa: E731
